@@ -1,0 +1,28 @@
+"""One blueprint per REST resource, with the routes Jupyter Server's clients use."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import g, request
+
+from workers.errors import BadRequest
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object; no Content-Type is read as JSON too."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    import json
+
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def ctx() -> dict[str, Any]:
+    return g.poolgate  # type: ignore[no-any-return]

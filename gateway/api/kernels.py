@@ -1,0 +1,72 @@
+"""/api/kernels: list, start, read, interrupt, restart, shut down; and the channels socket."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from flask_sock import Sock
+
+from gateway.api import ctx, json_body
+
+bp = Blueprint("kernels", __name__)
+
+
+@bp.get("/api/kernels")
+def list_kernels() -> Any:
+    return jsonify(ctx()["service"].list())
+
+
+@bp.post("/api/kernels")
+def start_kernel() -> Any:
+    model = ctx()["service"].start(json_body())
+    resp = jsonify(model)
+    resp.status_code = 201
+    resp.headers["Location"] = request.script_root + request.path.rstrip("/") + "/" + model["id"]
+    return resp
+
+
+@bp.get("/api/kernels/<kernel_id>")
+def get_kernel(kernel_id: str) -> Any:
+    service = ctx()["service"]
+    return jsonify(service.model(service.record(kernel_id)))
+
+
+@bp.delete("/api/kernels/<kernel_id>")
+def delete_kernel(kernel_id: str) -> Any:
+    ctx()["service"].shutdown(kernel_id)
+    ctx()["bridge"].close_kernel(kernel_id)
+    return Response(status=204)
+
+
+@bp.post("/api/kernels/<kernel_id>/interrupt")
+def interrupt_kernel(kernel_id: str) -> Any:
+    ctx()["service"].interrupt(kernel_id)
+    return Response(status=204)
+
+
+@bp.post("/api/kernels/<kernel_id>/restart")
+def restart_kernel(kernel_id: str) -> Any:
+    return jsonify(ctx()["service"].restart(kernel_id))
+
+
+def register_channels(sock: Sock, base: str) -> None:
+    """The WebSocket route; an unknown kernel is a 404 before the handshake."""
+    path = base + "/api/kernels/<kernel_id>/channels"
+
+    @sock.route(path, endpoint="kernel_channels")
+    def channels(ws: Any, kernel_id: str) -> None:
+        session_id = request.args.get("session_id") or uuid.uuid4().hex
+        ctx()["bridge"].serve(ws, kernel_id, session_id)
+
+    app = sock.app
+    assert app is not None
+
+    @app.before_request
+    def _known_kernel() -> None:
+        if request.endpoint == "kernel_channels":
+            from flask import g
+
+            g.poolgate = app.extensions["poolgate"]
+            kid = (request.view_args or {}).get("kernel_id", "")
+            ctx()["service"].record(kid)

@@ -1,0 +1,55 @@
+"""GET /api/kernelspecs[/<name>] and the spec's files (logos) under /kernelspecs/<name>/."""
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, jsonify, request, send_file
+
+from gateway.api import ctx
+from workers.errors import UnknownKernelSpec
+
+bp = Blueprint("kernelspecs", __name__)
+
+
+def _visible(user: str) -> dict[str, Any]:
+    config = ctx()["config"]
+    out = {}
+    for name, spec in sorted(config.kernelspecs.items()):
+        pool = config.pools[spec.pool]
+        if pool.kernelspecs and name not in pool.kernelspecs:
+            continue
+        if user and pool.allowed_users and user not in pool.allowed_users:
+            continue
+        out[name] = spec
+    return out
+
+
+@bp.get("/api/kernelspecs")
+def list_specs() -> Any:
+    config = ctx()["config"]
+    specs = _visible(request.args.get("user", ""))
+    default = config.default_kernelspec if config.default_kernelspec in specs else next(iter(specs), "")
+    return jsonify({"default": default,
+                    "kernelspecs": {n: s.to_model() for n, s in specs.items()}})
+
+
+@bp.get("/api/kernelspecs/<name>")
+def get_spec(name: str) -> Any:
+    spec = ctx()["config"].kernelspecs.get(name)
+    if spec is None:
+        raise UnknownKernelSpec(f"no kernelspec named {name!r}")
+    return jsonify(spec.to_model())
+
+
+@bp.get("/kernelspecs/<name>/<path:filename>")
+def spec_file(name: str, filename: str) -> Any:
+    spec = ctx()["config"].kernelspecs.get(name)
+    if spec is None:
+        raise UnknownKernelSpec(f"no kernelspec named {name!r}")
+    base = Path(spec.resource_dir).resolve()
+    path = (base / filename).resolve()
+    if base not in path.parents or not path.is_file():
+        raise UnknownKernelSpec(f"kernelspec {name!r} has no file {filename!r}")
+    return send_file(path, mimetype=mimetypes.guess_type(path.name)[0])

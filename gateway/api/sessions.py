@@ -1,0 +1,98 @@
+"""/api/sessions as Kernel Gateway serves it: a session names a path and owns a kernel."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from gateway.api import ctx, json_body
+from workers.errors import BadRequest, KernelNotFound, SessionNotFound
+
+bp = Blueprint("sessions", __name__)
+
+
+def _model(sess: dict[str, Any]) -> dict[str, Any]:
+    service = ctx()["service"]
+    try:
+        kernel = service.model(service.record(sess["kernel_id"]))
+    except KernelNotFound:
+        kernel = None
+    return {"id": sess["id"], "path": sess["path"], "name": sess["name"], "type": sess["type"],
+            "kernel": kernel, "notebook": {"path": sess["path"], "name": sess["name"]}}
+
+
+def _get(sid: str) -> dict[str, Any]:
+    sess = ctx()["registry"].session(sid)
+    if sess is None:
+        raise SessionNotFound(f"session {sid} not found")
+    return sess
+
+
+@bp.get("/api/sessions")
+def list_sessions() -> Any:
+    return jsonify([_model(s) for s in ctx()["registry"].sessions()])
+
+
+@bp.post("/api/sessions")
+def create_session() -> Any:
+    body = json_body()
+    path = body.get("path") or (body.get("notebook") or {}).get("path")
+    if not isinstance(path, str) or not path:
+        raise BadRequest("a session needs a 'path'")
+    kernel = body.get("kernel") or {}
+    if not isinstance(kernel, dict):
+        raise BadRequest("'kernel' must be an object")
+    service = ctx()["service"]
+    if kernel.get("id"):
+        kid = service.record(str(kernel["id"])).id
+    else:
+        kid = service.start({"name": kernel.get("name"), "env": body.get("env")})["id"]
+    sess = {"id": str(uuid.uuid4()), "path": path, "name": str(body.get("name") or ""),
+            "type": str(body.get("type") or "notebook"), "kernel_id": kid}
+    ctx()["registry"].save_session(sess["id"], sess)
+    resp = jsonify(_model(sess))
+    resp.status_code = 201
+    resp.headers["Location"] = f"/api/sessions/{sess['id']}"
+    return resp
+
+
+@bp.get("/api/sessions/<sid>")
+def get_session(sid: str) -> Any:
+    return jsonify(_model(_get(sid)))
+
+
+@bp.patch("/api/sessions/<sid>")
+def update_session(sid: str) -> Any:
+    sess = _get(sid)
+    body = json_body()
+    for key in ("path", "name", "type"):
+        if key in body:
+            if not isinstance(body[key], str):
+                raise BadRequest(f"'{key}' must be a string")
+            sess[key] = body[key]
+    kernel = body.get("kernel")
+    if isinstance(kernel, dict):
+        if kernel.get("id"):
+            sess["kernel_id"] = ctx()["service"].record(str(kernel["id"])).id
+        elif kernel.get("name"):
+            old = sess["kernel_id"]
+            sess["kernel_id"] = ctx()["service"].start({"name": kernel["name"]})["id"]
+            try:
+                ctx()["service"].shutdown(old)
+            except KernelNotFound:
+                pass
+    ctx()["registry"].save_session(sid, sess)
+    return jsonify(_model(sess))
+
+
+@bp.delete("/api/sessions/<sid>")
+def delete_session(sid: str) -> Any:
+    sess = _get(sid)
+    try:
+        ctx()["service"].shutdown(sess["kernel_id"])
+        ctx()["bridge"].close_kernel(sess["kernel_id"])
+    except KernelNotFound:
+        pass
+    ctx()["registry"].delete_session(sid)
+    return Response(status=204)

@@ -1,0 +1,415 @@
+"""The WebSocket bridge: moves frames between clients and kernels over ZMQ.
+
+One :class:`KernelSession` per (kernel, session_id) in this gateway owns the ZMQ sockets of that
+client session. The WebSocket handler thread that owns the session pumps kernel → client; a
+reader thread per socket queues client → kernel frames and wakes the pump. Only the pump
+touches the ZMQ sockets and sends on the WebSocket, so sends are serialised.
+
+* Takeover: a new connection with the same session_id evicts the old one at once and inherits
+  the sockets (JupyterLab opens the socket twice in a row).
+* Replay: a session whose client went away keeps its sockets for ``session_buffer_seconds``;
+  ZMQ keeps what the kernel sends meanwhile (no high-water mark on our side), and a reconnect
+  with the same session_id reads it in order.
+* Held messages: frames sent before the kernel is ready (or while it restarts) wait, and go out
+  once the iopub subscription is confirmed by a kernel_info "nudge".
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from simple_websocket import ConnectionClosed
+
+from gateway import wire
+from workers import jmsg
+from workers.protocol import ConnectionInfo
+
+if TYPE_CHECKING:
+    from gateway.kernels import KernelService
+
+log = logging.getLogger(__name__)
+DEALERS = ("shell", "control", "stdin")
+NUDGE_EVERY = 0.25
+STARTING_STATUS_EVERY = 10.0
+
+
+class Connection:
+    """One client WebSocket."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.protocol = ws.subprotocol if ws.subprotocol == wire.V1 else None
+        self.closed = False
+        self.evicted = False
+        self._lock = threading.Lock()
+
+    def send(self, frame: str | bytes) -> None:
+        with self._lock:
+            self.ws.send(frame)
+
+    def abort(self) -> None:
+        """Unblock a pump stuck sending to a client that stopped reading."""
+        sock = getattr(self.ws, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class KernelSession:
+    """The ZMQ side of one client session on one kernel."""
+
+    def __init__(self, kid: str, session_id: str) -> None:
+        self.kid = kid
+        self.session_id = session_id
+        self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.conn_info: ConnectionInfo | None = None
+        self.signer: jmsg.Signer | None = None
+        self.generation = -1
+        self.owner: Connection | None = None
+        self.released = threading.Event()
+        self.released.set()
+        self.inbox: collections.deque[str | bytes] = collections.deque()
+        self.events: collections.deque[dict[str, Any]] = collections.deque()
+        self.held: list[tuple[str, list[bytes], list[bytes]]] = []
+        self.ready = False
+        self.nudging = False
+        self.restarted = False
+        self.nudges: set[str] = set()
+        self.nudge_sent = 0.0
+        self.detached_at: float | None = None
+        self.gone = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- ZMQ sockets ----------------------------------------------------------------------
+
+    def connect(self, info: ConnectionInfo, generation: int) -> None:
+        self.close_sockets()
+        ctx = zmq.Context.instance()
+        ident = uuid.uuid4().hex.encode()
+        for ch in DEALERS:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, ident)
+            self.sockets[ch] = s
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sockets["iopub"] = sub
+        for ch, s in self.sockets.items():
+            s.linger = 0
+            s.rcvhwm = 0  # never drop: ZMQ holds what a slow or absent client has not read
+            s.sndhwm = 0
+            s.connect(info.url(ch))
+        self.conn_info = info
+        self.signer = jmsg.Signer(info.key, info.signature_scheme)
+        self.generation = generation
+        self.ready = False
+        self.nudges.clear()
+        self.nudge_sent = 0.0
+
+    def close_sockets(self) -> None:
+        for s in self.sockets.values():
+            s.close(linger=0)
+        self.sockets.clear()
+        self.ready = False
+        self.nudging = False
+
+    def close(self) -> None:
+        self.close_sockets()
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def nudge(self) -> None:
+        """Ask for kernel_info so the first iopub message proves the subscription is live."""
+        assert self.signer is not None
+        msg_id, frames = jmsg.build(self.signer, "kernel_info_request", {}, self.session_id)
+        self.nudging = True
+        self.nudges.add(msg_id)
+        self.sockets["shell"].send_multipart(frames)
+        self.nudge_sent = time.monotonic()
+
+    def is_nudge(self, parts: list[bytes]) -> bool:
+        if not self.nudges:
+            return False
+        try:
+            return json.loads(parts[1]).get("msg_id") in self.nudges
+        except (ValueError, AttributeError):
+            return False
+
+    def to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
+        assert self.signer is not None
+        self.sockets[channel].send_multipart(jmsg.frames(self.signer, parts, buffers))
+
+
+class Bridge:
+    """All kernel sessions of this gateway process."""
+
+    def __init__(self, service: KernelService, buffer_seconds: float) -> None:
+        self.service = service
+        self.registry = service.registry
+        self.buffer_seconds = buffer_seconds
+        self.instance = uuid.uuid4().hex[:12]
+        self.sessions: dict[tuple[str, str], KernelSession] = {}
+        self._lock = threading.Lock()
+        self._reaper = threading.Thread(target=self._reap, name="poolgate-sessions", daemon=True)
+        self._reaper.start()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kid = event.get("id", "")
+        with self._lock:
+            targets = [s for (k, _), s in self.sessions.items() if k == kid]
+        for sess in targets:
+            sess.events.append(event)
+            sess.wake()
+
+    def attach(self, kid: str, session_id: str, conn: Connection) -> KernelSession:
+        """Give ``conn`` the session, evicting a connection that holds it."""
+        with self._lock:
+            sess = self.sessions.get((kid, session_id))
+            if sess is None or sess.gone:
+                sess = KernelSession(kid, session_id)
+                if not any(k == kid for k, _ in self.sessions):
+                    self.service.events.add(kid, self._on_event)
+                self.sessions[(kid, session_id)] = sess
+            old = sess.owner
+        if old is not None:
+            log.info("Kernel %s: session %s reconnected; replacing the older socket", kid, session_id)
+            old.evicted = True
+            sess.wake()
+            if not sess.released.wait(3.0):
+                old.abort()
+                sess.released.wait(3.0)
+        sess.released.clear()
+        sess.owner = conn
+        sess.detached_at = None
+        self.registry.add_connection(kid, f"{self.instance}:{session_id}")
+        return sess
+
+    def detach(self, sess: KernelSession, conn: Connection) -> None:
+        if sess.owner is conn:
+            sess.owner = None
+            sess.detached_at = time.monotonic()
+            if not conn.evicted:
+                try:
+                    self.registry.remove_connection(sess.kid, f"{self.instance}:{sess.session_id}")
+                except Exception:
+                    log.debug("cannot update connection count", exc_info=True)
+        sess.released.set()
+
+    def _drop(self, sess: KernelSession) -> None:
+        with self._lock:
+            if self.sessions.get((sess.kid, sess.session_id)) is sess:
+                del self.sessions[(sess.kid, sess.session_id)]
+            last = not any(k == sess.kid for k, _ in self.sessions)
+        if last:
+            self.service.events.remove(sess.kid, self._on_event)
+        sess.gone = True
+        sess.close()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(2.0)
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self.sessions.values()
+                        if s.owner is None and s.detached_at is not None
+                        and (s.gone or now - s.detached_at > self.buffer_seconds
+                             or s.kid not in self._live_ids())]
+            for sess in idle:
+                self._drop(sess)
+
+    def _live_ids(self) -> set[str]:
+        try:
+            return set(self.registry.ids())
+        except Exception:
+            return {k for k, _ in self.sessions}
+
+    def close_kernel(self, kid: str) -> None:
+        """The kernel is gone: end its sessions' sockets and close their WebSockets."""
+        self._on_event({"id": kid, "status": "DELETED"})
+
+    # -- the pump -------------------------------------------------------------------------
+
+    def serve(self, ws: Any, kid: str, session_id: str) -> None:
+        """Run one client WebSocket until it closes or is replaced."""
+        conn = Connection(ws)
+        sess = self.attach(kid, session_id, conn)
+        reader = threading.Thread(target=self._read, args=(conn, sess), daemon=True,
+                                  name=f"ws-read-{kid[:8]}")
+        reader.start()
+        try:
+            self._pump(conn, sess)
+        except ConnectionClosed:
+            pass
+        except OSError as exc:
+            log.info("Kernel %s: WebSocket ended (%s)", kid, exc)
+        finally:
+            self.detach(sess, conn)
+        if sess.gone:
+            self._drop(sess)
+
+    def _read(self, conn: Connection, sess: KernelSession) -> None:
+        try:
+            while not conn.evicted:
+                frame = conn.ws.receive()
+                if frame is None:
+                    continue
+                sess.inbox.append(frame)
+                sess.wake()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.debug("WebSocket reader ended", exc_info=True)
+        conn.closed = True
+        sess.wake()
+
+    def _status(self, conn: Connection, sess: KernelSession, state: str) -> None:
+        parts, bufs = wire.status_message(state, sess.session_id)
+        conn.send(wire.to_client("iopub", parts, bufs, conn.protocol))
+
+    def _pump(self, conn: Connection, sess: KernelSession) -> None:
+        last_starting = 0.0
+        self._sync(conn, sess, initial=True)
+        while not (conn.closed or conn.evicted or sess.gone):
+            poller = zmq.Poller()
+            poller.register(sess._r, zmq.POLLIN)
+            for s in sess.sockets.values():
+                poller.register(s, zmq.POLLIN)
+            timeout = NUDGE_EVERY if sess.nudging else 1.0
+            for fd_or_sock, _ in poller.poll(timeout * 1000):
+                if fd_or_sock == sess._r:
+                    sess.drain_wake()
+                    self._handle_events(conn, sess)
+                    self._handle_inbox(conn, sess)
+                else:
+                    self._from_kernel(conn, sess, fd_or_sock)
+            if sess.nudging and time.monotonic() - sess.nudge_sent > NUDGE_EVERY:
+                sess.nudge()
+            if not sess.sockets:
+                self._sync(conn, sess)
+                if time.monotonic() - last_starting > STARTING_STATUS_EVERY and not sess.gone:
+                    last_starting = time.monotonic()
+                    self._status(conn, sess, "starting")
+        if sess.gone:
+            try:
+                conn.ws.close(reason=1000, message="kernel shut down")
+            except Exception:
+                pass
+
+    def _sync(self, conn: Connection, sess: KernelSession, initial: bool = False) -> None:
+        """Connect (or reconnect) the session's sockets when the kernel runs at a new place."""
+        rec = self.registry.get(sess.kid)
+        if rec is None:
+            sess.gone = True
+            return
+        status = rec.status.value
+        if status == "FAILED":
+            if initial or sess.sockets:
+                self._status(conn, sess, "dead")
+                sess.close_sockets()
+            return
+        if status != "RUNNING":
+            return
+        if sess.sockets and rec.generation == sess.generation:
+            return
+        info = self.registry.connection(sess.kid)
+        if info is None:
+            return
+        if sess.sockets and info == sess.conn_info:
+            sess.generation = rec.generation
+            sess.ready = False  # same place, new process: confirm iopub again
+            sess.nudges.clear()
+            sess.nudge_sent = 0.0
+        else:
+            sess.connect(info, rec.generation)
+        sess.nudge()
+
+    def _handle_events(self, conn: Connection, sess: KernelSession) -> None:
+        while sess.events:
+            event = sess.events.popleft()
+            status = event.get("status")
+            if status == "DELETED" or status == "STOPPED":
+                sess.gone = True
+            elif status == "RESTARTING":
+                sess.restarted = True
+                sess.ready = False
+                sess.nudging = False
+                self._status(conn, sess, "restarting")
+            elif status in ("RUNNING", "FAILED"):
+                self._sync(conn, sess)
+
+    def _handle_inbox(self, conn: Connection, sess: KernelSession) -> None:
+        while sess.inbox:
+            frame = sess.inbox.popleft()
+            try:
+                channel, parts, buffers = wire.from_client(frame, conn.protocol)
+            except wire.BadFrame as exc:
+                log.info("Kernel %s: dropped a bad frame from a client: %s", sess.kid, exc)
+                continue
+            if channel == "iopub":
+                continue
+            if sess.ready:
+                sess.to_kernel(channel, parts, buffers)
+            else:
+                sess.held.append((channel, parts, buffers))
+
+    def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> None:
+        channel = next((ch for ch, s in sess.sockets.items() if s is sock), "")
+        for _ in range(64):
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                parts, buffers = jmsg.split(msg)
+            except ValueError:
+                continue
+            if sess.nudges and sess.ready and time.monotonic() > sess.nudge_sent + 3.0:
+                sess.nudges.clear()
+            if sess.nudges and sess.is_nudge(parts):
+                if channel == "iopub":
+                    self._became_ready(conn, sess)
+                continue
+            if channel == "iopub" and sess.nudging:
+                self._became_ready(conn, sess)
+            conn.send(wire.to_client(channel, parts, buffers, conn.protocol))
+
+    def _became_ready(self, conn: Connection, sess: KernelSession) -> None:
+        if sess.ready or not sess.nudging:
+            return
+        sess.ready = True
+        sess.nudging = False
+        if sess.restarted:
+            sess.restarted = False
+            self._status(conn, sess, "idle")
+        held, sess.held = sess.held, []
+        for channel, parts, buffers in held:
+            sess.to_kernel(channel, parts, buffers)

@@ -1,0 +1,38 @@
+"""One JSON error handler: every error a client sees is ``{"reason", "message"}`` with a 4xx/5xx."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from workers.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+
+def _reply(status: int, reason: str, message: str, **extra: Any) -> Any:
+    resp = jsonify({"reason": reason, "message": message, **extra})
+    resp.status_code = status
+    return resp
+
+
+def install(app: Flask) -> None:
+    """Register the handlers on ``app``."""
+
+    @app.errorhandler(GatewayError)
+    def gateway_error(exc: GatewayError) -> Any:
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.code, exc.message)
+        return _reply(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        return _reply(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
+                      exc.description or "")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        log.exception("Unexpected error")
+        return _reply(500, "internal_error", f"{type(exc).__name__}: {exc}")

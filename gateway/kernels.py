@@ -1,0 +1,319 @@
+"""KernelService: the kernel operations behind the REST routes, in terms of registry and queue.
+
+A launch: validate → QUEUED record → ``kernels.host`` on the pool's queue → wait for RUNNING or
+FAILED. Control goes to the hosting worker; the registry's ``target`` records the intent, so a
+lost control message only costs time.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from gateway.dispatch import Dispatcher
+from gateway.events import EventHub
+from workers import jmsg
+from workers.config import Config, KernelSpec, PoolConfig
+from workers.errors import (BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
+                            LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec,
+                            from_data)
+from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
+from workers.registry import KernelRecord, Registry, now_iso
+
+log = logging.getLogger(__name__)
+S = KernelStatus
+MAX_VALUE = 4096
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
+
+
+def mask_env(env: dict[str, str]) -> dict[str, str]:
+    """The env with secret-looking values hidden, for logs."""
+    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v) for k, v in env.items()}
+
+
+def validate_env(raw: Any, allowlist: tuple[str, ...]) -> dict[str, str]:
+    """KERNEL_* and allow-listed variables of a request's ``env``; others are dropped."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadRequest("'env' must be an object of strings")
+    env: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not ENV_NAME.match(key):
+            raise BadRequest(f"env: {key!r} is not a valid variable name")
+        if not isinstance(value, str):
+            raise BadRequest(f"env.{key}: expected a string, got {type(value).__name__}")
+        if len(value) > MAX_VALUE:
+            raise BadRequest(f"env.{key}: the value is {len(value)} characters; "
+                             f"at most {MAX_VALUE} are allowed")
+        allowed = key.startswith("KERNEL_") or any(
+            key == a or (a.endswith("*") and key.startswith(a[:-1])) for a in allowlist)
+        if allowed:
+            env[key] = value
+        else:
+            log.info("Dropping env %s: not KERNEL_* and not in env_allowlist", key)
+    return env
+
+
+def launch_timeout(env: dict[str, str], pool: PoolConfig) -> float:
+    raw = env.get("KERNEL_LAUNCH_TIMEOUT")
+    if not raw:
+        return pool.launch_timeout
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"env.KERNEL_LAUNCH_TIMEOUT: expected seconds, got {raw!r}") from None
+    if value <= 0:
+        raise BadRequest("env.KERNEL_LAUNCH_TIMEOUT: must be > 0")
+    return min(value, pool.max_launch_timeout)
+
+
+class KernelService:
+    """Start, read, control and stop kernels on behalf of the REST and WebSocket routes."""
+
+    def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher,
+                 events: EventHub) -> None:
+        self.config = config
+        self.registry = registry
+        self.dispatch = dispatcher
+        self.events = events
+
+    # -- reading --------------------------------------------------------------------------
+
+    def spec(self, name: str | None) -> KernelSpec:
+        name = name or self.config.default_kernelspec
+        spec = self.config.kernelspecs.get(name)
+        if spec is None:
+            raise UnknownKernelSpec(f"no kernelspec named {name!r}; GET /api/kernelspecs lists "
+                                    f"the ones this gateway serves")
+        return spec
+
+    def record(self, kid: str) -> KernelRecord:
+        rec = self.registry.get(kid)
+        if rec is None:
+            raise KernelNotFound(f"kernel {kid} not found")
+        return self._check_alive(rec)
+
+    def _check_alive(self, rec: KernelRecord) -> KernelRecord:
+        """A live kernel whose supervisor stopped beating is dead: say so, with the reason."""
+        if rec.status in (S.RUNNING, S.RESTARTING, S.STOPPING) and not self.registry.heartbeat_alive(rec.id):
+            ttl = self.config.pools[rec.pool].heartbeat_ttl if rec.pool in self.config.pools else 0
+            reason = (f"worker {rec.worker} lost: no heartbeat for {ttl:.0f}s; the kernel is "
+                      f"considered dead")
+            ok, _ = self.registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
+                                             execution_state="dead")
+            if ok:
+                log.warning("Kernel %s: %s", rec.id, reason)
+                self.registry.expire_failed(rec.id)
+            return self.registry.get(rec.id) or rec
+        return rec
+
+    def model(self, rec: KernelRecord) -> dict[str, Any]:
+        """The Jupyter kernel model, plus poolgate's own details under ``poolgate``."""
+        state = rec.execution_state if rec.status is S.RUNNING else EXECUTION_STATE[rec.status]
+        extra: dict[str, Any] = {"pool": rec.pool, "status": rec.status.value,
+                                 "worker": rec.worker, "host": rec.host}
+        if rec.reason:
+            extra["reason"] = rec.reason
+        if rec.status is S.QUEUED:
+            extra["queue_position"] = self.registry.queue_position(rec.pool, rec.id)
+        if rec.timing:
+            extra["timing"] = rec.timing
+        return {"id": rec.id, "name": rec.name, "last_activity": rec.last_activity,
+                "execution_state": state, "connections": rec.connections, "poolgate": extra}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.model(self._check_alive(r)) for r in self.registry.all()]
+
+    def capacity(self, pool: str) -> tuple[int, int, int]:
+        """(live workers, slots, slots in use) of a pool."""
+        ws = [w for w in self.registry.workers() if pool in w.get("pools", ())]
+        return len(ws), sum(int(w.get("slots", 0)) for w in ws), sum(int(w.get("used", 0)) for w in ws)
+
+    # -- starting -------------------------------------------------------------------------
+
+    def start(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = self.spec(body.get("name"))
+        pool = self.config.pools[spec.pool]
+        env = validate_env(body.get("env"), self.config.env_allowlist)
+        user = env.get("KERNEL_USERNAME", "")
+        self._admit(spec, pool, user)
+        timeout = launch_timeout(env, pool)
+        kid = self._kernel_id(env)
+        req = LaunchRequest(kernel_id=kid, pool=pool.name, spec_name=spec.name, argv=spec.argv,
+                            env=env, spec_env=dict(spec.env), user=user,
+                            working_dir=env.get("KERNEL_WORKING_DIR", ""), launch_timeout=timeout,
+                            resources={**spec.resources, "resource_dir": spec.resource_dir},
+                            interrupt_mode=spec.interrupt_mode)
+        t0 = time.time()
+        rec = KernelRecord(id=kid, name=spec.name, pool=pool.name, status=S.QUEUED, user=user,
+                           created=t0, last_activity=now_iso(), launch_timeout=timeout,
+                           env={}, request=req.to_dict(), timing={"queued": t0})
+        log.info("Kernel %s (%s) queued on pool %s for %s, env %s", kid, spec.name, pool.name,
+                 user or "anonymous", mask_env(env))
+        with self.events.waiter(kid) as waiter:
+            self.registry.create(rec)
+            try:
+                self.dispatch.launch(kid, pool, spec.name, user, expires=timeout)
+            except GatewayError:
+                self.registry.transition(kid, S.FAILED, pool=pool.name, reason="broker unreachable")
+                self.registry.delete(kid, pool.name)
+                raise
+            return self._wait_started(waiter, kid, pool, timeout, t0)
+
+    def _kernel_id(self, env: dict[str, str]) -> str:
+        wanted = env.get("KERNEL_ID")
+        if not wanted:
+            return str(uuid.uuid4())
+        try:
+            kid = str(uuid.UUID(wanted))
+        except ValueError:
+            raise BadRequest(f"env.KERNEL_ID: {wanted!r} is not a UUID") from None
+        if self.registry.get(kid) is not None:
+            raise BadRequest(f"env.KERNEL_ID: kernel {kid} already exists")
+        return kid
+
+    def _admit(self, spec: KernelSpec, pool: PoolConfig, user: str) -> None:
+        if pool.kernelspecs and spec.name not in pool.kernelspecs:
+            raise Forbidden(f"pool {pool.name!r} does not serve kernelspec {spec.name!r}")
+        if pool.allowed_users and user not in pool.allowed_users:
+            raise Forbidden(f"pool {pool.name!r} does not serve user {user or '(none)'!r}; "
+                            f"set KERNEL_USERNAME to an allowed user")
+        if pool.max_kernels:
+            live = sum(1 for r in self.registry.all() if r.pool == pool.name and r.status.live)
+            if live >= pool.max_kernels:
+                raise LimitExceeded(f"pool {pool.name!r} already has {live} kernels, its maximum "
+                                    f"(max_kernels: {pool.max_kernels})")
+
+    def _wait_started(self, waiter: Any, kid: str, pool: PoolConfig, timeout: float,
+                      t0: float) -> dict[str, Any]:
+        deadline = t0 + timeout
+        while True:
+            event = waiter.next(min(0.5, deadline - time.time()))
+            status = event.get("status") if event else None
+            if status in (None, "RUNNING", "FAILED", "DELETED", "STOPPED"):
+                rec = self.registry.get(kid)
+                if rec is None:
+                    raise LaunchRejected(f"kernel {kid} was shut down while it was starting")
+                if rec.status is S.RUNNING:
+                    return self.model(rec)
+                if rec.status is S.FAILED:
+                    raise LaunchRejected(f"kernel {kid} failed to start on pool {pool.name}: "
+                                         f"{rec.reason}")
+            if time.time() >= deadline:
+                self._withdraw(kid, pool, timeout)
+
+    def _withdraw(self, kid: str, pool: PoolConfig, timeout: float) -> None:
+        position = self.registry.queue_position(pool.name, kid)
+        ok, prev = self.registry.transition(kid, S.STOPPED, pool=pool.name,
+                                            reason="launch timed out in the queue")
+        if ok:
+            self.registry.delete(kid, pool.name)
+            self.dispatch.revoke(kid)
+            workers, slots, used = self.capacity(pool.name)
+            raise LaunchTimeout(
+                f"kernel {kid} waited {timeout:.0f}s in the queue of pool {pool.name!r} and was "
+                f"withdrawn: {(position or 1) - 1} launches were ahead of it; the pool has "
+                f"{workers} live workers with {slots} slots ({used} in use). Raise "
+                f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s) or add workers.")
+        self.registry.update(kid, target="STOPPED")
+        raise LaunchTimeout(f"kernel {kid} did not finish starting on pool {pool.name!r} within "
+                            f"{timeout:.0f}s (it was {prev}); it is being stopped. Raise "
+                            f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s).")
+
+    # -- control --------------------------------------------------------------------------
+
+    def _running(self, kid: str, action: str) -> KernelRecord:
+        rec = self.record(kid)
+        if rec.status is not S.RUNNING:
+            raise BadRequest(f"cannot {action} kernel {kid}: it is {rec.status.value.lower()}"
+                             + (f" ({rec.reason})" if rec.reason else ""))
+        return rec
+
+    def interrupt(self, kid: str) -> None:
+        rec = self._running(kid, "interrupt")
+        if self.config.kernelspecs.get(rec.name) and self.spec(rec.name).interrupt_mode == "message":
+            self._control_message(kid, "interrupt_request")
+            return
+        self.dispatch.control(rec.worker, kid, "interrupt", self.config.gateway.control_timeout)
+
+    def _control_message(self, kid: str, msg_type: str) -> None:
+        conn = self.registry.connection(kid)
+        if conn is None:
+            raise KernelNotFound(f"kernel {kid} has no connection info")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(conn.url("control"))
+            _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme), msg_type, {},
+                                   jmsg.session_id())
+            sock.send_multipart(frames)
+            if not sock.poll(int(self.config.gateway.control_timeout * 1000)):
+                raise ControlTimeout(f"kernel {kid} did not answer {msg_type}")
+        finally:
+            sock.close()
+
+    def restart(self, kid: str) -> dict[str, Any]:
+        rec = self._running(kid, "restart")
+        timeout = max(rec.launch_timeout, self.config.gateway.control_timeout)
+        with self.events.waiter(kid) as waiter:
+            self.dispatch.control(rec.worker, kid, "restart", self.config.gateway.control_timeout)
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                waiter.next(min(0.5, deadline - time.time()))
+                now = self.registry.get(kid)
+                if now is None:
+                    raise KernelNotFound(f"kernel {kid} was shut down during its restart")
+                if now.status is S.RUNNING and now.generation > rec.generation:
+                    return self.model(now)
+                if now.status is S.FAILED:
+                    raise LaunchRejected(f"kernel {kid} failed to restart: {now.reason}")
+        raise LaunchTimeout(f"kernel {kid} did not restart within {timeout:.0f}s")
+
+    def shutdown(self, kid: str) -> None:
+        """Stop a kernel; idempotent for a kernel that is already going or gone (404 after)."""
+        rec = self.registry.get(kid)
+        if rec is None:
+            raise KernelNotFound(f"kernel {kid} not found")
+        if rec.status is S.QUEUED:
+            ok, _ = self.registry.transition(kid, S.STOPPED, pool=rec.pool, reason="shut down")
+            if ok:
+                self.registry.delete(kid, rec.pool)
+                self.dispatch.revoke(kid)
+                return
+            rec = self.registry.get(kid) or rec
+        if not rec.status.live:
+            self.registry.delete(kid, rec.pool)
+            return
+        with self.events.waiter(kid) as waiter:
+            self.registry.update(kid, target="STOPPED")
+            rec = self._check_alive(rec)
+            if rec.status is S.FAILED:
+                self.registry.delete(kid, rec.pool)
+                return
+            if rec.worker:
+                try:
+                    self.dispatch.control(rec.worker, kid, "stop", 5.0)
+                except GatewayError as exc:
+                    log.info("Kernel %s: stop command not delivered (%s); the supervisor will "
+                             "see the target", kid, exc.message)
+            deadline = time.time() + self.config.gateway.control_timeout
+            while time.time() < deadline:
+                waiter.next(min(0.5, deadline - time.time()))
+                now = self.registry.get(kid)
+                if now is None:
+                    return
+                if now.status is S.FAILED:
+                    self.registry.delete(kid, now.pool)
+                    return
+                self._check_alive(now)
+        log.warning("Kernel %s: still stopping after %.0fs; its supervisor will finish the job",
+                    kid, self.config.gateway.control_timeout)
+
+    def reraise(self, data: dict[str, Any]) -> None:
+        raise from_data(data)

@@ -1,0 +1,64 @@
+"""Run the gateway on gunicorn with threads (a production server flask-sock supports).
+
+One process, many threads: every open WebSocket holds a thread. The file-descriptor limit is
+raised to the hard limit, and the ZMQ context's socket cap (1023 by default, the cause of
+Enterprise Gateway's "too many open files" near 210 kernels) is lifted to match.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+from typing import Any
+
+import zmq
+from gunicorn.app.base import BaseApplication
+
+log = logging.getLogger(__name__)
+
+
+def raise_limits() -> int:
+    """Raise RLIMIT_NOFILE to its hard limit and size ZMQ's socket cap to it; returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    zmq.Context.instance().set(zmq.MAX_SOCKETS, max(1024, min(soft, 1 << 16)))
+    return soft
+
+
+class GatewayServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn, configured in code, serving ``create_app(settings)``."""
+
+    def __init__(self, settings: dict[str, Any], ip: str, port: int, threads: int) -> None:
+        self.settings = settings
+        self.options = {
+            "bind": f"{ip}:{port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": threads,
+            "timeout": 0,
+            "graceful_timeout": 5,
+            "keepalive": 75,
+            "accesslog": None,
+            "loglevel": "warning",
+            "worker_connections": threads,
+        }
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from gateway import create_app
+
+        raise_limits()
+        return create_app(self.settings)
+
+
+def run(settings: dict[str, Any], ip: str, port: int, threads: int) -> None:
+    GatewayServer(settings, ip, port, threads).run()

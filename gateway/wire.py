@@ -1,0 +1,137 @@
+"""Pure conversions between WebSocket frames and Jupyter wire messages.
+
+Two protocols, as Jupyter Server speaks them:
+
+* legacy (no subprotocol): one JSON text frame per message with a ``channel`` key; a message
+  with buffers is a binary frame: ``nbufs`` and offsets as big-endian uint32, then the JSON and
+  the buffers.
+* ``v1.kernel.websocket.jupyter.org``: every frame binary: little-endian uint64 offsets, the
+  channel name, then the raw header, parent, metadata, content and buffers.
+
+Relaying kernel → client keeps the JSON parts as bytes and splices them, so content is never
+decoded and encoded again; only the small header is read (for msg_id and msg_type).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from workers.jmsg import pack
+
+V1 = "v1.kernel.websocket.jupyter.org"
+CHANNELS = frozenset({"shell", "iopub", "stdin", "control"})
+
+
+class BadFrame(ValueError):
+    """A client frame we cannot turn into a message."""
+
+
+def _json_str(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
+              protocol: str | None) -> str | bytes:
+    """A kernel message (raw JSON parts) as one WebSocket frame for the client."""
+    if protocol == V1:
+        return to_v1(channel, parts + buffers)
+    h, p, m, c = parts
+    try:
+        head = json.loads(h)
+    except ValueError:
+        head = {}
+    body = (b'{"header":' + h + b',"msg_id":' + pack(head.get("msg_id", "")) + b',"msg_type":'
+            + pack(head.get("msg_type", "")) + b',"parent_header":' + p + b',"metadata":' + m
+            + b',"content":' + c + b',"buffers":[],"channel":' + pack(channel) + b"}")
+    if not buffers:
+        return _json_str(body)
+    return binary_legacy(body, buffers)
+
+
+def binary_legacy(body: bytes, buffers: list[bytes]) -> bytes:
+    """Jupyter Server's ``serialize_binary_message``: offsets, JSON, then buffers."""
+    bufs = [body, *buffers]
+    nbufs = len(bufs)
+    offsets = [4 * (nbufs + 1)]
+    for b in bufs[:-1]:
+        offsets.append(offsets[-1] + len(b))
+    return struct.pack("!" + "I" * (nbufs + 1), nbufs, *offsets) + b"".join(bufs)
+
+
+def to_v1(channel: str, msg_list: list[bytes]) -> bytes:
+    """Jupyter Server's ``serialize_msg_to_ws_v1``."""
+    ch = channel.encode()
+    offsets = [8 * (1 + 1 + len(msg_list) + 1)]
+    offsets.append(len(ch) + offsets[-1])
+    for part in msg_list:
+        offsets.append(len(part) + offsets[-1])
+    head = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
+    return head + ch + b"".join(msg_list)
+
+
+def from_client(frame: str | bytes, protocol: str | None) -> tuple[str, list[bytes], list[bytes]]:
+    """A client frame → (channel, [header, parent, metadata, content] as JSON bytes, buffers)."""
+    try:
+        if protocol == V1:
+            if not isinstance(frame, bytes):
+                raise BadFrame("the v1 protocol sends binary frames only")
+            return _from_v1(frame)
+        if isinstance(frame, bytes):
+            msg, buffers = _from_binary_legacy(frame)
+        else:
+            msg, buffers = json.loads(frame), []
+    except BadFrame:
+        raise
+    except (ValueError, struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise BadFrame(f"cannot decode frame: {exc}") from None
+    if not isinstance(msg, dict):
+        raise BadFrame("a message must be a JSON object")
+    channel = msg.get("channel")
+    if channel not in CHANNELS:
+        raise BadFrame(f"unknown channel {channel!r}")
+    head = msg.get("header")
+    if not isinstance(head, dict) or not head.get("msg_type"):
+        raise BadFrame("a message needs a header with msg_type")
+    parts = [pack(head), pack(msg.get("parent_header") or {}), pack(msg.get("metadata") or {}),
+             pack(msg.get("content") if msg.get("content") is not None else {})]
+    return channel, parts, buffers
+
+
+def _from_binary_legacy(frame: bytes) -> tuple[Any, list[bytes]]:
+    nbufs = struct.unpack("!i", frame[:4])[0]
+    if not 0 < nbufs < 10000:
+        raise BadFrame("bad buffer count")
+    offsets = list(struct.unpack("!" + "I" * nbufs, frame[4:4 * (nbufs + 1)]))
+    bounds = offsets + [len(frame)]
+    bufs = [frame[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return json.loads(bufs[0].decode()), bufs[1:]
+
+
+def _from_v1(frame: bytes) -> tuple[str, list[bytes], list[bytes]]:
+    n = int.from_bytes(frame[:8], "little")
+    if not 3 <= n < 10000:
+        raise BadFrame("bad offset count")
+    offsets = [int.from_bytes(frame[8 * (i + 1):8 * (i + 2)], "little") for i in range(n)]
+    channel = frame[offsets[0]:offsets[1]].decode()
+    if channel not in CHANNELS:
+        raise BadFrame(f"unknown channel {channel!r}")
+    parts = [frame[offsets[i]:offsets[i + 1]] for i in range(1, n - 1)]
+    if len(parts) < 4:
+        raise BadFrame("a message needs header, parent, metadata and content")
+    try:
+        head = json.loads(parts[0])
+    except ValueError:
+        raise BadFrame("the header is not JSON") from None
+    if not isinstance(head, dict) or not head.get("msg_type"):
+        raise BadFrame("a message needs a header with msg_type")
+    return channel, parts[:4], parts[4:]
+
+
+def status_message(state: str, session: str, parent: dict[str, Any] | None = None
+                   ) -> tuple[list[bytes], list[bytes]]:
+    """A status message the gateway makes up (restarting, idle after restart, dead)."""
+    from workers.jmsg import header
+
+    return [pack(header("status", session)), pack(parent or {}), b"{}",
+            pack({"execution_state": state})], []

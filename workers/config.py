@@ -1,0 +1,364 @@
+"""queues.yaml and kernelspecs, loaded once into frozen, validated objects.
+
+Every message names the YAML path and the rule, e.g.
+``pools.gpu.slots: expected an integer >= 1, got "one"``; an unknown key gets a suggestion.
+Nothing here reads ``os.environ`` at import: :func:`load_config` takes the environment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from workers.errors import ConfigError
+
+T = TypeVar("T")
+
+#: Enterprise Gateway process proxies and the launcher type they stand for.
+EG_PROCESS_PROXIES = {
+    "enterprise_gateway.services.processproxies.processproxy.LocalProcessProxy": "local",
+    "enterprise_gateway.services.processproxies.distributed.DistributedProcessProxy": "ssh",
+    "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy": "yarn",
+    "enterprise_gateway.services.processproxies.k8s.KubernetesProcessProxy": "kubernetes",
+    "enterprise_gateway.services.processproxies.docker_swarm.DockerSwarmProcessProxy": "docker-swarm",
+    "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker-swarm",
+}
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One resource pool: a queue, a launcher and its limits."""
+
+    name: str
+    launcher: str
+    queue: str = ""
+    slots: int = 4
+    launch_timeout: float = 60.0
+    max_launch_timeout: float = 600.0
+    max_kernels: int = 0
+    kernelspecs: tuple[str, ...] = ()
+    allowed_users: tuple[str, ...] = ()
+    max_restarts: int = 5
+    heartbeat_ttl: float = 15.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of the HTTP front end."""
+
+    base_url: str = "/"
+    ws_ping_interval: float = 30.0
+    auth_token: str = ""
+    control_timeout: float = 20.0
+    threads: int = 1024
+    session_buffer_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """An ordinary Jupyter kernelspec, plus the pool it routes to."""
+
+    name: str
+    resource_dir: str
+    argv: tuple[str, ...]
+    display_name: str
+    language: str
+    env: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    interrupt_mode: str
+    pool: str
+
+    def to_model(self) -> dict[str, Any]:
+        """The spec as ``GET /api/kernelspecs`` shows it."""
+        files = sorted(p.name for p in Path(self.resource_dir).iterdir() if p.name != "kernel.json")
+        spec = {
+            "argv": list(self.argv),
+            "display_name": self.display_name,
+            "language": self.language,
+            "env": dict(self.env),
+            "metadata": dict(self.metadata),
+            "interrupt_mode": self.interrupt_mode,
+        }
+        resources = {f.rsplit(".", 1)[0]: f"/kernelspecs/{self.name}/{f}" for f in files}
+        return {"name": self.name, "spec": spec, "resources": resources}
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        meta = self.metadata.get("poolgate") or {}
+        return dict(meta.get("resources") or {}) if isinstance(meta, dict) else {}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything queues.yaml says, with the kernelspecs it routes."""
+
+    broker_url: str
+    registry_url: str
+    pools: Mapping[str, PoolConfig]
+    kernelspecs: Mapping[str, KernelSpec]
+    default_pool: str
+    default_kernelspec: str
+    env_allowlist: tuple[str, ...]
+    gateway: GatewayConfig
+    registry_secret: str = ""
+    source: str = ""
+
+    def pool_of(self, spec_name: str) -> PoolConfig:
+        return self.pools[self.kernelspecs[spec_name].pool]
+
+
+# -- generic typed loading ------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+            return tuple(str(v) for v in value)
+        raise ConfigError(f"{path}: expected a list of strings, got {json.dumps(value)}")
+    elif origin in (dict, Mapping) or tp in (dict, Mapping):
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{path}: expected a mapping, got {json.dumps(value)}")
+    else:
+        return value
+    raise ConfigError(f"{path}: expected {_describe(tp)}, got {json.dumps(value, default=str)}")
+
+
+def build(cls: type[T], data: Any, path: str, **fixed: Any) -> T:
+    """Build dataclass ``cls`` from a YAML mapping; unknown keys and bad types are ConfigErrors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {json.dumps(data, default=str)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = dict(fixed)
+    for key, value in data.items():
+        if key not in fields or key in fixed:
+            close = difflib.get_close_matches(str(key), [f for f in fields if f not in fixed], 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            allowed = ", ".join(f for f in fields if f not in fixed)
+            raise ConfigError(f"{path}.{key}: unknown key{hint} (allowed: {allowed})")
+        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _positive(value: float, path: str, minimum: float = 0, strict: bool = True) -> None:
+    if value < minimum or (strict and value == minimum):
+        rule = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigError(f"{path}: expected a number {rule}, got {value}")
+
+
+# -- kernelspecs ----------------------------------------------------------------------------
+
+
+def _route(name: str, raw: dict[str, Any], pools: Mapping[str, PoolConfig],
+           proxy_map: Mapping[str, str], default_pool: str) -> str:
+    """Pick a spec's pool: metadata.poolgate.pool, else its EG process proxy, else the default."""
+    meta = raw.get("metadata") or {}
+    pg = meta.get("poolgate") or {}
+    if isinstance(pg, dict) and pg.get("pool"):
+        pool = str(pg["pool"])
+        if pool not in pools:
+            close = difflib.get_close_matches(pool, list(pools), 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"kernelspecs.{name}.metadata.poolgate.pool: no pool {pool!r}{hint}")
+        return pool
+    proxy = (meta.get("process_proxy") or {}).get("class_name") if isinstance(meta, dict) else None
+    if proxy:
+        target = proxy_map.get(proxy) or EG_PROCESS_PROXIES.get(proxy)
+        if target in pools:
+            return str(target)
+        for pool in pools.values():  # a launcher type maps to the first pool using it
+            if pool.launcher == target:
+                return pool.name
+    return default_pool
+
+
+def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
+                     proxy_map: Mapping[str, str], default_pool: str) -> dict[str, KernelSpec]:
+    """Read every ``<dir>/<name>/kernel.json``; a later directory wins over an earlier one."""
+    specs: dict[str, KernelSpec] = {}
+    for base in dirs:
+        if not base.is_dir():
+            raise ConfigError(f"kernelspec_dirs: {base} is not a directory")
+        for sub in sorted(base.iterdir()):
+            path = sub / "kernel.json"
+            if not path.is_file():
+                continue
+            try:
+                raw = json.loads(path.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            argv = raw.get("argv")
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError(f"{path}: 'argv' must be a non-empty list of strings")
+            specs[sub.name] = KernelSpec(
+                name=sub.name,
+                resource_dir=str(sub),
+                argv=tuple(argv),
+                display_name=str(raw.get("display_name", sub.name)),
+                language=str(raw.get("language", "")),
+                env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+                metadata=dict(raw.get("metadata") or {}),
+                interrupt_mode=str(raw.get("interrupt_mode", "signal")),
+                pool=_route(sub.name, raw, pools, proxy_map, default_pool),
+            )
+    return specs
+
+
+# -- queues.yaml ----------------------------------------------------------------------------
+
+
+def packaged_data() -> Path:
+    """Where the default queues.yaml and kernelspecs/ live (installed, or this checkout)."""
+    import poolgate
+
+    installed = Path(poolgate.__file__).parent / "_data"
+    return installed if (installed / "queues.yaml").is_file() else Path(__file__).parent.parent
+
+
+def find_config(explicit: str | None = None) -> Path:
+    """``--config``, else ``./queues.yaml``, else the packaged default."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"--config: {path} does not exist")
+        return path
+    local = Path.cwd() / "queues.yaml"
+    return local if local.is_file() else packaged_data() / "queues.yaml"
+
+
+_TOP_KEYS = {
+    "broker_url", "registry_url", "default_pool", "default_kernelspec", "kernelspec_dirs",
+    "env_allowlist", "process_proxy_map", "registry_secret", "gateway", "pools",
+}
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate queues.yaml; ``environ`` supplies POOLGATE_* overrides."""
+    from workers.launchers import validate_options
+
+    env = dict(os.environ if environ is None else environ)
+    cfg_path = find_config(str(path) if path else None)
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a mapping at the top level")
+    raw.update(overrides or {})
+    for key in raw:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(_TOP_KEYS), 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint} (in {cfg_path})")
+
+    pools_raw = raw.get("pools") or {}
+    if not isinstance(pools_raw, dict) or not pools_raw:
+        raise ConfigError(f"pools: expected at least one pool (in {cfg_path})")
+    pools: dict[str, PoolConfig] = {}
+    queues: dict[str, str] = {}
+    for name, body in pools_raw.items():
+        where = f"pools.{name}"
+        pool = build(PoolConfig, body, where, name=str(name))
+        if not pool.queue:
+            pool = dataclasses.replace(pool, queue=str(name))
+        _positive(pool.slots, f"{where}.slots", 1, strict=False)
+        _positive(pool.launch_timeout, f"{where}.launch_timeout")
+        _positive(pool.heartbeat_ttl, f"{where}.heartbeat_ttl")
+        if pool.max_launch_timeout < pool.launch_timeout:
+            raise ConfigError(f"{where}.max_launch_timeout: must be >= launch_timeout "
+                              f"({pool.launch_timeout}), got {pool.max_launch_timeout}")
+        if pool.queue in queues:
+            raise ConfigError(f"{where}.queue: {pool.queue!r} is already the queue of pool "
+                              f"{queues[pool.queue]!r}; every pool needs its own queue")
+        queues[pool.queue] = pool.name
+        opts = validate_options(pool.launcher, pool.options, f"{where}")
+        pools[pool.name] = dataclasses.replace(pool, options=opts)
+
+    default_pool = str(raw.get("default_pool") or next(iter(pools)))
+    if default_pool not in pools:
+        raise ConfigError(f"default_pool: no pool {default_pool!r} (pools: {', '.join(pools)})")
+    proxy_map = raw.get("process_proxy_map") or {}
+    if not isinstance(proxy_map, dict):
+        raise ConfigError("process_proxy_map: expected a mapping of class name to pool")
+
+    dirs = [packaged_data() / "kernelspecs"]
+    for d in _coerce(raw.get("kernelspec_dirs") or [], tuple[str, ...], "kernelspec_dirs"):
+        p = Path(d).expanduser()
+        dirs.append(p if p.is_absolute() else cfg_path.parent / p)
+    specs = load_kernelspecs(dirs, pools, proxy_map, default_pool)
+    default_spec = str(raw.get("default_kernelspec") or "python3")
+    if default_spec not in specs:
+        raise ConfigError(f"default_kernelspec: no kernelspec {default_spec!r} "
+                          f"(found: {', '.join(sorted(specs)) or 'none'})")
+    for pool in pools.values():
+        for spec in pool.kernelspecs:
+            if spec not in specs:
+                raise ConfigError(f"pools.{pool.name}.kernelspecs: no kernelspec {spec!r}")
+
+    default_url = "redis://127.0.0.1:6379/0"
+    broker = env.get("POOLGATE_BROKER_URL") or str(raw.get("broker_url") or default_url)
+    registry = env.get("POOLGATE_REGISTRY_URL") or str(raw.get("registry_url") or "")
+    if not registry:
+        registry = broker if broker.startswith(("redis", "unix")) else default_url
+    if not registry.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+        raise ConfigError(f"registry_url: expected a redis:// URL, got {registry!r}")
+    gateway = build(GatewayConfig, raw.get("gateway"), "gateway")
+    _positive(gateway.control_timeout, "gateway.control_timeout")
+    return Config(
+        broker_url=broker,
+        registry_url=registry,
+        pools=pools,
+        kernelspecs=specs,
+        default_pool=default_pool,
+        default_kernelspec=default_spec,
+        env_allowlist=_coerce(raw.get("env_allowlist") or [], tuple[str, ...], "env_allowlist"),
+        gateway=gateway,
+        registry_secret=env.get("POOLGATE_REGISTRY_SECRET") or str(raw.get("registry_secret") or ""),
+        source=str(cfg_path),
+    )
+
+
+def python_argv(argv: tuple[str, ...]) -> list[str]:
+    """A kernelspec's argv with a bare ``python`` replaced by this interpreter, as jupyter_client does."""
+    names = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}
+    return [sys.executable, *argv[1:]] if argv and argv[0] in names else list(argv)

@@ -1,0 +1,76 @@
+"""Jupyter wire messages, minimal and pure: build, sign and split the ZMQ frames.
+
+Shared by the gateway (WebSocket bridge) and the supervisor. The message parts stay JSON
+bytes wherever possible, so relaying a message does not decode and re-encode its content.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+
+
+def iso_now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+def pack(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+class Signer:
+    """HMAC signatures as the kernel's connection key and scheme say."""
+
+    def __init__(self, key: str | bytes, scheme: str = "hmac-sha256") -> None:
+        self.key = key.encode() if isinstance(key, str) else key
+        self.digest = getattr(hashlib, scheme.split("-", 1)[-1])
+
+    def sign(self, parts: list[bytes]) -> bytes:
+        if not self.key:
+            return b""
+        h = hmac.new(self.key, digestmod=self.digest)
+        for p in parts:
+            h.update(p)
+        return h.hexdigest().encode()
+
+
+def header(msg_type: str, session: str, username: str = "poolgate") -> dict[str, Any]:
+    return {
+        "msg_id": uuid.uuid4().hex,
+        "msg_type": msg_type,
+        "username": username,
+        "session": session,
+        "date": iso_now(),
+        "version": PROTOCOL_VERSION,
+    }
+
+
+def frames(signer: Signer, parts: list[bytes], buffers: list[bytes] | None = None) -> list[bytes]:
+    """Wire frames for the four JSON parts (header, parent, metadata, content)."""
+    return [DELIM, signer.sign(parts), *parts, *(buffers or [])]
+
+
+def build(signer: Signer, msg_type: str, content: dict[str, Any], session: str,
+          parent: dict[str, Any] | None = None) -> tuple[str, list[bytes]]:
+    """A new message; returns its msg_id and frames."""
+    h = header(msg_type, session)
+    parts = [pack(h), pack(parent or {}), b"{}", pack(content)]
+    return h["msg_id"], frames(signer, parts)
+
+
+def split(msg: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(header, parent, metadata, content) and buffers of received frames, identities dropped."""
+    i = msg.index(DELIM)
+    return msg[i + 2:i + 6], msg[i + 6:]
+
+
+def session_id() -> str:
+    return os.urandom(16).hex()

@@ -1,0 +1,55 @@
+"""The launcher registry: a launcher key names a class, imported only when used.
+
+``"local"`` → ``workers.launchers.local:LocalLauncher`` and so on. An unknown key is a
+ConfigError with a suggestion; a missing backend library is an ImportError naming the extra.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from workers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
+    from workers.launchers.base import Launcher
+
+LAUNCHERS: dict[str, str] = {
+    "local": "workers.launchers.local:LocalLauncher",
+}
+
+
+def resolve(name: str) -> type[Launcher]:
+    """The launcher class for a key of ``LAUNCHERS``."""
+    try:
+        target = LAUNCHERS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(LAUNCHERS), 1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(LAUNCHERS)})") from None
+    module, _, attr = target.partition(":")
+    cls: type[Launcher] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def validate_options(name: str, options: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """Check a pool's ``options`` against its launcher's options dataclass."""
+    from workers.config import build
+
+    try:
+        cls = resolve(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}.launcher: {exc}") from None
+    build(cls.Options, options, f"{path}.options")
+    return dict(options)
+
+
+def create(pool: PoolConfig, runtime_dir: str) -> Launcher:
+    """A launcher for ``pool``, its options built into the launcher's dataclass."""
+    from workers.config import build
+
+    cls = resolve(pool.launcher)
+    return cls(pool, build(cls.Options, dict(pool.options), f"pools.{pool.name}.options"),
+               runtime_dir)

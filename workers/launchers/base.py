@@ -1,0 +1,67 @@
+"""The one small interface every launcher implements."""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from workers.protocol import KernelHandle, LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A launcher that takes no options."""
+
+
+class Launcher(abc.ABC):
+    """Starts and controls kernels for one pool.
+
+    Keeps no state between calls that another worker could not rebuild from a handle: any
+    worker on the pool's queue may get the stop for a kernel another worker launched.
+    """
+
+    Options: ClassVar[type[Any]] = NoOptions
+
+    def __init__(self, pool: PoolConfig, options: Any, runtime_dir: str) -> None:
+        self.pool = pool
+        self.options = options
+        self.runtime_dir = runtime_dir
+
+    @abc.abstractmethod
+    def launch(self, req: LaunchRequest,
+               previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
+        """Called by the supervisor. Yield a handle after each step that creates something;
+        the last one carries the connection info of a kernel that answers requests.
+
+        ``previous`` is the handle of the same kernel when it is restarted: reuse its key and,
+        where possible, its ports. If launch raises or times out, stop() gets the last handle.
+        """
+
+    @abc.abstractmethod
+    def poll(self, handle: KernelHandle) -> str | None:
+        """None while the kernel lives; else a short reason why it ended."""
+
+    @abc.abstractmethod
+    def send_signal(self, handle: KernelHandle, signum: int) -> None:
+        """Send ``signum`` to the kernel's process group (or the backend's equivalent)."""
+
+    @abc.abstractmethod
+    def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
+        """Make sure the kernel and everything launch created are gone.
+
+        Called after the supervisor asked the kernel to shut down; waits up to ``grace``
+        seconds, then kills. Idempotent: stopping a stopped or half-launched kernel is fine.
+        """
+
+    @classmethod
+    def runs_here(cls, options: Any) -> str | None:
+        """None if ``poolgate serve`` can run this launcher on this machine; else why not."""
+        return "it needs a resource manager; start its workers with 'poolgate worker'"
+
+    def failure_detail(self, handle: KernelHandle) -> str:
+        """The tail of the kernel's own output, for a launch or death that needs explaining."""
+        return ""

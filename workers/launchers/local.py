@@ -1,0 +1,272 @@
+"""local: kernels as processes on the worker's own machine, each in its own process group."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import zmq
+
+from workers import jmsg
+from workers.config import python_argv
+from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
+from workers.launchers.base import Launcher
+from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Options of a ``launcher: local`` pool."""
+
+    ip: str = "127.0.0.1"          # where kernels listen; the address gateways reach them at
+    port_range: str = ""           # "9000-9999": kernel ports come from this range
+    transport: str = "tcp"
+
+
+def parse_port_range(text: str) -> tuple[int, int] | None:
+    """``"9000-9999"`` → (9000, 9999); ``""`` → None (any free port)."""
+    if not text:
+        return None
+    try:
+        lo, hi = (int(p) for p in text.split("-", 1))
+    except ValueError:
+        raise ConfigError(f"port_range: expected 'LOW-HIGH', got {text!r}") from None
+    if not 1024 <= lo < hi <= 65535 or hi - lo < 5:
+        raise ConfigError(f"port_range: expected 1024 <= LOW < HIGH <= 65535 with at least "
+                          f"5 ports, got {text!r}")
+    return lo, hi
+
+
+_PORT_LOCK = threading.Lock()
+
+
+def pick_ports(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int]:
+    """Free ports from ``port_range``, tried by binding; the kernel binds them right after."""
+    lo, hi = port_range
+    found: list[int] = []
+    with _PORT_LOCK:
+        start = lo + (uuid.uuid4().int % (hi - lo + 1))
+        for i in range(hi - lo + 1):
+            port = lo + (start - lo + i) % (hi - lo + 1)
+            with socket.socket() as s:
+                try:
+                    s.bind((ip, port))
+                except OSError:
+                    continue
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise LaunchRejected(f"no {count} free ports left in port range {lo}-{hi}")
+
+
+def build_connection(ip: str, key: str, ports: list[int] | None, transport: str) -> dict[str, object]:
+    """The connection file a local kernel starts from (ports 0: the kernel picks and writes them)."""
+    ports = ports or [0] * 5
+    data: dict[str, object] = {f"{c}_port": p for c, p in zip(CHANNELS, ports)}
+    data.update(ip=ip, key=key, transport=transport, signature_scheme="hmac-sha256")
+    return data
+
+
+def build_command(argv: tuple[str, ...], connection_file: str, resource_dir: str) -> list[str]:
+    """The kernelspec's argv with its placeholders filled in."""
+    cmd = python_argv(argv)
+    return [a.replace("{connection_file}", connection_file).replace("{resource_dir}", resource_dir)
+            for a in cmd]
+
+
+def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
+    """The kernel's environment: the worker's, the spec's, the request's, and KERNEL_ID."""
+    env = dict(base)
+    env.update(req.spec_env)
+    env.update(req.env)
+    env["KERNEL_ID"] = req.kernel_id
+    env.setdefault("JPY_PARENT_PID", str(os.getpid()))
+    env.pop("CELERY_LOADER", None)
+    return env
+
+
+def wait_ready(conn: ConnectionInfo, deadline: float, alive: Callable[[], bool]) -> None:
+    """Block until the kernel answers a kernel_info_request on its shell channel."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(conn.url("shell"))
+        signer = jmsg.Signer(conn.key, conn.signature_scheme)
+        _, frames = jmsg.build(signer, "kernel_info_request", {}, jmsg.session_id())
+        sock.send_multipart(frames)
+        while time.monotonic() < deadline:
+            if sock.poll(50):
+                sock.recv_multipart()
+                return
+            if not alive():
+                raise LaunchRejected("the kernel exited while starting")
+        raise LaunchTimeout("the kernel did not answer kernel_info_request in time")
+    finally:
+        sock.close()
+
+
+class LocalLauncher(Launcher):
+    """Hosts ipykernel (or any kernelspec's) processes on this machine."""
+
+    Options = LocalOptions
+
+    def __init__(self, pool, options, runtime_dir):  # type: ignore[no-untyped-def]
+        super().__init__(pool, options, runtime_dir)
+        self.port_range = parse_port_range(options.port_range)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def runs_here(cls, options: LocalOptions) -> str | None:
+        return None
+
+    def _dir(self, kid: str) -> Path:
+        return Path(self.runtime_dir) / kid
+
+    def launch(self, req: LaunchRequest,
+               previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
+        deadline = time.monotonic() + req.launch_timeout
+        ports = None
+        key = uuid.uuid4().hex
+        if previous is not None and previous.connection is not None:
+            key = previous.connection.key
+            ports = [getattr(previous.connection, f"{c}_port") for c in CHANNELS]
+        elif self.port_range:
+            ports = pick_ports(self.options.ip, self.port_range)
+        handle: KernelHandle | None = None
+        for attempt in (1, 2):
+            handle = yield from self._start(req, key, ports, deadline)
+            if handle.connection is not None or ports is None or attempt == 2:
+                break
+            # The previous ports were taken meanwhile: start once more on fresh ones.
+            self.stop(handle, grace=0)
+            ports = pick_ports(self.options.ip, self.port_range) if self.port_range else None
+        assert handle is not None
+        if handle.connection is None:
+            raise LaunchRejected("the kernel exited while starting")
+        alive = lambda: self.poll(handle) is None  # noqa: E731
+        wait_ready(handle.connection, deadline, alive)
+        yield handle
+
+    def _start(self, req: LaunchRequest, key: str, ports: list[int] | None,
+               deadline: float) -> Iterator[KernelHandle]:
+        folder = self._dir(req.kernel_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfile = folder / "connection.json"
+        cfile.write_text(json.dumps(build_connection(self.options.ip, key, ports,
+                                                     self.options.transport)))
+        cfile.chmod(0o600)
+        resource_dir = str(req.resources.get("resource_dir", ""))
+        cmd = build_command(req.argv, str(cfile), resource_dir)
+        cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
+        log = open(folder / "kernel.log", "ab")
+        try:
+            proc = subprocess.Popen(cmd, env=build_env(dict(os.environ), req), cwd=cwd,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise LaunchRejected(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+        finally:
+            log.close()
+        self._procs[proc.pid] = proc
+        created = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else 0.0
+        handle = KernelHandle(req.kernel_id, req.pool, host=socket.gethostname(),
+                              data={"pid": proc.pid, "create_time": created, "dir": str(folder)})
+        yield handle
+        conn = self._wait_connection_file(cfile, proc, deadline)
+        return KernelHandle(handle.kernel_id, handle.pool, handle.host, conn, handle.data)
+
+    def _wait_connection_file(self, cfile: Path, proc: subprocess.Popen[bytes],
+                              deadline: float) -> ConnectionInfo | None:
+        """The kernel rewrites its connection file once its sockets are bound."""
+        while time.monotonic() < deadline:
+            try:
+                data = json.loads(cfile.read_text())
+            except (OSError, ValueError):
+                data = {}
+            if data and all(data.get(f"{c}_port") for c in CHANNELS):
+                if proc.poll() is None:
+                    return ConnectionInfo.from_dict(data)
+            if proc.poll() is not None:
+                return None
+            time.sleep(0.005)
+        raise LaunchTimeout("the kernel did not open its ports in time")
+
+    def _process(self, handle: KernelHandle) -> psutil.Process | None:
+        pid = int(handle.data.get("pid", 0))
+        if not pid:
+            return None
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - float(handle.data.get("create_time", 0))) > 1.0:
+                return None  # the pid was reused by another process
+            return p
+        except psutil.Error:
+            return None
+
+    def poll(self, handle: KernelHandle) -> str | None:
+        pid = int(handle.data.get("pid", 0))
+        proc = self._procs.get(pid)
+        if proc is not None:
+            rc = proc.poll()
+            return None if rc is None else f"the kernel process exited with code {rc}"
+        p = self._process(handle)
+        if p is None or p.status() == psutil.STATUS_ZOMBIE:
+            return "the kernel process is gone"
+        return None
+
+    def send_signal(self, handle: KernelHandle, signum: int) -> None:
+        pid = int(handle.data.get("pid", 0))
+        if pid and self.poll(handle) is None:
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
+        pid = int(handle.data.get("pid", 0))
+        deadline = time.monotonic() + grace
+        while self.poll(handle) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 2.0)):
+            if self.poll(handle) is not None:
+                break
+            self.send_signal(handle, sig)
+            end = time.monotonic() + wait
+            while self.poll(handle) is None and time.monotonic() < end:
+                time.sleep(0.02)
+        if pid:  # whatever the kernel left in its process group goes too
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError as exc:
+                if exc.errno not in (errno.ESRCH, errno.EPERM):
+                    raise
+            proc = self._procs.pop(pid, None)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        shutil.rmtree(handle.data.get("dir") or self._dir(handle.kernel_id), ignore_errors=True)
+
+    def failure_detail(self, handle: KernelHandle) -> str:
+        path = Path(handle.data.get("dir") or self._dir(handle.kernel_id)) / "kernel.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 2000))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""

@@ -1,0 +1,317 @@
+"""Kernel records in Redis: the one source of truth shared by gateways and workers.
+
+Keys (prefix ``pg:``)::
+
+    pg:k:<id>          hash: the kernel record (see KernelRecord)
+    pg:kernels         set of kernel ids
+    pg:q:<pool>        sorted set: launches waiting in the pool's queue, by ticket
+    pg:ticket          counter for queue tickets
+    pg:hb:<id>         the supervisor's heartbeat (expires after the pool's heartbeat TTL)
+    pg:w:<name>        a worker's heartbeat and capacity (expires)
+    pg:s:<id>          hash: a /api/sessions session
+    pg:ev:<id>         pub/sub channel: the kernel's state changes
+
+Every status change goes through :meth:`Registry.transition`, a Lua script that checks the
+lifecycle table of ``workers/protocol.py`` and publishes the change in one atomic step.
+The connection key is encrypted at rest when a registry secret is configured.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from workers.protocol import ConnectionInfo, KernelStatus, sources_of
+
+PREFIX = "pg:"
+FAILED_RETENTION = 3600  # seconds a FAILED record stays readable (status: dead)
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+if not string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) then return {0, cur} end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] == 'STARTING' or ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
+  redis.call('ZREM', KEYS[3], KEYS[4])
+end
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return {1, cur}
+"""
+
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def redis_url(url: str) -> str:
+    """Turn a kombu-style ``redis+socket:///path`` URL into one redis-py understands."""
+    if url.startswith("redis+socket://"):
+        parts = urlsplit(url)
+        return f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    return url
+
+
+def now_iso() -> str:
+    """The current time as Jupyter Server writes ``last_activity``."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+@dataclass
+class KernelRecord:
+    """A kernel as the registry holds it."""
+
+    id: str
+    name: str
+    pool: str
+    status: KernelStatus
+    target: str = "RUNNING"
+    user: str = ""
+    reason: str = ""
+    worker: str = ""
+    host: str = ""
+    created: float = 0.0
+    last_activity: str = ""
+    execution_state: str = "starting"
+    generation: int = 0
+    ticket: int = 0
+    launch_timeout: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)
+    handle: dict[str, Any] = field(default_factory=dict)
+    request: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    connections: int = 0
+
+    _JSON = ("env", "handle", "request", "timing")
+    _NUM = {"created": float, "generation": int, "ticket": int, "launch_timeout": float}
+
+    @classmethod
+    def from_hash(cls, data: dict[bytes, bytes]) -> KernelRecord:
+        d = {k.decode(): v.decode() for k, v in data.items()}
+        kw: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name in d:
+                if name in cls._JSON:
+                    kw[name] = json.loads(d[name])
+                elif name in cls._NUM:
+                    kw[name] = cls._NUM[name](d[name])
+                elif name != "connections":
+                    kw[name] = d[name]
+        kw["status"] = KernelStatus(kw["status"])
+        return cls(**kw)
+
+    def to_hash(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name in self.__dataclass_fields__:
+            if name in ("connections",):
+                continue
+            value = getattr(self, name)
+            if name in self._JSON:
+                out[name] = json.dumps(value)
+            elif isinstance(value, KernelStatus):
+                out[name] = value.value
+            else:
+                out[name] = str(value)
+        return out
+
+
+def _encode_fields(fields: dict[str, Any]) -> list[str]:
+    flat: list[str] = []
+    for key, value in fields.items():
+        flat.append(key)
+        flat.append(json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    return flat
+
+
+class Registry:
+    """Reads and writes kernel records; safe to share between threads."""
+
+    def __init__(self, url: str, secret: str = "") -> None:
+        self.url = url
+        self.r = redis.Redis.from_url(redis_url(url), health_check_interval=30)
+        self._transition = self.r.register_script(_TRANSITION)
+        self._update = self.r.register_script(_UPDATE)
+        self._fernet = None
+        if secret:
+            from cryptography.fernet import Fernet
+
+            self._fernet = Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+
+    # -- records --------------------------------------------------------------------------
+
+    def create(self, rec: KernelRecord) -> KernelRecord:
+        """Write a new QUEUED record and take its place in the pool's queue."""
+        rec.ticket = int(self.r.incr(PREFIX + "ticket"))
+        pipe = self.r.pipeline()
+        pipe.hset(PREFIX + "k:" + rec.id, mapping=rec.to_hash())  # type: ignore[arg-type]
+        pipe.sadd(PREFIX + "kernels", rec.id)
+        pipe.zadd(PREFIX + "q:" + rec.pool, {rec.id: rec.ticket})
+        pipe.execute()
+        return rec
+
+    def restore(self, rec: KernelRecord) -> None:
+        """Write a record again that the registry lost (it keeps nothing on disk)."""
+        pipe = self.r.pipeline()
+        pipe.hset(PREFIX + "k:" + rec.id, mapping=rec.to_hash())  # type: ignore[arg-type]
+        pipe.sadd(PREFIX + "kernels", rec.id)
+        pipe.execute()
+
+    def get(self, kid: str) -> KernelRecord | None:
+        data = self.r.hgetall(PREFIX + "k:" + kid)
+        if not data or b"status" not in data:
+            return None
+        rec = KernelRecord.from_hash(data)  # type: ignore[arg-type]
+        rec.connections = int(self.r.hlen(PREFIX + "c:" + kid))
+        return rec
+
+    def ids(self) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(PREFIX + "kernels"))  # type: ignore[union-attr]
+
+    def all(self) -> list[KernelRecord]:
+        """Every record, in creation order; drops ids whose record has gone."""
+        ids = self.ids()
+        pipe = self.r.pipeline()
+        for kid in ids:
+            pipe.hgetall(PREFIX + "k:" + kid)
+            pipe.hlen(PREFIX + "c:" + kid)
+        raw = pipe.execute()
+        out = []
+        for i, kid in enumerate(ids):
+            data, conns = raw[2 * i], raw[2 * i + 1]
+            if not data or b"status" not in data:
+                self.r.srem(PREFIX + "kernels", kid)
+                continue
+            rec = KernelRecord.from_hash(data)
+            rec.connections = int(conns)
+            out.append(rec)
+        return sorted(out, key=lambda r: r.created)
+
+    def transition(self, kid: str, new: KernelStatus, pool: str = "",
+                   **fields: Any) -> tuple[bool, str]:
+        """Move ``kid`` to ``new`` if the lifecycle allows it from its current state.
+
+        Returns (done, previous status); previous is '' when the record does not exist.
+        The change is published on the kernel's event channel in the same step.
+        """
+        allowed = ",".join(s.value for s in sources_of(new))
+        event = json.dumps({"id": kid, "status": new.value, **{k: v for k, v in fields.items()
+                                                                if k in ("reason", "generation")}})
+        ok, prev = self._transition(
+            keys=[PREFIX + "k:" + kid, PREFIX + "ev:" + kid, PREFIX + "q:" + pool, kid],
+            args=[allowed, new.value, event, *_encode_fields(fields)],
+        )
+        return bool(ok), prev.decode() if isinstance(prev, bytes) else str(prev)
+
+    def update(self, kid: str, **fields: Any) -> bool:
+        """Set fields of an existing record; returns False if it is gone."""
+        return bool(self._update(keys=[PREFIX + "k:" + kid], args=_encode_fields(fields)))
+
+    def get_field(self, kid: str, name: str) -> str | None:
+        v = self.r.hget(PREFIX + "k:" + kid, name)
+        return v.decode() if isinstance(v, bytes) else None
+
+    def delete(self, kid: str, pool: str = "") -> None:
+        """Remove a record and everything keyed by it, and tell listeners."""
+        pipe = self.r.pipeline()
+        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
+        pipe.srem(PREFIX + "kernels", kid)
+        if pool:
+            pipe.zrem(PREFIX + "q:" + pool, kid)
+        pipe.publish(PREFIX + "ev:" + kid, json.dumps({"id": kid, "status": "DELETED"}))
+        pipe.execute()
+
+    def expire_failed(self, kid: str) -> None:
+        """Keep a FAILED record readable for a while, then let it go."""
+        self.r.expire(PREFIX + "k:" + kid, FAILED_RETENTION)
+
+    def publish(self, kid: str, event: dict[str, Any]) -> None:
+        self.r.publish(PREFIX + "ev:" + kid, json.dumps({"id": kid, **event}))
+
+    # -- connection info ------------------------------------------------------------------
+
+    def set_connection(self, kid: str, conn: ConnectionInfo, **fields: Any) -> bool:
+        data = conn.to_dict()
+        if self._fernet is not None:
+            data["key"] = "enc:" + self._fernet.encrypt(conn.key.encode()).decode()
+        return self.update(kid, conn=data, **fields)
+
+    def connection(self, kid: str) -> ConnectionInfo | None:
+        raw = self.get_field(kid, "conn")
+        if not raw:
+            return None
+        data = json.loads(raw)
+        key = str(data.get("key", ""))
+        if key.startswith("enc:"):
+            if self._fernet is None:
+                raise RuntimeError("the registry holds encrypted keys but no registry secret is set")
+            data["key"] = self._fernet.decrypt(key[4:].encode()).decode()
+        return ConnectionInfo.from_dict(data)
+
+    # -- queue positions ------------------------------------------------------------------
+
+    def queue_position(self, pool: str, kid: str) -> int | None:
+        """1 for the next launch to be taken, None when not waiting."""
+        rank = self.r.zrank(PREFIX + "q:" + pool, kid)
+        return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
+
+    def waiting(self, pool: str) -> int:
+        return int(self.r.zcard(PREFIX + "q:" + pool))  # type: ignore[arg-type]
+
+    # -- heartbeats and connections -------------------------------------------------------
+
+    def heartbeat(self, kid: str, worker: str, ttl: float) -> None:
+        self.r.set(PREFIX + "hb:" + kid, worker, px=int(ttl * 1000))
+
+    def heartbeat_alive(self, kid: str) -> bool:
+        return bool(self.r.exists(PREFIX + "hb:" + kid))
+
+    def add_connection(self, kid: str, conn_id: str) -> None:
+        self.r.hset(PREFIX + "c:" + kid, conn_id, str(time.time()))
+
+    def remove_connection(self, kid: str, conn_id: str) -> None:
+        self.r.hdel(PREFIX + "c:" + kid, conn_id)
+
+    def worker_heartbeat(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        self.r.set(PREFIX + "w:" + name, json.dumps(info), px=int(ttl * 1000))
+
+    def workers(self) -> list[dict[str, Any]]:
+        keys = list(self.r.scan_iter(PREFIX + "w:*", count=500))
+        if not keys:
+            return []
+        return [json.loads(v) for v in self.r.mget(keys) if v]  # type: ignore[union-attr]
+
+    def worker_gone(self, name: str) -> None:
+        self.r.delete(PREFIX + "w:" + name)
+
+    # -- sessions (/api/sessions) ---------------------------------------------------------
+
+    def save_session(self, sid: str, data: dict[str, Any]) -> None:
+        self.r.set(PREFIX + "s:" + sid, json.dumps(data))
+
+    def session(self, sid: str) -> dict[str, Any] | None:
+        raw = self.r.get(PREFIX + "s:" + sid)
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        keys = list(self.r.scan_iter(PREFIX + "s:*", count=500))
+        if not keys:
+            return []
+        return [json.loads(v) for v in self.r.mget(keys) if v]  # type: ignore[union-attr]
+
+    def delete_session(self, sid: str) -> None:
+        self.r.delete(PREFIX + "s:" + sid)
+
+    def pubsub(self) -> redis.client.PubSub:
+        return self.r.pubsub(ignore_subscribe_messages=True)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())

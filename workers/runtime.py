@@ -1,0 +1,141 @@
+"""What one worker process holds: its launchers, slots, supervisors and heartbeat.
+
+Created by the ``PoolgateStep`` consumer bootstep when the worker starts. Its slots gate the
+queue: when the last slot fills, the worker cancels its consumers so waiting launches stay in
+the broker's queue, in order, for any worker; a freed slot adds them back.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers import launchers
+from workers.config import Config
+from workers.registry import Registry
+
+if TYPE_CHECKING:
+    from workers.launchers.base import Launcher
+    from workers.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+WORKER_TTL = 10.0
+
+
+class Runtime:
+    """The per-process state of a pool worker."""
+
+    def __init__(self, config: Config, name: str, queues: list[str], slots: int,
+                 runtime_dir: str) -> None:
+        self.config = config
+        self.name = name
+        self.queues = queues
+        self.pools = [p.name for p in config.pools.values() if p.queue in queues]
+        self.slots = slots
+        self.runtime_dir = runtime_dir
+        self.registry = Registry(config.registry_url, config.registry_secret)
+        self.supervisors: dict[str, Supervisor] = {}
+        self.shutting_down = threading.Event()
+        self._launchers: dict[str, Launcher] = {}
+        self._lock = threading.Lock()
+        self.used = 0
+        self.consumer: Any = None
+        self._paused = False
+        self._beat: threading.Thread | None = None
+
+    def launcher(self, pool: str) -> Launcher:
+        with self._lock:
+            if pool not in self._launchers:
+                folder = Path(self.runtime_dir) / pool
+                folder.mkdir(parents=True, exist_ok=True)
+                self._launchers[pool] = launchers.create(self.config.pools[pool], str(folder))
+            return self._launchers[pool]
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def take_slot(self) -> None:
+        with self._lock:
+            self.used += 1
+            full = self.used >= self.slots and not self._paused
+            if full:
+                self._paused = True
+        if full:
+            log.info("Worker %s: all %d slots in use; not taking launches", self.name, self.slots)
+            self._call_consumer("cancel")
+        self.beat()
+
+    def release_slot(self) -> None:
+        with self._lock:
+            self.used -= 1
+            resume = self._paused and self.used < self.slots and not self.shutting_down.is_set()
+            if resume:
+                self._paused = False
+        if resume:
+            log.info("Worker %s: a slot is free; taking launches again", self.name)
+            self._call_consumer("add")
+        self.beat()
+
+    def _call_consumer(self, what: str) -> None:
+        c = self.consumer
+        if c is None:
+            return
+        for q in self.queues:
+            if what == "cancel":
+                c.call_soon(c.cancel_task_queue, q)
+            else:
+                c.call_soon(c.add_task_queue, q)
+
+    # -- heartbeat ------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "host": socket.gethostname(), "pools": self.pools,
+                "queues": self.queues, "slots": self.slots, "used": self.used,
+                "accepting": not self._paused and not self.shutting_down.is_set(),
+                "kernels": sorted(self.supervisors), "time": time.time()}
+
+    def beat(self) -> None:
+        try:
+            self.registry.worker_heartbeat(self.name, self.info(), WORKER_TTL)
+        except Exception:
+            log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
+
+    def start(self) -> None:
+        from workers.supervisor import reap_orphans
+
+        reaped = reap_orphans(self)
+        if reaped:
+            log.warning("Worker %s: stopped %d kernels left from before a restart", self.name, reaped)
+        self.beat()
+
+        def loop() -> None:
+            while not self.shutting_down.wait(WORKER_TTL / 3):
+                self.beat()
+
+        self._beat = threading.Thread(target=loop, name="poolgate-heartbeat", daemon=True)
+        self._beat.start()
+
+    def command(self, kernel_id: str, action: str) -> dict[str, Any]:
+        sup = self.supervisors.get(kernel_id)
+        if sup is None:
+            return {"ok": False, "error": "kernel_not_found",
+                    "message": f"worker {self.name} does not host kernel {kernel_id}"}
+        sup.command(action)
+        return {"ok": True}
+
+    def shutdown(self) -> None:
+        """Stop every kernel this worker hosts (the worker is going away)."""
+        if self.shutting_down.is_set():
+            return
+        self.shutting_down.set()
+        for sup in list(self.supervisors.values()):
+            sup.command("shutdown-worker")
+        deadline = time.monotonic() + 15
+        while self.supervisors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            self.registry.worker_gone(self.name)
+        except Exception:
+            pass

@@ -1,0 +1,333 @@
+"""The supervisor: what the ``kernels.host`` task does for the whole life of one kernel.
+
+It claims the launch (QUEUED → STARTING, which also rejects a duplicate delivery), launches
+through the pool's launcher, publishes RUNNING, then watches: the kernel's iopub (execution
+state and activity), its liveness, the registry's target, and commands from the worker's
+control thread. A kernel that dies on its own is restarted under the same id; when it ends for
+good, everything the launch created is cleaned up and the task returns the reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from workers import jmsg
+from workers.errors import GatewayError, LaunchRejected
+from workers.protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
+from workers.registry import KernelRecord, now_iso
+
+if TYPE_CHECKING:
+    from workers.launchers.base import Launcher
+    from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+S = KernelStatus
+STABLE_AFTER = 30.0  # a kernel that lived this long resets the count of quick deaths
+
+
+class Stop(Exception):
+    """Raised inside the loop when the kernel must end; carries the reason."""
+
+    def __init__(self, reason: str, status: KernelStatus = S.STOPPED) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class Supervisor:
+    """Launches one kernel and looks after it until it ends."""
+
+    def __init__(self, runtime: Runtime, kernel_id: str, pool: str, task: Any = None) -> None:
+        self.rt = runtime
+        self.reg = runtime.registry
+        self.kid = kernel_id
+        self.pool = runtime.config.pools[pool]
+        self.launcher: Launcher = runtime.launcher(pool)
+        self.task = task
+        self.commands: queue.Queue[str] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        self.handle: KernelHandle | None = None
+        self.req: LaunchRequest | None = None
+        self.generation = 0
+        self.quick_deaths = 0
+        self.started_at = 0.0
+        self.iopub: zmq.Socket[bytes] | None = None
+        self.record: KernelRecord | None = None
+
+    # -- called from the worker's control thread ------------------------------------------
+
+    def command(self, action: str) -> None:
+        """Queue a command for the supervisor thread and wake it."""
+        if action == "interrupt" and self.handle is not None:
+            self.launcher.send_signal(self.handle, signal.SIGINT)  # instant, safe from any thread
+            return
+        self.commands.put(action)
+        os.write(self._wake_w, b"x")
+
+    # -- the task body --------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.time()
+        ok, prev = self.reg.transition(self.kid, S.STARTING, pool=self.pool.name,
+                                       worker=self.rt.name, taken=t0)
+        if not ok:
+            why = f"it was {prev}" if prev else "it was withdrawn"
+            log.info("Kernel %s: launch not taken (%s)", self.kid, why)
+            return {"kernel_id": self.kid, "status": "SKIPPED", "reason": f"not launched: {why}"}
+        self.record = self.reg.get(self.kid)
+        if self.record is None:
+            return {"kernel_id": self.kid, "status": "SKIPPED", "reason": "record vanished"}
+        self.req = LaunchRequest.from_dict(self.record.request)
+        self.rt.supervisors[self.kid] = self
+        self.rt.take_slot()
+        status, reason = S.STOPPED, "shut down"
+        try:
+            self._launch(first=True)
+            self._loop()
+        except Stop as stop:
+            status, reason = stop.status, stop.reason
+        except Exception as exc:  # a bug or a backend failure: the kernel must not leak
+            log.exception("Kernel %s: supervisor failed", self.kid)
+            status, reason = S.FAILED, f"supervisor error: {exc}"
+        finally:
+            self._finish(status, reason)
+            self.rt.supervisors.pop(self.kid, None)
+            self.rt.release_slot()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return {"kernel_id": self.kid, "status": status.value, "reason": reason,
+                "pool": self.pool.name, "lifetime": round(time.time() - t0, 3)}
+
+    # -- launching ------------------------------------------------------------------------
+
+    def _launch(self, first: bool) -> None:
+        assert self.req is not None
+        previous = None if first else self.handle
+        t0 = time.time()
+        log.info("Launching kernel %s (%s) on pool %s", self.kid, self.req.spec_name, self.pool.name)
+        try:
+            for handle in self.launcher.launch(self.req, previous):
+                self.handle = handle
+                self.reg.update(self.kid, handle=handle.to_dict(), host=handle.host)
+                if self._target() == "STOPPED":
+                    raise Stop("shut down while starting")
+        except Stop:
+            raise
+        except GatewayError as exc:
+            raise Stop(self._explain(exc.message), S.FAILED) from exc
+        except Exception as exc:
+            log.warning("Kernel %s: launch failed", self.kid, exc_info=True)
+            raise Stop(self._explain(f"launch failed: {exc}"), S.FAILED) from exc
+        assert self.handle is not None and self.handle.connection is not None
+        self.started_at = time.time()
+        self._watch_iopub(self.handle.connection)
+        timing = dict(self.record.timing if self.record else {})
+        timing.update(launch=round(self.started_at - t0, 4))
+        ok, prev = self.reg.transition(
+            self.kid, S.RUNNING, pool=self.pool.name, generation=self.generation,
+            execution_state="idle", last_activity=now_iso(), timing=timing, reason="")
+        if not ok:
+            raise Stop(f"the record moved to {prev or 'deleted'} while starting")
+        self.reg.set_connection(self.kid, self.handle.connection)
+        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
+        log.info("Kernel %s running on %s after %.2fs", self.kid, self.handle.host, self.started_at - t0)
+        if self.task is not None and first:
+            meta = {"kernel_id": self.kid, "pool": self.pool.name, "host": self.handle.host,
+                    "worker": self.rt.name, "user": self.req.user}
+            self.task.update_state(state="RUNNING", meta=meta)
+            self.task.send_event("task-running", **meta)
+
+    def _explain(self, message: str) -> str:
+        detail = self.launcher.failure_detail(self.handle) if self.handle else ""
+        return f"{message}\n--- kernel output (last lines) ---\n{detail}" if detail else message
+
+    def _watch_iopub(self, conn: ConnectionInfo) -> None:
+        if self.iopub is not None:
+            self.iopub.close(linger=0)
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.linger = 0
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(conn.url("iopub"))
+        self.iopub = sock
+
+    # -- supervising ----------------------------------------------------------------------
+
+    def _target(self) -> str | None:
+        return self.reg.get_field(self.kid, "target")
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        assert self.iopub is not None
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.iopub, zmq.POLLIN)
+        iopub = self.iopub
+        next_tick = 0.0
+        last_activity_write = 0.0
+        tick = min(1.0, self.pool.heartbeat_ttl / 3)
+        while True:
+            if self.iopub is not iopub:  # reconnected after a restart on new ports
+                poller.unregister(iopub)
+                iopub = self.iopub
+                poller.register(iopub, zmq.POLLIN)
+            events = dict(poller.poll(timeout=tick * 1000))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+                while not self.commands.empty():
+                    self._obey(self.commands.get_nowait())
+            if iopub in events:
+                last_activity_write = self._drain_iopub(iopub, last_activity_write)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + tick
+                self._tick()
+
+    def _drain_iopub(self, sock: zmq.Socket[bytes], last_write: float) -> float:
+        state = None
+        for _ in range(1000):
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                parts, _ = jmsg.split(msg)
+                if b'"status"' in parts[0]:
+                    content = json.loads(parts[3])
+                    state = content.get("execution_state", state)
+            except (ValueError, IndexError):
+                continue
+        now = time.monotonic()
+        if state is not None:
+            self.reg.update(self.kid, execution_state=state, last_activity=now_iso())
+            return now
+        if now - last_write > 1.0:
+            self.reg.update(self.kid, last_activity=now_iso())
+            return now
+        return last_write
+
+    def _tick(self) -> None:
+        assert self.handle is not None
+        if self.rt.shutting_down.is_set():
+            raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
+        target = self._target()
+        if target is None:
+            self._restore_record()
+        elif target == "STOPPED":
+            raise Stop("shut down")
+        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
+        died = self.launcher.poll(self.handle)
+        if died is not None:
+            self._auto_restart(died)
+
+    def _restore_record(self) -> None:
+        """The registry lost this kernel's record (a Redis that keeps nothing): write it again."""
+        if self.record is None or self.handle is None or self.handle.connection is None:
+            return
+        log.warning("Kernel %s: record missing from the registry; restoring it", self.kid)
+        self.record.status = S.RUNNING
+        self.record.target = "RUNNING"
+        self.record.handle = self.handle.to_dict()
+        self.record.generation = self.generation
+        self.reg.restore(self.record)
+        self.reg.set_connection(self.kid, self.handle.connection)
+
+    def _obey(self, action: str) -> None:
+        if action == "stop":
+            if self._target() in ("STOPPED", None):
+                raise Stop("shut down")
+        elif action == "restart":
+            self._restart("restart requested")
+        elif action == "shutdown-worker":
+            raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
+
+    def _auto_restart(self, died: str) -> None:
+        assert self.handle is not None
+        lived = time.time() - self.started_at
+        self.quick_deaths = 0 if lived > STABLE_AFTER else self.quick_deaths + 1
+        if self.quick_deaths > self.pool.max_restarts:
+            raise Stop(self._explain(f"the kernel died {self.quick_deaths} times in a row "
+                                     f"({died}); not restarting it again"), S.FAILED)
+        log.warning("Kernel %s died (%s); restarting it (%d of %d)", self.kid, died,
+                    self.quick_deaths, self.pool.max_restarts)
+        self._restart(f"the kernel died ({died}); restarted", graceful=False)
+
+    def _restart(self, reason: str, graceful: bool = True) -> None:
+        assert self.handle is not None
+        ok, prev = self.reg.transition(self.kid, S.RESTARTING, pool=self.pool.name,
+                                       execution_state="restarting", reason=reason)
+        if not ok:
+            return
+        if graceful:
+            self._ask_shutdown(restart=True)
+        self.launcher.stop(self.handle, grace=1.0 if graceful else 0)
+        self.generation += 1
+        self._launch(first=False)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _ask_shutdown(self, restart: bool = False) -> None:
+        """shutdown_request on the control channel: the kernel's own way to end."""
+        conn = self.handle.connection if self.handle else None
+        if conn is None or self.launcher.poll(self.handle) is not None:  # type: ignore[arg-type]
+            return
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(conn.url("control"))
+            _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme),
+                                   "shutdown_request", {"restart": restart}, jmsg.session_id())
+            sock.send_multipart(frames)
+            sock.poll(1000)
+        finally:
+            sock.close()
+
+    def _finish(self, status: KernelStatus, reason: str) -> None:
+        if self.iopub is not None:
+            self.iopub.close(linger=0)
+        if self.handle is not None:
+            self.reg.transition(self.kid, S.STOPPING, pool=self.pool.name)
+            try:
+                self._ask_shutdown()
+                self.launcher.stop(self.handle, grace=2.0)
+            except Exception:
+                log.exception("Kernel %s: cleanup failed; an operator should check %s",
+                              self.kid, self.handle.to_dict())
+        if status is S.FAILED:
+            log.warning("Kernel %s on pool %s failed: %s", self.kid, self.pool.name, reason)
+            self.reg.transition(self.kid, S.FAILED, pool=self.pool.name, reason=reason,
+                                execution_state="dead")
+            self.reg.expire_failed(self.kid)
+        else:
+            log.info("Kernel %s on pool %s stopped: %s", self.kid, self.pool.name, reason)
+            self.reg.transition(self.kid, S.STOPPED, pool=self.pool.name, reason=reason)
+            self.reg.delete(self.kid, self.pool.name)
+
+
+def reap_orphans(runtime: Runtime) -> int:
+    """Kill what is still recorded under this worker's name from an earlier life of it."""
+    count = 0
+    for rec in runtime.registry.all():
+        if rec.worker != runtime.name or not rec.status.live or rec.id in runtime.supervisors:
+            continue
+        reason = f"worker {runtime.name} restarted; its earlier kernels were stopped"
+        if rec.handle and rec.pool in runtime.config.pools:
+            handle = KernelHandle.from_dict(rec.handle)
+            try:
+                runtime.launcher(rec.pool).stop(handle, grace=0)
+            except Exception:
+                log.exception("Kernel %s: could not stop orphan %s", rec.id, rec.handle)
+        runtime.registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
+                                    execution_state="dead")
+        runtime.registry.expire_failed(rec.id)
+        log.warning("Kernel %s: %s", rec.id, reason)
+        count += 1
+    return count
+
+
+__all__ = ["Supervisor", "reap_orphans", "Stop", "LaunchRejected"]
