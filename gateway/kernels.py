@@ -202,7 +202,8 @@ class KernelService:
                     raise LaunchRejected(f"kernel {kid} was shut down while it was starting")
                 if rec.status is S.RUNNING:
                     return self.model(rec)
-                if rec.status is S.FAILED:
+                if rec.status is S.FAILED:  # the client never had this kernel: forget it
+                    self.registry.delete(kid, pool.name)
                     raise LaunchRejected(f"kernel {kid} failed to start on pool {pool.name}: "
                                          f"{rec.reason}")
             if time.time() >= deadline:

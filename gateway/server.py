@@ -45,7 +45,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "keepalive": 75,
             "accesslog": None,
             "loglevel": "warning",
-            "worker_connections": threads,
+            "worker_connections": threads * 2,  # gthread keeps alive only beyond `threads`
         }
         super().__init__()
 

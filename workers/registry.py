@@ -220,9 +220,14 @@ class Registry:
         return v.decode() if isinstance(v, bytes) else None
 
     def delete(self, kid: str, pool: str = "") -> None:
-        """Remove a record and everything keyed by it, and tell listeners."""
+        """Remove a record and everything keyed by it, and tell listeners.
+
+        A tombstone remembers the deletion for a while, so a supervisor can tell a kernel
+        that was shut down from a record a restarted (empty) Redis lost.
+        """
         pipe = self.r.pipeline()
         pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
+        pipe.set(PREFIX + "gone:" + kid, "1", ex=FAILED_RETENTION)
         pipe.srem(PREFIX + "kernels", kid)
         if pool:
             pipe.zrem(PREFIX + "q:" + pool, kid)
@@ -270,6 +275,21 @@ class Registry:
 
     def heartbeat(self, kid: str, worker: str, ttl: float) -> None:
         self.r.set(PREFIX + "hb:" + kid, worker, px=int(ttl * 1000))
+
+    def heartbeats(self, beats: dict[str, float], worker: str) -> None:
+        """Refresh the heartbeats of many kernels (id → TTL) in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for kid, ttl in beats.items():
+            pipe.set(PREFIX + "hb:" + kid, worker, px=int(ttl * 1000))
+        pipe.execute()
+
+    def deleted(self, kid: str) -> bool:
+        """True if the record was deleted on purpose (not lost with the registry's data)."""
+        return bool(self.r.exists(PREFIX + "gone:" + kid))
+
+    def status_and_target(self, kid: str) -> tuple[str | None, str | None]:
+        status, target = self.r.hmget(PREFIX + "k:" + kid, ["status", "target"])  # type: ignore[misc]
+        return (status.decode() if status else None, target.decode() if target else None)
 
     def heartbeat_alive(self, kid: str) -> bool:
         return bool(self.r.exists(PREFIX + "hb:" + kid))

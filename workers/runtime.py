@@ -111,8 +111,21 @@ class Runtime:
         self.beat()
 
         def loop() -> None:
-            while not self.shutting_down.wait(WORKER_TTL / 3):
-                self.beat()
+            # Kernel heartbeats come from this thread, not from the supervisors, so a kernel
+            # that takes long to restart is not mistaken for one whose worker died.
+            period = min([WORKER_TTL / 3] + [p.heartbeat_ttl / 3 for p in self.config.pools.values()])
+            last_worker_beat = 0.0
+            while not self.shutting_down.wait(period):
+                try:
+                    beats = {kid: sup.pool.heartbeat_ttl for kid, sup in list(self.supervisors.items())
+                             if sup.beating}
+                    if beats:
+                        self.registry.heartbeats(beats, self.name)
+                except Exception:
+                    log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
+                if time.monotonic() - last_worker_beat >= WORKER_TTL / 3:
+                    last_worker_beat = time.monotonic()
+                    self.beat()
 
         self._beat = threading.Thread(target=loop, name="poolgate-heartbeat", daemon=True)
         self._beat.start()

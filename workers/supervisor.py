@@ -60,6 +60,7 @@ class Supervisor:
         self.started_at = 0.0
         self.iopub: zmq.Socket[bytes] | None = None
         self.record: KernelRecord | None = None
+        self.beating = False  # the worker's heartbeat thread refreshes this kernel's heartbeat
 
     # -- called from the worker's control thread ------------------------------------------
 
@@ -137,6 +138,7 @@ class Supervisor:
             raise Stop(f"the record moved to {prev or 'deleted'} while starting")
         self.reg.set_connection(self.kid, self.handle.connection)
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
+        self.beating = True
         log.info("Kernel %s running on %s after %.2fs", self.kid, self.handle.host, self.started_at - t0)
         if self.task is not None and first:
             meta = {"kernel_id": self.kid, "pool": self.pool.name, "host": self.handle.host,
@@ -215,12 +217,15 @@ class Supervisor:
         assert self.handle is not None
         if self.rt.shutting_down.is_set():
             raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
-        target = self._target()
-        if target is None:
+        status, target = self.reg.status_and_target(self.kid)
+        if status is None:
+            if self.reg.deleted(self.kid):
+                raise Stop("shut down (its record was deleted)")
             self._restore_record()
+        elif status == "FAILED":
+            raise Stop("declared dead by a gateway (no heartbeat)", S.FAILED)
         elif target == "STOPPED":
             raise Stop("shut down")
-        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         died = self.launcher.poll(self.handle)
         if died is not None:
             self._auto_restart(died)

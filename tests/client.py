@@ -1,0 +1,156 @@
+"""A small, independent gateway client for the tests: REST with requests, WebSocket with
+websocket-client, speaking the legacy Jupyter protocol the way Jupyter Server's gateway client does.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+import websocket
+
+
+@dataclass
+class Result:
+    reply: dict[str, Any] = field(default_factory=dict)
+    stdout: str = ""
+    stderr: str = ""
+    result: str = ""
+    error: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return str(self.reply.get("status", ""))
+
+
+class Channel:
+    """One WebSocket on /api/kernels/<id>/channels."""
+
+    def __init__(self, base: str, kid: str, session: str | None = None, token: str = "",
+                 subprotocol: str | None = None, timeout: float = 30) -> None:
+        self.session = session or uuid.uuid4().hex
+        url = base.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels?session_id={self.session}"
+        headers = [f"Authorization: token {token}"] if token else []
+        self.ws = websocket.create_connection(url, timeout=timeout, header=headers,
+                                              subprotocols=[subprotocol] if subprotocol else None)
+        self.other: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
+        mid = uuid.uuid4().hex
+        self.ws.send(json.dumps({
+            "header": {"msg_id": mid, "msg_type": msg_type, "username": "test",
+                       "session": self.session, "date": "2026-01-01T00:00:00.000000Z",
+                       "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "content": content, "channel": channel,
+            "buffers": []}))
+        return mid
+
+    def recv(self, timeout: float = 30) -> dict[str, Any]:
+        self.ws.settimeout(timeout)
+        frame = self.ws.recv()
+        if isinstance(frame, bytes):
+            import struct
+            n = struct.unpack("!I", frame[:4])[0]
+            offs = struct.unpack("!" + "I" * n, frame[4:4 * (n + 1)])
+            msg = json.loads(frame[offs[0]:offs[1] if n > 1 else None])
+            msg["buffers"] = [frame[a:b] for a, b in zip(offs[1:], list(offs[2:]) + [len(frame)])]
+            return msg
+        return json.loads(frame)  # type: ignore[no-any-return]
+
+    def execute(self, code: str, timeout: float = 60, stdin: str | None = None) -> Result:
+        mid = self.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                            "user_expressions": {}, "allow_stdin": stdin is not None,
+                                            "stop_on_error": True})
+        return self.collect(mid, timeout, stdin)
+
+    def collect(self, mid: str, timeout: float = 60, stdin: str | None = None) -> Result:
+        res = Result()
+        idle = False
+        deadline = time.monotonic() + timeout
+        while not (res.reply and idle):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply/idle for {mid}: {res}")
+            msg = self.recv(left)
+            if msg.get("parent_header", {}).get("msg_id") != mid:
+                self.other.append(msg)
+                continue
+            res.messages.append(msg)
+            t, c = msg["msg_type"], msg["content"]
+            if t == "stream":
+                if c["name"] == "stdout":
+                    res.stdout += c["text"]
+                else:
+                    res.stderr += c["text"]
+            elif t == "execute_result":
+                res.result = c["data"].get("text/plain", "")
+            elif t == "error":
+                res.error = c
+            elif t == "input_request":
+                self.ws.send(json.dumps({
+                    "header": {"msg_id": uuid.uuid4().hex, "msg_type": "input_reply",
+                               "username": "test", "session": self.session,
+                               "date": "2026-01-01T00:00:00Z", "version": "5.3"},
+                    "parent_header": msg["header"], "metadata": {},
+                    "content": {"value": stdin or ""}, "channel": "stdin", "buffers": []}))
+            elif t.endswith("_reply") and msg.get("channel") in ("shell", "control"):
+                res.reply = c
+            elif t == "status" and c["execution_state"] == "idle":
+                idle = True
+        return res
+
+
+class Gateway:
+    """REST calls against one gateway."""
+
+    def __init__(self, base: str, token: str = "") -> None:
+        self.base = base.rstrip("/")
+        self.s = requests.Session()
+        if token:
+            self.s.headers["Authorization"] = f"token {token}"
+        self.token = token
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.s.get(self.base + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return self.s.post(self.base + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def delete(self, path: str, **kw: Any) -> requests.Response:
+        return self.s.delete(self.base + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def start(self, name: str = "python3", env: dict[str, str] | None = None) -> dict[str, Any]:
+        r = self.post("/api/kernels", json={"name": name, "env": env or {}})
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def kernels(self) -> list[dict[str, Any]]:
+        r = self.get("/api/kernels")
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def shutdown(self, kid: str) -> None:
+        r = self.delete(f"/api/kernels/{kid}")
+        assert r.status_code in (204, 404), r.text
+
+    def channel(self, kid: str, **kw: Any) -> Channel:
+        return Channel(self.base, kid, token=self.token, **kw)
+
+    def wait_state(self, kid: str, state: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        model: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            r = self.get(f"/api/kernels/{kid}")
+            if r.status_code == 200:
+                model = r.json()
+                if model["execution_state"] == state:
+                    return model
+            time.sleep(0.2)
+        raise AssertionError(f"kernel {kid} never reached {state}: {model}")

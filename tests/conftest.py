@@ -1,0 +1,272 @@
+"""Fixtures that start real pieces: Redis and RabbitMQ brokers, poolgate workers and gateways.
+
+A test that cannot reach its backend fails loudly; nothing here skips. An autouse check fails
+any test that leaves a kernel running, and the session ends by checking that no kernel
+process started by these tests is still alive.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+import yaml
+
+from tests.client import Gateway
+
+RUN_ID = uuid.uuid4().hex[:8]
+# Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3. Runs that share
+# one Redis at the same time pick different bases.
+DB_BASE = int(os.environ.get("POOLGATE_TEST_DB_BASE", "10"))
+REDIS = "redis://127.0.0.1:6379"
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+HERE = Path(__file__).parent
+STACKS: list[Stack] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need_redis() -> None:
+    try:
+        redis.Redis.from_url(REDIS).ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not running on 127.0.0.1:6379 ({exc}); .ci/run starts it")
+
+
+def need_rabbitmq() -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=3):
+            pass
+    except OSError as exc:
+        pytest.fail(f"RabbitMQ is not running on 127.0.0.1:5672 ({exc}); .ci/run starts it")
+
+
+def write_specs(folder: Path) -> Path:
+    """Test kernelspecs: one per pool, one that fails to start, one message-mode interrupt."""
+    specs = {
+        "tiny-py": {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": "tiny", "language": "python",
+                    "metadata": {"poolgate": {"pool": "tiny"}}},
+        "broken": {"argv": ["python", "-c", "import sys; sys.stderr.write('boom: no such module "
+                            "frobnicate\\n'); sys.exit(3)", "{connection_file}"],
+                   "display_name": "broken", "language": "python"},
+        "msgint": {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                   "display_name": "message interrupt", "language": "python",
+                   "interrupt_mode": "message"},
+        "eg-local": {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                     "display_name": "EG local", "language": "python",
+                     "metadata": {"process_proxy": {"class_name": "enterprise_gateway.services."
+                                  "processproxies.processproxy.LocalProcessProxy"}}},
+    }
+    import json
+
+    for name, spec in specs.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "kernel.json").write_text(json.dumps(spec))
+    return folder
+
+
+class Stack:
+    """A gateway and workers on one broker, each a real process, sharing one Redis DB."""
+
+    def __init__(self, tmp: Path, broker: str, db: int, slots: int = 4, ttl: float = 3.0,
+                 pools: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None) -> None:
+        self.tmp = tmp
+        self.db = db
+        self.registry_url = f"{REDIS}/{db}"
+        self.broker = broker if broker.startswith("amqp") else f"{REDIS}/{db}"
+        tag = self.tag = f"t{RUN_ID}{db}"
+        self.pools = pools or {
+            "local": {"launcher": "local", "queue": f"{tag}-local", "slots": slots,
+                      "heartbeat_ttl": ttl, "launch_timeout": 60},
+            "tiny": {"launcher": "local", "queue": f"{tag}-tiny", "slots": 1,
+                     "heartbeat_ttl": ttl, "launch_timeout": 60},
+        }
+        cfg = {"broker_url": self.broker, "registry_url": self.registry_url,
+               "default_pool": "local", "kernelspec_dirs": [str(write_specs(tmp / "specs"))],
+               "env_allowlist": ["ALLOWED_VAR"], "pools": self.pools,
+               "gateway": {"control_timeout": 10, **(gateway or {})}}
+        self.config = tmp / "queues.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.env = dict(os.environ, POOLGATE_DATA_DIR=str(tmp / "data"),
+                        POOLGATE_TEST_RUN=RUN_ID, PYTHONUNBUFFERED="1")
+        self.env.pop("POOLGATE_BROKER_URL", None)
+        self.env.pop("POOLGATE_REGISTRY_URL", None)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.gateways: list[subprocess.Popen[bytes]] = []
+        self.logs = tmp / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.token = (gateway or {}).get("auth_token", "")
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "poolgate", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=self.tmp)
+
+    def start(self) -> Stack:
+        redis.Redis.from_url(self.registry_url).flushdb()
+        for pool in self.pools:
+            self.start_worker(pool)
+        self.start_gateway(self.port)
+        return self
+
+    def start_worker(self, pool: str, wait: bool = True) -> None:
+        # Worker names are unique per stack: RabbitMQ's control exchange is shared by all.
+        self.workers[pool] = self._spawn(f"worker-{pool}", [
+            "worker", "--config", str(self.config), "--pool", pool, "--log-level", "info",
+            "--name", f"{pool}-{self.tag}@%h"])
+        if wait:
+            self.wait_worker(pool)
+
+    def wait_worker(self, pool: str, timeout: float = 30) -> None:
+        r = redis.Redis.from_url(self.registry_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for key in r.scan_iter("pg:w:*"):
+                raw = r.get(key)
+                if raw and pool in yaml.safe_load(raw).get("pools", []):
+                    return
+            if self.workers[pool].poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker for {pool} did not start:\n{self.log(f'worker-{pool}')}")
+
+    def start_gateway(self, port: int) -> Gateway:
+        args = ["gateway", "--config", str(self.config), "--port", str(port), "--log-level", "info"]
+        proc = self._spawn(f"gateway-{port}", args)
+        self.gateways.append(proc)
+        gw = Gateway(f"http://127.0.0.1:{port}", self.token)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if gw.get("/api", timeout=1).status_code == 200:
+                    return gw
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"gateway did not start:\n{self.log(f'gateway-{port}')}")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text()[-4000:] if path.exists() else ""
+
+    @property
+    def gw(self) -> Gateway:
+        return Gateway(self.url, self.token)
+
+    def kill_worker(self, pool: str) -> None:
+        proc = self.workers[pool]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in [*self.gateways, *self.workers.values()]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.gateways, *self.workers.values()]:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def live_kernels(self) -> list[dict[str, Any]]:
+        return [k for k in self.gw.kernels() if k["execution_state"] != "dead"]
+
+
+@pytest.fixture(scope="session")
+def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    need_redis()
+    stack = Stack(tmp_path_factory.mktemp("redis-stack"), REDIS, db=DB_BASE + 1).start()
+    STACKS.append(stack)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    need_redis()
+    need_rabbitmq()
+    stack = Stack(tmp_path_factory.mktemp("rabbit-stack"), AMQP, db=DB_BASE + 2).start()
+    STACKS.append(stack)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The same test on a Redis broker and on a RabbitMQ broker."""
+    return request.getfixturevalue("redis_stack" if request.param == "redis" else "rabbit_stack")
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own, for tests that kill or restart its processes."""
+    need_redis()
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3).start()
+    STACKS.append(stack)
+    yield stack
+    stack.stop()
+    STACKS.remove(stack)
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_left() -> Iterator[None]:
+    """Fail a test that leaves a live kernel behind (and clean it up)."""
+    yield
+    for stack in list(STACKS):
+        if any(p.poll() is not None for p in stack.gateways[:1]):
+            continue
+        try:
+            left = stack.live_kernels()
+        except OSError:
+            continue
+        for k in left:
+            stack.gw.shutdown(k["id"])
+        assert not left, f"the test left kernels running: {left}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No kernel process started by these tests may outlive them."""
+    time.sleep(0.5)
+    left = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = p.info.get("environ") or {}
+            if env.get("POOLGATE_TEST_RUN") == RUN_ID and "ipykernel_launcher" in " ".join(
+                    p.info.get("cmdline") or []):
+                left.append(p)
+        except psutil.Error:
+            continue
+    for p in left:
+        p.kill()
+    if left:
+        print(f"\nLEAK: {len(left)} kernel processes outlived the tests: {[x.pid for x in left]}")
+        session.exitstatus = 1
+
+
+def requires(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"{binary} is not installed; .ci/run installs it")
+    return path

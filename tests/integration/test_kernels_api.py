@@ -1,0 +1,293 @@
+"""The REST API as Jupyter Server's gateway client and Enterprise Gateway's clients use it,
+on a Redis broker and on a RabbitMQ broker, with real workers and real ipykernel kernels."""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import pytest
+
+from tests.client import Gateway
+from tests.conftest import Stack
+
+
+def test_api_version_and_kernelspecs(stack: Stack) -> None:
+    gw = stack.gw
+    assert "version" in gw.get("/api").json()
+    specs = gw.get("/api/kernelspecs").json()
+    assert specs["default"] == "python3"
+    py = specs["kernelspecs"]["python3"]
+    assert py["name"] == "python3" and py["spec"]["language"] == "python"
+    assert set(py) == {"name", "spec", "resources"}
+    assert gw.get("/api/kernelspecs/python3").json()["spec"]["argv"][0] == "python"
+    logo = gw.get(py["resources"]["logo-64x64"])
+    assert logo.status_code == 200 and logo.content[:4] == b"\x89PNG"
+    for path in ("/api/kernelspecs/nope", "/kernelspecs/nope/logo-64x64.png",
+                 "/kernelspecs/python3/../../etc/passwd"):
+        r = gw.get(path)
+        assert r.status_code == 404, path
+
+
+def test_kernel_lifecycle(stack: Stack) -> None:
+    gw = stack.gw
+    r = gw.post("/api/kernels", json={"name": "python3"})
+    assert r.status_code == 201
+    model = r.json()
+    kid = model["id"]
+    try:
+        assert r.headers["Location"] == f"/api/kernels/{kid}"
+        assert set(model) >= {"id", "name", "last_activity", "execution_state", "connections"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", model["last_activity"])
+        assert model["execution_state"] == "idle" and model["connections"] == 0
+        assert kid in [k["id"] for k in gw.kernels()]
+        ch = gw.channel(kid)
+        res = ch.execute("import os; print(os.environ['KERNEL_ID']); 6*7")
+        assert res.status == "ok" and res.stdout.strip() == kid and res.result == "42"
+        assert gw.get(f"/api/kernels/{kid}").json()["connections"] == 1
+        ch.close()
+    finally:
+        assert gw.delete(f"/api/kernels/{kid}").status_code == 204
+    for method, path in (("get", ""), ("delete", ""), ("post", "/interrupt"), ("post", "/restart")):
+        r = getattr(gw, method)(f"/api/kernels/{kid}{path}")
+        assert r.status_code == 404, (method, path, r.text)
+        assert set(r.json()) == {"reason", "message"}
+    assert kid not in [k["id"] for k in gw.kernels()]
+
+
+def test_websocket_to_unknown_kernel_is_404(stack: Stack) -> None:
+    import websocket
+
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        stack.gw.channel(str(uuid.uuid4()))
+    assert info.value.status_code == 404
+
+
+BAD_BODIES = [
+    ("not json", b"{nope", {}),
+    ("array", b"[1, 2]", {}),
+    ("env not an object", b'{"name": "python3", "env": ["A"]}', {}),
+    ("env value not a string", b'{"name": "python3", "env": {"KERNEL_X": 1}}', {}),
+    ("env value too long", ('{"name": "python3", "env": {"KERNEL_X": "' + "x" * 5000 + '"}}').encode(), {}),
+    ("unknown kernelspec", b'{"name": "no-such-spec"}', {}),
+    ("launch timeout not a number", b'{"env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', {}),
+    ("kernel id not a uuid", b'{"env": {"KERNEL_ID": "abc"}}', {}),
+]
+
+
+@pytest.mark.parametrize("label,body,headers", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_a_json_4xx_and_starts_nothing(redis_stack: Stack, label: str, body: bytes,
+                                                    headers: dict[str, str]) -> None:
+    gw = redis_stack.gw
+    before = gw.kernels()
+    r = gw.post("/api/kernels", data=body, headers={"Content-Type": "application/json", **headers})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    data = r.json()
+    assert set(data) == {"reason", "message"} and data["message"]
+    assert gw.kernels() == before
+
+
+def test_post_without_content_type_is_read_as_json(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    r = gw.post("/api/kernels", data=b'{"name": "python3"}', headers={"Content-Type": ""})
+    assert r.status_code == 201, r.text
+    gw.shutdown(r.json()["id"])
+    r = gw.post("/api/kernels", data=b"")
+    assert r.status_code == 201, r.text  # an empty body starts the default kernelspec
+    assert r.json()["name"] == "python3"
+    gw.shutdown(r.json()["id"])
+
+
+def test_env_reaches_the_kernel(stack: Stack, tmp_path: object) -> None:
+    gw = stack.gw
+    wd = str(stack.tmp)
+    model = gw.start(env={"KERNEL_USERNAME": "alice", "KERNEL_WORKING_DIR": wd,
+                          "ALLOWED_VAR": "yes", "SECRET_THING": "no", "PATH_EXTRA": "x"})
+    try:
+        ch = gw.channel(model["id"])
+        res = ch.execute("import os; print(os.environ.get('KERNEL_USERNAME'), "
+                         "os.environ.get('ALLOWED_VAR'), os.environ.get('SECRET_THING'), "
+                         "os.getcwd())")
+        assert res.stdout.split() == ["alice", "yes", "None", wd]
+        ch.close()
+    finally:
+        gw.shutdown(model["id"])
+
+
+def test_interrupt_stops_a_running_cell(stack: Stack) -> None:
+    gw = stack.gw
+    kid = gw.start()["id"]
+    try:
+        ch = gw.channel(kid)
+        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): time.sleep(0.1)",
+                                          "silent": False})
+        time.sleep(1.0)
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        res = ch.collect(mid, timeout=20)
+        assert res.status == "error" and res.error and res.error["ename"] == "KeyboardInterrupt"
+        assert ch.execute("1+1").result == "2"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_message_mode_interrupt(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    kid = gw.start("msgint")["id"]
+    try:
+        ch = gw.channel(kid)
+        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): time.sleep(0.1)",
+                                          "silent": False})
+        time.sleep(1.0)
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        res = ch.collect(mid, timeout=20)
+        assert res.error and res.error["ename"] == "KeyboardInterrupt"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_restart_keeps_socket_and_loses_state(stack: Stack) -> None:
+    gw = stack.gw
+    kid = gw.start()["id"]
+    try:
+        ch = gw.channel(kid)
+        assert ch.execute("x = 5; x").result == "5"
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200 and r.json()["id"] == kid
+        states = []
+        deadline = time.monotonic() + 10
+        while "idle" not in states[states.index("restarting"):] if "restarting" in states else True:
+            msg = ch.recv(max(0.1, deadline - time.monotonic()))
+            if msg["msg_type"] == "status" and not msg["parent_header"]:
+                states.append(msg["content"]["execution_state"])
+        res = ch.execute("print('after'); 'x' in dir()")
+        assert res.stdout == "after\n" and res.result == "False"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_kernel_that_dies_is_restarted_under_the_same_id(stack: Stack) -> None:
+    gw = stack.gw
+    kid = gw.start()["id"]
+    try:
+        ch = gw.channel(kid)
+        ch.send("execute_request", {"code": "import os; os._exit(1)", "silent": False})
+        seen = []
+        deadline = time.monotonic() + 20
+        while "restarting" not in seen and time.monotonic() < deadline:
+            msg = ch.recv(deadline - time.monotonic())
+            if msg["msg_type"] == "status":
+                seen.append(msg["content"]["execution_state"])
+        assert "restarting" in seen
+        res = ch.execute("print('alive again')", timeout=30)
+        assert res.stdout == "alive again\n"
+        model = gw.get(f"/api/kernels/{kid}").json()
+        assert model["id"] == kid and model["execution_state"] in ("idle", "busy")
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_launch_failure_says_why(stack: Stack) -> None:
+    gw = stack.gw
+    r = gw.post("/api/kernels", json={"name": "broken"})
+    assert r.status_code == 500
+    assert "boom: no such module frobnicate" in r.json()["message"]
+    assert stack.live_kernels() == []
+
+
+def test_full_pool_queues_then_times_out_cleanly(stack: Stack) -> None:
+    gw = stack.gw
+    first = gw.start("tiny-py")["id"]
+    try:
+        t0 = time.monotonic()
+        r = gw.post("/api/kernels", json={"name": "tiny-py", "env": {"KERNEL_LAUNCH_TIMEOUT": "3"}})
+        assert r.status_code == 503, r.text
+        assert 2.5 < time.monotonic() - t0 < 15
+        msg = r.json()["message"]
+        assert "'tiny'" in msg and "1 slots" in msg and "0 launches were ahead" in msg
+        assert "KERNEL_LAUNCH_TIMEOUT" in msg
+        assert [k["id"] for k in gw.kernels()] == [first]
+    finally:
+        gw.shutdown(first)
+    # The withdrawn launch never appears later, even though its message was in the queue.
+    kid = gw.start("tiny-py")["id"]
+    time.sleep(1.0)
+    assert [k["id"] for k in gw.kernels()] == [kid]
+    gw.shutdown(kid)
+
+
+def test_waiting_launch_starts_when_a_slot_frees(redis_stack: Stack) -> None:
+    import threading
+
+    gw = redis_stack.gw
+    first = gw.start("tiny-py")["id"]
+    out: dict[str, object] = {}
+    t = threading.Thread(target=lambda: out.update(r=gw.post(
+        "/api/kernels", json={"name": "tiny-py"})))
+    t.start()
+    time.sleep(1.5)
+    waiting = [k for k in gw.kernels() if k["id"] != first]
+    assert len(waiting) == 1 and waiting[0]["execution_state"] == "starting"
+    assert waiting[0]["poolgate"]["queue_position"] == 1
+    gw.shutdown(first)
+    t.join(30)
+    r = out["r"]
+    assert r.status_code == 201  # type: ignore[attr-defined]
+    gw.shutdown(r.json()["id"])  # type: ignore[attr-defined]
+
+
+def test_enterprise_gateway_kernelspec_routes_by_process_proxy(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    model = gw.start("eg-local")
+    try:
+        assert model["poolgate"]["pool"] == "local"
+    finally:
+        gw.shutdown(model["id"])
+
+
+def test_client_chosen_kernel_id(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    kid = str(uuid.uuid4())
+    assert gw.start(env={"KERNEL_ID": kid})["id"] == kid
+    r = gw.post("/api/kernels", json={"env": {"KERNEL_ID": kid}})
+    assert r.status_code == 400
+    gw.shutdown(kid)
+
+
+def test_sessions_api(stack: Stack) -> None:
+    gw = stack.gw
+    r = gw.post("/api/sessions", json={"path": "a.ipynb", "type": "notebook", "name": "a",
+                                       "kernel": {"name": "python3"}})
+    assert r.status_code == 201, r.text
+    sess = r.json()
+    kid = sess["kernel"]["id"]
+    assert sess["path"] == "a.ipynb" and sess["kernel"]["execution_state"] == "idle"
+    assert [s["id"] for s in gw.get("/api/sessions").json()] == [sess["id"]]
+    r = gw.s.patch(gw.base + f"/api/sessions/{sess['id']}", json={"path": "b.ipynb"})
+    assert r.status_code == 200 and r.json()["path"] == "b.ipynb"
+    assert gw.delete(f"/api/sessions/{sess['id']}").status_code == 204
+    assert gw.get(f"/api/sessions/{sess['id']}").status_code == 404
+    assert gw.get(f"/api/kernels/{kid}").status_code == 404
+    assert gw.post("/api/sessions", json={"kernel": {"name": "python3"}}).status_code == 400
+
+
+def test_second_gateway_serves_the_same_kernels(redis_stack: Stack) -> None:
+    from tests.conftest import free_port
+
+    gw = redis_stack.gw
+    other = redis_stack.start_gateway(free_port())
+    kid = gw.start()["id"]
+    try:
+        assert kid in [k["id"] for k in other.kernels()]
+        ch = other.channel(kid)
+        assert ch.execute("'via the other gateway'").result == "'via the other gateway'"
+        ch.close()
+    finally:
+        other.shutdown(kid)
+    assert gw.get(f"/api/kernels/{kid}").status_code == 404
+    proc = redis_stack.gateways.pop()
+    proc.terminate()
+    proc.wait(10)
