@@ -55,6 +55,8 @@ class Channel:
     def recv(self, timeout: float = 30) -> dict[str, Any]:
         self.ws.settimeout(timeout)
         frame = self.ws.recv()
+        if not frame:  # websocket-client's answer to a close frame
+            raise websocket.WebSocketConnectionClosedException("the gateway closed the socket")
         if isinstance(frame, bytes):
             import struct
             n = struct.unpack("!I", frame[:4])[0]

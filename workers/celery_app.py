@@ -69,6 +69,8 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
     app.steps["consumer"].add(PoolgateStep)
     control_command(name="poolgate_kernel", args=[("kernel_id", str), ("action", str)],
                     signature="<kernel_id> <action>")(_kernel_command)
+    control_command(name="poolgate_drain", args=[("pool", str), ("resume", bool)],
+                    signature="<pool> [resume]")(_drain_command)
     return app
 
 
@@ -78,6 +80,15 @@ def _kernel_command(state: Any, kernel_id: str, action: str) -> dict[str, Any]:
     if runtime is None:
         return {"ok": False, "error": "backend_unavailable", "message": "worker not ready"}
     result: dict[str, Any] = runtime.command(kernel_id, action)
+    return result
+
+
+def _drain_command(state: Any, pool: str, resume: bool = False) -> dict[str, Any]:
+    """Remote control: stop (or resume) taking launches of ``pool`` on this worker."""
+    runtime = getattr(state.consumer.app, "poolgate_runtime", None)
+    if runtime is None:
+        return {"ok": False, "error": "backend_unavailable", "message": "worker not ready"}
+    result: dict[str, Any] = runtime.drain(pool, on=not resume)
     return result
 
 

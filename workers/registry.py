@@ -203,8 +203,8 @@ class Registry:
         The change is published on the kernel's event channel in the same step.
         """
         allowed = ",".join(s.value for s in sources_of(new))
-        event = json.dumps({"id": kid, "status": new.value, **{k: v for k, v in fields.items()
-                                                                if k in ("reason", "generation")}})
+        event = json.dumps({"id": kid, "status": new.value, "pool": pool,
+                            **{k: v for k, v in fields.items() if k in ("reason", "generation")}})
         ok, prev = self._transition(
             keys=[PREFIX + "k:" + kid, PREFIX + "ev:" + kid, PREFIX + "q:" + pool, kid],
             args=[allowed, new.value, event, *_encode_fields(fields)],
@@ -270,6 +270,11 @@ class Registry:
 
     def waiting(self, pool: str) -> int:
         return int(self.r.zcard(PREFIX + "q:" + pool))  # type: ignore[arg-type]
+
+    def queued(self, pool: str) -> list[str]:
+        """The ids of the launches waiting in the pool's queue, the next one first."""
+        members = self.r.zrange(PREFIX + "q:" + pool, 0, -1)
+        return [m.decode() for m in members]  # type: ignore[union-attr]
 
     # -- heartbeats and connections -------------------------------------------------------
 

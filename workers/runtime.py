@@ -44,6 +44,7 @@ class Runtime:
         self.used = 0
         self.consumer: Any = None
         self._paused = False
+        self.drained: set[str] = set()  # queues an operator drained: never re-added on their own
         self._beat: threading.Thread | None = None
 
     def launcher(self, pool: str) -> Launcher:
@@ -83,6 +84,8 @@ class Runtime:
         if c is None:
             return
         for q in self.queues:
+            if what == "add" and q in self.drained:
+                continue
             if what == "cancel":
                 c.call_soon(c.cancel_task_queue, q)
             else:
@@ -94,6 +97,7 @@ class Runtime:
         return {"name": self.name, "host": socket.gethostname(), "pools": self.pools,
                 "queues": self.queues, "slots": self.slots, "used": self.used,
                 "accepting": not self._paused and not self.shutting_down.is_set(),
+                "draining": [p for p in self.pools if self.config.pools[p].queue in self.drained],
                 "kernels": sorted(self.supervisors), "time": time.time()}
 
     def beat(self) -> None:
@@ -137,6 +141,28 @@ class Runtime:
                     "message": f"worker {self.name} does not host kernel {kernel_id}"}
         sup.command(action)
         return {"ok": True}
+
+    def drain(self, pool: str, on: bool = True) -> dict[str, Any]:
+        """Stop (``on``) or resume taking launches of ``pool``; running kernels are not touched.
+
+        Called by the ``poolgate_drain`` control command in the worker's main thread. A drained
+        queue stays cancelled when a slot frees, until it is resumed.
+        """
+        if pool not in self.pools:
+            return {"ok": False, "error": "unknown_pool",
+                    "message": f"worker {self.name} does not serve pool {pool!r}"}
+        queue = self.config.pools[pool].queue
+        with self._lock:
+            (self.drained.add if on else self.drained.discard)(queue)
+            paused = self._paused
+        c = self.consumer
+        if c is not None and (on or not paused):
+            c.call_soon(c.cancel_task_queue if on else c.add_task_queue, queue)
+        log.info("Worker %s: %s pool %s (%d kernels running)", self.name,
+                 "draining" if on else "resuming", pool, len(self.supervisors))
+        self.beat()
+        return {"ok": True, "worker": self.name, "pool": pool, "draining": on,
+                "kernels": len(self.supervisors)}
 
     def shutdown(self) -> None:
         """Stop every kernel this worker hosts (the worker is going away)."""

@@ -318,7 +318,9 @@ def reap_orphans(runtime: Runtime) -> int:
     """Kill what is still recorded under this worker's name from an earlier life of it."""
     count = 0
     for rec in runtime.registry.all():
-        if rec.worker != runtime.name or not rec.status.live or rec.id in runtime.supervisors:
+        if rec.worker != runtime.name or rec.id in runtime.supervisors:
+            continue
+        if rec.status is S.STOPPED or (rec.status is S.FAILED and not rec.handle):
             continue
         reason = f"worker {runtime.name} restarted; its earlier kernels were stopped"
         if rec.handle and rec.pool in runtime.config.pools:
@@ -327,9 +329,11 @@ def reap_orphans(runtime: Runtime) -> int:
                 runtime.launcher(rec.pool).stop(handle, grace=0)
             except Exception:
                 log.exception("Kernel %s: could not stop orphan %s", rec.id, rec.handle)
-        runtime.registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
-                                    execution_state="dead")
-        runtime.registry.expire_failed(rec.id)
+        if rec.status.live:
+            runtime.registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
+                                        execution_state="dead")
+            runtime.registry.expire_failed(rec.id)
+        runtime.registry.update(rec.id, handle={})  # nothing is left to stop
         log.warning("Kernel %s: %s", rec.id, reason)
         count += 1
     return count

@@ -93,7 +93,9 @@ def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
     env.update(req.spec_env)
     env.update(req.env)
     env["KERNEL_ID"] = req.kernel_id
-    env.setdefault("JPY_PARENT_PID", str(os.getpid()))
+    # No JPY_PARENT_PID: a kernel outlives a worker killed with SIGKILL, so that the worker's
+    # next life can adopt it or, past the heartbeat TTL, kill it (see supervisor.reap_orphans).
+    env.pop("JPY_PARENT_PID", None)
     env.pop("CELERY_LOADER", None)
     return env
 

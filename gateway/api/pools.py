@@ -1,0 +1,165 @@
+"""GET /api/pools[/<name>]: each pool's workers, capacity, queue, kernels and recent failures.
+
+Rule: one reading of the registry (:func:`read_state`) and pure builders (:func:`build_pool`
+and the ``build_*`` helpers) make every operator's view, so ``/api/pools``, ``/metrics``, the
+``/pools`` dashboard and ``poolgate status`` always agree. Capacity is what live workers report
+in their heartbeats (``pg:w:<name>``); a worker that serves several pools shares its slots, and
+each of those pools shows them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from gateway.api import ctx
+from gateway.tally import Tally
+from workers.config import Config, PoolConfig
+from workers.errors import UnknownPool
+from workers.protocol import EXECUTION_STATE, KernelStatus
+from workers.registry import KernelRecord, Registry
+
+bp = Blueprint("pools", __name__)
+S = KernelStatus
+BEATING = (S.RUNNING, S.RESTARTING, S.STOPPING)
+
+
+@dataclass
+class ClusterState:
+    """What the registry holds about pools at one moment."""
+
+    workers: list[dict[str, Any]]
+    records: list[KernelRecord]
+    queued: dict[str, list[str]]
+    failures: dict[str, list[dict[str, Any]]]
+    tallies: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    now: float = 0.0
+
+
+def read_state(config: Config, registry: Registry) -> ClusterState:
+    """Read workers, kernel records, queues and failures; a kernel whose supervisor stopped
+    beating is shown as FAILED (worker lost), as ``/api/kernels`` shows it."""
+    tally = Tally(registry)
+    records = registry.all()
+    for rec in records:
+        if rec.status in BEATING and not registry.heartbeat_alive(rec.id):
+            rec.status = S.FAILED
+            rec.reason = rec.reason or f"worker {rec.worker} lost: no heartbeat"
+    names = list(config.pools)
+    return ClusterState(workers=registry.workers(), records=records,
+                        queued={p: registry.queued(p) for p in names},
+                        failures={p: tally.failures(p) for p in names},
+                        tallies=tally.counts(), now=time.time())
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
+
+
+def activity_age(last_activity: str, now: float) -> float | None:
+    """Seconds since a ``last_activity`` timestamp (Jupyter's ISO format), None if unknown."""
+    import calendar
+
+    try:
+        base = calendar.timegm(time.strptime(last_activity[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+    return max(0.0, round(now - base, 1))
+
+
+def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:
+    """A worker as one pool sees it, from its heartbeat."""
+    slots, used = int(info.get("slots", 0)), int(info.get("used", 0))
+    draining = pool in info.get("draining", ())
+    accepting = bool(info.get("accepting", True)) and not draining
+    state = "draining" if draining else "full" if used >= slots else \
+        "accepting" if accepting else "paused"
+    return {"name": info.get("name", ""), "host": info.get("host", ""), "slots": slots,
+            "used": used, "free": max(0, slots - used), "state": state, "draining": draining,
+            "kernels": len(info.get("kernels", ())),
+            "last_seen": round(max(0.0, now - float(info.get("time", now))), 1)}
+
+
+def build_kernel(rec: KernelRecord, now: float, position: int | None = None) -> dict[str, Any]:
+    """A kernel as the operator sees it: owner, age and activity, never its env or key."""
+    out: dict[str, Any] = {
+        "id": rec.id, "kernelspec": rec.name, "user": rec.user, "status": rec.status.value,
+        "execution_state": (rec.execution_state if rec.status is S.RUNNING
+                            else EXECUTION_STATE[rec.status]),
+        "worker": rec.worker, "host": rec.host, "created": iso(rec.created),
+        "age": round(max(0.0, now - rec.created), 1) if rec.created else None,
+        "last_activity": rec.last_activity, "idle": activity_age(rec.last_activity, now),
+        "connections": rec.connections}
+    if position is not None:
+        out["queue_position"] = position
+    return out
+
+
+def status_counts(records: list[KernelRecord]) -> dict[str, int]:
+    counts = {s.value: 0 for s in KernelStatus}
+    for rec in records:
+        counts[rec.status.value] += 1
+    return counts
+
+
+def tallies(state: ClusterState, what: str, pool: str) -> dict[str, int]:
+    return {k: n for (w, p, k), n in sorted(state.tallies.items()) if w == what and p == pool}
+
+
+def build_pool(pool: PoolConfig, state: ClusterState) -> dict[str, Any]:
+    """One pool's model for /api/pools (pure: tested against literal dicts)."""
+    infos = sorted((w for w in state.workers if pool.name in w.get("pools", ())),
+                   key=lambda w: str(w.get("name", "")))
+    workers = [build_worker(w, pool.name, state.now) for w in infos]
+    records = [r for r in state.records if r.pool == pool.name]
+    queued = state.queued.get(pool.name, [])
+    positions = {kid: i + 1 for i, kid in enumerate(queued)}
+    counts = status_counts(records)
+    failures = tallies(state, "failures", pool.name)
+    culls = tallies(state, "culls", pool.name)
+    return {
+        "name": pool.name, "launcher": pool.launcher, "queue": pool.queue,
+        "workers": len(workers),
+        "slots": sum(w["slots"] for w in workers),
+        "used": sum(w["used"] for w in workers),
+        "free": sum(w["free"] for w in workers if w["state"] in ("accepting", "paused")),
+        "waiting": len(queued),
+        "running": counts["RUNNING"],
+        "kernels_by_status": counts,
+        "max_kernels": pool.max_kernels,
+        "launch_timeout": pool.launch_timeout,
+        "waiting_launches": [{"kernel_id": kid, "position": i + 1} for i, kid in enumerate(queued)],
+        "worker_list": workers,
+        "kernels": [build_kernel(r, state.now, positions.get(r.id)) for r in records
+                    if r.status.live],
+        "failures_total": sum(failures.values()),
+        "failures_by_kind": failures,
+        "culls_by_kind": culls,
+        "recent_failures": [dict(f, time=iso(float(f.get("time", 0)))) for f in
+                            state.failures.get(pool.name, [])],
+    }
+
+
+def build_pools(config: Config, state: ClusterState) -> list[dict[str, Any]]:
+    return [build_pool(p, state) for p in config.pools.values()]
+
+
+def snapshot(config: Config, registry: Registry) -> list[dict[str, Any]]:
+    """Every pool's model, read now."""
+    return build_pools(config, read_state(config, registry))
+
+
+@bp.get("/api/pools")
+def list_pools() -> Any:
+    return jsonify(snapshot(ctx()["config"], ctx()["registry"]))
+
+
+@bp.get("/api/pools/<name>")
+def get_pool(name: str) -> Any:
+    config: Config = ctx()["config"]
+    if name not in config.pools:
+        raise UnknownPool(f"no pool named {name!r}; pools: {', '.join(config.pools)}")
+    state = read_state(config, ctx()["registry"])
+    return jsonify(build_pool(config.pools[name], state))

@@ -1,0 +1,195 @@
+"""The WebSocket channels as Jupyter clients use them: several clients, takeover, replay,
+stdin, comms, big outputs, bad frames, both wire protocols."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import websocket
+
+from tests.client import Channel, Gateway
+from tests.conftest import Stack
+
+
+@pytest.fixture
+def kid(redis_stack: Stack) -> Iterator[str]:
+    kernel_id = redis_stack.gw.start()["id"]
+    yield kernel_id
+    redis_stack.gw.shutdown(kernel_id)
+
+
+def test_iopub_to_all_clients_replies_to_the_sender(redis_stack: Stack, kid: str) -> None:
+    gw = redis_stack.gw
+    a, b = gw.channel(kid), gw.channel(kid)
+    time.sleep(0.3)
+    res = a.execute("print('hello from a')")
+    assert res.stdout == "hello from a\n" and res.status == "ok"
+    seen_by_b: list[dict] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            m["msg_type"] == "stream" for m in seen_by_b):
+        seen_by_b.append(b.recv(deadline - time.monotonic()))
+    stream = [m for m in seen_by_b if m["msg_type"] == "stream"]
+    assert stream and stream[0]["content"]["text"] == "hello from a\n"
+    assert not any(m["msg_type"] == "execute_reply" for m in seen_by_b)  # replies go to a only
+    assert gw.get(f"/api/kernels/{kid}").json()["connections"] == 2
+    a.close()
+    b.close()
+
+
+def test_same_session_takes_over_at_once(redis_stack: Stack, kid: str) -> None:
+    """JupyterLab opens the socket twice with one session_id; the newer one must work now."""
+    gw = redis_stack.gw
+    first = gw.channel(kid, session="lab-session")
+    t0 = time.monotonic()
+    second = gw.channel(kid, session="lab-session")
+    res = second.execute("'second works'", timeout=10)
+    assert res.result == "'second works'"
+    assert time.monotonic() - t0 < 5
+    with pytest.raises((websocket.WebSocketConnectionClosedException, websocket.WebSocketTimeoutException, ConnectionError)):
+        for _ in range(50):
+            first.recv(2)
+    assert gw.get(f"/api/kernels/{kid}").json()["connections"] == 1
+    second.close()
+
+
+def test_output_while_disconnected_is_replayed(redis_stack: Stack, kid: str) -> None:
+    gw = redis_stack.gw
+    ch = gw.channel(kid, session="replay")
+    mid = ch.send("execute_request", {"code": "import time\nfor i in range(10):\n"
+                                      "    print(i, flush=True); time.sleep(0.2)", "silent": False})
+    got = ""
+    while not got:  # read up to the first line of output, then go away mid-cell
+        msg = ch.recv()
+        if msg["msg_type"] == "stream":
+            got = msg["content"]["text"]
+    ch.close()
+    time.sleep(3)  # the cell finishes while nobody listens
+    again = Channel(gw.base, kid, session="replay")
+    res = again.collect(mid, timeout=20)
+    assert got + res.stdout == "".join(f"{i}\n" for i in range(10))
+    assert res.status == "ok"
+    again.close()
+
+
+def test_stdin_input(redis_stack: Stack, kid: str) -> None:
+    ch = redis_stack.gw.channel(kid)
+    res = ch.execute("name = input('who? '); print('hi', name)", stdin="poolgate")
+    assert res.stdout.endswith("hi poolgate\n")
+    ch.close()
+
+
+def test_comms(redis_stack: Stack, kid: str) -> None:
+    ch = redis_stack.gw.channel(kid)
+    ch.execute("from ipykernel.comm import Comm\n"
+               "def target(comm, msg):\n    comm.send({'echo': msg['content']['data']})\n"
+               "get_ipython().kernel.comm_manager.register_target('echo', target)")
+    cid = uuid.uuid4().hex
+    ch.send("comm_open", {"comm_id": cid, "target_name": "echo", "data": {"x": 1}})
+    deadline = time.monotonic() + 10
+    while True:
+        msg = ch.recv(deadline - time.monotonic())
+        if msg["msg_type"] == "comm_msg":
+            assert msg["content"]["comm_id"] == cid
+            assert msg["content"]["data"] == {"echo": {"x": 1}}
+            break
+    info = ch.collect(ch.send("comm_info_request", {"target_name": "echo"}))
+    assert cid in info.reply["comms"]
+    ch.close()
+
+
+def test_five_megabyte_output_intact(redis_stack: Stack, kid: str) -> None:
+    ch = redis_stack.gw.channel(kid)
+    res = ch.execute("import hashlib\ns = ''.join(chr(65 + i % 26) for i in range(5_000_000))\n"
+                     "print(hashlib.sha256(s.encode()).hexdigest())\ns", timeout=120)
+    import hashlib
+
+    digest, value = res.stdout.strip(), res.result
+    assert len(value) == 5_000_002  # the repr's quotes
+    assert hashlib.sha256(value[1:-1].encode()).hexdigest() == digest
+    ch.close()
+
+
+def test_binary_buffers_round_trip(redis_stack: Stack, kid: str) -> None:
+    """A comm message with a binary buffer, kernel → client, in the legacy binary frame."""
+    ch = redis_stack.gw.channel(kid)
+    res = ch.execute("from ipykernel.comm import Comm\nc = Comm(target_name='bin')\n"
+                     "c.send({'n': 3}, buffers=[b'\\x00\\x01\\x02'])")
+    msg = [m for m in res.messages if m["msg_type"] == "comm_msg"][0]
+    assert msg["content"]["data"] == {"n": 3}
+    assert msg["buffers"] == [b"\x00\x01\x02"]
+    ch.close()
+
+
+def test_bad_frames_do_not_hurt(redis_stack: Stack, kid: str) -> None:
+    ch = redis_stack.gw.channel(kid)
+    for junk in ("not json", "[]", json.dumps({"channel": "nope", "header": {}}),
+                 json.dumps({"channel": "shell"}), json.dumps({"channel": "shell", "header": {"msg_type": "x"}})):
+        ch.ws.send(junk)
+    ch.ws.send_binary(b"\x00\x00\x00\x09garbage")
+    assert ch.execute("'still fine'").result == "'still fine'"
+    ch.close()
+    assert redis_stack.gw.get("/api").status_code == 200
+
+
+def _v1(channel: str, parts: list[bytes]) -> bytes:
+    ch = channel.encode()
+    offsets = [8 * (1 + 1 + len(parts) + 1)]
+    offsets.append(offsets[-1] + len(ch))
+    for p in parts:
+        offsets.append(offsets[-1] + len(p))
+    return (len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
+            + ch + b"".join(parts))
+
+
+def _un_v1(frame: bytes) -> tuple[str, list[bytes]]:
+    n = int.from_bytes(frame[:8], "little")
+    offs = [int.from_bytes(frame[8 * (i + 1):8 * (i + 2)], "little") for i in range(n)]
+    return frame[offs[0]:offs[1]].decode(), [frame[offs[i]:offs[i + 1]] for i in range(1, n - 1)]
+
+
+def test_v1_subprotocol(redis_stack: Stack, kid: str) -> None:
+    url = redis_stack.url.replace("http", "ws") + f"/api/kernels/{kid}/channels?session_id=v1"
+    ws = websocket.create_connection(url, subprotocols=["v1.kernel.websocket.jupyter.org"], timeout=20)
+    assert ws.getsubprotocol() == "v1.kernel.websocket.jupyter.org"
+    mid = uuid.uuid4().hex
+    header = {"msg_id": mid, "msg_type": "execute_request", "session": "v1", "username": "t",
+              "date": "2026-01-01T00:00:00Z", "version": "5.3"}
+    ws.send_binary(_v1("shell", [json.dumps(header).encode(), b"{}", b"{}",
+                                 json.dumps({"code": "7*6", "silent": False}).encode()]))
+    result = None
+    while result is None:
+        channel, parts = _un_v1(ws.recv())
+        if json.loads(parts[1]).get("msg_id") == mid and json.loads(parts[0])["msg_type"] == "execute_result":
+            result = json.loads(parts[3])["data"]["text/plain"]
+    assert result == "42"
+    ws.close()
+
+
+def test_messages_sent_during_restart_are_delivered(redis_stack: Stack, kid: str) -> None:
+    gw = redis_stack.gw
+    ch = gw.channel(kid)
+    out: dict[str, object] = {}
+    t = threading.Thread(target=lambda: out.update(r=gw.post(f"/api/kernels/{kid}/restart")))
+    t.start()
+    time.sleep(0.3)
+    res = ch.execute("print('sent during restart')", timeout=30)
+    t.join(30)
+    assert out["r"].status_code == 200  # type: ignore[attr-defined]
+    assert res.stdout == "sent during restart\n"
+    ch.close()
+
+
+def test_deleting_a_kernel_closes_its_sockets(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    kid = gw.start()["id"]
+    ch = gw.channel(kid)
+    gw.shutdown(kid)
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+        for _ in range(50):
+            ch.recv(5)
