@@ -1,0 +1,60 @@
+"""WebSocket frames ↔ Jupyter wire messages, as Jupyter Server encodes them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_binary_message, deserialize_msg_from_ws_v1, serialize_binary_message,
+    serialize_msg_to_ws_v1)
+
+from gateway import wire
+
+PARTS = [json.dumps({"msg_id": "m1", "msg_type": "stream", "session": "s", "username": "u",
+                     "date": "2026-01-01T00:00:00Z", "version": "5.3"}).encode(),
+         b'{"msg_id":"p0"}', b"{}", b'{"name":"stdout","text":"h\\u00e9llo"}']
+
+
+def test_legacy_text_frame_is_jupyter_servers_json() -> None:
+    frame = wire.to_client("iopub", PARTS, [], None)
+    msg = json.loads(frame)
+    assert msg["channel"] == "iopub" and msg["msg_type"] == "stream" and msg["msg_id"] == "m1"
+    assert msg["content"] == {"name": "stdout", "text": "héllo"}
+    assert msg["parent_header"] == {"msg_id": "p0"} and msg["buffers"] == []
+
+
+def test_legacy_binary_frame_matches_jupyter_server() -> None:
+    frame = wire.to_client("shell", PARTS, [b"\x00\x01", b"xyz"], None)
+    msg = deserialize_binary_message(frame)
+    assert msg["buffers"] == [b"\x00\x01", b"xyz"] and msg["channel"] == "shell"
+    assert msg["content"]["text"] == "héllo"
+
+
+def test_v1_matches_jupyter_server() -> None:
+    frame = wire.to_client("iopub", PARTS, [b"buf"], wire.V1)
+    channel, parts = deserialize_msg_from_ws_v1(frame)
+    assert channel == "iopub" and parts == [*PARTS, b"buf"]
+    back = serialize_msg_to_ws_v1(parts, "shell")
+    ch, got, bufs = wire.from_client(back, wire.V1)
+    assert ch == "shell" and got == PARTS and bufs == [b"buf"]
+
+
+def test_client_legacy_text_and_binary() -> None:
+    msg = {"header": json.loads(PARTS[0]), "parent_header": {}, "metadata": {},
+           "content": {"code": "1"}, "channel": "shell"}
+    ch, parts, bufs = wire.from_client(json.dumps(msg), None)
+    assert ch == "shell" and json.loads(parts[3]) == {"code": "1"} and bufs == []
+    ch, parts, bufs = wire.from_client(serialize_binary_message({**msg, "buffers": [b"ab"]}), None)
+    assert bufs == [b"ab"] and json.loads(parts[0])["msg_id"] == "m1"
+
+
+@pytest.mark.parametrize("frame", ["nope", "[]", '{"channel": "x", "header": {"msg_type": "a"}}',
+                                   '{"channel": "shell", "header": {}}', b"\x00\x00\x00\x05junk"])
+def test_bad_frames(frame: str | bytes) -> None:
+    with pytest.raises(wire.BadFrame):
+        wire.from_client(frame, None)
+
+
+def test_v1_rejects_text() -> None:
+    with pytest.raises(wire.BadFrame):
+        wire.from_client("{}", wire.V1)

@@ -1,0 +1,77 @@
+"""The local launcher: pure builders, the launcher registry, and a real kernel's life."""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers import launchers
+from workers.config import PoolConfig
+from workers.errors import ConfigError
+from workers.launchers.local import (LocalOptions, build_command, build_connection, build_env,
+                                     parse_port_range, wait_ready)
+from workers.protocol import LaunchRequest
+
+
+def test_every_registered_launcher_resolves() -> None:
+    for name in launchers.LAUNCHERS:
+        cls = launchers.resolve(name)
+        assert cls.__name__.endswith("Launcher")
+
+
+def test_unknown_launcher_suggests() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'local'"):
+        launchers.resolve("lokal")
+
+
+def test_builders() -> None:
+    assert build_connection("127.0.0.1", "k", None, "tcp") == {
+        "shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0, "hb_port": 0,
+        "ip": "127.0.0.1", "key": "k", "transport": "tcp", "signature_scheme": "hmac-sha256"}
+    assert build_command(("python", "-m", "x", "-f", "{connection_file}", "{resource_dir}/a"),
+                         "/c.json", "/r") == [sys.executable, "-m", "x", "-f", "/c.json", "/r/a"]
+    req = LaunchRequest("kid", "local", "python3", ("python",), env={"KERNEL_X": "1"},
+                        spec_env={"A": "spec", "KERNEL_X": "spec"})
+    env = build_env({"JPY_PARENT_PID": "1", "PATH": "/bin"}, req)
+    assert env == {"PATH": "/bin", "A": "spec", "KERNEL_X": "1", "KERNEL_ID": "kid"}
+    assert parse_port_range("9000-9100") == (9000, 9100) and parse_port_range("") is None
+    with pytest.raises(ConfigError):
+        parse_port_range("9000-9002")
+
+
+def test_real_kernel_launch_poll_signal_stop(tmp_path: Path) -> None:
+    pool = PoolConfig(name="local", launcher="local", queue="local")
+    launcher = launchers.create(pool, str(tmp_path))
+    req = LaunchRequest("k1", "local", "python3",
+                        ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+                        launch_timeout=60)
+    handles = list(launcher.launch(req))
+    handle = handles[-1]
+    assert handles[0].connection is None and handle.connection is not None
+    assert launcher.poll(handle) is None
+    launcher.send_signal(handle, signal.SIGINT)  # an idle kernel shrugs off an interrupt
+    assert launcher.poll(handle) is None
+    # restart in place: same key, same ports
+    launcher.stop(handle, grace=0)
+    assert launcher.poll(handle) is not None
+    again = list(launcher.launch(req, previous=handle))[-1]
+    assert again.connection == handle.connection
+    launcher.stop(again, grace=0)
+    assert launcher.poll(again) is not None
+    assert not (tmp_path / "k1").exists()
+    launcher.stop(again, grace=0)  # idempotent
+
+
+def test_launch_failure_keeps_the_output(tmp_path: Path) -> None:
+    pool = PoolConfig(name="local", launcher="local", queue="local")
+    launcher = launchers.create(pool, str(tmp_path))
+    req = LaunchRequest("k2", "local", "bad", ("python", "-c", "raise SystemExit('nope: bad')",
+                                               "{connection_file}"), launch_timeout=20)
+    gen = launcher.launch(req)
+    first = next(gen)
+    with pytest.raises(Exception, match="exited while starting"):
+        list(gen)
+    assert "nope: bad" in launcher.failure_detail(first)
+    launcher.stop(first, grace=0)

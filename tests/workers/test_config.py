@@ -1,0 +1,107 @@
+"""queues.yaml loading: typed objects, and messages that name the path and the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workers.config import load_config
+from workers.errors import ConfigError
+
+
+def write(tmp_path: Path, data: dict, specs: dict | None = None) -> Path:
+    if specs:
+        folder = tmp_path / "specs"
+        for name, spec in specs.items():
+            (folder / name).mkdir(parents=True)
+            (folder / name / "kernel.json").write_text(json.dumps(spec))
+        data = {**data, "kernelspec_dirs": [str(folder)]}
+    path = tmp_path / "queues.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"pools": {"local": {"launcher": "local", "slots": 2}}}
+ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def test_packaged_default_loads_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={})
+    assert "local" in cfg.pools and cfg.kernelspecs["python3"].pool == "local"
+    assert cfg.broker_url == "redis://127.0.0.1:6379/0"
+    assert cfg.source.endswith("queues.yaml")
+
+
+def test_local_queues_yaml_wins_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, {**BASE, "broker_url": "amqp://guest:guest@127.0.0.1:5672//"})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={})
+    assert cfg.pools["local"].slots == 2 and cfg.pools["local"].queue == "local"
+    assert cfg.broker_url.startswith("amqp://")
+    assert cfg.registry_url == "redis://127.0.0.1:6379/0"  # amqp cannot hold the registry
+    cfg = load_config(None, environ={"POOLGATE_BROKER_URL": "redis://h:1/2"})
+    assert cfg.broker_url == "redis://h:1/2" and cfg.registry_url == "redis://h:1/2"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"pools": {"local": {"launcher": "local", "slot": 2}}},
+     "pools.local.slot: unknown key; did you mean 'slots'?"),
+    ({"pools": {"local": {"launcher": "local", "slots": "one"}}},
+     'pools.local.slots: expected an integer, got "one"'),
+    ({"pools": {"local": {"launcher": "local", "slots": 0}}},
+     "pools.local.slots: expected a number >= 1, got 0"),
+    ({"pools": {"local": {"launcher": "locl"}}},
+     "pools.local.launcher: unknown launcher 'locl'; did you mean 'local'?"),
+    ({"pools": {"local": {"launcher": "local", "options": {"ipp": "x"}}}},
+     "pools.local.options.ipp: unknown key; did you mean 'ip'?"),
+    ({"pools": {"local": {"launcher": "local", "launch_timeout": -1}}},
+     "pools.local.launch_timeout: expected a number > 0, got -1.0"),
+    ({"pool": {}}, "pool: unknown key; did you mean 'pools'?"),
+    ({"pools": {"a": {"launcher": "local", "queue": "q"}, "b": {"launcher": "local", "queue": "q"}}},
+     "pools.b.queue: 'q' is already the queue of pool 'a'"),
+    ({"pools": {"local": {"launcher": "local"}}, "default_pool": "gpu"}, "default_pool: no pool 'gpu'"),
+    ({"pools": {"local": {"launcher": "local", "kernelspecs": ["nope"]}}},
+     "pools.local.kernelspecs: no kernelspec 'nope'"),
+])
+def test_bad_config_names_path_and_fix(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), environ={})
+    assert message in str(info.value)
+
+
+def test_routing_rules(tmp_path: Path) -> None:
+    specs = {
+        "by-meta": {"argv": ARGV, "metadata": {"poolgate": {"pool": "big"}}},
+        "eg-yarn": {"argv": ARGV, "metadata": {"process_proxy": {"class_name":
+                    "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy"}}},
+        "eg-k8s": {"argv": ARGV, "metadata": {"process_proxy": {"class_name":
+                   "enterprise_gateway.services.processproxies.k8s.KubernetesProcessProxy"}}},
+        "custom": {"argv": ARGV, "metadata": {"process_proxy": {"class_name": "my.Proxy"}}},
+        "plain": {"argv": ARGV},
+    }
+    data = {"pools": {"local": {"launcher": "local"}, "big": {"launcher": "local"}}, "default_pool": "local",
+            "process_proxy_map": {"my.Proxy": "big",
+                                  "enterprise_gateway.services.processproxies.k8s."
+                                  "KubernetesProcessProxy": "big"}}
+    cfg = load_config(write(tmp_path, data, specs), environ={})
+    pools = {n: s.pool for n, s in cfg.kernelspecs.items()}
+    assert pools["by-meta"] == "big" and pools["custom"] == "big" and pools["eg-k8s"] == "big"
+    assert pools["plain"] == "local" and pools["eg-yarn"] == "local"  # no yarn pool: default
+
+
+def test_spec_routed_to_missing_pool_is_an_error(tmp_path: Path) -> None:
+    specs = {"x": {"argv": ARGV, "metadata": {"poolgate": {"pool": "gpus"}}}}
+    data = {"pools": {"local": {"launcher": "local"}, "gpu": {"launcher": "local"}}}
+    with pytest.raises(ConfigError, match="no pool 'gpus'; did you mean 'gpu'"):
+        load_config(write(tmp_path, data, specs), environ={})
+
+
+def test_bad_kernelspec_json(tmp_path: Path) -> None:
+    folder = tmp_path / "specs" / "bad"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="kernel.json: not valid JSON"):
+        load_config(write(tmp_path, {**BASE, "kernelspec_dirs": [str(tmp_path / "specs")]}), environ={})
