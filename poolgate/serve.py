@@ -173,7 +173,7 @@ def serve(args: argparse.Namespace) -> int:
             gw += ["--threads", str(args.threads)]
         unit.spawn("gateway", gw, env)
         registry = Registry(url)
-        base = "/" + config.gateway.base_url.strip("/")
+        base = "/" + (args.base_url or config.gateway.base_url).strip("/")
         api = f"http://{args.ip}:{args.port}{base.rstrip('/')}/api"
         ready = False
         while not stopping:

@@ -1,0 +1,97 @@
+"""`poolgate serve`: the embedded default runs everything, and Ctrl-C stops all of it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from tests.client import Gateway
+from tests.conftest import RUN_ID, free_port
+
+
+def _children_of(folder: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(folder) in " ".join(p.info["cmdline"] or []):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir", str(data),
+         "--auth-token", "s3cret", "--base-url", "/pg", "--slots", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "poolgate is ready" in line or proc.poll() is not None:
+            break
+    assert "poolgate is ready" in lines[-1], "".join(lines)
+    assert (data / "redis.sock").exists()  # the private Redis, not the machine's
+    gw = Gateway(f"http://127.0.0.1:{port}/pg", token="s3cret")
+    anon = Gateway(f"http://127.0.0.1:{port}/pg")
+    r = anon.get("/api/kernels")
+    assert r.status_code == 401 and set(r.json()) == {"reason", "message"}
+    assert Gateway(f"http://127.0.0.1:{port}", "s3cret").get("/api/kernels").status_code == 404
+    kid = gw.start()["id"]
+    ch = gw.channel(kid)
+    assert ch.execute("'embedded'").result == "'embedded'"
+    ch.close()
+    handle = json.loads(redis.Redis(unix_socket_path=str(data / "redis.sock"))
+                        .hget(f"pg:k:{kid}", "handle"))
+    kernel_pid = int(handle["data"]["pid"])
+    assert psutil.pid_exists(kernel_pid)
+    assert len(_children_of(data)) >= 3  # redis, worker, gateway
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == "zombie"
+    assert _children_of(data) == []
+
+
+def test_serve_refuses_a_second_instance_on_the_same_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    first = subprocess.Popen([sys.executable, "-m", "poolgate", "serve", "--port", str(free_port()),
+                              "--data-dir", str(data)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    assert first.stdout is not None
+    try:
+        while "ready" not in (line := first.stdout.readline()):
+            assert line, "first serve died"
+        second = subprocess.run([sys.executable, "-m", "poolgate", "serve", "--port",
+                                 str(free_port()), "--data-dir", str(data)], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "another poolgate serve is using" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+
+
+def test_bad_config_stops_startup_with_the_path(tmp_path: Path) -> None:
+    (tmp_path / "queues.yaml").write_text("pools:\n  local:\n    launcher: local\n    slotz: 3\n")
+    r = subprocess.run([sys.executable, "-m", "poolgate", "gateway"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "pools.local.slotz: unknown key; did you mean 'slots'?" in r.stderr
