@@ -14,6 +14,7 @@ from flask import Flask, g, request
 from flask_sock import Sock
 
 from gateway import errors
+from gateway import operating
 from gateway.channels import Bridge
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
@@ -35,6 +36,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         config = dataclasses.replace(config, gateway=dataclasses.replace(
             config.gateway, **settings["GATEWAY_OVERRIDES"]))
     registry = Registry(config.registry_url, config.registry_secret)
+    registry.mark_epoch()
     events = EventHub(registry)
     events.start()
     service = KernelService(config, registry, Dispatcher(config), events)
@@ -57,6 +59,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         app.register_blueprint(bp, url_prefix=base or None)
     kernels.register_channels(sock, base)
     errors.install(app)
+    operating.install(app, base or None)  # /api/pools, /metrics, /pools (gateway/operating.py)
 
     @app.before_request
     def _prepare() -> None:

@@ -16,6 +16,7 @@ touches the ZMQ sockets and sends on the WebSocket, so sends are serialised.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import zmq
 from simple_websocket import ConnectionClosed
 
 from gateway import wire
+from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
 
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 DEALERS = ("shell", "control", "stdin")
 NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
+LIVENESS_EVERY = 5.0
+SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
 
 
 class Connection:
@@ -50,6 +54,7 @@ class Connection:
         self.closed = False
         self.evicted = False
         self._lock = threading.Lock()
+        self.stats = WsStats()  # written only by the pump thread
 
     def send(self, frame: str | bytes) -> None:
         with self._lock:
@@ -88,6 +93,12 @@ class KernelSession:
         self.nudge_sent = 0.0
         self.detached_at: float | None = None
         self.gone = False
+        self.resume: dict[str, Any] | None = None  # what another gateway delivered, to replay
+        self.replayed: set[str] = set()
+        self.last_iopub: str | None = None
+        self.replied: collections.deque[str] = collections.deque(maxlen=50)
+        self.seen_at = 0.0
+        self.seen_dirty = False
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -110,7 +121,9 @@ class KernelSession:
     def connect(self, info: ConnectionInfo, generation: int) -> None:
         self.close_sockets()
         ctx = zmq.Context.instance()
-        ident = uuid.uuid4().hex.encode()
+        # Stable per client session: after a gateway dies, the next one connects with the same
+        # identity and the kernel (ROUTER_HANDOVER) routes the pending replies to it.
+        ident = hashlib.sha1(f"{self.kid}:{self.session_id}".encode()).hexdigest().encode()
         for ch in DEALERS:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, ident)
@@ -174,6 +187,7 @@ class Bridge:
         self.service = service
         self.registry = service.registry
         self.buffer_seconds = buffer_seconds
+        self.metrics: Hooks = Hooks()  # gateway/metrics.py install() replaces it
         self.instance = uuid.uuid4().hex[:12]
         self.sessions: dict[tuple[str, str], KernelSession] = {}
         self._lock = threading.Lock()
@@ -196,6 +210,7 @@ class Bridge:
             sess = self.sessions.get((kid, session_id))
             if sess is None or sess.gone:
                 sess = KernelSession(kid, session_id)
+                sess.resume = self.registry.seen(kid, session_id)  # served by a lost gateway?
                 if not any(k == kid for k, _ in self.sessions):
                     self.service.events.add(kid, self._on_event)
                 self.sessions[(kid, session_id)] = sess
@@ -236,6 +251,10 @@ class Bridge:
 
     def _reap(self) -> None:
         while True:
+            try:  # connection counts held by a gateway without this heartbeat are stale
+                self.registry.gateway_heartbeat(self.instance, 10.0)
+            except Exception:
+                log.debug("cannot reach the registry", exc_info=True)
             time.sleep(2.0)
             now = time.monotonic()
             with self._lock:
@@ -262,6 +281,7 @@ class Bridge:
         """Run one client WebSocket until it closes or is replaced."""
         conn = Connection(ws)
         sess = self.attach(kid, session_id, conn)
+        self.metrics.ws_opened(conn.stats)
         reader = threading.Thread(target=self._read, args=(conn, sess), daemon=True,
                                   name=f"ws-read-{kid[:8]}")
         reader.start()
@@ -273,6 +293,7 @@ class Bridge:
             log.info("Kernel %s: WebSocket ended (%s)", kid, exc)
         finally:
             self.detach(sess, conn)
+            self.metrics.ws_closed(conn.stats)
         if sess.gone:
             self._drop(sess)
 
@@ -297,13 +318,17 @@ class Bridge:
 
     def _pump(self, conn: Connection, sess: KernelSession) -> None:
         last_starting = 0.0
+        last_check = time.monotonic()
+        poller, polled = zmq.Poller(), None
         self._sync(conn, sess, initial=True)
         while not (conn.closed or conn.evicted or sess.gone):
-            poller = zmq.Poller()
-            poller.register(sess._r, zmq.POLLIN)
-            for s in sess.sockets.values():
-                poller.register(s, zmq.POLLIN)
-            timeout = NUDGE_EVERY if sess.nudging else 1.0
+            if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 1:
+                poller = zmq.Poller()  # the sockets changed (connect, reconnect, close)
+                poller.register(sess._r, zmq.POLLIN)
+                for s in sess.sockets.values():
+                    poller.register(s, zmq.POLLIN)
+                polled = sess.sockets
+            timeout = NUDGE_EVERY if sess.nudging else SEEN_EVERY if sess.seen_dirty else 1.0
             for fd_or_sock, _ in poller.poll(timeout * 1000):
                 if fd_or_sock == sess._r:
                     sess.drain_wake()
@@ -311,18 +336,30 @@ class Bridge:
                     self._handle_inbox(conn, sess)
                 else:
                     self._from_kernel(conn, sess, fd_or_sock)
-            if sess.nudging and time.monotonic() - sess.nudge_sent > NUDGE_EVERY:
+            now = time.monotonic()
+            if sess.seen_dirty and now - sess.seen_at > SEEN_EVERY:
+                self._mark_seen(sess)
+            if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
                 sess.nudge()
             if not sess.sockets:
                 self._sync(conn, sess)
-                if time.monotonic() - last_starting > STARTING_STATUS_EVERY and not sess.gone:
-                    last_starting = time.monotonic()
+                if now - last_starting > STARTING_STATUS_EVERY and not sess.gone:
+                    last_starting = now
                     self._status(conn, sess, "starting")
+            elif now - last_check > LIVENESS_EVERY:
+                last_check = now
+                self._check_alive(sess)
         if sess.gone:
             try:
                 conn.ws.close(reason=1000, message="kernel shut down")
             except Exception:
                 pass
+
+    def _check_alive(self, sess: KernelSession) -> None:
+        """A kernel whose worker vanished is declared dead (the event then tells the session)."""
+        rec = self.registry.get(sess.kid)
+        if rec is None or self.service.check_alive(rec) is None:
+            sess.gone = True
 
     def _sync(self, conn: Connection, sess: KernelSession, initial: bool = False) -> None:
         """Connect (or reconnect) the session's sockets when the kernel runs at a new place."""
@@ -376,6 +413,7 @@ class Bridge:
                 continue
             if channel == "iopub":
                 continue
+            conn.stats.add("client_to_kernel", channel, len(frame))
             if sess.ready:
                 sess.to_kernel(channel, parts, buffers)
             else:
@@ -400,7 +438,19 @@ class Bridge:
                 continue
             if channel == "iopub" and sess.nudging:
                 self._became_ready(conn, sess)
-            conn.send(wire.to_client(channel, parts, buffers, conn.protocol))
+            head = wire.header_of(parts)
+            if channel == "iopub":
+                if sess.replayed and head.get("msg_id") in sess.replayed:
+                    sess.replayed.discard(head.get("msg_id"))  # already sent from the buffer
+                    continue
+                sess.last_iopub = head.get("msg_id")
+                sess.seen_dirty = True
+            elif channel == "shell":
+                sess.replied.append(_parent_id(parts))
+                sess.seen_dirty = True
+            frame = wire.to_client(channel, parts, buffers, conn.protocol, head)
+            conn.send(frame)
+            conn.stats.add("kernel_to_client", channel, len(frame))
 
     def _became_ready(self, conn: Connection, sess: KernelSession) -> None:
         if sess.ready or not sess.nudging:
@@ -410,6 +460,79 @@ class Bridge:
         if sess.restarted:
             sess.restarted = False
             self._status(conn, sess, "idle")
+        if sess.resume is not None:
+            self._replay(conn, sess)
         held, sess.held = sess.held, []
         for channel, parts, buffers in held:
             sess.to_kernel(channel, parts, buffers)
+
+    # -- replay across gateways -----------------------------------------------------------
+
+    def _mark_seen(self, sess: KernelSession) -> None:
+        """Tell other gateways what this client got, in case this gateway dies."""
+        sess.seen_at = time.monotonic()
+        sess.seen_dirty = False
+        try:
+            self.registry.mark_seen(sess.kid, sess.session_id,
+                                    {"iopub": sess.last_iopub, "replied": list(sess.replied)},
+                                    self.buffer_seconds)
+        except Exception:
+            log.debug("cannot record what session %s saw", sess.session_id, exc_info=True)
+
+    def _replay(self, conn: Connection, sess: KernelSession) -> None:
+        """The client was served by a gateway that went away: send what it missed.
+
+        Output comes from the supervisor's buffer (``replay_buffer``); a reply the kernel sent
+        while no gateway listened is rebuilt from the iopub record (execute_input, error, idle).
+        """
+        seen, sess.resume = sess.resume or {}, None
+        msgs = [jmsg.decode_parts(b) for b in self.registry.buffered_iopub(sess.kid)]
+        heads = [wire.header_of(m) for m in msgs]
+        last = seen.get("iopub")
+        start = next((i + 1 for i in range(len(heads) - 1, -1, -1)
+                      if heads[i].get("msg_id") == last), 0)
+        replied = set(seen.get("replied") or ())
+        counts: dict[str, int] = {}
+        errors: dict[str, dict[str, Any]] = {}
+        for parts, head in zip(msgs[start:], heads[start:]):
+            parts, buffers = parts[:4], parts[4:]
+            sess.replayed.add(head.get("msg_id", ""))
+            conn.send(wire.to_client("iopub", parts, buffers, conn.protocol, head))
+            kind, parent = head.get("msg_type"), _parent(parts)
+            pid = parent.get("msg_id", "")
+            if kind == "execute_input":
+                counts[pid] = json.loads(parts[3]).get("execution_count", 0)
+            elif kind == "error":
+                errors[pid] = json.loads(parts[3])
+            elif (kind == "status" and json.loads(parts[3]).get("execution_state") == "idle"
+                  and parent.get("msg_type") == "execute_request" and pid not in replied
+                  and parent.get("session") == sess.session_id):
+                conn.send(wire.to_client("shell", *_rebuilt_reply(parent, counts.get(pid, 0),
+                                                                  errors.get(pid)), conn.protocol))
+        sess.last_iopub = heads[-1].get("msg_id") if heads else sess.last_iopub
+        log.info("Kernel %s: replayed %d messages to session %s", sess.kid,
+                 len(msgs) - start, sess.session_id)
+
+
+def _parent(parts: list[bytes]) -> dict[str, Any]:
+    try:
+        parent = json.loads(parts[1])
+    except ValueError:
+        return {}
+    return parent if isinstance(parent, dict) else {}
+
+
+def _parent_id(parts: list[bytes]) -> str:
+    return str(_parent(parts).get("msg_id", ""))
+
+
+def _rebuilt_reply(parent: dict[str, Any], count: int,
+                   error: dict[str, Any] | None) -> tuple[list[bytes], list[bytes]]:
+    """An execute_reply for a request whose real reply went to a gateway that died."""
+    content: dict[str, Any] = {"status": "error" if error else "ok", "execution_count": count,
+                               "user_expressions": {}, "payload": []}
+    if error:
+        content.update({k: error.get(k) for k in ("ename", "evalue", "traceback")})
+    head = jmsg.header("execute_reply", parent.get("session", ""))
+    return [jmsg.pack(head), jmsg.pack(parent), jmsg.pack({"poolgate": "rebuilt after a gateway "
+                                                            "was lost"}), jmsg.pack(content)], []

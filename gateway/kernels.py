@@ -16,12 +16,14 @@ import zmq
 
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
-from workers import jmsg
+from gateway.metrics import Hooks
+from workers import logs
+from workers import jmsg, resources
 from workers.config import Config, KernelSpec, PoolConfig
-from workers.errors import (BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
-                            LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec,
-                            from_data)
+from workers.errors import (BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
+                            LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
 from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
+from workers.reconcile import settle
 from workers.registry import KernelRecord, Registry, now_iso
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class KernelService:
         self.registry = registry
         self.dispatch = dispatcher
         self.events = events
+        self.metrics: Hooks = Hooks()  # gateway/metrics.py install() replaces it
 
     # -- reading --------------------------------------------------------------------------
 
@@ -95,23 +98,35 @@ class KernelService:
 
     def record(self, kid: str) -> KernelRecord:
         rec = self.registry.get(kid)
+        rec = self.check_alive(rec) if rec is not None else None
         if rec is None:
-            raise KernelNotFound(f"kernel {kid} not found")
-        return self._check_alive(rec)
-
-    def _check_alive(self, rec: KernelRecord) -> KernelRecord:
-        """A live kernel whose supervisor stopped beating is dead: say so, with the reason."""
-        if rec.status in (S.RUNNING, S.RESTARTING, S.STOPPING) and not self.registry.heartbeat_alive(rec.id):
-            ttl = self.config.pools[rec.pool].heartbeat_ttl if rec.pool in self.config.pools else 0
-            reason = (f"worker {rec.worker} lost: no heartbeat for {ttl:.0f}s; the kernel is "
-                      f"considered dead")
-            ok, _ = self.registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
-                                             execution_state="dead")
-            if ok:
-                log.warning("Kernel %s: %s", rec.id, reason)
-                self.registry.expire_failed(rec.id)
-            return self.registry.get(rec.id) or rec
+            self.missing(kid)
+        assert rec is not None
         return rec
+
+    def missing(self, kid: str) -> None:
+        """Raise the right error for a kernel the registry does not have.
+
+        404 with the reason when it was shut down, culled or never existed; 503 while a
+        registry that lost its data (a restarted Redis) is being rebuilt by the supervisors,
+        so that Jupyter Server does not drop live kernels as culled.
+        """
+        why = self.registry.deleted(kid)
+        if why:
+            raise KernelNotFound(f"kernel {kid} not found: it ended ({why})")
+        if self.registry.rebuilding():
+            raise BackendUnavailable(f"kernel {kid} is not in the registry yet: the registry lost "
+                                     f"its data and its workers are writing it again; retry in a "
+                                     f"few seconds")
+        raise KernelNotFound(f"kernel {kid} not found")
+
+    def check_alive(self, rec: KernelRecord) -> KernelRecord | None:
+        """The record as it really is (``workers/reconcile.py``): a kernel whose supervisor
+        stopped beating is dead, with the reason; a launch queued past its timeout is withdrawn."""
+        now, withdrawn = settle(self.registry, rec, self.config.pools)
+        if withdrawn:
+            self.dispatch.revoke(rec.id)
+        return now
 
     def model(self, rec: KernelRecord) -> dict[str, Any]:
         """The Jupyter kernel model, plus poolgate's own details under ``poolgate``."""
@@ -124,11 +139,13 @@ class KernelService:
             extra["queue_position"] = self.registry.queue_position(rec.pool, rec.id)
         if rec.timing:
             extra["timing"] = rec.timing
+        extra.update(resources.shown(rec.request, rec.handle))  # the GPUs it got, its limits
         return {"id": rec.id, "name": rec.name, "last_activity": rec.last_activity,
                 "execution_state": state, "connections": rec.connections, "poolgate": extra}
 
     def list(self) -> list[dict[str, Any]]:
-        return [self.model(self._check_alive(r)) for r in self.registry.all()]
+        live = (self.check_alive(r) for r in self.registry.all())
+        return [self.model(r) for r in live if r is not None]
 
     def capacity(self, pool: str) -> tuple[int, int, int]:
         """(live workers, slots, slots in use) of a pool."""
@@ -143,27 +160,35 @@ class KernelService:
         env = validate_env(body.get("env"), self.config.env_allowlist)
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
+        asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits
         timeout = launch_timeout(env, pool)
         kid = self._kernel_id(env)
         req = LaunchRequest(kernel_id=kid, pool=pool.name, spec_name=spec.name, argv=spec.argv,
                             env=env, spec_env=dict(spec.env), user=user,
                             working_dir=env.get("KERNEL_WORKING_DIR", ""), launch_timeout=timeout,
-                            resources={**spec.resources, "resource_dir": spec.resource_dir},
+                            resources={**spec.resources, **asked, "resource_dir": spec.resource_dir},
                             interrupt_mode=spec.interrupt_mode)
         t0 = time.time()
         rec = KernelRecord(id=kid, name=spec.name, pool=pool.name, status=S.QUEUED, user=user,
                            created=t0, last_activity=now_iso(), launch_timeout=timeout,
                            env={}, request=req.to_dict(), timing={"queued": t0})
+        logs.bind(kernel_id=kid, pool=pool.name, user=user)  # this request's log lines
         log.info("Kernel %s (%s) queued on pool %s for %s, env %s", kid, spec.name, pool.name,
                  user or "anonymous", mask_env(env))
         with self.events.waiter(kid) as waiter:
-            self.registry.create(rec)
+            refused = self.registry.create(rec, limits=(
+                self.config.max_kernels, pool.max_kernels, self.config.max_kernels_per_user,
+                pool.max_kernels_per_user))
+            if refused:
+                raise self._refusal(refused, pool, user)
             try:
                 self.dispatch.launch(kid, pool, spec.name, user, expires=timeout)
             except GatewayError:
                 self.registry.transition(kid, S.FAILED, pool=pool.name, reason="broker unreachable")
                 self.registry.delete(kid, pool.name)
                 raise
+            if body.get("wait") is False:  # the client follows the launch itself
+                return self.model(self.registry.get(kid) or rec)
             return self._wait_started(waiter, kid, pool, timeout, t0)
 
     def _kernel_id(self, env: dict[str, str]) -> str:
@@ -184,11 +209,18 @@ class KernelService:
         if pool.allowed_users and user not in pool.allowed_users:
             raise Forbidden(f"pool {pool.name!r} does not serve user {user or '(none)'!r}; "
                             f"set KERNEL_USERNAME to an allowed user")
-        if pool.max_kernels:
-            live = sum(1 for r in self.registry.all() if r.pool == pool.name and r.status.live)
-            if live >= pool.max_kernels:
-                raise LimitExceeded(f"pool {pool.name!r} already has {live} kernels, its maximum "
-                                    f"(max_kernels: {pool.max_kernels})")
+
+    @staticmethod
+    def _refusal(refused: str, pool: PoolConfig, user: str) -> LimitExceeded:
+        which, count, limit = refused.split(":")
+        who = user or "anonymous"
+        text = {"the gateway": f"this gateway already runs {count} kernels (max_kernels: {limit})",
+                "pool": f"pool {pool.name!r} already has {count} kernels (max_kernels: {limit})",
+                "user": f"user {who!r} already has {count} kernels (max_kernels_per_user: {limit})",
+                "pooluser": f"user {who!r} already has {count} kernels in pool {pool.name!r} "
+                            f"(pools.{pool.name}.max_kernels_per_user: {limit})"}[which]
+        log.info("Launch refused: %s", text)
+        return LimitExceeded(text + "; shut one down or ask an operator to raise the limit")
 
     def _wait_started(self, waiter: Any, kid: str, pool: PoolConfig, timeout: float,
                       t0: float) -> dict[str, Any]:
@@ -201,6 +233,7 @@ class KernelService:
                 if rec is None:
                     raise LaunchRejected(f"kernel {kid} was shut down while it was starting")
                 if rec.status is S.RUNNING:
+                    self.metrics.launched(rec, self.registry.get_field(kid, "taken"))
                     return self.model(rec)
                 if rec.status is S.FAILED:  # the client never had this kernel: forget it
                     self.registry.delete(kid, pool.name)
@@ -280,7 +313,8 @@ class KernelService:
         """Stop a kernel; idempotent for a kernel that is already going or gone (404 after)."""
         rec = self.registry.get(kid)
         if rec is None:
-            raise KernelNotFound(f"kernel {kid} not found")
+            self.missing(kid)
+        assert rec is not None
         if rec.status is S.QUEUED:
             ok, _ = self.registry.transition(kid, S.STOPPED, pool=rec.pool, reason="shut down")
             if ok:
@@ -293,9 +327,11 @@ class KernelService:
             return
         with self.events.waiter(kid) as waiter:
             self.registry.update(kid, target="STOPPED")
-            rec = self._check_alive(rec)
-            if rec.status is S.FAILED:
-                self.registry.delete(kid, rec.pool)
+            checked = self.check_alive(rec)
+            if checked is None:
+                return
+            if checked.status is S.FAILED:
+                self.registry.delete(kid, checked.pool)
                 return
             if rec.worker:
                 try:
@@ -312,9 +348,7 @@ class KernelService:
                 if now.status is S.FAILED:
                     self.registry.delete(kid, now.pool)
                     return
-                self._check_alive(now)
+                self.check_alive(now)
         log.warning("Kernel %s: still stopping after %.0fs; its supervisor will finish the job",
                     kid, self.config.gateway.control_timeout)
 
-    def reraise(self, data: dict[str, Any]) -> None:
-        raise from_data(data)

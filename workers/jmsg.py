@@ -74,3 +74,21 @@ def split(msg: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 def session_id() -> str:
     return os.urandom(16).hex()
+
+
+def encode_parts(parts: list[bytes]) -> bytes:
+    """Frames as one blob (count, then length-prefixed parts), for the replay buffer."""
+    import struct
+
+    return struct.pack("!I", len(parts)) + b"".join(struct.pack("!I", len(p)) + p for p in parts)
+
+
+def decode_parts(blob: bytes) -> list[bytes]:
+    import struct
+
+    (n,), pos, out = struct.unpack_from("!I", blob), 4, []
+    for _ in range(n):
+        (size,) = struct.unpack_from("!I", blob, pos)
+        out.append(blob[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    return out

@@ -31,6 +31,7 @@ from workers.protocol import ConnectionInfo, KernelStatus, sources_of
 
 PREFIX = "pg:"
 FAILED_RETENTION = 3600  # seconds a FAILED record stays readable (status: dead)
+REBUILD_GRACE = 5.0  # after a rebuild, a missing kernel is "not yet" (503) for this long
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -41,8 +42,42 @@ for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'STARTING' or ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   redis.call('ZREM', KEYS[3], KEYS[4])
 end
+if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
+  local pool = redis.call('HGET', KEYS[1], 'pool') or ''
+  local user = redis.call('HGET', KEYS[1], 'user') or ''
+  redis.call('SREM', 'pg:live', KEYS[4])
+  redis.call('SREM', 'pg:live:pool:' .. pool, KEYS[4])
+  redis.call('SREM', 'pg:live:user:' .. user, KEYS[4])
+  redis.call('SREM', 'pg:live:pooluser:' .. pool .. ':' .. user, KEYS[4])
+end
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return {1, cur}
+"""
+
+# Admission: check every kernel limit and write the QUEUED record in one atomic step, so
+# concurrent starts cannot overshoot a limit. ARGV: id, pool, user, 4 limits (0: none), then
+# the record's fields. Returns '' or the limit that refused.
+_ADMIT = """
+local id, pool, user = ARGV[1], ARGV[2], ARGV[3]
+local checks = {
+  {'pg:live', tonumber(ARGV[4]), 'the gateway'},
+  {'pg:live:pool:' .. pool, tonumber(ARGV[5]), 'pool'},
+  {'pg:live:user:' .. user, tonumber(ARGV[6]), 'user'},
+  {'pg:live:pooluser:' .. pool .. ':' .. user, tonumber(ARGV[7]), 'pooluser'},
+}
+for _, c in ipairs(checks) do
+  if c[2] > 0 then
+    local n = redis.call('SCARD', c[1])
+    if n >= c[2] then return c[3] .. ':' .. n .. ':' .. c[2] end
+  end
+end
+local ticket = redis.call('INCR', 'pg:ticket')
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'ticket', ticket)
+redis.call('SADD', 'pg:kernels', id)
+redis.call('ZADD', 'pg:q:' .. pool, ticket, id)
+for _, c in ipairs(checks) do redis.call('SADD', c[1], id) end
+return ''
 """
 
 _UPDATE = """
@@ -140,6 +175,7 @@ class Registry:
         self.r = redis.Redis.from_url(redis_url(url), health_check_interval=30)
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
+        self._admit = self.r.register_script(_ADMIT)
         self._fernet = None
         if secret:
             from cryptography.fernet import Fernet
@@ -148,22 +184,48 @@ class Registry:
 
     # -- records --------------------------------------------------------------------------
 
-    def create(self, rec: KernelRecord) -> KernelRecord:
-        """Write a new QUEUED record and take its place in the pool's queue."""
-        rec.ticket = int(self.r.incr(PREFIX + "ticket"))
-        pipe = self.r.pipeline()
-        pipe.hset(PREFIX + "k:" + rec.id, mapping=rec.to_hash())  # type: ignore[arg-type]
-        pipe.sadd(PREFIX + "kernels", rec.id)
-        pipe.zadd(PREFIX + "q:" + rec.pool, {rec.id: rec.ticket})
-        pipe.execute()
-        return rec
+    def create(self, rec: KernelRecord, limits: tuple[int, int, int, int] = (0, 0, 0, 0)) -> str:
+        """Write a new QUEUED record and queue it, unless a kernel limit refuses it.
+
+        ``limits``: live kernels at most overall, in the pool, per user, per user in the pool
+        (0: no limit). Returns '' when admitted, else ``"<which>:<count>:<limit>"``.
+        """
+        refused = self._admit(keys=[PREFIX + "k:" + rec.id],
+                              args=[rec.id, rec.pool, rec.user, *limits, *_encode_fields(rec.to_hash())])
+        return refused.decode() if isinstance(refused, bytes) else str(refused or "")
 
     def restore(self, rec: KernelRecord) -> None:
         """Write a record again that the registry lost (it keeps nothing on disk)."""
         pipe = self.r.pipeline()
         pipe.hset(PREFIX + "k:" + rec.id, mapping=rec.to_hash())  # type: ignore[arg-type]
         pipe.sadd(PREFIX + "kernels", rec.id)
+        for key in self._live_keys(rec.pool, rec.user):
+            pipe.sadd(key, rec.id)
         pipe.execute()
+
+    @staticmethod
+    def _live_keys(pool: str, user: str) -> list[str]:
+        return [PREFIX + "live", PREFIX + "live:pool:" + pool, PREFIX + "live:user:" + user,
+                PREFIX + "live:pooluser:" + pool + ":" + user]
+
+    # -- the registry's own life ----------------------------------------------------------
+
+    def epoch(self) -> dict[str, Any] | None:
+        """When this registry's data began; None if it lost everything (a restarted Redis)."""
+        raw = self.r.get(PREFIX + "epoch")
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
+    def mark_epoch(self, rebuilt: bool = False) -> bool:
+        """Start an epoch if none is set (``rebuilt``: after a loss); True if this call set it."""
+        value = json.dumps({"time": time.time(), "rebuilt": rebuilt})
+        return bool(self.r.set(PREFIX + "epoch", value, nx=True))
+
+    def rebuilding(self) -> bool:
+        """True while records may still be missing after the registry lost its data."""
+        epoch = self.epoch()
+        if epoch is None:
+            return True
+        return bool(epoch.get("rebuilt")) and time.time() - float(epoch["time"]) < REBUILD_GRACE
 
     def get(self, kid: str) -> KernelRecord | None:
         data = self.r.hgetall(PREFIX + "k:" + kid)
@@ -219,16 +281,22 @@ class Registry:
         v = self.r.hget(PREFIX + "k:" + kid, name)
         return v.decode() if isinstance(v, bytes) else None
 
-    def delete(self, kid: str, pool: str = "") -> None:
+    def delete(self, kid: str, pool: str = "", reason: str = "") -> None:
         """Remove a record and everything keyed by it, and tell listeners.
 
         A tombstone remembers the deletion for a while, so a supervisor can tell a kernel
         that was shut down from a record a restarted (empty) Redis lost.
         """
+        pool_user = self.r.hmget(PREFIX + "k:" + kid, ["pool", "user"])
+        pool = pool or (pool_user[0] or b"").decode()  # type: ignore[index]
+        user = (pool_user[1] or b"").decode()  # type: ignore[index]
         pipe = self.r.pipeline()
-        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
-        pipe.set(PREFIX + "gone:" + kid, "1", ex=FAILED_RETENTION)
+        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid,
+                    PREFIX + "buf:" + kid)
+        pipe.set(PREFIX + "gone:" + kid, reason or "shut down", ex=FAILED_RETENTION)
         pipe.srem(PREFIX + "kernels", kid)
+        for key in self._live_keys(pool, user):
+            pipe.srem(key, kid)
         if pool:
             pipe.zrem(PREFIX + "q:" + pool, kid)
         pipe.publish(PREFIX + "ev:" + kid, json.dumps({"id": kid, "status": "DELETED"}))
@@ -276,6 +344,43 @@ class Registry:
         members = self.r.zrange(PREFIX + "q:" + pool, 0, -1)
         return [m.decode() for m in members]  # type: ignore[union-attr]
 
+    # -- warm kernels ---------------------------------------------------------------------
+
+    def record_warm(self, worker: str, kid: str, handle: dict[str, Any]) -> None:
+        data = dict(handle)
+        if data.get("connection"):
+            data["connection"] = {**data["connection"], "key": ""}
+        self.r.hset(PREFIX + "warm:" + worker, kid, json.dumps(data))
+
+    def forget_warm(self, worker: str, kid: str) -> None:
+        self.r.hdel(PREFIX + "warm:" + worker, kid)
+
+    def warm_of(self, worker: str) -> dict[str, dict[str, Any]]:
+        raw = self.r.hgetall(PREFIX + "warm:" + worker)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+    # -- the replay buffer (iopub kept outside any gateway) --------------------------------
+
+    def buffer_iopub(self, kid: str, blobs: list[bytes], keep: int, ttl: float) -> None:
+        """Append iopub messages to the kernel's bounded replay buffer (newest ``keep``)."""
+        key = PREFIX + "buf:" + kid
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(key, *blobs)
+        pipe.ltrim(key, -keep, -1)
+        pipe.expire(key, int(ttl))
+        pipe.execute()
+
+    def buffered_iopub(self, kid: str) -> list[bytes]:
+        return list(self.r.lrange(PREFIX + "buf:" + kid, 0, -1))  # type: ignore[arg-type]
+
+    def mark_seen(self, kid: str, session: str, seen: dict[str, Any], ttl: float) -> None:
+        """What a gateway last delivered to a client session (for a replay by another gateway)."""
+        self.r.set(PREFIX + "seen:" + kid + ":" + session, json.dumps(seen), ex=max(1, int(ttl)))
+
+    def seen(self, kid: str, session: str) -> dict[str, Any] | None:
+        raw = self.r.get(PREFIX + "seen:" + kid + ":" + session)
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
     # -- heartbeats and connections -------------------------------------------------------
 
     def heartbeat(self, kid: str, worker: str, ttl: float) -> None:
@@ -288,9 +393,10 @@ class Registry:
             pipe.set(PREFIX + "hb:" + kid, worker, px=int(ttl * 1000))
         pipe.execute()
 
-    def deleted(self, kid: str) -> bool:
-        """True if the record was deleted on purpose (not lost with the registry's data)."""
-        return bool(self.r.exists(PREFIX + "gone:" + kid))
+    def deleted(self, kid: str) -> str | None:
+        """Why the record was deleted on purpose; None if not (or lost with the registry)."""
+        raw = self.r.get(PREFIX + "gone:" + kid)
+        return raw.decode() if isinstance(raw, bytes) else None
 
     def status_and_target(self, kid: str) -> tuple[str | None, str | None]:
         status, target = self.r.hmget(PREFIX + "k:" + kid, ["status", "target"])  # type: ignore[misc]
@@ -298,6 +404,21 @@ class Registry:
 
     def heartbeat_alive(self, kid: str) -> bool:
         return bool(self.r.exists(PREFIX + "hb:" + kid))
+
+    def gateway_heartbeat(self, instance: str, ttl: float) -> None:
+        self.r.set(PREFIX + "gw:" + instance, "1", px=int(ttl * 1000))
+
+    def live_gateways(self) -> set[str]:
+        return {k.decode()[len(PREFIX) + 3:] for k in self.r.scan_iter(PREFIX + "gw:*", count=500)}
+
+    def drop_connections(self, kid: str, keep: set[str]) -> int:
+        """Forget the connections held by gateways not in ``keep`` (they went away)."""
+        stale = [f for f in self.r.hkeys(PREFIX + "c:" + kid)  # type: ignore[union-attr]
+                 if f.decode().split(":", 1)[0] not in keep]
+        return int(self.r.hdel(PREFIX + "c:" + kid, *stale)) if stale else 0
+
+    def connection_count(self, kid: str) -> int:
+        return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
 
     def add_connection(self, kid: str, conn_id: str) -> None:
         self.r.hset(PREFIX + "c:" + kid, conn_id, str(time.time()))

@@ -53,6 +53,7 @@ class Runtime:
                 folder = Path(self.runtime_dir) / pool
                 folder.mkdir(parents=True, exist_ok=True)
                 self._launchers[pool] = launchers.create(self.config.pools[pool], str(folder))
+                self._launchers[pool].attach(self.registry)
             return self._launchers[pool]
 
     # -- slots ----------------------------------------------------------------------------
@@ -67,6 +68,11 @@ class Runtime:
             log.info("Worker %s: all %d slots in use; not taking launches", self.name, self.slots)
             self._call_consumer("cancel")
         self.beat()
+
+    def take_warm(self, pool: str, spec: str) -> Any:
+        """A ready warm kernel for ``spec`` on ``pool``, or None (see workers/warm.py)."""
+        warm = getattr(self, "warm", None)
+        return warm.take(pool, spec) if warm is not None else None
 
     def release_slot(self) -> None:
         with self._lock:
@@ -109,6 +115,11 @@ class Runtime:
     def start(self) -> None:
         from workers.supervisor import reap_orphans
 
+        self.registry.mark_epoch()
+        from workers.warm import WarmSet, reap_warm
+
+        reap_warm(self)
+        self.warm = WarmSet(self)
         reaped = reap_orphans(self)
         if reaped:
             log.warning("Worker %s: stopped %d kernels left from before a restart", self.name, reaped)
@@ -127,12 +138,29 @@ class Runtime:
                         self.registry.heartbeats(beats, self.name)
                 except Exception:
                     log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
+                self._rebuild_if_lost()
                 if time.monotonic() - last_worker_beat >= WORKER_TTL / 3:
                     last_worker_beat = time.monotonic()
                     self.beat()
 
         self._beat = threading.Thread(target=loop, name="poolgate-heartbeat", daemon=True)
         self._beat.start()
+        self.warm.start()
+
+    def _rebuild_if_lost(self) -> None:
+        """The registry lost its data (a Redis that keeps nothing restarted): write our
+        kernels' records again at once, then start a new epoch."""
+        try:
+            if self.registry.epoch() is not None:
+                return
+            log.warning("Worker %s: the registry lost its data; restoring %d kernel records",
+                        self.name, len(self.supervisors))
+            for sup in list(self.supervisors.values()):
+                sup.restore_record()
+            self.beat()
+            self.registry.mark_epoch(rebuilt=True)
+        except Exception:
+            log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
 
     def command(self, kernel_id: str, action: str) -> dict[str, Any]:
         sup = self.supervisors.get(kernel_id)

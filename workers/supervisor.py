@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from workers import jmsg
 from workers.errors import GatewayError, LaunchRejected
 from workers.protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
 from workers.registry import KernelRecord, now_iso
+from workers.warm import hand_over
 
 if TYPE_CHECKING:
     from workers.launchers.base import Launcher
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 S = KernelStatus
 STABLE_AFTER = 30.0  # a kernel that lived this long resets the count of quick deaths
+REPLAY_MAX_MESSAGE = 1 << 20  # larger iopub messages are not kept in the replay buffer
+REPLAY_TTL = 3600.0
 
 
 class Stop(Exception):
@@ -61,6 +65,10 @@ class Supervisor:
         self.iopub: zmq.Socket[bytes] | None = None
         self.record: KernelRecord | None = None
         self.beating = False  # the worker's heartbeat thread refreshes this kernel's heartbeat
+        self.active_at = time.monotonic()  # the kernel's last iopub message, for culling
+        self.state = "idle"
+        self.next_cull_check = 0.0
+        self.first_started = 0.0
 
     # -- called from the worker's control thread ------------------------------------------
 
@@ -86,11 +94,36 @@ class Supervisor:
         if self.record is None:
             return {"kernel_id": self.kid, "status": "SKIPPED", "reason": "record vanished"}
         self.req = LaunchRequest.from_dict(self.record.request)
+        return self._supervise(t0, adopted=False)
+
+    def adopt(self, rec: KernelRecord) -> bool:
+        """Take over a live kernel an earlier life of this worker launched (it came back
+        within the heartbeat TTL). Returns False when the kernel cannot be adopted."""
+        conn = self.reg.connection(self.kid)
+        if not rec.handle or conn is None:
+            return False
+        self.record, self.req = rec, LaunchRequest.from_dict(rec.request)
+        handle = KernelHandle.from_dict(rec.handle)
+        self.handle = KernelHandle(handle.kernel_id, handle.pool, handle.host, conn, handle.data)
+        if self.launcher.poll(self.handle) is not None:
+            return False
+        self.generation = rec.generation
+        self.started_at = self.first_started = time.time()
+        self._watch_iopub(conn)
+        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
+        self.beating = True
+        log.info("Kernel %s: adopted by worker %s after its restart", self.kid, self.rt.name)
+        threading.Thread(target=self._supervise, args=(time.time(), True), daemon=True,
+                         name=f"adopted-{self.kid[:8]}").start()
+        return True
+
+    def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
         self.rt.take_slot()
         status, reason = S.STOPPED, "shut down"
         try:
-            self._launch(first=True)
+            if not adopted:
+                self._launch(first=True)
             self._loop()
         except Stop as stop:
             status, reason = stop.status, stop.reason
@@ -113,10 +146,16 @@ class Supervisor:
         previous = None if first else self.handle
         t0 = time.time()
         log.info("Launching kernel %s (%s) on pool %s", self.kid, self.req.spec_name, self.pool.name)
+        warm = self.rt.take_warm(self.pool.name, self.req.spec_name) if first else None
         try:
-            for handle in self.launcher.launch(self.req, previous):
+            if warm is not None:  # a started kernel is handed over (workers/warm.py)
+                self.handle = KernelHandle(self.kid, warm.pool, warm.host, warm.connection, warm.data)
+                self.reg.update(self.kid, handle=stored(self.handle), host=warm.host)
+                hand_over(self.handle, self.req)
+                log.info("Kernel %s: a warm kernel was handed over", self.kid)
+            for handle in (self.launcher.launch(self.req, previous) if warm is None else ()):
                 self.handle = handle
-                self.reg.update(self.kid, handle=handle.to_dict(), host=handle.host)
+                self.reg.update(self.kid, handle=stored(handle), host=handle.host)
                 if self._target() == "STOPPED":
                     raise Stop("shut down while starting")
         except Stop:
@@ -128,23 +167,27 @@ class Supervisor:
             raise Stop(self._explain(f"launch failed: {exc}"), S.FAILED) from exc
         assert self.handle is not None and self.handle.connection is not None
         self.started_at = time.time()
+        self.first_started = self.first_started or self.started_at
         self._watch_iopub(self.handle.connection)
         timing = dict(self.record.timing if self.record else {})
         timing.update(launch=round(self.started_at - t0, 4))
+        # Connection and heartbeat first: a gateway that reads RUNNING without a heartbeat
+        # declares the kernel dead ("worker lost"), and a client told RUNNING connects at once.
+        self.reg.set_connection(self.kid, self.handle.connection)
+        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         ok, prev = self.reg.transition(
             self.kid, S.RUNNING, pool=self.pool.name, generation=self.generation,
             execution_state="idle", last_activity=now_iso(), timing=timing, reason="")
         if not ok:
             raise Stop(f"the record moved to {prev or 'deleted'} while starting")
-        self.reg.set_connection(self.kid, self.handle.connection)
-        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         self.beating = True
         log.info("Kernel %s running on %s after %.2fs", self.kid, self.handle.host, self.started_at - t0)
         if self.task is not None and first:
             meta = {"kernel_id": self.kid, "pool": self.pool.name, "host": self.handle.host,
                     "worker": self.rt.name, "user": self.req.user}
             self.task.update_state(state="RUNNING", meta=meta)
-            self.task.send_event("task-running", **meta)
+            # Flower keeps event fields on its task object: "worker" there must stay its own
+            self.task.send_event("task-running", **{k: v for k, v in meta.items() if k != "worker"})
 
     def _explain(self, message: str) -> str:
         detail = self.launcher.failure_detail(self.handle) if self.handle else ""
@@ -155,6 +198,7 @@ class Supervisor:
             self.iopub.close(linger=0)
         sock = zmq.Context.instance().socket(zmq.SUB)
         sock.linger = 0
+        sock.rcvhwm = 0  # never drop: the replay buffer must see every message
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(conn.url("iopub"))
         self.iopub = sock
@@ -192,20 +236,28 @@ class Supervisor:
 
     def _drain_iopub(self, sock: zmq.Socket[bytes], last_write: float) -> float:
         state = None
+        keep = self.pool.replay_buffer
+        blobs: list[bytes] = []
         for _ in range(1000):
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                parts, _ = jmsg.split(msg)
+                parts, buffers = jmsg.split(msg)
+                if keep and len(parts[3]) <= REPLAY_MAX_MESSAGE:
+                    blobs.append(jmsg.encode_parts(parts + buffers))
                 if b'"status"' in parts[0]:
                     content = json.loads(parts[3])
                     state = content.get("execution_state", state)
             except (ValueError, IndexError):
                 continue
+        if blobs:  # kept outside the gateways, so a client that reconnects anywhere gets it
+            self.reg.buffer_iopub(self.kid, blobs, keep, REPLAY_TTL)
         now = time.monotonic()
+        self.active_at = now
         if state is not None:
+            self.state = state
             self.reg.update(self.kid, execution_state=state, last_activity=now_iso())
             return now
         if now - last_write > 1.0:
@@ -221,23 +273,48 @@ class Supervisor:
         if status is None:
             if self.reg.deleted(self.kid):
                 raise Stop("shut down (its record was deleted)")
-            self._restore_record()
+            self.restore_record()
         elif status == "FAILED":
             raise Stop("declared dead by a gateway (no heartbeat)", S.FAILED)
         elif target == "STOPPED":
             raise Stop("shut down")
+        self._enforce_limits()
         died = self.launcher.poll(self.handle)
         if died is not None:
             self._auto_restart(died)
 
-    def _restore_record(self) -> None:
+    def _cull_timeout(self) -> float:
+        """The idle timeout: the kernelspec's ``metadata.poolgate.cull_idle_timeout``, else the pool's."""
+        spec = self.rt.config.kernelspecs.get(self.req.spec_name if self.req else "")
+        meta = (spec.metadata.get("poolgate") or {}) if spec else {}
+        value = meta.get("cull_idle_timeout") if isinstance(meta, dict) else None
+        return float(value) if isinstance(value, (int, float)) else self.pool.cull_idle_timeout
+
+    def _enforce_limits(self) -> None:
+        """Maximum lifetime, then idle culling with Jupyter Server's rules."""
+        now = time.monotonic()
+        if self.pool.max_lifetime and time.time() - self.first_started > self.pool.max_lifetime:
+            raise Stop(f"ended: it reached pool {self.pool.name!r}'s maximum lifetime of "
+                       f"{self.pool.max_lifetime:.0f}s (max_lifetime)")
+        timeout = self._cull_timeout()
+        if not timeout or now < self.next_cull_check:
+            return
+        self.next_cull_check = now + min(self.pool.cull_interval, timeout)
+        idle = now - self.active_at
+        if idle < timeout or (self.state == "busy" and not self.pool.cull_busy):
+            return
+        if not self.pool.cull_connected and self.reg.connection_count(self.kid) > 0:
+            return
+        raise Stop(f"culled: idle for {idle:.0f}s (cull_idle_timeout: {timeout:.0f}s)")
+
+    def restore_record(self) -> None:
         """The registry lost this kernel's record (a Redis that keeps nothing): write it again."""
         if self.record is None or self.handle is None or self.handle.connection is None:
             return
         log.warning("Kernel %s: record missing from the registry; restoring it", self.kid)
         self.record.status = S.RUNNING
         self.record.target = "RUNNING"
-        self.record.handle = self.handle.to_dict()
+        self.record.handle = stored(self.handle)
         self.record.generation = self.generation
         self.reg.restore(self.record)
         self.reg.set_connection(self.kid, self.handle.connection)
@@ -311,17 +388,35 @@ class Supervisor:
         else:
             log.info("Kernel %s on pool %s stopped: %s", self.kid, self.pool.name, reason)
             self.reg.transition(self.kid, S.STOPPED, pool=self.pool.name, reason=reason)
-            self.reg.delete(self.kid, self.pool.name)
+            self.reg.delete(self.kid, self.pool.name, reason=reason)
+
+
+def stored(handle: KernelHandle) -> dict[str, Any]:
+    """A handle as the registry keeps it: without the connection key (kept encrypted apart)."""
+    data = handle.to_dict()
+    if data.get("connection"):
+        data["connection"] = {**data["connection"], "key": ""}
+    return data
 
 
 def reap_orphans(runtime: Runtime) -> int:
-    """Kill what is still recorded under this worker's name from an earlier life of it."""
+    """Adopt or kill what is recorded under this worker's name from an earlier life of it.
+
+    A kernel still RUNNING (the worker came back within the heartbeat TTL) and alive is
+    adopted; anything else recorded under this name (FAILED is final) is stopped.
+    """
     count = 0
     for rec in runtime.registry.all():
         if rec.worker != runtime.name or rec.id in runtime.supervisors:
             continue
         if rec.status is S.STOPPED or (rec.status is S.FAILED and not rec.handle):
             continue
+        if rec.status is S.RUNNING and rec.pool in runtime.config.pools:
+            try:
+                if Supervisor(runtime, rec.id, rec.pool).adopt(rec):
+                    continue
+            except Exception:
+                log.exception("Kernel %s: could not adopt it; stopping it", rec.id)
         reason = f"worker {runtime.name} restarted; its earlier kernels were stopped"
         if rec.handle and rec.pool in runtime.config.pools:
             handle = KernelHandle.from_dict(rec.handle)

@@ -19,9 +19,12 @@ def list_kernels() -> Any:
 
 @bp.post("/api/kernels")
 def start_kernel() -> Any:
-    model = ctx()["service"].start(json_body())
+    body = json_body()
+    if request.args.get("wait") in ("0", "false", "no"):
+        body["wait"] = False
+    model = ctx()["service"].start(body)
     resp = jsonify(model)
-    resp.status_code = 201
+    resp.status_code = 201 if model["execution_state"] != "starting" else 202
     resp.headers["Location"] = request.script_root + request.path.rstrip("/") + "/" + model["id"]
     return resp
 

@@ -291,3 +291,48 @@ def test_second_gateway_serves_the_same_kernels(redis_stack: Stack) -> None:
     proc = redis_stack.gateways.pop()
     proc.terminate()
     proc.wait(10)
+
+
+def test_waiting_launch_returned_early_with_a_socket_that_works(redis_stack: Stack) -> None:
+    gw = redis_stack.gw
+    first = gw.start("tiny-py")["id"]
+    r = gw.post("/api/kernels?wait=false", json={"name": "tiny-py"})
+    assert r.status_code == 202, r.text
+    model = r.json()
+    kid = model["id"]
+    assert model["execution_state"] == "starting" and model["poolgate"]["queue_position"] == 1
+    ch = gw.channel(kid)  # accepted while the launch waits
+    status = ch.recv(10)
+    assert status["msg_type"] == "status" and status["content"]["execution_state"] == "starting"
+    mid = ch.send("execute_request", {"code": "'sent while queued'", "silent": False})
+    gw.shutdown(first)
+    res = ch.collect(mid, timeout=60)
+    assert res.result == "'sent while queued'"
+    assert gw.get(f"/api/kernels/{kid}").json()["execution_state"] in ("idle", "busy")
+    ch.close()
+    gw.shutdown(kid)
+
+
+def test_warm_kernels_are_handed_over(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import DB_BASE, REDIS, STACKS
+
+    pools = {"local": {"launcher": "local", "queue": f"warm{tmp_path.name[-6:]}", "slots": 3,
+                       "heartbeat_ttl": 3, "warm": {"python3": 1}}}
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3, pools=pools, specs={"tiny-py": None}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        time.sleep(3)  # the worker starts its warm kernel
+        for _ in range(2):
+            model = gw.start(env={"KERNEL_USERNAME": "wanda", "KERNEL_WORKING_DIR": str(tmp_path)})
+            assert model["poolgate"]["timing"]["launch"] < 0.2, model  # no process started
+            ch = gw.channel(model["id"])
+            res = ch.execute("import os; print(os.environ['KERNEL_ID'], "
+                             "os.environ['KERNEL_USERNAME'], os.getcwd())")
+            assert res.stdout.split() == [model["id"], "wanda", str(tmp_path)]
+            ch.close()
+            gw.shutdown(model["id"])
+            time.sleep(2)  # the warm set refills in the background
+    finally:
+        stack.stop()
+        STACKS.remove(stack)

@@ -44,3 +44,50 @@ def test_sigkill_worker_then_restart(fresh_stack: Stack) -> None:
     assert ch.execute("1+1").result == "2"
     ch.close()
     gw.shutdown(again)
+
+
+def test_connected_client_sees_dead_when_the_worker_dies(fresh_stack: Stack) -> None:
+    gw = fresh_stack.gw
+    kid = gw.start()["id"]
+    ch = gw.channel(kid)
+    assert ch.execute("1").result == "1"
+    fresh_stack.kill_worker("local")
+    deadline = time.monotonic() + 20
+    states = []
+    while "dead" not in states:
+        msg = ch.recv(max(0.1, deadline - time.monotonic()))
+        if msg["msg_type"] == "status":
+            states.append(msg["content"]["execution_state"])
+    ch.close()
+    fresh_stack.start_worker("local")  # reaps the orphan
+    gw.shutdown(kid)
+
+
+def test_worker_back_within_ttl_adopts_its_kernels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import DB_BASE, REDIS, STACKS
+
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3, ttl=12).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        pid = _kernel_pid(stack, kid)
+        ch = gw.channel(kid)
+        assert ch.execute("x = 1").status == "ok"
+        stack.kill_worker("local")
+        stack.start_worker("local")  # back well within the 12 s TTL
+        model = gw.get(f"/api/kernels/{kid}").json()
+        assert model["execution_state"] in ("idle", "busy"), model
+        assert ch.execute("x + 1").result == "2"  # the same process, its state intact
+        assert _kernel_pid(stack, kid) == pid
+        time.sleep(13)  # past the TTL: the adopted kernel's heartbeat is kept by its new owner
+        assert gw.get(f"/api/kernels/{kid}").json()["execution_state"] == "idle"
+        r = gw.post(f"/api/kernels/{kid}/restart")  # control reaches the adopting worker
+        assert r.status_code == 200, r.text
+        ch.close()
+        gw.shutdown(kid)
+        assert gw.get(f"/api/kernels/{kid}").status_code == 404
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        stack.stop()
+        STACKS.remove(stack)

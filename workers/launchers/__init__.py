@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 LAUNCHERS: dict[str, str] = {
     "local": "workers.launchers.local:LocalLauncher",
+    "gpu": "workers.launchers.gpu:GPULauncher",
+    "ssh": "workers.launchers.ssh:SSHLauncher",
 }
 
 
@@ -44,6 +46,14 @@ def validate_options(name: str, options: Mapping[str, Any], path: str) -> Mappin
         raise ConfigError(f"{path}.launcher: {exc}") from None
     build(cls.Options, options, f"{path}.options")
     return dict(options)
+
+
+def default_slots(pool: PoolConfig) -> int | None:
+    """What ``pool``'s launcher says a worker can host (Launcher.default_slots), or None."""
+    from workers.config import build
+
+    cls = resolve(pool.launcher)
+    return cls.default_slots(build(cls.Options, dict(pool.options), f"pools.{pool.name}.options"))
 
 
 def create(pool: PoolConfig, runtime_dir: str) -> Launcher:

@@ -10,6 +10,7 @@ from workers.protocol import KernelHandle, LaunchRequest
 
 if TYPE_CHECKING:
     from workers.config import PoolConfig
+    from workers.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class Launcher(abc.ABC):
         self.pool = pool
         self.options = options
         self.runtime_dir = runtime_dir
+        self.registry: Registry | None = None
+
+    def attach(self, registry: Registry) -> None:
+        """Called by the worker's Runtime once, right after creating the launcher. A launcher
+        whose state must be shared by every worker on its pool (ssh placement) keeps it there."""
+        self.registry = registry
 
     @abc.abstractmethod
     def launch(self, req: LaunchRequest,
@@ -61,6 +68,14 @@ class Launcher(abc.ABC):
     def runs_here(cls, options: Any) -> str | None:
         """None if ``poolgate serve`` can run this launcher on this machine; else why not."""
         return "it needs a resource manager; start its workers with 'poolgate worker'"
+
+    @classmethod
+    def default_slots(cls, options: Any) -> int | None:
+        """Called by ``poolgate worker`` when no ``--slots`` is given: how many kernels this
+        worker can host at once, from what its machine has (a gpu worker's free GPUs). None: use
+        the pool's ``slots``. 0: it can host none, and the worker does not start; runs_here()
+        says why."""
+        return None
 
     def failure_detail(self, handle: KernelHandle) -> str:
         """The tail of the kernel's own output, for a launch or death that needs explaining."""

@@ -23,6 +23,7 @@ from workers.config import python_argv
 from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
+from workers.resources import Confinement, Confiner, Limits, cleanup
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
@@ -34,6 +35,8 @@ class LocalOptions:
     ip: str = "127.0.0.1"          # where kernels listen; the address gateways reach them at
     port_range: str = ""           # "9000-9999": kernel ports come from this range
     transport: str = "tcp"
+    max_cpus_per_kernel: float = 0.0   # most cpus a kernel may ask (KERNEL_CPUS); 0: no limit
+    max_memory_per_kernel: str = ""    # most memory a kernel may ask, e.g. "8Gi"; "": no limit
 
 
 def parse_port_range(text: str) -> tuple[int, int] | None:
@@ -130,6 +133,7 @@ class LocalLauncher(Launcher):
         super().__init__(pool, options, runtime_dir)
         self.port_range = parse_port_range(options.port_range)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.confiner = Confiner()
 
     @classmethod
     def runs_here(cls, options: LocalOptions) -> str | None:
@@ -173,20 +177,25 @@ class LocalLauncher(Launcher):
         cfile.chmod(0o600)
         resource_dir = str(req.resources.get("resource_dir", ""))
         cmd = build_command(req.argv, str(cfile), resource_dir)
+        env = build_env(dict(os.environ), req)
+        held = self.confine(req, env)
+        cmd = [*held.prefix, *cmd]
         cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
         log = open(folder / "kernel.log", "ab")
         try:
-            proc = subprocess.Popen(cmd, env=build_env(dict(os.environ), req), cwd=cwd,
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         except OSError as exc:
+            cleanup(held.data)
             raise LaunchRejected(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
         finally:
             log.close()
         self._procs[proc.pid] = proc
         created = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else 0.0
         handle = KernelHandle(req.kernel_id, req.pool, host=socket.gethostname(),
-                              data={"pid": proc.pid, "create_time": created, "dir": str(folder)})
+                              data={"pid": proc.pid, "create_time": created, "dir": str(folder),
+                                    **held.data})
         yield handle
         conn = self._wait_connection_file(cfile, proc, deadline)
         return KernelHandle(handle.kernel_id, handle.pool, handle.host, conn, handle.data)
@@ -263,6 +272,12 @@ class LocalLauncher(Launcher):
                 except subprocess.TimeoutExpired:
                     pass
         shutil.rmtree(handle.data.get("dir") or self._dir(handle.kernel_id), ignore_errors=True)
+        cleanup(handle.data)
+
+    def confine(self, req: LaunchRequest, env: dict[str, str]) -> Confinement:
+        """Called by launch for each kernel process, before it starts: hold it to its cpus and
+        memory (workers/resources.py). Subclasses may add to ``env``; they return super()'s."""
+        return self.confiner.plan(req.kernel_id, Limits.of(req.resources))
 
     def failure_detail(self, handle: KernelHandle) -> str:
         path = Path(handle.data.get("dir") or self._dir(handle.kernel_id)) / "kernel.log"

@@ -75,3 +75,21 @@ def test_launch_failure_keeps_the_output(tmp_path: Path) -> None:
         list(gen)
     assert "nope: bad" in launcher.failure_detail(first)
     launcher.stop(first, grace=0)
+
+
+def test_warm_handover_code() -> None:
+    from workers.warm import handover_code
+
+    code = handover_code({"KERNEL_ID": "k", "KERNEL_USERNAME": "a'b"}, "/tmp")
+    ns: dict[str, object] = {}
+    import os
+
+    before = os.getcwd()
+    try:
+        exec(code, ns)  # noqa: S102 - the same code a warm kernel runs
+        assert os.environ["KERNEL_ID"] == "k" and os.environ["KERNEL_USERNAME"] == "a'b"
+        assert os.getcwd() == os.path.realpath("/tmp")
+    finally:
+        os.chdir(before)
+        os.environ.pop("KERNEL_ID", None)
+        os.environ.pop("KERNEL_USERNAME", None)

@@ -1,0 +1,38 @@
+"""Wires the operator's views into a gateway app: /api/pools, /metrics and the /pools page.
+
+Called once by ``create_app``; it also starts the thread that tallies failures and culls
+(``gateway/tally.py``). The root page leads to the dashboard unless another route owns it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, redirect, request, url_for
+
+from gateway import dashboard, metrics
+from gateway.api import pools
+from gateway.tally import TallyListener
+from workers import logs
+
+
+def install(app: Flask, prefix: str | None) -> None:
+    """Register the blueprints under ``prefix`` and connect the metrics hooks."""
+    ext: dict[str, Any] = app.extensions["poolgate"]
+    metrics.install(app)
+    for bp in (pools.bp, metrics.bp, dashboard.bp):
+        app.register_blueprint(bp, url_prefix=prefix)
+    app.before_request(_log_context)
+    listener = TallyListener(ext["registry"])
+    listener.start()
+    ext["tally"] = listener
+    root = (prefix or "") + "/"
+    if not any(rule.rule == root for rule in app.url_map.iter_rules()):
+        app.add_url_rule(root, "root_page", lambda: redirect(url_for("dashboard.page")))
+
+
+def _log_context() -> None:
+    """Each request starts its log lines afresh (threads are reused), with its kernel id."""
+    logs.clear()
+    kid = (request.view_args or {}).get("kernel_id")
+    if kid:
+        logs.bind(kernel_id=str(kid))

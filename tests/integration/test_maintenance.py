@@ -1,0 +1,71 @@
+"""The maintenance worker (Celery beat + reconcile): the registry is put right with no gateway
+and no client looking."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import RUN_ID, PrivateRedis
+from workers.protocol import KernelStatus
+from workers.reconcile import reconcile
+from workers.registry import KernelRecord, Registry
+
+POOLS = {"local": {"launcher": "local", "heartbeat_ttl": 2, "launch_timeout": 1}}
+
+
+def _record(reg: Registry, kid: str, status: KernelStatus, created: float) -> None:
+    rec = KernelRecord(id=kid, name="python3", pool="local", status=KernelStatus.QUEUED,
+                       worker="local-1@gone", created=created, launch_timeout=1)
+    assert reg.create(rec) == ""
+    if status is KernelStatus.RUNNING:
+        reg.transition(kid, KernelStatus.STARTING, pool="local")
+        reg.transition(kid, KernelStatus.RUNNING, pool="local")
+        reg.add_connection(kid, "deadgateway:session")
+
+
+def test_reconcile_pass(private_redis: PrivateRedis) -> None:
+    from workers.config import PoolConfig
+
+    reg = Registry(f"redis://127.0.0.1:{private_redis.port}/0")
+    _record(reg, "silent", KernelStatus.RUNNING, time.time())
+    _record(reg, "stale-launch", KernelStatus.QUEUED, time.time() - 60)
+    _record(reg, "fresh-launch", KernelStatus.QUEUED, time.time() + 60)
+    pools = {"local": PoolConfig(name="local", launcher="local", queue="local")}
+    changed = reconcile(reg, pools)
+    assert changed["failed"] == ["silent"] and changed["withdrawn"] == ["stale-launch"]
+    assert changed["connections_dropped"] == 1
+    silent = reg.get("silent")
+    assert silent is not None and silent.status is KernelStatus.FAILED
+    assert "no heartbeat" in silent.reason and silent.connections == 0
+    assert reg.get("stale-launch") is None and reg.deleted("stale-launch")
+    assert reg.get("fresh-launch") is not None
+
+
+def test_maintenance_worker_reconciles_on_its_own(tmp_path: Path, private_redis: PrivateRedis) -> None:
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    reg = Registry(url)
+    _record(reg, "silent", KernelStatus.RUNNING, time.time())
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text(yaml.safe_dump({"broker_url": url, "registry_url": url, "pools": POOLS}))
+    env = dict(os.environ, POOLGATE_DATA_DIR=str(tmp_path), POOLGATE_TEST_RUN=RUN_ID)
+    proc = subprocess.Popen([sys.executable, "-m", "poolgate", "maintenance", "--config", str(cfg)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            rec = reg.get("silent")
+            assert rec is not None
+            if rec.status is KernelStatus.FAILED:
+                break
+            time.sleep(0.5)
+        assert rec.status is KernelStatus.FAILED and "no heartbeat" in rec.reason
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

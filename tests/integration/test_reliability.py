@@ -1,0 +1,115 @@
+"""Promises about failures, each proved with real processes: a Redis that restarts empty,
+kernel limits under concurrent starts, idle culling and maximum lifetime."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+
+from tests.conftest import DB_BASE, STACKS, PrivateRedis, Stack
+
+
+def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis) -> None:
+    stack = Stack(tmp_path, "redis", db=0, redis_url=f"redis://127.0.0.1:{private_redis.port}").start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        ch = gw.channel(kid)
+        assert ch.execute("x = 41").status == "ok"
+        private_redis.kill()
+        private_redis.start()  # empty: it keeps nothing on disk
+        codes = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = gw.get(f"/api/kernels/{kid}")
+            codes.add(r.status_code)
+            if r.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert 404 not in codes and r.status_code == 200, codes  # 503 while rebuilding, never 404
+        assert kid in [k["id"] for k in gw.kernels()]
+        assert ch.execute("x + 1", timeout=30).result == "42"  # same kernel, same state
+        ch.close()
+        # new launches work again once the broker is back
+        other = gw.start()["id"]
+        gw.shutdown(other)
+        gw.shutdown(kid)
+        assert gw.get(f"/api/kernels/{kid}").status_code == 404
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+def test_limits_hold_under_concurrent_starts(tmp_path: Path) -> None:
+    pools = {"local": {"launcher": "local", "queue": f"lim{tmp_path.name[-6:]}", "slots": 6,
+                       "heartbeat_ttl": 3, "max_kernels_per_user": 2, "max_kernels": 3}}
+    stack = Stack(tmp_path, "redis", db=DB_BASE + 3, pools=pools, specs={"tiny-py": None}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+
+        def start(user: str) -> tuple[int, dict]:
+            r = gw.post("/api/kernels", json={"env": {"KERNEL_USERNAME": user}})
+            return r.status_code, r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(start, ["alice"] * 5 + ["bob"] * 3))
+        ok = [body for code, body in results if code == 201]
+        refused = [body for code, body in results if code == 403]
+        assert len(ok) == 3 and len(refused) == 5, results
+        per_user = {}
+        for code, body in results:
+            if code == 201:
+                per_user[body["id"]] = code
+        alice_ok = sum(1 for (code, body), u in zip(results, ["alice"] * 5 + ["bob"] * 3)
+                       if code == 201 and u == "alice")
+        assert alice_ok <= 2
+        assert all(b["reason"] == "limit_exceeded" and "max_kernels" in b["message"] for b in refused)
+        for body in ok:
+            gw.shutdown(body["id"])
+        assert start("alice")[0] == 201  # freed places can be taken again
+        for k in gw.kernels():
+            gw.shutdown(k["id"])
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+SHORT_SPEC = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+              "display_name": "short", "language": "python",
+              "metadata": {"poolgate": {"pool": "short"}}}
+
+
+def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
+    pools = {"local": {"launcher": "local", "queue": f"cull{tmp_path.name[-6:]}", "slots": 4,
+                       "heartbeat_ttl": 3, "cull_idle_timeout": 3, "cull_interval": 0.5},
+             "short": {"launcher": "local", "queue": f"short{tmp_path.name[-6:]}", "slots": 2,
+                       "heartbeat_ttl": 3, "max_lifetime": 3}}
+    stack = Stack(tmp_path, "redis", db=DB_BASE + 3, pools=pools,
+                  specs={"tiny-py": None, "short-py": SHORT_SPEC}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        connected = gw.start()["id"]
+        ch_conn = gw.channel(connected)  # a client holds it: not culled (cull_connected off)
+        busy = gw.start()["id"]
+        ch_busy = gw.channel(busy)
+        ch_busy.send("execute_request", {"code": "import time; time.sleep(9)", "silent": False})
+        short = gw.start("short-py")["id"]
+        ch_short = gw.channel(short)
+        idle = gw.start()["id"]
+        time.sleep(5.5)
+        r = gw.get(f"/api/kernels/{idle}")
+        assert r.status_code == 404 and "culled: idle" in r.json()["message"]
+        assert gw.get(f"/api/kernels/{busy}").status_code == 200  # busy kernels are not culled
+        assert gw.get(f"/api/kernels/{connected}").status_code == 200  # nor connected ones
+        r = gw.get(f"/api/kernels/{short}")  # connected, but past its pool's max_lifetime
+        assert r.status_code == 404 and "maximum lifetime of 3s" in r.json()["message"]
+        for ch in (ch_busy, ch_conn, ch_short):
+            ch.close()
+        for kid in (busy, connected):
+            gw.shutdown(kid)
+    finally:
+        stack.stop()
+        STACKS.remove(stack)

@@ -1,0 +1,126 @@
+"""Log setup shared by the gateway and the workers: text or one JSON object per line.
+
+Rule: modules log with their own loggers and lazy ``%s`` arguments; this module only adds
+handlers, never at import. Every line carries the kernel id, pool and user it is about when
+they are known: bound for the current thread (:func:`bound`, :func:`bind`) by the task that
+hosts a kernel and by the gateway request that serves one, or else the first kernel id among
+the message's arguments. Secrets are masked on every line: passwords in URLs and the values of
+``token=``, ``password=``, ``secret=`` and ``key=`` pairs.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+FIELDS = ("kernel_id", "pool", "user")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("poolgate_log",
+                                                                          default={})
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+SECRET_PAIR = re.compile(r"(?i)\b([\w.-]*(?:token|password|passwd|secret|credentials?|api_?key|"
+                         r"access_?key|private_?key)|key)(['\"]?\s*[=:]\s*['\"]?)"
+                         r"(?!\*\*\*)([^\s'\",}&]+)")
+
+
+def mask(text: str) -> str:
+    """``text`` with URL passwords and secret-looking ``name=value`` pairs hidden (pure)."""
+    return SECRET_PAIR.sub(r"\1\2***", URL_PASSWORD.sub(r"\1***@", text))
+
+
+def bind(**fields: str) -> None:
+    """Attach kernel fields to this thread's log lines until :func:`clear`."""
+    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+
+
+def clear() -> None:
+    _context.set({})
+
+
+@contextlib.contextmanager
+def bound(**fields: str) -> Iterator[None]:
+    """Attach kernel fields to the log lines written inside the ``with`` block."""
+    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class KernelFields(logging.Filter):
+    """Adds ``kernel_id``, ``pool`` and ``user`` to records, and masks the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _context.get()
+        for name in FIELDS:
+            if not getattr(record, name, None):
+                setattr(record, name, ctx.get(name, ""))
+        if not record.kernel_id:  # type: ignore[attr-defined]
+            args = record.args.values() if isinstance(record.args, Mapping) else record.args or ()
+            record.kernel_id = next((a for a in args if isinstance(a, str) and UUID.match(a)), "")
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as usual
+            return True
+        record.msg, record.args = mask(message), ()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, kernel fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for name in FIELDS:
+            value = getattr(record, name, "")
+            if value:
+                out[name] = value
+        if record.exc_info:
+            out["exception"] = mask(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False)
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure(handler: logging.Handler, fmt: str) -> None:
+    """Give one handler poolgate's formatter and filter (idempotent)."""
+    handler.setFormatter(formatter(fmt))
+    if not any(isinstance(f, KernelFields) for f in handler.filters):
+        handler.addFilter(KernelFields())
+
+
+def setup(level: str, fmt: str = "text") -> None:
+    """Log to stderr at ``level``, as text or JSON (called by the poolgate commands)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        configure(handler, fmt)
+
+
+def for_worker(fmt: str) -> None:
+    """Apply the format to the handlers Celery sets up when the worker starts."""
+    from celery.signals import after_setup_logger, after_setup_task_logger
+
+    def _apply(logger: logging.Logger | None = None, **_: Any) -> None:
+        for target in (logger, logging.getLogger()):
+            for handler in (target.handlers if target is not None else []):
+                if fmt == "json":  # text keeps Celery's own format
+                    handler.setFormatter(JsonFormatter())
+                if not any(isinstance(f, KernelFields) for f in handler.filters):
+                    handler.addFilter(KernelFields())
+
+    after_setup_logger.connect(_apply, weak=False)
+    after_setup_task_logger.connect(_apply, weak=False)

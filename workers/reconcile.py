@@ -1,0 +1,60 @@
+"""Bring the registry into agreement with what is really alive (shared by gateways and the
+maintenance task; registry operations only).
+
+* a live kernel whose supervisor stopped beating is FAILED ("worker lost"), so clients see dead;
+* a launch still queued past its timeout is withdrawn, so it never starts later;
+* connection entries of gateways that went away are dropped, so culling can see the truth.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from workers.config import PoolConfig
+from workers.protocol import KernelStatus
+from workers.registry import KernelRecord, Registry
+
+log = logging.getLogger(__name__)
+S = KernelStatus
+SILENT_STATES = (S.RUNNING, S.RESTARTING, S.STOPPING)
+
+
+def settle(registry: Registry, rec: KernelRecord, pools: Mapping[str, PoolConfig]
+           ) -> tuple[KernelRecord | None, bool]:
+    """Check one record; returns (the record now or None if gone, True if it was withdrawn)."""
+    if rec.status is S.QUEUED and time.time() > rec.created + rec.launch_timeout + 1:
+        ok, _ = registry.transition(rec.id, S.STOPPED, pool=rec.pool,
+                                    reason="launch timed out in the queue")
+        if ok:
+            registry.delete(rec.id, rec.pool, reason="launch timed out in the queue")
+        return registry.get(rec.id), ok
+    if rec.status in SILENT_STATES and not registry.heartbeat_alive(rec.id):
+        ttl = pools[rec.pool].heartbeat_ttl if rec.pool in pools else 0
+        reason = f"worker {rec.worker} lost: no heartbeat for {ttl:.0f}s; the kernel is considered dead"
+        ok, _ = registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
+                                    execution_state="dead")
+        if ok:
+            log.warning("Kernel %s: %s", rec.id, reason)
+            registry.expire_failed(rec.id)
+        return registry.get(rec.id), False
+    return rec, False
+
+
+def reconcile(registry: Registry, pools: Mapping[str, PoolConfig]) -> dict[str, Any]:
+    """One pass over every record; returns what it changed."""
+    failed, withdrawn, dropped = [], [], 0
+    gateways = registry.live_gateways()
+    for rec in registry.all():
+        was = rec.status
+        now, gone = settle(registry, rec, pools)
+        if gone:
+            withdrawn.append(rec.id)
+        elif now is not None and now.status is S.FAILED and was is not S.FAILED:
+            failed.append(rec.id)
+        dropped += registry.drop_connections(rec.id, keep=gateways)
+    if failed or withdrawn or dropped:
+        log.info("Reconciled: %d kernels dead (worker lost), %d launches withdrawn, %d stale "
+                 "connections dropped", len(failed), len(withdrawn), dropped)
+    return {"failed": failed, "withdrawn": withdrawn, "connections_dropped": dropped}
