@@ -69,6 +69,7 @@ class Supervisor:
         self.state = "idle"
         self.next_cull_check = 0.0
         self.first_started = 0.0
+        self.taken_at = 0.0
 
     # -- called from the worker's control thread ------------------------------------------
 
@@ -83,7 +84,7 @@ class Supervisor:
     # -- the task body --------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        t0 = time.time()
+        t0 = self.taken_at = time.time()
         ok, prev = self.reg.transition(self.kid, S.STARTING, pool=self.pool.name,
                                        worker=self.rt.name, taken=t0)
         if not ok:
@@ -170,7 +171,7 @@ class Supervisor:
         self.first_started = self.first_started or self.started_at
         self._watch_iopub(self.handle.connection)
         timing = dict(self.record.timing if self.record else {})
-        timing.update(launch=round(self.started_at - t0, 4))
+        timing.update(launch=round(self.started_at - t0, 4), taken=self.taken_at)
         # Connection and heartbeat first: a gateway that reads RUNNING without a heartbeat
         # declares the kernel dead ("worker lost"), and a client told RUNNING connects at once.
         self.reg.set_connection(self.kid, self.handle.connection)

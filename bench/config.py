@@ -1,0 +1,27 @@
+"""Scenario sizes: the full defaults and the --quick smoke sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does in one round."""
+
+    starts: int = 10  # 1: sequential starts
+    executes: int = 200  # 2: `1+1` round trips on one kernel
+    iopub_mb: float = 200.0  # 3: MB (1e6 bytes) of stdout printed by one cell
+    concurrent: tuple[int, ...] = (1, 8, 32, 100)  # 4: K concurrent starts
+    busy_kernels: int = 32  # 5: kernels executing in a loop at once
+    busy_seconds: float = 10.0  # 5: how long they loop
+    memory_kernels: int = 16  # 6: idle kernels, one WebSocket each
+    start_timeout: float = 60.0  # per kernel, plus 2 s per concurrent start
+    exec_timeout: float = 30.0  # one `1+1`
+
+
+FULL = Sizes()
+QUICK = Sizes(starts=2, executes=20, iopub_mb=5.0, concurrent=(1, 4), busy_kernels=4,
+              busy_seconds=2.0, memory_kernels=2)
+
+SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy")

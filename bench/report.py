@@ -1,0 +1,112 @@
+"""Medians over rounds, the final table with ×floor ratios, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.runner import TargetResult
+
+# key -> (label, ratio shown). Keys matched by a pattern come after the fixed ones.
+LABELS: dict[str, tuple[str, bool]] = {
+    "start.p50_s": ("1 start → kernel_info p50 (s) ↓", True),
+    "start.max_s": ("1 start → kernel_info max (s) ↓", True),
+    "start.failures": ("1 start failures", False),
+    "execute.p50_ms": ("2 execute 1+1 p50 (ms) ↓", True),
+    "execute.p95_ms": ("2 execute 1+1 p95 (ms) ↓", True),
+    "execute.p99_ms": ("2 execute 1+1 p99 (ms) ↓", True),
+    "iopub.mb_s": ("3 iopub stdout (MB/s) ↑", True),
+    "iopub.lost_bytes": ("3 iopub bytes lost", False),
+    "iopub.timeouts": ("3 iopub timed out (rounds)", False),
+    "busy.exec_per_s": ("5 busy kernels, executes/s ↑", True),
+    "busy.failures": ("5 busy kernels, failed starts", False),
+    "memory.gateway_mb_per_kernel": ("6 gateway MB/kernel, excl. kernels ↓", False),
+    "memory.tree_mb_per_kernel": ("6 MB/kernel incl. kernel processes ↓", False),
+    "memory.idle_mb": ("6 gateway RSS idle (MB)", False),
+    "memory.failures": ("6 memory, failed starts", False),
+}
+PATTERNS: list[tuple[str, str, bool]] = [
+    (r"concurrent\.k(\d+)\.all_ready_s", "4 {0} concurrent starts, all ready (s) ↓", True),
+    (r"concurrent\.k(\d+)\.failures", "4 {0} concurrent starts, failures", False),
+    (r"launch\.timings", "7 launch hop (model's poolgate timings)", False),
+    (r"launch\.(.+)@", "7 launch hop: {0} at (s after POST)", False),
+    (r"launch\.(.+)", "7 launch hop: {0} (s)", False),
+]
+
+
+def label(key: str) -> tuple[str, bool]:
+    if key in LABELS:
+        return LABELS[key]
+    for pattern, text, ratio in PATTERNS:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return text.format(*m.groups()), ratio
+    return key, False
+
+
+def sort_key(key: str) -> tuple[str, int, int, str]:
+    """By scenario number, then K, then the order of LABELS / PATTERNS."""
+    text = label(key)[0]
+    m = re.match(r"concurrent\.k(\d+)\.", key)
+    order = list(LABELS).index(key) if key in LABELS else len(LABELS) + next(
+        (i for i, (p, _, _) in enumerate(PATTERNS) if re.fullmatch(p, key)), len(PATTERNS))
+    return text[:1], int(m.group(1)) if m else 0, order, text
+
+
+def medians(result: TargetResult) -> dict[str, float | None]:
+    """Per metric, the median of the rounds that have a number; None if none has."""
+    keys = {k for r in result.rounds for k in r}
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [v for r in result.rounds if (v := r.get(key)) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def cell(value: float | None, floor: float | None, ratio: bool) -> str:
+    text = fmt(value)
+    if ratio and value is not None and floor:
+        text += f" (×{value / floor:.2f})"
+    return text
+
+
+def table(results: list[TargetResult]) -> str:
+    """The scenario | target... table; unavailable targets get one line each below it."""
+    meds = {r.name: medians(r) for r in results}
+    floor = meds.get("floor", {})
+    keys = sorted({k for m in meds.values() for k in m}, key=sort_key)
+    if "launch.timings" in keys and sum(k.startswith("launch.") for k in keys) > 1:
+        keys.remove("launch.timings")  # placeholder row, only while no target reports any
+    header = ["scenario", *(r.name for r in results)]
+    rows = [header]
+    for key in keys:
+        text, ratio = label(key)
+        rows.append([text, *(cell(meds[r.name].get(key), floor.get(key), ratio)
+                             if r.rounds else "—" for r in results)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"{r.name}: {r.status.splitlines()[0]}")
+        for err in r.errors:
+            lines.append(f"{r.name}: error: {err.splitlines()[0]}")
+    lines.append("↓ lower is better, ↑ higher is better; (×N) = value / floor's value; "
+                 "values are medians over rounds.")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: list[TargetResult], meta: dict[str, Any]) -> None:
+    doc = {"meta": meta, "targets": {
+        r.name: {"status": r.status, "errors": r.errors, "seconds": r.seconds, "info": r.info,
+                 "median": medians(r), "rounds": r.rounds} for r in results}}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,276 @@
+"""The scenarios: each runs one round against a target and returns its metrics.
+
+Rule: a scenario shuts down what it started before returning; on an error the runner's
+`target.cleanup()` ends whatever is left. Metric keys are "<scenario>.<name>"; a value of
+None means not applicable to this target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench.client import KernelConnection
+from bench.config import Sizes
+from bench.procs import is_kernel, rss_mb
+from bench.progress import say
+from bench.targets.base import KernelRef, Target
+
+Metrics = dict[str, float | None]
+Ready = tuple[KernelRef, KernelConnection, float]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation, as numpy's default."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+async def watch(target: Target, ref: KernelRef, wait: Awaitable[float]) -> None:
+    """Await `wait`, but fail as soon as the target reports the kernel dead."""
+    task = asyncio.ensure_future(wait)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and not await target.kernel_alive(ref):
+                raise RuntimeError("kernel process died")
+        await task
+    finally:
+        task.cancel()
+
+
+class StartFailed(RuntimeError):
+    """A kernel did not become ready; the message names the stage it was in."""
+
+
+async def ready_kernel(target: Target, timeout: float) -> Ready:
+    """Start a kernel, open its connection, get kernel_info; return seconds from the request."""
+    t0 = time.perf_counter()
+    stage, ref, conn = "POST /api/kernels", None, None
+    try:
+        async with asyncio.timeout(timeout):
+            ref = await target.start_kernel()
+            stage = f"connect to {ref.kernel_id}"
+            conn = await target.connect(ref)
+            stage = f"kernel_info from {ref.kernel_id}"
+            await watch(target, ref, conn.kernel_info(timeout))
+    except Exception as exc:
+        if conn is not None:
+            await conn.close()
+        reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
+        raise StartFailed(f"{stage}: {reason} after {time.perf_counter() - t0:.1f}s") from exc
+    assert ref is not None and conn is not None
+    return ref, conn, time.perf_counter() - t0
+
+
+async def start_many(target: Target, k: int, sizes: Sizes) -> tuple[list[Ready], int]:
+    """Start k kernels at once; return the ready ones and the number that failed."""
+    timeout = sizes.start_timeout + 2.0 * k
+    results = await asyncio.gather(*(ready_kernel(target, timeout) for _ in range(k)),
+                                   return_exceptions=True)
+    ready = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    for err in errors[:3]:
+        say(f"{target.name}: a start failed: {err}"[:400])
+    return ready, len(errors)
+
+
+async def close_all(target: Target, ready: list[Ready]) -> None:
+    await asyncio.gather(*(conn.close() for _, conn, _ in ready), return_exceptions=True)
+    await target.cleanup()
+
+
+async def run_code(conn: KernelConnection, code: str, timeout: float) -> float:
+    """Execute `code`; raise if it did not complete and succeed; return seconds."""
+    res = await conn.execute(code, timeout)
+    if not res.complete or res.status != "ok":
+        raise RuntimeError(f"execute {code!r}: status={res.status!r} complete={res.complete}")
+    return res.seconds
+
+
+def memory_now(target: Target) -> tuple[float, float]:
+    """(gateway MB without kernel processes, MB of the whole tree with kernels)."""
+    procs = [p for mp in target.server_processes() or [] for p in mp.tree()]
+    kernels = [p for p in procs if is_kernel(p)]
+    total = rss_mb(procs)
+    return total - rss_mb(kernels), total
+
+
+async def scenario_memory(target: Target, sizes: Sizes) -> Metrics:
+    """6: gateway RSS growth per idle kernel that has one WebSocket open."""
+    if target.server_processes() is None:
+        return {"memory.gateway_mb_per_kernel": None, "memory.tree_mb_per_kernel": None,
+                "memory.idle_mb": None}
+    await asyncio.sleep(1.0)
+    gw0, tree0 = memory_now(target)
+    ready, failed = await start_many(target, sizes.memory_kernels, sizes)
+    try:
+        if not ready:
+            raise RuntimeError("no kernel started")
+        await asyncio.sleep(2.0)
+        gwk, treek = memory_now(target)
+    finally:
+        await close_all(target, ready)
+    k = len(ready)
+    return {"memory.gateway_mb_per_kernel": (gwk - gw0) / k,
+            "memory.tree_mb_per_kernel": (treek - tree0) / k,
+            "memory.idle_mb": gw0, "memory.failures": float(failed)}
+
+
+EPOCH_2001 = 1e9  # a number above this in the timing section is a Unix timestamp
+
+
+def launch_fields(model: dict[str, Any] | None, requested_at: float) -> dict[str, float]:
+    """7: the numeric fields under the model's "poolgate" key (e.g. its "timing"), flattened.
+
+    Durations are kept as they are; Unix timestamps become seconds after the bench sent
+    its POST (`requested_at`), so both read as seconds on one scale.
+    """
+    out: dict[str, float] = {}
+
+    def walk(section: dict[str, Any], prefix: str) -> None:
+        for key, value in section.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}.{key}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value > EPOCH_2001:
+                    out[f"{prefix}.{key}@"] = float(value) - requested_at
+                else:
+                    out[f"{prefix}.{key}"] = float(value)
+
+    section = (model or {}).get("poolgate")
+    if isinstance(section, dict):
+        walk(section, "launch")
+    return out
+
+
+async def scenario_start(target: Target, sizes: Sizes) -> Metrics:
+    """1: sequential starts, request to first kernel_info_reply; 7: launch timing hook."""
+    times: list[float] = []
+    hops: dict[str, list[float]] = {}
+    failures = 0
+    for _ in range(sizes.starts):
+        requested_at = time.time()
+        try:
+            ref, conn, seconds = await ready_kernel(target, sizes.start_timeout)
+        except StartFailed as exc:
+            failures += 1
+            say(f"{target.name}: a start failed: {exc}")
+            await target.cleanup()
+            continue
+        times.append(seconds)
+        model = await target.kernel_model(ref)
+        for key, value in launch_fields(model, requested_at).items():
+            hops.setdefault(key, []).append(value)
+        await conn.close()
+        await target.shutdown_kernel(ref)
+    if not times:
+        raise RuntimeError(f"all {failures} starts failed")
+    out: Metrics = {"start.p50_s": statistics.median(times), "start.max_s": max(times),
+                    "start.failures": float(failures)}
+    out.update({key: statistics.median(vals) for key, vals in hops.items()})
+    if not hops:
+        out["launch.timings"] = None
+    return out
+
+
+async def with_one_kernel(target: Target, sizes: Sizes,
+                          body: Callable[[KernelConnection], Awaitable[Metrics]]) -> Metrics:
+    ref, conn, _ = await ready_kernel(target, sizes.start_timeout)
+    try:
+        return await body(conn)
+    finally:
+        await conn.close()
+        await target.shutdown_kernel(ref)
+
+
+async def scenario_execute(target: Target, sizes: Sizes) -> Metrics:
+    """2: `1+1` round trips on one kernel (execute_reply and idle), p50/p95/p99 in ms."""
+    async def body(conn: KernelConnection) -> Metrics:
+        for _ in range(5):
+            await run_code(conn, "1+1", sizes.exec_timeout)
+        ms = [1000 * await run_code(conn, "1+1", sizes.exec_timeout)
+              for _ in range(sizes.executes)]
+        return {"execute.p50_ms": percentile(ms, 50), "execute.p95_ms": percentile(ms, 95),
+                "execute.p99_ms": percentile(ms, 99)}
+    return await with_one_kernel(target, sizes, body)
+
+
+def print_code(lines: int) -> str:
+    """A cell that prints `lines` lines of 1000 bytes, flushing every 250 lines (250 kB)."""
+    return ("import sys\n_l = 'x' * 999 + '\\n'\n_w, _f = sys.stdout.write, sys.stdout.flush\n"
+            f"for _i in range({lines}):\n    _w(_l)\n    if _i % 250 == 249:\n        _f()\n"
+            "_f()\n")
+
+
+async def scenario_iopub(target: Target, sizes: Sizes) -> Metrics:
+    """3: stdout throughput of one printing cell; bytes that never arrived count as lost."""
+    lines = max(1, int(sizes.iopub_mb * 1000))
+    expected = lines * 1000
+    timeout = 60.0 + 1.0 * sizes.iopub_mb
+
+    async def body(conn: KernelConnection) -> Metrics:
+        await run_code(conn, "1+1", sizes.exec_timeout)
+        res = await conn.execute(print_code(lines), timeout)
+        return {"iopub.mb_s": res.stdout_bytes / 1e6 / res.seconds,
+                "iopub.lost_bytes": float(expected - res.stdout_bytes),
+                "iopub.timeouts": 0.0 if res.complete else 1.0}
+    return await with_one_kernel(target, sizes, body)
+
+
+async def scenario_concurrent(target: Target, sizes: Sizes) -> Metrics:
+    """4: K kernels requested at once; seconds until the last one answered kernel_info."""
+    out: Metrics = {}
+    for k in sizes.concurrent:
+        t0 = time.perf_counter()
+        ready, failed = await start_many(target, k, sizes)
+        out[f"concurrent.k{k}.all_ready_s"] = max((s for _, _, s in ready), default=None)
+        out[f"concurrent.k{k}.failures"] = float(failed)
+        say(f"{target.name}: {k} concurrent starts: {len(ready)} ready, {failed} failed, "
+            f"{time.perf_counter() - t0:.1f}s")
+        await close_all(target, ready)
+        await asyncio.sleep(1.0)
+    return out
+
+
+async def busy_loop(conn: KernelConnection, deadline: float, timeout: float) -> int:
+    done = 0
+    while time.perf_counter() < deadline:
+        res = await conn.execute("1+1", timeout)
+        if not res.complete:
+            break
+        done += 1
+    return done
+
+
+async def scenario_busy(target: Target, sizes: Sizes) -> Metrics:
+    """5: executes per second over N kernels that each run `1+1` in a loop."""
+    ready, failed = await start_many(target, sizes.busy_kernels, sizes)
+    try:
+        if not ready:
+            raise RuntimeError("no kernel started")
+        await asyncio.gather(*(run_code(c, "1+1", sizes.exec_timeout) for _, c, _ in ready))
+        t0 = time.perf_counter()
+        deadline = t0 + sizes.busy_seconds
+        counts = await asyncio.gather(*(busy_loop(c, deadline, sizes.exec_timeout)
+                                        for _, c, _ in ready))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await close_all(target, ready)
+    return {"busy.exec_per_s": sum(counts) / elapsed, "busy.failures": float(failed)}
+
+
+SCENARIO_FUNCS: dict[str, Callable[[Target, Sizes], Awaitable[Metrics]]] = {
+    "memory": scenario_memory,
+    "start": scenario_start,
+    "execute": scenario_execute,
+    "iopub": scenario_iopub,
+    "concurrent": scenario_concurrent,
+    "busy": scenario_busy,
+}

@@ -1,0 +1,18 @@
+"""The targets a bench run can measure, by name."""
+
+from __future__ import annotations
+
+from bench.targets.base import RunContext, Target, TargetUnavailable
+from bench.targets.floor import FloorTarget
+from bench.targets.poolgate import PoolgateRedisTarget, PoolgateTarget
+from bench.targets.reference import EnterpriseGatewayTarget, KernelGatewayTarget
+
+TARGETS: dict[str, type[Target]] = {
+    "floor": FloorTarget,
+    "poolgate": PoolgateTarget,
+    "poolgate-redis": PoolgateRedisTarget,
+    "eg": EnterpriseGatewayTarget,
+    "kg": KernelGatewayTarget,
+}
+
+__all__ = ["TARGETS", "RunContext", "Target", "TargetUnavailable"]

@@ -1,0 +1,123 @@
+"""poolgate (embedded `poolgate serve`) and poolgate-redis (worker + gateway on a Redis).
+
+Both use the `poolgate` console script of the bench's own environment, as a user would.
+Readiness: GET /api answers 200, and a log line containing "ready" was printed (by
+`poolgate serve`, or by the worker for poolgate-redis); without such a line the bench goes
+on after READY_LINE_GRACE seconds of /api answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.procs import ManagedProcess, free_port
+from bench.progress import say
+from bench.targets.base import GatewayTarget, TargetUnavailable
+from bench.targets.reference import gateway_env
+
+READY_LINE_GRACE = 20.0
+REDIS_URL = os.environ.get("POOLGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
+
+
+def find_poolgate() -> Path:
+    """The `poolgate` script next to sys.executable, else on PATH; TargetUnavailable if none."""
+    beside = Path(sys.executable).parent / "poolgate"
+    if beside.exists():
+        return beside
+    found = shutil.which("poolgate")
+    if found:
+        return Path(found)
+    raise TargetUnavailable(f"no `poolgate` script next to {sys.executable} or on PATH "
+                            "(pip install -e . ?)")
+
+
+def has_ready_line(proc: ManagedProcess) -> bool:
+    return any("ready" in line.lower() for line in proc.log_text().splitlines())
+
+
+class _PoolgateBase(GatewayTarget):
+    def env(self, workdir: Path) -> dict[str, str]:
+        exe = find_poolgate()
+        return gateway_env(self.ctx.kernelspec_dir, exe.parent, workdir / "runtime")
+
+    async def wait_for(self, ready_line_from: ManagedProcess) -> None:
+        """/api must answer; then wait up to READY_LINE_GRACE s for the ready line."""
+        await self.wait_ready()
+        api_up = time.monotonic()
+        while not has_ready_line(ready_line_from):
+            if time.monotonic() - api_up > READY_LINE_GRACE:
+                say(f"{self.name}: no 'ready' line from {ready_line_from.name}; going on "
+                    "because /api answers")
+                return
+            await self.wait_ready()  # also notices a process that exited
+            await asyncio.sleep(0.2)
+
+
+class PoolgateTarget(_PoolgateBase):
+    """`poolgate serve --port P --data-dir D`: embedded Redis, gateway and local worker."""
+
+    name = "poolgate"
+
+    async def start(self) -> None:
+        exe = find_poolgate()
+        workdir = self.ctx.workdir / self.name
+        data_dir = workdir / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        argv = [str(exe), "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+                *self.ctx.extra_args.get(self.name, [])]
+        proc = ManagedProcess("poolgate serve", argv, self.env(workdir),
+                              workdir / "serve.log", cwd=workdir)
+        self.procs.append(proc)
+        proc.start()
+        await self.wait_for(proc)
+
+
+class PoolgateRedisTarget(_PoolgateBase):
+    """`poolgate worker --pool local` + `poolgate gateway --port P` on an external Redis."""
+
+    name = "poolgate-redis"
+
+    async def start(self) -> None:
+        exe = find_poolgate()
+        flush_redis(REDIS_URL)
+        workdir = self.ctx.workdir / self.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = self.env(workdir)
+        env["POOLGATE_BROKER_URL"] = REDIS_URL
+        env["POOLGATE_REGISTRY_URL"] = REDIS_URL
+        self.port = free_port()
+        extra = self.ctx.extra_args
+        worker = ManagedProcess(
+            "poolgate worker",
+            [str(exe), "worker", "--pool", "local", *extra.get(f"{self.name}:worker", [])],
+            env, workdir / "worker.log", cwd=workdir)
+        gateway = ManagedProcess(
+            "poolgate gateway",
+            [str(exe), "gateway", "--port", str(self.port),
+             *extra.get(f"{self.name}:gateway", [])],
+            env, workdir / "gateway.log", cwd=workdir)
+        self.procs += [worker, gateway]
+        worker.start()
+        gateway.start()
+        await self.wait_for(worker)
+
+
+def flush_redis(url: str) -> None:
+    """Check the Redis at `url` answers, and empty its database (dedicated to the bench)."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise TargetUnavailable("python package `redis` is not installed") from exc
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        client.ping()
+        client.flushdb()
+        client.close()
+    except redis.RedisError as exc:
+        raise TargetUnavailable(f"Redis at {url} not reachable: {exc}") from exc
