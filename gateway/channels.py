@@ -2,9 +2,11 @@
 
 One :class:`KernelSession` per (kernel, session_id) in this gateway owns the ZMQ sockets of that
 client session. The WebSocket handler thread that owns the session pumps kernel → client; a
-reader thread per socket queues client → kernel frames and wakes the pump. Only the pump
+client frame wakes the pump through simple-websocket's event (see WakeEvent). Only the pump
 touches the ZMQ sockets and sends on the WebSocket, so sends are serialised.
 
+* Frames from the client: simple-websocket's own reader thread sets a :class:`WakeEvent`,
+  which wakes the pump; the pump reads them without blocking.
 * Takeover: a new connection with the same session_id evicts the old one at once and inherits
   the sockets (JupyterLab opens the socket twice in a row).
 * Replay: a session whose client went away keeps its sockets for ``session_buffer_seconds``;
@@ -43,6 +45,25 @@ NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
+
+
+class WakeEvent(threading.Event):
+    """simple-websocket's "a frame arrived" event, which also wakes the session's pump.
+
+    Given to simple-websocket as its ``event_class``: its reader thread sets it for every frame
+    and on close, so the pump (which owns the ZMQ sockets) needs no reader thread of its own.
+    """
+
+    wake_fd: int | None = None
+
+    def set(self) -> None:
+        super().set()
+        fd = self.wake_fd
+        if fd is not None:
+            try:
+                os.write(fd, b"w")
+            except OSError:
+                pass
 
 
 class Connection:
@@ -282,35 +303,34 @@ class Bridge:
         conn = Connection(ws)
         sess = self.attach(kid, session_id, conn)
         self.metrics.ws_opened(conn.stats)
-        reader = threading.Thread(target=self._read, args=(conn, sess), daemon=True,
-                                  name=f"ws-read-{kid[:8]}")
-        reader.start()
+        event = getattr(ws, "event", None)
+        if isinstance(event, WakeEvent):  # frames wake the pump directly: no reader thread
+            event.wake_fd = sess._w
         try:
+            self._receive(conn, sess)
             self._pump(conn, sess)
         except ConnectionClosed:
             pass
         except OSError as exc:
             log.info("Kernel %s: WebSocket ended (%s)", kid, exc)
         finally:
+            if isinstance(event, WakeEvent):
+                event.wake_fd = None
             self.detach(sess, conn)
             self.metrics.ws_closed(conn.stats)
         if sess.gone:
             self._drop(sess)
 
-    def _read(self, conn: Connection, sess: KernelSession) -> None:
+    def _receive(self, conn: Connection, sess: KernelSession) -> None:
+        """Move every frame the WebSocket has received into the session's inbox."""
         try:
-            while not conn.evicted:
-                frame = conn.ws.receive()
+            while True:
+                frame = conn.ws.receive(timeout=0)
                 if frame is None:
-                    continue
+                    return
                 sess.inbox.append(frame)
-                sess.wake()
         except ConnectionClosed:
-            pass
-        except Exception:
-            log.debug("WebSocket reader ended", exc_info=True)
-        conn.closed = True
-        sess.wake()
+            conn.closed = True
 
     def _status(self, conn: Connection, sess: KernelSession, state: str) -> None:
         parts, bufs = wire.status_message(state, sess.session_id)
@@ -321,6 +341,7 @@ class Bridge:
         last_check = time.monotonic()
         poller, polled = zmq.Poller(), None
         self._sync(conn, sess, initial=True)
+        self._handle_inbox(conn, sess)  # frames that came while the session was being attached
         while not (conn.closed or conn.evicted or sess.gone):
             if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 1:
                 poller = zmq.Poller()  # the sockets changed (connect, reconnect, close)
@@ -332,6 +353,7 @@ class Bridge:
             for fd_or_sock, _ in poller.poll(timeout * 1000):
                 if fd_or_sock == sess._r:
                     sess.drain_wake()
+                    self._receive(conn, sess)
                     self._handle_events(conn, sess)
                     self._handle_inbox(conn, sess)
                 else:

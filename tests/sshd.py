@@ -48,7 +48,7 @@ def greets(address: str, port: int) -> bool:
 
 
 def build_sshd_config(address: str, port: int, host_key: Path, authorized_keys: Path,
-                      user: str) -> str:
+                      user: str, home: Path) -> str:
     """Key-only login for ``user``; StrictModes off because the key files live under /tmp."""
     return "\n".join([
         f"ListenAddress {address}:{port}",
@@ -68,6 +68,9 @@ def build_sshd_config(address: str, port: int, host_key: Path, authorized_keys: 
         "X11Forwarding no",
         "PermitTTY no",
         "MaxStartups 100",
+        # Sessions get a HOME of their own: the test user's real dotfiles (a pyenv init in
+        # ~/.bashrc, say) would run before every command and make the tests hang on them.
+        f"SetEnv HOME={home}",
         "LogLevel VERBOSE",
     ]) + "\n"
 
@@ -87,8 +90,10 @@ class SSHD:
         self.host_key = keygen(folder / "host_ed25519", f"host-{address}")
         self.port = free_port(address)
         self.config = folder / "sshd_config"
+        self.home = folder / "home"
+        self.home.mkdir(exist_ok=True)
         self.config.write_text(build_sshd_config(address, self.port, self.host_key,
-                                                 authorized_keys, self.user))
+                                                 authorized_keys, self.user, self.home))
         self.log = folder / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

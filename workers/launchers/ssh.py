@@ -19,9 +19,10 @@ from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, Laun
 from workers.launchers.base import Launcher
 from workers.launchers.local import CHANNELS, wait_ready
 from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv,
-                                            build_connection_json, build_env, build_poll_script,
+                                            build_connection_json, build_env,
                                             build_signal_script, build_start_script,
-                                            build_stop_script, build_tail_script, choose_user,
+                                            build_reap_script, build_stop_script,
+                                            build_tail_script, choose_user,
                                             kernel_dir, parse_pid, pick_ports)
 from workers.launchers.ssh_link import HostLink, HostUnreachable, paramiko_module, probe
 from workers.placement import Decision, Placement
@@ -129,6 +130,7 @@ class SSHLauncher(Launcher):
                         raise
                     self.placement.release(req.kernel_id)
                     self._mark_down(host, exc.message.split(": ", 1)[-1])
+                    self._reap(host, req)
                     tried[host.name] = exc.message
                     if previous is not None:  # a restart in place: the host is the kernel's
                         raise LaunchRejected(f"kernel {req.kernel_id} lost its host: "
@@ -138,6 +140,20 @@ class SSHLauncher(Launcher):
             if not started:  # nothing reached the supervisor, so no stop() will release it
                 self.placement.release(req.kernel_id)
             raise
+
+    def _reap(self, host: SSHHost, req: LaunchRequest) -> None:
+        """A start whose command failed may still have started the kernel: kill it if we can."""
+        if probe(host, self.options.connect_timeout) is not None:
+            return
+        user, _ = choose_user(req.env.get("KERNEL_USERNAME", ""), host, self.options,
+                              self.local_user)
+        try:
+            self._link(host, user).run(build_reap_script(kernel_dir(self.options, req.kernel_id)),
+                                       timeout=5)
+        except HostUnreachable as exc:
+            log.error("Kernel %s: a start on %s may have left a kernel in %s (%s): an operator "
+                      "should check", req.kernel_id, host.label,
+                      kernel_dir(self.options, req.kernel_id), exc.message)
 
     def _place_again(self, req: LaunchRequest, previous: KernelHandle) -> SSHHost | None:
         """A restart goes back to the kernel's host, unless it is down (then it fails)."""
@@ -254,8 +270,9 @@ class SSHLauncher(Launcher):
         why = self._check(host, max_age=self.options.check_interval)
         if why is None:
             try:
-                res = link.run(build_poll_script(pid, str(handle.data.get("dir", ""))))
-                return None if res.rc == 0 else f"the kernel process on host {host.name} is gone"
+                if link.alive(pid, str(handle.data.get("dir", "")), self.options.poll_interval):
+                    return None
+                return f"the kernel process on host {host.name} is gone"
             except HostUnreachable as exc:
                 why = exc.message.split(": ", 1)[-1]
         self._mark_down(host, why)
@@ -292,6 +309,7 @@ class SSHLauncher(Launcher):
                       handle.data.get("pid"), folder)
             return
         pid = int(handle.data.get("pid", 0))
+        link.forget(pid)
         try:
             res = link.run(build_stop_script(pid, folder, grace),
                            timeout=grace + self.options.command_timeout)

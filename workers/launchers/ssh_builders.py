@@ -76,6 +76,7 @@ class SSHOptions:
     connect_timeout: float = 10.0
     command_timeout: float = 30.0
     keepalive: float = 15.0          # seconds between keepalives on each host's connection
+    poll_interval: float = 2.0       # how often kernels are polled (one command per host)
     check_interval: float = 5.0      # how often a host with kernels is checked for life
     down_for: float = 30.0           # seconds a host that refused stays out of placement
 
@@ -98,8 +99,8 @@ class SSHOptions:
             raise ValueError(exc.message) from None
         if not self.remote_dir.startswith("/"):
             raise ValueError(f"remote_dir: expected an absolute path, got {self.remote_dir!r}")
-        for name in ("connect_timeout", "command_timeout", "keepalive", "check_interval",
-                     "down_for"):
+        for name in ("connect_timeout", "command_timeout", "keepalive", "poll_interval",
+                     "check_interval", "down_for"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
 
@@ -207,11 +208,21 @@ def parse_pid(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def build_poll_script(pid: int, folder: str) -> str:
-    """Exit 0 while the kernel runs (its command line names its folder, so a reused pid fails)."""
-    return (f"{ALIVE}\nalive {pid} || exit 1\n"
-            f"[ ! -r /proc/{pid}/cmdline ] || "
-            f"grep -qF -- {shlex.quote(folder)} /proc/{pid}/cmdline\n")
+def build_poll_script(kernels: dict[int, str]) -> str:
+    """Print the pids (of pid → folder) that still run; one command for all of a host's kernels.
+
+    A kernel's command line names its folder, so a pid reused by another process is not ours.
+    """
+    lines = [ALIVE, 'ours() { alive "$1" && { [ ! -r "/proc/$1/cmdline" ] || '
+                    'grep -qF -- "$2" "/proc/$1/cmdline"; }; }']
+    lines += [f"ours {int(pid)} {shlex.quote(folder)} && echo {int(pid)}"
+              for pid, folder in sorted(kernels.items())]
+    return "\n".join([*lines, "exit 0"]) + "\n"
+
+
+def parse_pids(output: str) -> set[int]:
+    """The pids that :func:`build_poll_script` printed."""
+    return {int(w) for w in output.split() if w.isdigit()}
 
 
 def build_signal_script(pid: int, signum: int) -> str:
@@ -234,6 +245,13 @@ def build_stop_script(pid: int, folder: str, grace: float) -> str:
     body.append(f"rm -rf -- {shlex.quote(folder)}")
     body.append("alive $p && exit 3\nexit 0" if pid else "exit 0")
     return "\n".join(body) + "\n"
+
+
+def build_reap_script(folder: str) -> str:
+    """Kill what a start we lost track of (its command timed out) left, by its pid file."""
+    pidfile = shlex.quote(folder + "/pid")
+    return (f'p=$(cat {pidfile} 2>/dev/null); [ -z "$p" ] || kill -9 -$p 2>/dev/null\n'
+            f"rm -rf -- {shlex.quote(folder)}\n")
 
 
 def build_tail_script(folder: str, nbytes: int = 2000) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendUnavailable
-from workers.launchers.ssh_builders import SSHHost, SSHOptions
+from workers.launchers.ssh_builders import SSHHost, SSHOptions, build_poll_script, parse_pids
 
 if TYPE_CHECKING:
     import paramiko
@@ -97,6 +98,9 @@ class HostLink:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._channels = threading.BoundedSemaphore(CHANNELS_PER_LINK)
+        self._watched: dict[int, str] = {}  # pid → kernel folder, for the batched poll
+        self._seen: tuple[float, frozenset[int], frozenset[int]] = (0.0, frozenset(), frozenset())
+        self._poll_lock = threading.Lock()
 
     def _connect(self) -> paramiko.SSHClient:
         pk = paramiko_module()
@@ -181,6 +185,26 @@ class HostLink:
             raise AssertionError("unreachable")
         finally:
             self._channels.release()
+
+    def alive(self, pid: int, folder: str, max_age: float) -> bool:
+        """Whether kernel ``pid`` runs. One command checks every kernel watched on this link,
+        at most every ``max_age`` seconds; the supervisors of all of them share its answer."""
+        with self._poll_lock:
+            self._watched[pid] = folder
+            at, checked, alive = self._seen
+            if pid in checked and time.monotonic() - at < max_age:
+                return pid in alive
+            watched = dict(self._watched)
+            alive = frozenset(parse_pids(self.run(build_poll_script(watched)).out))
+            self._seen = (time.monotonic(), frozenset(watched), alive)
+            for gone in set(watched) - alive:
+                self._watched.pop(gone, None)
+            return pid in alive
+
+    def forget(self, pid: int) -> None:
+        """Stop polling ``pid`` (its kernel was stopped)."""
+        with self._poll_lock:
+            self._watched.pop(pid, None)
 
     def _run(self, script: str, timeout: float) -> Result:
         with ssh_errors(self.host):

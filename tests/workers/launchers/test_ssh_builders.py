@@ -13,9 +13,10 @@ from workers.config import build
 from workers.errors import ConfigError, LaunchRejected
 from workers.launchers import default_slots, resolve, validate_options
 from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv, build_connection_json,
-                                            build_env, build_poll_script, build_signal_script,
+                                            build_env, build_poll_script, build_reap_script,
+                                            build_signal_script,
                                             build_start_script, build_stop_script, choose_user,
-                                            parse_pid, pick_ports)
+                                            parse_pid, parse_pids, pick_ports)
 from workers.protocol import LaunchRequest
 
 HOSTS = [{"name": "a", "address": "10.0.0.5", "port": 2222, "max_kernels": 3},
@@ -148,8 +149,9 @@ def test_start_script_keeps_secrets_off_command_lines() -> None:
 def test_control_scripts() -> None:
     assert build_signal_script(42, 2).endswith(
         "alive 42 || exit 0\nkill -2 -42 2>/dev/null || true\n")
-    assert build_poll_script(42, "/r/k1").endswith(
-        "alive 42 || exit 1\n[ ! -r /proc/42/cmdline ] || grep -qF -- /r/k1 /proc/42/cmdline\n")
+    assert build_poll_script({43: "/r/k 2", 42: "/r/k1"}).splitlines()[2:] == [
+        "ours 42 /r/k1 && echo 42", "ours 43 '/r/k 2' && echo 43", "exit 0"]
+    assert parse_pids("42\n43\n") == {42, 43} and parse_pids("") == set()
     stop = build_stop_script(42, "/r/k1", 0.5).splitlines()
     assert stop[1:] == [
         "p=42",
@@ -163,6 +165,9 @@ def test_control_scripts() -> None:
         "exit 0",
     ]
     assert build_stop_script(0, "/r/k1", 5).splitlines()[1:] == ["rm -rf -- /r/k1", "exit 0"]
+    assert build_reap_script("/r/k1") == (
+        'p=$(cat /r/k1/pid 2>/dev/null); [ -z "$p" ] || kill -9 -$p 2>/dev/null\n'
+        "rm -rf -- /r/k1\n")
 
 
 def test_scripts_run_under_dash(tmp_path: Path) -> None:
@@ -179,9 +184,13 @@ def test_scripts_run_under_dash(tmp_path: Path) -> None:
     def sh(script: str) -> int:
         return subprocess.run(["sh", "-s"], input=script, text=True, timeout=20).returncode
 
-    assert sh(build_poll_script(pid, folder)) == 0
-    assert sh(build_poll_script(pid, str(tmp_path / "other"))) == 1  # a reused pid is not ours
+    def polled(kernels: dict[int, str]) -> set[int]:
+        return parse_pids(subprocess.run(["sh", "-s"], input=build_poll_script(kernels),
+                                         capture_output=True, text=True, timeout=20).stdout)
+
+    assert polled({pid: folder, 999999: folder}) == {pid}
+    assert polled({pid: str(tmp_path / "other")}) == set()  # a reused pid is not ours
     assert sh(build_signal_script(pid, 15)) == 0
     assert sh(build_stop_script(pid, folder, 1.0)) == 0
-    assert sh(build_poll_script(pid, folder)) == 1
+    assert polled({pid: folder}) == set()
     assert not (tmp_path / "k1").exists()
