@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import redis
 import zmq
 from simple_websocket import ConnectionClosed
 
@@ -363,14 +364,17 @@ class Bridge:
                 self._mark_seen(sess)
             if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
                 sess.nudge()
-            if not sess.sockets:
-                self._sync(conn, sess)
-                if now - last_starting > STARTING_STATUS_EVERY and not sess.gone:
-                    last_starting = now
-                    self._status(conn, sess, "starting")
-            elif now - last_check > LIVENESS_EVERY:
-                last_check = now
-                self._check_alive(sess)
+            try:
+                if not sess.sockets:
+                    self._sync(conn, sess)
+                    if now - last_starting > STARTING_STATUS_EVERY and not sess.gone:
+                        last_starting = now
+                        self._status(conn, sess, "starting")
+                elif now - last_check > LIVENESS_EVERY:
+                    last_check = now
+                    self._check_alive(sess)
+            except redis.RedisError as exc:  # a registry blip must not cut the client off
+                log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         if sess.gone:
             try:
                 conn.ws.close(reason=1000, message="kernel shut down")

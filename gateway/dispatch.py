@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 from workers.config import Config, PoolConfig
-from workers.errors import BackendUnavailable, ControlTimeout, from_data
+from workers.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +31,20 @@ class Dispatcher:
             raise BackendUnavailable(f"cannot queue the launch on pool {pool.name!r}: the broker "
                                      f"is unreachable ({exc})") from exc
 
-    def control(self, worker: str, kernel_id: str, action: str, timeout: float) -> dict[str, Any]:
-        """Ask the worker hosting ``kernel_id`` to ``action`` it; returns the worker's reply."""
+    def control(self, worker: str, kernel_id: str, action: str) -> None:
+        """Tell the worker hosting ``kernel_id`` to ``action`` it (interrupt, restart, stop).
+
+        Fire and forget: callers wait for the kernel's registry events instead of a reply.
+        (Replies to concurrent broadcasts from one process share kombu's reply queue and
+        steal each other's answers, which made every concurrent DELETE wait its full timeout.)
+        The registry's ``target`` is the durable intent; a lost command only costs time.
+        """
         try:
-            replies = self.app.control.broadcast(
+            self.app.control.broadcast(
                 "poolgate_kernel", arguments={"kernel_id": kernel_id, "action": action},
-                destination=[worker], reply=True, timeout=timeout)
+                destination=[worker], reply=False)
         except Exception as exc:
             raise BackendUnavailable(f"cannot reach worker {worker}: {exc}") from exc
-        for reply in replies or []:
-            if worker in reply:
-                answer: dict[str, Any] = reply[worker]
-                if not answer.get("ok", False):
-                    raise from_data(answer)
-                return answer
-        raise ControlTimeout(f"worker {worker} did not answer '{action}' for kernel {kernel_id} "
-                             f"within {timeout:.0f}s")
 
     def revoke(self, kernel_id: str) -> None:
         try:

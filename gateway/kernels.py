@@ -274,7 +274,7 @@ class KernelService:
         if self.config.kernelspecs.get(rec.name) and self.spec(rec.name).interrupt_mode == "message":
             self._control_message(kid, "interrupt_request")
             return
-        self.dispatch.control(rec.worker, kid, "interrupt", self.config.gateway.control_timeout)
+        self.dispatch.control(rec.worker, kid, "interrupt")
 
     def _control_message(self, kid: str, msg_type: str) -> None:
         conn = self.registry.connection(kid)
@@ -296,11 +296,12 @@ class KernelService:
         rec = self._running(kid, "restart")
         timeout = max(rec.launch_timeout, self.config.gateway.control_timeout)
         with self.events.waiter(kid) as waiter:
-            self.dispatch.control(rec.worker, kid, "restart", self.config.gateway.control_timeout)
+            self.dispatch.control(rec.worker, kid, "restart")
             deadline = time.time() + timeout
             while time.time() < deadline:
                 waiter.next(min(0.5, deadline - time.time()))
                 now = self.registry.get(kid)
+                now = self.check_alive(now) if now is not None else None  # its worker may be gone
                 if now is None:
                     raise KernelNotFound(f"kernel {kid} was shut down during its restart")
                 if now.status is S.RUNNING and now.generation > rec.generation:
@@ -335,7 +336,7 @@ class KernelService:
                 return
             if rec.worker:
                 try:
-                    self.dispatch.control(rec.worker, kid, "stop", 5.0)
+                    self.dispatch.control(rec.worker, kid, "stop")
                 except GatewayError as exc:
                     log.info("Kernel %s: stop command not delivered (%s); the supervisor will "
                              "see the target", kid, exc.message)

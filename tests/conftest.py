@@ -314,3 +314,86 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         server.kill()
 
 
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of the test's own (its own port, name and data), which it may kill and
+    start again. The broker keeps its durable queues on disk across the restart."""
+
+    def __init__(self, folder: Path) -> None:
+        import pwd
+
+        self.port = free_port()
+        self.dist = free_port()
+        self.folder = folder
+        self.name = f"pgtest{RUN_ID}{self.port}@localhost"
+        (folder / "mnesia").mkdir(parents=True, exist_ok=True)
+        (folder / "log").mkdir(exist_ok=True)
+        (folder / "enabled_plugins").write_text("[].\n")
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        try:  # rabbitmq-server run as root drops to the rabbitmq user, which must own the files
+            user = pwd.getpwnam("rabbitmq")
+            for p in [folder, *folder.rglob("*")]:
+                os.chown(p, user.pw_uid, user.pw_gid)
+        except KeyError:
+            pass
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        env = dict(os.environ, RABBITMQ_NODENAME=self.name, RABBITMQ_NODE_PORT=str(self.port),
+                   RABBITMQ_DIST_PORT=str(self.dist),
+                   RABBITMQ_CONFIG_FILE=str(self.folder / "rabbitmq"),
+                   RABBITMQ_MNESIA_BASE=str(self.folder / "mnesia"),
+                   RABBITMQ_LOG_BASE=str(self.folder / "log"),
+                   RABBITMQ_ENABLED_PLUGINS_FILE=str(self.folder / "enabled_plugins"))
+        self.proc = subprocess.Popen([requires("rabbitmq-server")], env=env, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    time.sleep(0.5)
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("the test's own RabbitMQ node did not start")
+
+    def kill(self) -> None:
+        """SIGKILL the node: the Erlang VM runs as the rabbitmq user in a group of its own,
+        so it is found by the node name in its environment."""
+        assert self.proc is not None
+        for p in psutil.process_iter(["environ"]):
+            try:
+                if (p.info.get("environ") or {}).get("RABBITMQ_NODENAME") == self.name:
+                    p.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                time.sleep(0.2)
+            except OSError:
+                return
+        raise AssertionError("the test's own RabbitMQ node did not die")
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    import tempfile
+
+    need_rabbitmq()  # the machine has RabbitMQ installed and running (.ci/run sees to it)
+    # Not under pytest's tmp_path: the rabbitmq user, which the server runs as, cannot enter it.
+    folder = Path(tempfile.mkdtemp(prefix="poolgate-rabbit-"))
+    folder.chmod(0o755)
+    server = PrivateRabbit(folder)
+    server.start()
+    yield server
+    server.kill()
+    shutil.rmtree(folder, ignore_errors=True)

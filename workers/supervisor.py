@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import redis
 import zmq
 
 from workers import jmsg
@@ -224,16 +225,22 @@ class Supervisor:
                 iopub = self.iopub
                 poller.register(iopub, zmq.POLLIN)
             events = dict(poller.poll(timeout=tick * 1000))
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
-                while not self.commands.empty():
-                    self._obey(self.commands.get_nowait())
-            if iopub in events:
-                last_activity_write = self._drain_iopub(iopub, last_activity_write)
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + tick
-                self._tick()
+            try:
+                if self._wake_r in events:
+                    os.read(self._wake_r, 4096)
+                    while not self.commands.empty():
+                        self._obey(self.commands.get_nowait())
+                if iopub in events:
+                    last_activity_write = self._drain_iopub(iopub, last_activity_write)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick
+                    self._tick()
+            except redis.RedisError as exc:
+                # A registry blip (a Redis restart): the kernel keeps running; try again soon.
+                log.warning("Kernel %s: registry unreachable (%s); the kernel keeps running",
+                            self.kid, exc)
+                time.sleep(0.5)
 
     def _drain_iopub(self, sock: zmq.Socket[bytes], last_write: float) -> float:
         state = None

@@ -6,7 +6,7 @@ import concurrent.futures
 import time
 from pathlib import Path
 
-from tests.conftest import DB_BASE, STACKS, PrivateRedis, Stack
+from tests.conftest import DB_BASE, STACKS, PrivateRabbit, PrivateRedis, Stack
 
 
 def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis) -> None:
@@ -110,6 +110,41 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
             ch.close()
         for kid in (busy, connected):
             gw.shutdown(kid)
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+def test_rabbitmq_restart_under_load(tmp_path: Path, private_rabbit: PrivateRabbit) -> None:
+    stack = Stack(tmp_path, private_rabbit.url, db=DB_BASE + 3).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        ch = gw.channel(kid)
+        assert ch.execute("x = 1").status == "ok"
+        private_rabbit.kill()
+        # running kernels keep running and keep their clients: the broker is not on that path
+        assert ch.execute("x + 1", timeout=30).result == "2"
+        r = gw.post("/api/kernels", json={"env": {"KERNEL_LAUNCH_TIMEOUT": "5"}})
+        assert r.status_code in (503,), r.text  # a clear reason, not a hang or a 500
+        assert r.json()["message"]
+        private_rabbit.start()
+        deadline = time.monotonic() + 60
+        while True:  # the worker and the gateway reconnect by themselves
+            r = gw.post("/api/kernels", json={"env": {"KERNEL_LAUNCH_TIMEOUT": "10"}})
+            if r.status_code == 201 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.status_code == 201, r.text
+        other = r.json()["id"]
+        time.sleep(2)
+        live = {k["id"] for k in gw.kernels() if k["execution_state"] != "dead"}
+        assert live == {kid, other}  # nothing launched twice, nothing lost
+        assert gw.post(f"/api/kernels/{kid}/restart").status_code == 200  # control works again
+        ch.close()
+        gw.shutdown(other)
+        gw.shutdown(kid)
     finally:
         stack.stop()
         STACKS.remove(stack)

@@ -179,7 +179,7 @@ class SSHLauncher(Launcher):
             decision = self.placement.place(req.kernel_id, exclude=tried)
             if decision.host is not None:
                 host = self.hosts[decision.host]
-                why = self._check(host, max_age=1.0)
+                why = self._check(host, max_age=0)  # a stopped sshd must not get this kernel
                 if why is None:
                     log.info("Kernel %s placed on host %s of pool %s (%s)", req.kernel_id,
                              host.label, self.pool.name, self.options.placement)
@@ -248,14 +248,17 @@ class SSHLauncher(Launcher):
 
     def _wait_ready(self, link: HostLink, handle: KernelHandle, deadline: float) -> None:
         assert handle.connection is not None
-        last = [0.0, True]
+        checked, died = [0.0], [""]
 
         def alive() -> bool:  # an SSH round trip: at most every half second
-            if time.monotonic() - last[0] >= 0.5:
-                last[:] = [time.monotonic(), self.poll(handle) is None]
-            return bool(last[1])
+            if time.monotonic() - checked[0] >= 0.5:
+                checked[0], died[0] = time.monotonic(), self.poll(handle) or ""
+            return not died[0]
 
-        wait_ready(handle.connection, deadline, alive)
+        try:
+            wait_ready(handle.connection, deadline, alive)
+        except LaunchRejected as exc:
+            raise LaunchRejected(f"{exc.message}: {died[0]}" if died[0] else exc.message) from exc
 
     # -- supervise ----------------------------------------------------------------------------
 
@@ -326,6 +329,8 @@ class SSHLauncher(Launcher):
         folder = str(handle.data.get("dir") or "")
         if found is None or not folder:
             return ""
+        if self._check(found[0], max_age=self.options.check_interval) is not None:
+            return ""  # a lost host: its output is lost with it
         try:
             return found[1].run(build_tail_script(folder), timeout=10).out.strip()
         except HostUnreachable:
