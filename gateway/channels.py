@@ -293,6 +293,15 @@ class Bridge:
         except Exception:
             return {k for k, _ in self.sessions}
 
+    def restarting(self, kid: str) -> None:
+        """A restart was asked through this gateway: hold its clients' messages from now on,
+        so none reaches the old process while it goes (the workers' own event follows)."""
+        self._on_event({"id": kid, "status": "RESTARTING"})
+
+    def restart_settled(self, kid: str) -> None:
+        """The restart is over (done or failed): let held messages go where the kernel is."""
+        self._on_event({"id": kid, "status": "RUNNING"})
+
     def close_kernel(self, kid: str) -> None:
         """The kernel is gone: end its sessions' sockets and close their WebSockets."""
         self._on_event({"id": kid, "status": "DELETED"})
@@ -402,6 +411,8 @@ class Bridge:
         if status != "RUNNING":
             return
         if sess.sockets and rec.generation == sess.generation:
+            if not sess.ready and not sess.nudging:  # held for a restart that did not happen
+                sess.nudge()
             return
         info = self.registry.connection(sess.kid)
         if info is None:
@@ -422,10 +433,11 @@ class Bridge:
             if status == "DELETED" or status == "STOPPED":
                 sess.gone = True
             elif status == "RESTARTING":
+                if not sess.restarted:  # this gateway may have announced it already
+                    self._status(conn, sess, "restarting")
                 sess.restarted = True
                 sess.ready = False
                 sess.nudging = False
-                self._status(conn, sess, "restarting")
             elif status in ("RUNNING", "FAILED"):
                 self._sync(conn, sess)
 

@@ -50,7 +50,14 @@ def interrupt_kernel(kernel_id: str) -> Any:
 
 @bp.post("/api/kernels/<kernel_id>/restart")
 def restart_kernel(kernel_id: str) -> Any:
-    return jsonify(ctx()["service"].restart(kernel_id))
+    bridge = ctx()["bridge"]
+    service = ctx()["service"]
+    service.record(kernel_id)  # 404 before anything is held
+    bridge.restarting(kernel_id)
+    try:
+        return jsonify(service.restart(kernel_id))
+    finally:
+        bridge.restart_settled(kernel_id)
 
 
 def register_channels(sock: Sock, base: str) -> None:
