@@ -230,7 +230,7 @@ class Supervisor:
                     os.read(self._wake_r, 4096)
                     while not self.commands.empty():
                         self._obey(self.commands.get_nowait())
-                if iopub in events:
+                if iopub in events and self.iopub is iopub:  # not if a restart replaced it
                     last_activity_write = self._drain_iopub(iopub, last_activity_write)
                 now = time.monotonic()
                 if now >= next_tick:
