@@ -146,9 +146,10 @@ class Stack:
         r = redis.Redis.from_url(self.registry_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for key in r.scan_iter("pg:w:*"):
+            for key in r.scan_iter("pg:w:*"):  # this process's heartbeat, not a killed one's
                 raw = r.get(key)
-                if raw and pool in yaml.safe_load(raw).get("pools", []):
+                info = yaml.safe_load(raw) if raw else {}
+                if pool in info.get("pools", []) and info.get("pid") == self.workers[pool].pid:
                     return
             if self.workers[pool].poll() is not None:
                 break
@@ -264,10 +265,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 left.append(p)
         except psutil.Error:
             continue
+    described = []
     for p in left:
+        try:
+            described.append(f"{p.pid} (KERNEL_ID={p.environ().get('KERNEL_ID')}, "
+                             f"{' '.join(p.cmdline())[-80:]})")
+        except psutil.Error:
+            described.append(str(p.pid))
         p.kill()
     if left:
-        print(f"\nLEAK: {len(left)} kernel processes outlived the tests: {[x.pid for x in left]}")
+        print(f"\nLEAK: {len(left)} kernel processes outlived the tests: {described}")
         session.exitstatus = 1
 
 

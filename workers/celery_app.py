@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -130,3 +131,7 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
             sup.command("shutdown-worker")
         if getattr(rt, "warm", None) is not None:
             rt.warm.stop_all()
+        # Supervisors of adopted kernels are not Celery tasks: the pool would not wait for them.
+        deadline = time.monotonic() + 20
+        while rt.supervisors and time.monotonic() < deadline:
+            time.sleep(0.05)

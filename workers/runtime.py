@@ -7,6 +7,7 @@ the broker's queue, in order, for any worker; a freed slot adds them back.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -100,7 +101,8 @@ class Runtime:
     # -- heartbeat ------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "host": socket.gethostname(), "pools": self.pools,
+        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
+                "pools": self.pools,
                 "queues": self.queues, "slots": self.slots, "used": self.used,
                 "accepting": not self._paused and not self.shutting_down.is_set(),
                 "draining": [p for p in self.pools if self.config.pools[p].queue in self.drained],

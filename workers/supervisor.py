@@ -112,12 +112,33 @@ class Supervisor:
         self.generation = rec.generation
         self.started_at = self.first_started = time.time()
         self._watch_iopub(conn)
+        self._confirm_iopub(conn)
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         self.beating = True
         log.info("Kernel %s: adopted by worker %s after its restart", self.kid, self.rt.name)
         threading.Thread(target=self._supervise, args=(time.time(), True), daemon=True,
                          name=f"adopted-{self.kid[:8]}").start()
         return True
+
+    def _confirm_iopub(self, conn: ConnectionInfo, wait: float = 5.0) -> None:
+        """Ask for kernel_info until iopub answers: an adopted kernel's state is unknown, and
+        what it publishes before the subscription is live is lost to us."""
+        assert self.iopub is not None
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(conn.url("shell"))
+            signer = jmsg.Signer(conn.key, conn.signature_scheme)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                sock.send_multipart(jmsg.build(signer, "kernel_info_request", {},
+                                               jmsg.session_id())[1])
+                if self.iopub.poll(200):
+                    time.sleep(0.05)  # let the reply's idle follow its busy
+                    self._drain_iopub(self.iopub, 0.0)
+                    return
+        finally:
+            sock.close()
 
     def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
