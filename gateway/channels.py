@@ -553,11 +553,7 @@ class Bridge:
 
 
 def _parent(parts: list[bytes]) -> dict[str, Any]:
-    try:
-        parent = json.loads(parts[1])
-    except ValueError:
-        return {}
-    return parent if isinstance(parent, dict) else {}
+    return wire.json_part(parts[1])
 
 
 def _parent_id(parts: list[bytes]) -> str:

@@ -31,12 +31,17 @@ def _json_str(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def header_of(parts: list[bytes]) -> dict[str, Any]:
+def json_part(part: bytes) -> dict[str, Any]:
+    """One JSON part of a message (header, parent...) as a dict; {} if it is not one."""
     try:
-        head = json.loads(parts[0])
+        value = json.loads(part)
     except ValueError:
         return {}
-    return head if isinstance(head, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def header_of(parts: list[bytes]) -> dict[str, Any]:
+    return json_part(parts[0])
 
 
 def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
