@@ -33,7 +33,12 @@ def test_gateway_sigkill_mid_cell_loses_no_output(redis_stack: Stack) -> None:
         time.sleep(1.0)  # output keeps coming while no gateway listens
         again = Channel(gw.base, kid, session="survivor")  # the client reconnects elsewhere
         res = again.collect(mid, timeout=30)
-        assert got + res.stdout == "".join(f"{i}\n" for i in range(12))
+        # Nothing lost and in order; what the dead gateway sent just before it died may come
+        # again (it records what a client got every 50 ms): the README says so.
+        lines = [int(x) for x in (got + res.stdout).split()]
+        assert sorted(set(lines)) == list(range(12)) and lines == sorted(lines)
+        repeated = {x for x in lines if lines.count(x) > 1}
+        assert repeated <= {int(x) for x in got.split()}, lines
         assert res.status == "ok" and res.result == "'done'"
         assert again.execute("'next cell'").result == "'next cell'"
         again.close()
