@@ -309,27 +309,64 @@ class Bridge:
     # -- the pump -------------------------------------------------------------------------
 
     def serve(self, ws: Any, kid: str, session_id: str) -> None:
-        """Run one client WebSocket until it closes or is replaced."""
+        """Run one client WebSocket until it closes.
+
+        A connection replaced by a newer one with the same session_id is parked, not closed:
+        its frames still reach the kernel, and it takes the session back if the newer one
+        goes away. Closing it would make Jupyter Server's gateway client reconnect it, which
+        would take the session from the newer one, and so on every second or two.
+        """
         conn = Connection(ws)
-        sess = self.attach(kid, session_id, conn)
-        self.metrics.ws_opened(conn.stats)
         event = getattr(ws, "event", None)
+        self.metrics.ws_opened(conn.stats)
+        try:
+            while True:
+                sess = self.attach(kid, session_id, conn)
+                conn.evicted = False
+                self._run(conn, sess, event)
+                if sess.gone:
+                    self._drop(sess)
+                if not conn.evicted or conn.closed or sess.gone or not self._park(conn, sess):
+                    break
+        finally:
+            self.metrics.ws_closed(conn.stats)
+        if not conn.closed:
+            try:
+                conn.ws.close(reason=1000, message="kernel shut down")
+            except Exception:
+                pass
+
+    def _run(self, conn: Connection, sess: KernelSession, event: Any) -> None:
         if isinstance(event, WakeEvent):  # frames wake the pump directly: no reader thread
             event.wake_fd = sess._w
         try:
             self._receive(conn, sess)
             self._pump(conn, sess)
         except ConnectionClosed:
-            pass
+            conn.closed = True
         except OSError as exc:
-            log.info("Kernel %s: WebSocket ended (%s)", kid, exc)
+            conn.closed = True
+            log.info("Kernel %s: WebSocket ended (%s)", sess.kid, exc)
         finally:
             if isinstance(event, WakeEvent):
                 event.wake_fd = None
             self.detach(sess, conn)
-            self.metrics.ws_closed(conn.stats)
-        if sess.gone:
-            self._drop(sess)
+
+    def _park(self, conn: Connection, sess: KernelSession) -> bool:
+        """Hold a replaced connection open until its client closes it (False) or the session
+        has no client any more (True: take it back). Its frames go to the session's owner."""
+        while not sess.gone:
+            try:
+                frame = conn.ws.receive(timeout=1.0)
+            except ConnectionClosed:
+                conn.closed = True
+                return False
+            if frame is not None:
+                sess.inbox.append(frame)
+                sess.wake()
+            elif sess.owner is None:
+                return True
+        return False
 
     def _receive(self, conn: Connection, sess: KernelSession) -> None:
         """Move every frame the WebSocket has received into the session's inbox."""
@@ -384,11 +421,6 @@ class Bridge:
                     self._check_alive(sess)
             except redis.RedisError as exc:  # a registry blip must not cut the client off
                 log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
-        if sess.gone:
-            try:
-                conn.ws.close(reason=1000, message="kernel shut down")
-            except Exception:
-                pass
 
     def _check_alive(self, sess: KernelSession) -> None:
         """A kernel whose worker vanished is declared dead (the event then tells the session)."""

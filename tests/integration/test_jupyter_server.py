@@ -70,7 +70,10 @@ def test_jupyter_server_sessions(jupyter: Gateway) -> None:
     kid = sess["kernel"]["id"]
     ch = Channel(jupyter.base, kid, token=TOKEN, session="lab")
     ch2 = Channel(jupyter.base, kid, token=TOKEN, session="lab")  # JupyterLab opens twice
-    assert ch2.execute("'first cell'", timeout=30).result == "'first cell'"
+    # A cell longer than Jupyter Server's gateway reconnect interval (1 s): the older socket
+    # must not take the session back meanwhile and steal the reply.
+    res = ch2.execute("import time; time.sleep(3); 'first cell'", timeout=30)
+    assert res.result == "'first cell'"
     ch.close()
     ch2.close()
     assert jupyter.delete(f"/api/sessions/{sess['id']}").status_code == 204
