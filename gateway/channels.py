@@ -46,6 +46,7 @@ NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
+REPLAY_WAIT = 5  # seconds a reconnected client's replay waits for the kernel's supervisor
 
 
 class WakeEvent(threading.Event):
@@ -549,6 +550,24 @@ class Bridge:
         except Exception:
             log.debug("cannot record what session %s saw", sess.session_id, exc_info=True)
 
+    def _buffered(self, kid: str) -> list[bytes]:
+        """Ask the kernel's supervisor for its replay buffer (through the worker's control
+        channel; it answers through the registry)."""
+        rec = self.registry.get(kid)
+        if rec is None or not rec.worker:
+            return []
+        token = uuid.uuid4().hex
+        try:
+            self.service.dispatch.control(rec.worker, kid, f"replay:{token}")
+            blobs = self.registry.take_replay(token, REPLAY_WAIT)
+        except Exception as exc:
+            log.warning("Kernel %s: no replay buffer (%s)", kid, exc)
+            return []
+        if blobs is None:
+            log.warning("Kernel %s: worker %s sent no replay buffer within %ss", kid,
+                        rec.worker, REPLAY_WAIT)
+        return blobs or []
+
     def _replay(self, conn: Connection, sess: KernelSession) -> None:
         """The client was served by a gateway that went away: send what it missed.
 
@@ -556,7 +575,7 @@ class Bridge:
         while no gateway listened is rebuilt from the iopub record (execute_input, error, idle).
         """
         seen, sess.resume = sess.resume or {}, None
-        msgs = [jmsg.decode_parts(b) for b in self.registry.buffered_iopub(sess.kid)]
+        msgs = [jmsg.decode_parts(b) for b in self._buffered(sess.kid)]
         heads = [wire.header_of(m) for m in msgs]
         last = seen.get("iopub")
         start = next((i + 1 for i in range(len(heads) - 1, -1, -1)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from workers.config import Config, PoolConfig
 from workers.errors import BackendUnavailable

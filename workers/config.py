@@ -56,6 +56,7 @@ class PoolConfig:
     cull_connected: bool = False
     cull_busy: bool = False
     replay_buffer: int = 2000          # iopub messages kept outside the gateways (0: off)
+    replay_buffer_mb: float = 32.0     # ...and at most this many MB of them, per kernel
     warm: Mapping[str, int] = field(default_factory=dict)  # kernelspec -> ready kernels per worker
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -323,6 +324,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         _positive(pool.slots, f"{where}.slots", 1, strict=False)
         _positive(pool.launch_timeout, f"{where}.launch_timeout")
         _positive(pool.heartbeat_ttl, f"{where}.heartbeat_ttl")
+        _positive(pool.replay_buffer, f"{where}.replay_buffer", 0, strict=False)
+        _positive(pool.replay_buffer_mb, f"{where}.replay_buffer_mb", 0, strict=False)
         if pool.max_launch_timeout < pool.launch_timeout:
             raise ConfigError(f"{where}.max_launch_timeout: must be >= launch_timeout "
                               f"({pool.launch_timeout}), got {pool.max_launch_timeout}")

@@ -291,8 +291,7 @@ class Registry:
         pool = pool or (pool_user[0] or b"").decode()  # type: ignore[index]
         user = (pool_user[1] or b"").decode()  # type: ignore[index]
         pipe = self.r.pipeline()
-        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid,
-                    PREFIX + "buf:" + kid)
+        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
         pipe.set(PREFIX + "gone:" + kid, reason or "shut down", ex=FAILED_RETENTION)
         pipe.srem(PREFIX + "kernels", kid)
         for key in self._live_keys(pool, user):
@@ -359,19 +358,29 @@ class Registry:
         raw = self.r.hgetall(PREFIX + "warm:" + worker)
         return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
-    # -- the replay buffer (iopub kept outside any gateway) --------------------------------
+    # -- the replay buffer (iopub kept by the supervisor, handed to a gateway on request) --
 
-    def buffer_iopub(self, kid: str, blobs: list[bytes], keep: int, ttl: float) -> None:
-        """Append iopub messages to the kernel's bounded replay buffer (newest ``keep``)."""
-        key = PREFIX + "buf:" + kid
+    def hand_replay(self, token: str, blobs: list[bytes], ttl: float) -> None:
+        """A supervisor hands its replay buffer to the gateway that asked with ``token``."""
+        key = PREFIX + "replay:" + token
         pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(key, *blobs)
-        pipe.ltrim(key, -keep, -1)
+        pipe.delete(key)
+        for i in range(0, len(blobs), 256):
+            pipe.rpush(key, *blobs[i:i + 256])
         pipe.expire(key, int(ttl))
+        pipe.rpush(key + ":n", len(blobs))
+        pipe.expire(key + ":n", int(ttl))
         pipe.execute()
 
-    def buffered_iopub(self, kid: str) -> list[bytes]:
-        return list(self.r.lrange(PREFIX + "buf:" + kid, 0, -1))  # type: ignore[arg-type]
+    def take_replay(self, token: str, timeout: float) -> list[bytes] | None:
+        """Wait for the replay handed over for ``token``; None if none came in time."""
+        key = PREFIX + "replay:" + token
+        if self.r.blpop([key + ":n"], timeout=max(1, int(timeout))) is None:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key, key + ":n")
+        return list(pipe.execute()[0])
 
     def mark_seen(self, kid: str, session: str, seen: dict[str, Any], ttl: float) -> None:
         """What a gateway last delivered to a client session (for a replay by another gateway)."""

@@ -8,6 +8,7 @@ good, everything the launch created is cleaned up and the task returns the reaso
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 S = KernelStatus
 STABLE_AFTER = 30.0  # a kernel that lived this long resets the count of quick deaths
 REPLAY_MAX_MESSAGE = 1 << 20  # larger iopub messages are not kept in the replay buffer
-REPLAY_TTL = 3600.0
+REPLAY_HANDOFF_TTL = 60  # seconds a replay handed to a gateway stays in the registry
+BUSY_WRITE_DELAY = 0.05  # "busy" reaches the registry only once a cell ran this long
+ACTIVITY_WRITE_EVERY = 1.0
 
 
 class Stop(Exception):
@@ -44,6 +47,36 @@ class Stop(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class ReplayBuffer:
+    """The newest iopub messages of one kernel, as received: at most ``count`` messages and
+    ``max_bytes`` bytes; a message larger than REPLAY_MAX_MESSAGE is not kept."""
+
+    def __init__(self, count: int, max_bytes: float) -> None:
+        self.count, self.max_bytes = count, max_bytes
+        self.messages: collections.deque[list[bytes]] = collections.deque()
+        self.size = 0
+
+    def add(self, msg: list[bytes]) -> None:
+        size = sum(map(len, msg))
+        if not self.count or size > REPLAY_MAX_MESSAGE:
+            return
+        self.messages.append(msg)
+        self.size += size
+        while len(self.messages) > self.count or self.size > self.max_bytes:
+            self.size -= sum(map(len, self.messages.popleft()))
+
+    def blobs(self) -> list[bytes]:
+        """Every kept message as one blob of its parts and buffers (jmsg.encode_parts)."""
+        out = []
+        for msg in self.messages:
+            try:
+                parts, buffers = jmsg.split(msg)
+            except ValueError:
+                continue
+            out.append(jmsg.encode_parts(parts + buffers))
+        return out
 
 
 class Supervisor:
@@ -68,6 +101,13 @@ class Supervisor:
         self.beating = False  # the worker's heartbeat thread refreshes this kernel's heartbeat
         self.active_at = time.monotonic()  # the kernel's last iopub message, for culling
         self.state = "idle"
+        self.written_state: str | None = None  # the execution state the registry holds
+        self.state_due = 0.0  # when a pending "busy" is written
+        self.activity_written = 0.0
+        # The replay buffer: the newest iopub messages, as received, for clients of a gateway
+        # that died (handed over on request: see replay()).
+        self.replay_buf = ReplayBuffer(self.pool.replay_buffer,
+                                       self.pool.replay_buffer_mb * 1_000_000)
         self.next_cull_check = 0.0
         self.first_started = 0.0
         self.taken_at = 0.0
@@ -135,7 +175,8 @@ class Supervisor:
                                                jmsg.session_id())[1])
                 if self.iopub.poll(200):
                     time.sleep(0.05)  # let the reply's idle follow its busy
-                    self._drain_iopub(self.iopub, 0.0)
+                    self._drain_iopub(self.iopub)
+                    self._record_state(time.monotonic())
                     return
         finally:
             sock.close()
@@ -203,6 +244,7 @@ class Supervisor:
             execution_state="idle", last_activity=now_iso(), timing=timing, reason="")
         if not ok:
             raise Stop(f"the record moved to {prev or 'deleted'} while starting")
+        self.state = self.written_state = "idle"
         self.beating = True
         log.info("Kernel %s running on %s after %.2fs", self.kid, self.handle.host, self.started_at - t0)
         if self.task is not None and first:
@@ -238,22 +280,24 @@ class Supervisor:
         poller.register(self.iopub, zmq.POLLIN)
         iopub = self.iopub
         next_tick = 0.0
-        last_activity_write = 0.0
         tick = min(1.0, self.pool.heartbeat_ttl / 3)
         while True:
             if self.iopub is not iopub:  # reconnected after a restart on new ports
                 poller.unregister(iopub)
                 iopub = self.iopub
                 poller.register(iopub, zmq.POLLIN)
-            events = dict(poller.poll(timeout=tick * 1000))
+            now = time.monotonic()
+            wait = min(next_tick, self._state_due()) - now
+            events = dict(poller.poll(timeout=max(0.0, wait) * 1000))
             try:
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
                     while not self.commands.empty():
                         self._obey(self.commands.get_nowait())
                 if iopub in events and self.iopub is iopub:  # not if a restart replaced it
-                    last_activity_write = self._drain_iopub(iopub, last_activity_write)
+                    self._drain_iopub(iopub)
                 now = time.monotonic()
+                self._record_state(now)
                 if now >= next_tick:
                     next_tick = now + tick
                     self._tick()
@@ -263,36 +307,69 @@ class Supervisor:
                             self.kid, exc)
                 time.sleep(0.5)
 
-    def _drain_iopub(self, sock: zmq.Socket[bytes], last_write: float) -> float:
+    def _drain_iopub(self, sock: zmq.Socket[bytes]) -> None:
+        """Read what the kernel published: execution state, activity, the replay buffer.
+
+        Nothing here talks to the registry: a message costs a receive and an append."""
         state = None
-        keep = self.pool.replay_buffer
-        blobs: list[bytes] = []
+        keep = self.replay_buf.add
+        got = False
         for _ in range(1000):
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            got = True
+            keep(msg)
             try:
-                parts, buffers = jmsg.split(msg)
-                if keep and len(parts[3]) <= REPLAY_MAX_MESSAGE:
-                    blobs.append(jmsg.encode_parts(parts + buffers))
+                parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
-                    content = json.loads(parts[3])
-                    state = content.get("execution_state", state)
-            except (ValueError, IndexError):
+                    state = json.loads(parts[3]).get("execution_state", state)
+            except (ValueError, IndexError, AttributeError):
                 continue
-        if blobs:  # kept outside the gateways, so a client that reconnects anywhere gets it
-            self.reg.buffer_iopub(self.kid, blobs, keep, REPLAY_TTL)
-        now = time.monotonic()
-        self.active_at = now
+        if got:
+            self.active_at = time.monotonic()
         if state is not None:
             self.state = state
-            self.reg.update(self.kid, execution_state=state, last_activity=now_iso())
-            return now
-        if now - last_write > 1.0:
-            self.reg.update(self.kid, last_activity=now_iso())
-            return now
-        return last_write
+
+    def _record_state(self, now: float) -> None:
+        """Write execution state and activity to the registry: a change to idle at once, busy
+        only once it lasted BUSY_WRITE_DELAY (a quick cell writes nothing), activity at most
+        every ACTIVITY_WRITE_EVERY seconds."""
+        fields: dict[str, Any] = {}
+        if self.state == self.written_state:
+            self.state_due = 0.0
+        else:
+            if self.state == "busy" and not self.state_due:
+                self.state_due = now + BUSY_WRITE_DELAY
+            if self.state != "busy" or now >= self.state_due:
+                fields["execution_state"] = self.state
+        if self.active_at > self.activity_written and (
+                fields or now - self.activity_written >= ACTIVITY_WRITE_EVERY):
+            fields["last_activity"] = now_iso()
+        if fields:
+            self.reg.update(self.kid, **fields)
+            self.activity_written = now
+            if "execution_state" in fields:
+                self.written_state, self.state_due = self.state, 0.0
+
+    def _state_due(self) -> float:
+        """When _record_state has something to write (inf: nothing pending)."""
+        due = float("inf")
+        if self.state != self.written_state and self.state_due:
+            due = self.state_due
+        if self.active_at > self.activity_written:
+            due = min(due, self.activity_written + ACTIVITY_WRITE_EVERY)
+        return due
+
+    def replay(self, token: str) -> None:
+        """Hand the replay buffer to a gateway that asked (its client's gateway died).
+
+        Drains the iopub socket first, so everything published before the gateway subscribed
+        is in it; the gateway reads ``pg:replay:<token>`` once the count arrives."""
+        if self.iopub is not None:
+            self._drain_iopub(self.iopub)
+        self.reg.hand_replay(token, self.replay_buf.blobs(), REPLAY_HANDOFF_TTL)
 
     def _tick(self) -> None:
         assert self.handle is not None
@@ -345,6 +422,7 @@ class Supervisor:
         self.record.target = "RUNNING"
         self.record.handle = stored(self.handle)
         self.record.generation = self.generation
+        self.record.execution_state = self.written_state = self.state
         self.reg.restore(self.record)
         self.reg.set_connection(self.kid, self.handle.connection)
 
@@ -354,6 +432,8 @@ class Supervisor:
                 raise Stop("shut down")
         elif action == "restart":
             self._restart("restart requested")
+        elif action.startswith("replay:"):
+            self.replay(action.split(":", 1)[1])
         elif action == "shutdown-worker":
             raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
 
@@ -374,6 +454,7 @@ class Supervisor:
                                        execution_state="restarting", reason=reason)
         if not ok:
             return
+        self.state = self.written_state = "restarting"
         if graceful:
             self._ask_shutdown(restart=True)
         self.launcher.stop(self.handle, grace=1.0 if graceful else 0)
