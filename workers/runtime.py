@@ -106,7 +106,8 @@ class Runtime:
                 "queues": self.queues, "slots": self.slots, "used": self.used,
                 "accepting": not self._paused and not self.shutting_down.is_set(),
                 "draining": [p for p in self.pools if self.config.pools[p].queue in self.drained],
-                "kernels": sorted(self.supervisors), "time": time.time()}
+                "kernels": sorted(self.supervisors), "time": time.time(),
+                "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {}}
 
     def beat(self) -> None:
         try:

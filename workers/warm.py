@@ -83,6 +83,11 @@ class WarmSet:
         with self._lock:
             return sum(len(v) for v in self.ready.values())
 
+    def counts(self) -> dict[str, int]:
+        """Ready warm kernels by "<pool>/<kernelspec>" (in the worker's heartbeat)."""
+        with self._lock:
+            return {key: len(v) for key, v in self.ready.items()}
+
     def take(self, pool: str, spec: str) -> KernelHandle | None:
         with self._lock:
             handles = self.ready.get(f"{pool}/{spec}") or []
@@ -90,6 +95,7 @@ class WarmSet:
         if handle is not None:
             self.rt.registry.forget_warm(self.rt.name, handle.kernel_id)
             self._wake.set()
+            self.rt.beat()  # /api/pools shows the warm set as it is
         return handle
 
     def start(self) -> None:
@@ -135,6 +141,7 @@ class WarmSet:
             self.rt.registry.forget_warm(self.rt.name, handle.kernel_id)
             return
         log.info("Pool %s: a warm %s kernel is ready", pool, spec_name)
+        self.rt.beat()
 
     def stop_all(self) -> None:
         with self._lock:

@@ -79,6 +79,8 @@ def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:
     return {"name": info.get("name", ""), "host": info.get("host", ""), "slots": slots,
             "used": used, "free": max(0, slots - used), "state": state, "draining": draining,
             "kernels": len(info.get("kernels", ())),
+            "warm": {key.split("/", 1)[1]: n for key, n in (info.get("warm") or {}).items()
+                     if key.split("/", 1)[0] == pool},
             "last_seen": round(max(0.0, now - float(info.get("time", now))), 1)}
 
 
@@ -126,6 +128,7 @@ def build_pool(pool: PoolConfig, state: ClusterState) -> dict[str, Any]:
         "used": sum(w["used"] for w in workers),
         "free": sum(w["free"] for w in workers if w["state"] in ("accepting", "paused")),
         "waiting": len(queued),
+        "warm_ready": _sum_warm(workers),
         "running": counts["RUNNING"],
         "kernels_by_status": counts,
         "max_kernels": pool.max_kernels,
@@ -140,6 +143,15 @@ def build_pool(pool: PoolConfig, state: ClusterState) -> dict[str, Any]:
         "recent_failures": [dict(f, time=iso(float(f.get("time", 0)))) for f in
                             state.failures.get(pool.name, [])],
     }
+
+
+def _sum_warm(workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Ready warm kernels by kernelspec over the pool's workers."""
+    out: dict[str, int] = {}
+    for w in workers:
+        for spec, n in w["warm"].items():
+            out[spec] = out.get(spec, 0) + n
+    return out
 
 
 def build_pools(config: Config, state: ClusterState) -> list[dict[str, Any]]:

@@ -322,8 +322,16 @@ def test_warm_kernels_are_handed_over(tmp_path) -> None:  # type: ignore[no-unty
     STACKS.append(stack)
     try:
         gw = stack.gw
-        time.sleep(3)  # the worker starts its warm kernel
+
+        def warm_ready() -> int:
+            pool = gw.get("/api/pools/local").json()
+            return int(pool["warm_ready"].get("python3", 0))
+
         for _ in range(2):
+            deadline = time.monotonic() + 30
+            while warm_ready() < 1:  # the worker starts (or refills) its warm kernel
+                assert time.monotonic() < deadline, "no warm kernel became ready"
+                time.sleep(0.1)
             model = gw.start(env={"KERNEL_USERNAME": "wanda", "KERNEL_WORKING_DIR": str(tmp_path)})
             assert model["poolgate"]["timing"]["launch"] < 0.2, model  # no process started
             ch = gw.channel(model["id"])
@@ -332,7 +340,6 @@ def test_warm_kernels_are_handed_over(tmp_path) -> None:  # type: ignore[no-unty
             assert res.stdout.split() == [model["id"], "wanda", str(tmp_path)]
             ch.close()
             gw.shutdown(model["id"])
-            time.sleep(2)  # the warm set refills in the background
     finally:
         stack.stop()
         STACKS.remove(stack)
