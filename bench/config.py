@@ -18,10 +18,12 @@ class Sizes:
     memory_kernels: int = 16  # 6: idle kernels, one WebSocket each
     start_timeout: float = 60.0  # per kernel, plus 2 s per concurrent start
     exec_timeout: float = 30.0  # one `1+1`
+    many: int = 200  # 8: kernels alive at once behind one gateway
+    many_batch: int = 25  # 8: started this many at a time
 
 
 FULL = Sizes()
 QUICK = Sizes(starts=2, executes=20, iopub_mb=5.0, concurrent=(1, 4), busy_kernels=4,
-              busy_seconds=2.0, memory_kernels=2)
+              busy_seconds=2.0, memory_kernels=2, many=4, many_batch=2)
 
-SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy")
+SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy", "many")

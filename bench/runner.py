@@ -44,6 +44,8 @@ async def run_round(target: Target, sizes: Sizes, scenarios: list[str],
     metrics: Metrics = {}
     result.rounds.append(metrics)
     for name in scenarios:
+        if target.scenarios is not None and name not in target.scenarios:
+            continue
         t0 = time.perf_counter()
         try:
             got = await SCENARIO_FUNCS[name](target, sizes)

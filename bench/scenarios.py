@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
+
 from bench.client import KernelConnection
 from bench.config import Sizes
 from bench.procs import is_kernel, rss_mb
@@ -94,33 +96,86 @@ async def run_code(conn: KernelConnection, code: str, timeout: float) -> float:
     return res.seconds
 
 
-def memory_now(target: Target) -> tuple[float, float]:
-    """(gateway MB without kernel processes, MB of the whole tree with kernels)."""
-    procs = [p for mp in target.server_processes() or [] for p in mp.tree()]
-    kernels = [p for p in procs if is_kernel(p)]
-    total = rss_mb(procs)
-    return total - rss_mb(kernels), total
+def server_tree(target: Target) -> list[psutil.Process]:
+    return [p for mp in target.server_processes() or [] for p in mp.tree()]
+
+
+def memory_now(target: Target) -> tuple[float, float, float]:
+    """MB of (the gateway process proper, everything the target runs but kernels, the whole
+    tree with kernels)."""
+    procs = server_tree(target)
+    rest = [p for p in procs if not is_kernel(p)]
+    return rss_mb([p for p in rest if target.is_gateway_process(p)]), rss_mb(rest), rss_mb(procs)
+
+
+def gateway_fds(target: Target) -> tuple[float, float]:
+    """Open files of the gateway processes, and the soft open-file limit of the busiest."""
+    counts: list[tuple[int, int]] = []
+    for p in server_tree(target):
+        try:
+            if not is_kernel(p) and target.is_gateway_process(p):
+                counts.append((p.num_fds(), p.rlimit(psutil.RLIMIT_NOFILE)[0]))
+        except psutil.Error:
+            continue
+    if not counts:
+        return math.nan, math.nan
+    return float(sum(n for n, _ in counts)), float(max(counts)[1])
 
 
 async def scenario_memory(target: Target, sizes: Sizes) -> Metrics:
-    """6: gateway RSS growth per idle kernel that has one WebSocket open."""
+    """6: RSS growth per idle kernel that has one WebSocket open: of the gateway process
+    proper, and of everything the target runs except the kernels."""
     if target.server_processes() is None:
-        return {"memory.gateway_mb_per_kernel": None, "memory.tree_mb_per_kernel": None,
-                "memory.idle_mb": None}
+        return {"memory.gateway_mb_per_kernel": None, "memory.service_mb_per_kernel": None,
+                "memory.tree_mb_per_kernel": None, "memory.idle_mb": None}
     await asyncio.sleep(1.0)
-    gw0, tree0 = memory_now(target)
+    gw0, svc0, tree0 = memory_now(target)
     ready, failed = await start_many(target, sizes.memory_kernels, sizes)
     try:
         if not ready:
             raise RuntimeError("no kernel started")
         await asyncio.sleep(2.0)
-        gwk, treek = memory_now(target)
+        gwk, svck, treek = memory_now(target)
     finally:
         await close_all(target, ready)
     k = len(ready)
     return {"memory.gateway_mb_per_kernel": (gwk - gw0) / k,
+            "memory.service_mb_per_kernel": (svck - svc0) / k,
             "memory.tree_mb_per_kernel": (treek - tree0) / k,
             "memory.idle_mb": gw0, "memory.failures": float(failed)}
+
+
+async def scenario_many(target: Target, sizes: Sizes) -> Metrics:
+    """8: `many` kernels alive at once behind one gateway, each with one WebSocket open,
+    started `many_batch` at a time; then every one runs `1+1` at once. Counts failures,
+    the gateway's open files against its limit, and its memory per kernel."""
+    if target.server_processes() is None:
+        return {"many.ready": None}
+    await asyncio.sleep(1.0)
+    gw0, svc0, _ = memory_now(target)
+    ready: list[Ready] = []
+    failed = exec_failed = 0
+    try:
+        for done in range(0, sizes.many, sizes.many_batch):
+            got, bad = await start_many(target, min(sizes.many_batch, sizes.many - done), sizes)
+            ready += got
+            failed += bad
+        await asyncio.sleep(2.0)
+        gwk, svck, _ = memory_now(target)
+        fds, limit = gateway_fds(target)
+        results = await asyncio.gather(*(run_code(c, "1+1", sizes.exec_timeout * 4)
+                                         for _, c, _ in ready), return_exceptions=True)
+        exec_failed = sum(isinstance(r, BaseException) for r in results)
+    finally:
+        await close_all(target, ready)
+    k = max(1, len(ready))
+    say(f"{target.name}: {len(ready)} kernels alive at once, {failed} failed to start, "
+        f"{exec_failed} did not answer; gateway {fds:.0f} open files (limit {limit:.0f})")
+    return {"many.ready": float(len(ready)), "many.failures": float(failed),
+            "many.exec_failures": float(exec_failed),
+            "many.gateway_mb_per_kernel": (gwk - gw0) / k,
+            "many.service_mb_per_kernel": (svck - svc0) / k,
+            "many.gateway_fds": fds, "many.gateway_fd_limit": limit}
 
 
 EPOCH_2001 = 1e9  # a number above this in the timing section is a Unix timestamp
@@ -156,6 +211,7 @@ async def scenario_start(target: Target, sizes: Sizes) -> Metrics:
     hops: dict[str, list[float]] = {}
     failures = 0
     for _ in range(sizes.starts):
+        await target.before_start()
         requested_at = time.time()
         try:
             ref, conn, seconds = await ready_kernel(target, sizes.start_timeout)
@@ -273,4 +329,5 @@ SCENARIO_FUNCS: dict[str, Callable[[Target, Sizes], Awaitable[Metrics]]] = {
     "iopub": scenario_iopub,
     "concurrent": scenario_concurrent,
     "busy": scenario_busy,
+    "many": scenario_many,
 }

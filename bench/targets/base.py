@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from bench.client import KernelConnection, WebSocketTransport
 from bench.procs import ManagedProcess
@@ -94,6 +95,17 @@ class Target(abc.ABC):
     def server_processes(self) -> list[ManagedProcess] | None:
         """The processes whose memory counts as the gateway's; None where not applicable."""
         return None
+
+    def is_gateway_process(self, proc: psutil.Process) -> bool:
+        """Of server_processes' trees, the gateway proper (the process holding the
+        WebSockets); by default every process that is not a kernel."""
+        return True
+
+    # Scenarios this target runs (None: all); the others are reported n/a.
+    scenarios: tuple[str, ...] | None = None
+
+    async def before_start(self) -> None:  # noqa: B027 (optional hook)
+        """Called before each measured sequential start (not timed)."""
 
     async def cleanup(self, timeout: float = 120.0) -> None:
         """Shut down every kernel still tracked, in parallel; never raises."""

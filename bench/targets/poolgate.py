@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from bench.procs import ManagedProcess, free_port
 from bench.progress import say
 from bench.targets.base import GatewayTarget, TargetUnavailable
@@ -41,6 +43,13 @@ def has_ready_line(proc: ManagedProcess) -> bool:
 
 
 class _PoolgateBase(GatewayTarget):
+    def is_gateway_process(self, proc: psutil.Process) -> bool:
+        """The gateway proper: `poolgate gateway` (gunicorn), not the worker or Redis."""
+        try:
+            return " gateway" in " ".join(proc.cmdline())
+        except psutil.Error:
+            return False
+
     def env(self, workdir: Path) -> dict[str, str]:
         exe = find_poolgate()
         return gateway_env(self.ctx.kernelspec_dir, exe.parent, workdir / "runtime")
@@ -76,6 +85,41 @@ class PoolgateTarget(_PoolgateBase):
         self.procs.append(proc)
         proc.start()
         await self.wait_for(proc)
+
+
+class PoolgateWarmTarget(PoolgateTarget):
+    """`poolgate serve --config C` where C is the packaged queues.yaml with one warm kernel
+    of the bench's kernelspec in the default pool (`warm: {python3: 1}`); runs the start
+    scenario only, each start once /api/pools shows the warm kernel ready."""
+
+    name = "poolgate-warm"
+    scenarios = ("start",)
+
+    async def start(self) -> None:
+        import yaml
+
+        from workers.config import packaged_data
+
+        raw = yaml.safe_load((packaged_data() / "queues.yaml").read_text())
+        self.pool = raw.get("default_pool") or next(iter(raw["pools"]))
+        raw["pools"][self.pool]["warm"] = {self.ctx.kernel_name: 1}
+        workdir = self.ctx.workdir / self.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "queues.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        self.ctx.extra_args.setdefault(self.name, [])[:0] = ["--config", str(config)]
+        await super().start()
+
+    async def before_start(self) -> None:
+        http = await self.open_http()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            async with http.get(f"{self.base_url}/api/pools/{self.pool}") as resp:
+                pool = await resp.json(content_type=None)
+            if pool.get("warm_ready", {}).get(self.ctx.kernel_name, 0) >= 1:
+                return
+            await asyncio.sleep(0.05)
+        say(f"{self.name}: no warm kernel ready after 60 s; starting anyway")
 
 
 class PoolgateRedisTarget(_PoolgateBase):
