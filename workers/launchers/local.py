@@ -1,8 +1,10 @@
 """local: kernels as processes on the worker's own machine, each in its own process group."""
 from __future__ import annotations
 
+import collections
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +28,7 @@ from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,31 @@ def pick_ports(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int
     raise LaunchRejected(f"no {count} free ports left in port range {lo}-{hi}")
 
 
+_RECENT: collections.deque[int] = collections.deque(maxlen=4096)
+
+
+def free_ports(ip: str, count: int = 5) -> list[int]:
+    """Ports the system has free now (bound to port 0 together, then released), none handed
+    out recently by this process: the kernel's ports are known before it starts, so nobody
+    polls its connection file (as jupyter_client does it)."""
+    found: list[int] = []
+    with _PORT_LOCK:
+        held = []
+        try:
+            while len(found) < count:
+                s = socket.socket()
+                held.append(s)
+                s.bind((ip, 0))
+                port = s.getsockname()[1]
+                if port not in _RECENT:
+                    found.append(port)
+        finally:
+            for s in held:
+                s.close()
+        _RECENT.extend(found)
+    return found
+
+
 def build_connection(ip: str, key: str, ports: list[int] | None, transport: str) -> dict[str, object]:
     """The connection file a local kernel starts from (ports 0: the kernel picks and writes them)."""
     ports = ports or [0] * 5
@@ -108,6 +136,7 @@ def wait_ready(conn: ConnectionInfo, deadline: float, alive: Callable[[], bool])
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    sock.reconnect_ivl = 10  # ms: the kernel binds its ports a moment after it starts
     try:
         sock.connect(conn.url("shell"))
         signer = jmsg.Signer(conn.key, conn.signature_scheme)
@@ -152,20 +181,36 @@ class LocalLauncher(Launcher):
             ports = [getattr(previous.connection, f"{c}_port") for c in CHANNELS]
         elif self.port_range:
             ports = pick_ports(self.options.ip, self.port_range)
+        elif self.options.transport == "tcp":
+            ports = free_ports(self.options.ip)
         handle: KernelHandle | None = None
         for attempt in (1, 2):
             handle = yield from self._start(req, key, ports, deadline)
-            if handle.connection is not None or ports is None or attempt == 2:
-                break
-            # The previous ports were taken meanwhile: start once more on fresh ones.
+            if handle.connection is not None:
+                started = handle
+                try:
+                    wait_ready(handle.connection, deadline, lambda: self.poll(started) is None)
+                    break
+                except LaunchRejected:
+                    if ports is None or attempt == 2 or not self._port_clash(handle):
+                        raise
+            elif ports is None or attempt == 2:
+                raise LaunchRejected("the kernel exited while starting")
+            # The ports were taken meanwhile: start once more on fresh ones.
+            log.info("Kernel %s: its ports were taken; starting it on others", req.kernel_id)
             self.stop(handle, grace=0)
-            ports = pick_ports(self.options.ip, self.port_range) if self.port_range else None
+            ports = (pick_ports(self.options.ip, self.port_range) if self.port_range
+                     else free_ports(self.options.ip))
         assert handle is not None
-        if handle.connection is None:
-            raise LaunchRejected("the kernel exited while starting")
-        alive = lambda: self.poll(handle) is None  # noqa: E731
-        wait_ready(handle.connection, deadline, alive)
         yield handle
+
+    @staticmethod
+    def _port_clash(handle: KernelHandle) -> bool:
+        try:
+            text = (Path(str(handle.data.get("dir", ""))) / "kernel.log").read_text(errors="replace")
+        except OSError:
+            return False
+        return "Address already in use" in text
 
     def _start(self, req: LaunchRequest, key: str, ports: list[int] | None,
                deadline: float) -> Iterator[KernelHandle]:

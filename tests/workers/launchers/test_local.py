@@ -93,3 +93,41 @@ def test_warm_handover_code() -> None:
         os.chdir(before)
         os.environ.pop("KERNEL_ID", None)
         os.environ.pop("KERNEL_USERNAME", None)
+
+
+def test_ports_taken_before_the_kernel_binds_them_are_replaced(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher picks the kernel's ports up front (no polling of its connection file);
+    if another process takes one before the kernel binds it, the kernel starts again on others."""
+    import socket
+
+    from workers.launchers import local
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real = local.free_ports
+    calls: list[list[int]] = []
+
+    def first_one_taken(ip: str, count: int = 5) -> list[int]:
+        ports = real(ip, count)
+        if not calls:
+            ports[0] = taken  # the shell port: someone bound it meanwhile
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(local, "free_ports", first_one_taken)
+    pool = PoolConfig(name="local", launcher="local", queue="local")
+    launcher = launchers.create(pool, str(tmp_path))
+    req = LaunchRequest("k2", "local", "python3",
+                        ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+                        launch_timeout=60)
+    try:
+        handle = list(launcher.launch(req))[-1]
+        assert len(calls) == 2 and handle.connection is not None
+        assert handle.connection.shell_port == calls[1][0] != taken
+        assert launcher.poll(handle) is None
+        launcher.stop(handle, grace=0)
+    finally:
+        squatter.close()
