@@ -120,8 +120,7 @@ class KernelSession:
         self.replayed: set[str] = set()
         self.last_iopub: str | None = None
         self.replied: collections.deque[str] = collections.deque(maxlen=50)
-        self.seen_at = 0.0
-        self.seen_dirty = False
+        self.seen_dirty = False  # what the client got changed since it was last recorded
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -216,6 +215,7 @@ class Bridge:
         self._lock = threading.Lock()
         self._reaper = threading.Thread(target=self._reap, name="poolgate-sessions", daemon=True)
         self._reaper.start()
+        threading.Thread(target=self._record_seen, name="poolgate-seen", daemon=True).start()
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -397,7 +397,7 @@ class Bridge:
                 for s in sess.sockets.values():
                     poller.register(s, zmq.POLLIN)
                 polled = sess.sockets
-            timeout = NUDGE_EVERY if sess.nudging else SEEN_EVERY if sess.seen_dirty else 1.0
+            timeout = NUDGE_EVERY if sess.nudging else 1.0
             for fd_or_sock, _ in poller.poll(timeout * 1000):
                 if fd_or_sock == sess._r:
                     sess.drain_wake()
@@ -407,8 +407,6 @@ class Bridge:
                 else:
                     self._from_kernel(conn, sess, fd_or_sock)
             now = time.monotonic()
-            if sess.seen_dirty and now - sess.seen_at > SEEN_EVERY:
-                self._mark_seen(sess)
             if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
                 sess.nudge()
             try:
@@ -539,16 +537,29 @@ class Bridge:
 
     # -- replay across gateways -----------------------------------------------------------
 
-    def _mark_seen(self, sess: KernelSession) -> None:
-        """Tell other gateways what this client got, in case this gateway dies."""
-        sess.seen_at = time.monotonic()
-        sess.seen_dirty = False
-        try:
-            self.registry.mark_seen(sess.kid, sess.session_id,
-                                    {"iopub": sess.last_iopub, "replied": list(sess.replied)},
-                                    self.buffer_seconds)
-        except Exception:
-            log.debug("cannot record what session %s saw", sess.session_id, exc_info=True)
+    def _record_seen(self) -> None:
+        """Every SEEN_EVERY, tell other gateways what each client got (one pipeline for all
+        sessions), in case this gateway dies: they replay from there."""
+        while True:
+            time.sleep(SEEN_EVERY)
+            with self._lock:
+                dirty = [s for s in self.sessions.values() if s.seen_dirty]
+            if not dirty:
+                continue
+            seen = {}
+            for sess in dirty:
+                sess.seen_dirty = False
+                for _ in range(3):  # the pump may append to `replied` meanwhile
+                    try:
+                        seen[(sess.kid, sess.session_id)] = {
+                            "iopub": sess.last_iopub, "replied": list(sess.replied)}
+                        break
+                    except RuntimeError:
+                        continue
+            try:
+                self.registry.mark_seen_many(seen, self.buffer_seconds)
+            except Exception:
+                log.debug("cannot record what %d sessions saw", len(seen), exc_info=True)
 
     def _buffered(self, kid: str) -> list[bytes]:
         """Ask the kernel's supervisor for its replay buffer (through the worker's control

@@ -382,9 +382,14 @@ class Registry:
         pipe.delete(key, key + ":n")
         return list(pipe.execute()[0])
 
-    def mark_seen(self, kid: str, session: str, seen: dict[str, Any], ttl: float) -> None:
-        """What a gateway last delivered to a client session (for a replay by another gateway)."""
-        self.r.set(PREFIX + "seen:" + kid + ":" + session, json.dumps(seen), ex=max(1, int(ttl)))
+    def mark_seen_many(self, seen: dict[tuple[str, str], dict[str, Any]], ttl: float) -> None:
+        """What a gateway last delivered to client sessions, by (kernel, session): for a
+        replay by another gateway."""
+        pipe = self.r.pipeline(transaction=False)
+        for (kid, session), value in seen.items():
+            pipe.set(PREFIX + "seen:" + kid + ":" + session, json.dumps(value),
+                     ex=max(1, int(ttl)))
+        pipe.execute()
 
     def seen(self, kid: str, session: str) -> dict[str, Any] | None:
         raw = self.r.get(PREFIX + "seen:" + kid + ":" + session)
