@@ -21,6 +21,7 @@ class Result:
     result: str = ""
     error: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
+    idle: bool = False  # the kernel's idle status for the request arrived
 
     @property
     def status(self) -> str:
@@ -42,8 +43,11 @@ class Channel:
     def close(self) -> None:
         self.ws.close()
 
-    def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
-        mid = uuid.uuid4().hex
+    def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell",
+             msg_id: str | None = None) -> str:
+        """Send a message; ``msg_id`` sends one again under the same id (after a reconnect,
+        JupyterLab sends what it could not send before, unchanged)."""
+        mid = msg_id or uuid.uuid4().hex
         self.ws.send(json.dumps({
             "header": {"msg_id": mid, "msg_type": msg_type, "username": "test",
                        "session": self.session, "date": "2026-01-01T00:00:00.000000Z",
@@ -72,11 +76,16 @@ class Channel:
                                             "stop_on_error": True})
         return self.collect(mid, timeout, stdin)
 
-    def collect(self, mid: str, timeout: float = 60, stdin: str | None = None) -> Result:
-        res = Result()
-        idle = False
+    def collect(self, mid: str, timeout: float = 60, stdin: str | None = None,
+                into: Result | None = None) -> Result:
+        """The messages of request ``mid`` until its reply and the kernel's idle.
+
+        ``into`` continues a collection a broken socket cut short: messages are added to it as
+        they come, so what arrived before the break is kept when this call raises.
+        """
+        res = into if into is not None else Result()
         deadline = time.monotonic() + timeout
-        while not (res.reply and idle):
+        while not (res.reply and res.idle):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no reply/idle for {mid}: {res}")
@@ -105,7 +114,7 @@ class Channel:
             elif t.endswith("_reply") and msg.get("channel") in ("shell", "control"):
                 res.reply = c
             elif t == "status" and c["execution_state"] == "idle":
-                idle = True
+                res.idle = True
         return res
 
 

@@ -2,6 +2,7 @@
 maintenance task; registry operations only).
 
 * a live kernel whose supervisor stopped beating is FAILED ("worker lost"), so clients see dead;
+  not while the registry rebuilds after losing its data (the heartbeats were lost with it);
 * a launch still queued past its timeout is withdrawn, so it never starts later;
 * connection entries of gateways that went away are dropped, so culling can see the truth.
 """
@@ -31,6 +32,11 @@ def settle(registry: Registry, rec: KernelRecord, pools: Mapping[str, PoolConfig
             registry.delete(rec.id, rec.pool, reason="launch timed out in the queue")
         return registry.get(rec.id), ok
     if rec.status in SILENT_STATES and not registry.heartbeat_alive(rec.id):
+        if registry.rebuilding():
+            # The registry lost its data (a restarted Redis): the heartbeats went with it, and
+            # a supervisor may write its record again before its worker's next heartbeat. No
+            # heartbeat proves nothing until the workers had their chance to write them.
+            return rec, False
         ttl = pools[rec.pool].heartbeat_ttl if rec.pool in pools else 0
         reason = f"worker {rec.worker} lost: no heartbeat for {ttl:.0f}s; the kernel is considered dead"
         ok, _ = registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,

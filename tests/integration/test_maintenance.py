@@ -33,6 +33,7 @@ def test_reconcile_pass(private_redis: PrivateRedis) -> None:
     from workers.config import PoolConfig
 
     reg = Registry(f"redis://127.0.0.1:{private_redis.port}/0")
+    reg.mark_epoch()  # as gateways and workers do at start: a registry without one is rebuilding
     _record(reg, "silent", KernelStatus.RUNNING, time.time())
     _record(reg, "stale-launch", KernelStatus.QUEUED, time.time() - 60)
     _record(reg, "fresh-launch", KernelStatus.QUEUED, time.time() + 60)
@@ -50,6 +51,7 @@ def test_reconcile_pass(private_redis: PrivateRedis) -> None:
 def test_maintenance_worker_reconciles_on_its_own(tmp_path: Path, private_redis: PrivateRedis) -> None:
     url = f"redis://127.0.0.1:{private_redis.port}/0"
     reg = Registry(url)
+    reg.mark_epoch()  # as gateways and workers do at start: a registry without one is rebuilding
     _record(reg, "silent", KernelStatus.RUNNING, time.time())
     cfg = tmp_path / "queues.yaml"
     cfg.write_text(yaml.safe_dump({"broker_url": url, "registry_url": url, "pools": POOLS}))
