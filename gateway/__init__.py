@@ -15,7 +15,7 @@ from flask_sock import Sock
 
 from gateway import errors
 from gateway import operating
-from gateway.channels import Bridge, WakeEvent
+from gateway.channels import Bridge, NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from gateway.kernels import KernelService
@@ -47,7 +47,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
-        "event_class": WakeEvent,  # frames wake the pump directly (gateway/channels.py)
+        "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     base = "/" + config.gateway.base_url.strip("/")

@@ -1,12 +1,14 @@
 """The WebSocket bridge: moves frames between clients and kernels over ZMQ.
 
 One :class:`KernelSession` per (kernel, session_id) in this gateway owns the ZMQ sockets of that
-client session. The WebSocket handler thread that owns the session pumps kernel → client; a
-client frame wakes the pump through simple-websocket's event (see WakeEvent). Only the pump
-touches the ZMQ sockets and sends on the WebSocket, so sends are serialised.
+client session. The WebSocket handler thread that owns the session is its pump: one poll over
+the client's TCP socket, the kernel's ZMQ sockets and a wake-up pipe, in both directions. Only
+the pump touches the ZMQ sockets and the WebSocket, so sends are serialised.
 
-* Frames from the client: simple-websocket's own reader thread sets a :class:`WakeEvent`,
-  which wakes the pump; the pump reads them without blocking.
+* Frames from the client: simple-websocket's reader thread is never started (see
+  :class:`NoReaderThread`); the pump reads the socket when it is readable and lets
+  simple-websocket's protocol state machine (wsproto) parse it, answer pings and closes.
+  One thread per WebSocket instead of two, and no hand-off between them on every frame.
 * Takeover: a new connection with the same session_id evicts the old one at once and inherits
   the sockets (JupyterLab opens the socket twice in a row).
 * Replay: a session whose client went away keeps its sockets for ``session_buffer_seconds``;
@@ -31,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 import zmq
 from simple_websocket import ConnectionClosed
+from wsproto.events import Ping
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
 
 from gateway import wire
 from gateway.metrics import Hooks, WsStats
@@ -46,26 +51,25 @@ NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
-REPLAY_WAIT = 5  # seconds a reconnected client's replay waits for the kernel's supervisor
+REPLAY_WAIT = 3  # seconds a reconnected client's replay waits for the kernel's supervisor...
+REPLAY_TRIES = 3  # ...each time it asks
 
 
-class WakeEvent(threading.Event):
-    """simple-websocket's "a frame arrived" event, which also wakes the session's pump.
+class NoReaderThread:
+    """Given to simple-websocket as its ``thread_class``: the reader thread it would start for
+    every connection. Not started: the session's pump reads the socket (Connection.read)."""
 
-    Given to simple-websocket as its ``event_class``: its reader thread sets it for every frame
-    and on close, so the pump (which owns the ZMQ sockets) needs no reader thread of its own.
-    """
+    def __init__(self, target: Any = None, **_: Any) -> None:
+        self.name = "poolgate-ws"
 
-    wake_fd: int | None = None
+    def start(self) -> None:
+        pass
 
-    def set(self) -> None:
-        super().set()
-        fd = self.wake_fd
-        if fd is not None:
-            try:
-                os.write(fd, b"w")
-            except OSError:
-                pass
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
 
 
 class Connection:
@@ -76,12 +80,61 @@ class Connection:
         self.protocol = ws.subprotocol if ws.subprotocol == wire.V1 else None
         self.closed = False
         self.evicted = False
+        self.next_ping = 0.0
         self._lock = threading.Lock()
         self.stats = WsStats()  # written only by the pump thread
 
     def send(self, frame: str | bytes) -> None:
         with self._lock:
             self.ws.send(frame)
+
+    def fileno(self) -> int:
+        return int(self.ws.sock.fileno())
+
+    def read(self) -> list[str | bytes]:
+        """Read what the client sent (the socket is readable) and return the complete frames.
+
+        Does what simple-websocket's reader thread would: wsproto parses, pings and close
+        frames are answered. Sets ``closed`` when the client went away."""
+        ws = self.ws
+        try:
+            data = ws.sock.recv(ws.receive_bytes)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+            ws.connected = False
+            return []
+        try:
+            with self._lock:
+                ws.ws.receive_data(data)
+                ws.connected = ws._handle_events()
+        except (LocalProtocolError, OSError):
+            ws.connected = False
+        frames, ws.input_buffer = ws.input_buffer, []
+        if not ws.connected:
+            self.closed = True
+        return frames
+
+    def ping(self, now: float) -> None:
+        """Ping the client every ``ping_interval``; close it if the last ping got no pong."""
+        ws = self.ws
+        if not ws.ping_interval or now < self.next_ping:
+            return
+        if self.next_ping and not ws.pong_received:
+            log.info("WebSocket: no pong within %ss; closing it", ws.ping_interval)
+            try:
+                ws.close(reason=CloseReason.POLICY_VIOLATION, message="Ping/Pong timeout")
+            except Exception:
+                pass
+            self.closed = True
+            return
+        ws.pong_received = False
+        with self._lock:
+            ws.sock.send(ws.ws.send(Ping()))
+        self.next_ping = now + ws.ping_interval
 
     def abort(self) -> None:
         """Unblock a pump stuck sending to a client that stopped reading."""
@@ -106,7 +159,10 @@ class KernelSession:
         self.owner: Connection | None = None
         self.released = threading.Event()
         self.released.set()
-        self.inbox: collections.deque[str | bytes] = collections.deque()
+        # Frames from clients, with the connection that sent them (None: the owner).
+        self.inbox: collections.deque[tuple[Connection | None, str | bytes]] = collections.deque()
+        self.parked: list[Connection] = []  # replaced connections still open (Bridge._park)
+        self.senders: dict[str, Connection] = {}  # the connection each request came from
         self.events: collections.deque[dict[str, Any]] = collections.deque()
         self.held: list[tuple[str, list[bytes], list[bytes]]] = []
         self.ready = False
@@ -228,39 +284,53 @@ class Bridge:
             sess.wake()
 
     def attach(self, kid: str, session_id: str, conn: Connection) -> KernelSession:
-        """Give ``conn`` the session, evicting a connection that holds it."""
-        with self._lock:
-            sess = self.sessions.get((kid, session_id))
-            if sess is None or sess.gone:
-                sess = KernelSession(kid, session_id)
-                sess.resume = self.registry.seen(kid, session_id)  # served by a lost gateway?
-                if not any(k == kid for k, _ in self.sessions):
-                    self.service.events.add(kid, self._on_event)
-                self.sessions[(kid, session_id)] = sess
-            old = sess.owner
-        if old is not None:
-            log.info("Kernel %s: session %s reconnected; replacing the older socket", kid, session_id)
-            old.evicted = True
+        """Give ``conn`` the session, evicting a connection that holds it.
+
+        Ownership changes hands under the bridge's lock only, so two connections arriving
+        together can never both own a session (nor can one clear the other's eviction)."""
+        announced = False
+        while True:
+            with self._lock:
+                sess = self.sessions.get((kid, session_id))
+                if sess is None or sess.gone:
+                    sess = KernelSession(kid, session_id)
+                    sess.resume = self.registry.seen(kid, session_id)  # served by a lost gateway?
+                    if not any(k == kid for k, _ in self.sessions):
+                        self.service.events.add(kid, self._on_event)
+                    self.sessions[(kid, session_id)] = sess
+                old = sess.owner
+                if old is None or old is conn:
+                    sess.owner = conn
+                    conn.evicted = False
+                    sess.released.clear()
+                    sess.detached_at = None
+                    break
+                old.evicted = True
+            if not announced:
+                log.info("Kernel %s: session %s reconnected; replacing the older socket",
+                         kid, session_id)
+                announced = True
             sess.wake()
             if not sess.released.wait(3.0):
+                log.warning("Kernel %s: the older socket of session %s did not let go; "
+                            "closing it", kid, session_id)
                 old.abort()
                 sess.released.wait(3.0)
-        sess.released.clear()
-        sess.owner = conn
-        sess.detached_at = None
         self.registry.add_connection(kid, f"{self.instance}:{session_id}")
         return sess
 
     def detach(self, sess: KernelSession, conn: Connection) -> None:
-        if sess.owner is conn:
-            sess.owner = None
-            sess.detached_at = time.monotonic()
-            if not conn.evicted:
-                try:
-                    self.registry.remove_connection(sess.kid, f"{self.instance}:{sess.session_id}")
-                except Exception:
-                    log.debug("cannot update connection count", exc_info=True)
-        sess.released.set()
+        with self._lock:
+            mine = sess.owner is conn
+            if mine:
+                sess.owner = None
+                sess.detached_at = time.monotonic()
+            sess.released.set()
+        if mine and not conn.evicted:
+            try:
+                self.registry.remove_connection(sess.kid, f"{self.instance}:{sess.session_id}")
+            except Exception:
+                log.debug("cannot update connection count", exc_info=True)
 
     def _drop(self, sess: KernelSession) -> None:
         with self._lock:
@@ -284,9 +354,18 @@ class Bridge:
                 idle = [s for s in self.sessions.values()
                         if s.owner is None and s.detached_at is not None
                         and (s.gone or now - s.detached_at > self.buffer_seconds
-                             or s.kid not in self._live_ids())]
+                             or s.kid not in self._live_ids() and self._gone_for_good(s.kid))]
             for sess in idle:
                 self._drop(sess)
+
+    def _gone_for_good(self, kid: str) -> bool:
+        """A kernel the registry does not have: deleted (its tombstone says so), or not yet
+        written again after the registry lost its data (a restarted Redis)? Sessions and
+        their sockets outlive the second: the kernel still runs."""
+        try:
+            return bool(self.registry.deleted(kid)) or not self.registry.rebuilding()
+        except redis.RedisError:
+            return False
 
     def _live_ids(self) -> set[str]:
         try:
@@ -318,13 +397,12 @@ class Bridge:
         would take the session from the newer one, and so on every second or two.
         """
         conn = Connection(ws)
-        event = getattr(ws, "event", None)
+        conn.next_ping = time.monotonic() + (ws.ping_interval or 0)
         self.metrics.ws_opened(conn.stats)
         try:
             while True:
                 sess = self.attach(kid, session_id, conn)
-                conn.evicted = False
-                self._run(conn, sess, event)
+                self._run(conn, sess)
                 if sess.gone:
                     self._drop(sess)
                 if not conn.evicted or conn.closed or sess.gone or not self._park(conn, sess):
@@ -337,11 +415,8 @@ class Bridge:
             except Exception:
                 pass
 
-    def _run(self, conn: Connection, sess: KernelSession, event: Any) -> None:
-        if isinstance(event, WakeEvent):  # frames wake the pump directly: no reader thread
-            event.wake_fd = sess._w
+    def _run(self, conn: Connection, sess: KernelSession) -> None:
         try:
-            self._receive(conn, sess)
             self._pump(conn, sess)
         except ConnectionClosed:
             conn.closed = True
@@ -349,36 +424,33 @@ class Bridge:
             conn.closed = True
             log.info("Kernel %s: WebSocket ended (%s)", sess.kid, exc)
         finally:
-            if isinstance(event, WakeEvent):
-                event.wake_fd = None
             self.detach(sess, conn)
 
     def _park(self, conn: Connection, sess: KernelSession) -> bool:
         """Hold a replaced connection open until its client closes it (False) or the session
         has no client any more (True: take it back). Its frames go to the session's owner."""
-        while not sess.gone:
-            try:
-                frame = conn.ws.receive(timeout=1.0)
-            except ConnectionClosed:
-                conn.closed = True
-                return False
-            if frame is not None:
-                sess.inbox.append(frame)
-                sess.wake()
-            elif sess.owner is None:
-                return True
-        return False
-
-    def _receive(self, conn: Connection, sess: KernelSession) -> None:
-        """Move every frame the WebSocket has received into the session's inbox."""
+        poller = zmq.Poller()
+        poller.register(conn.fileno(), zmq.POLLIN)
+        with self._lock:
+            sess.parked.append(conn)
         try:
-            while True:
-                frame = conn.ws.receive(timeout=0)
-                if frame is None:
-                    return
-                sess.inbox.append(frame)
-        except ConnectionClosed:
-            conn.closed = True
+            while not sess.gone:
+                if poller.poll(1000):
+                    frames = conn.read()
+                    if frames:
+                        sess.inbox.extend((conn, f) for f in frames)
+                        sess.wake()
+                    if conn.closed:
+                        return False
+                elif sess.owner is None:
+                    return True
+                conn.ping(time.monotonic())
+                if conn.closed:
+                    return False
+            return False
+        finally:
+            with self._lock:
+                sess.parked.remove(conn)
 
     def _status(self, conn: Connection, sess: KernelSession, state: str) -> None:
         parts, bufs = wire.status_message(state, sess.session_id)
@@ -388,25 +460,30 @@ class Bridge:
         last_starting = 0.0
         last_check = time.monotonic()
         poller, polled = zmq.Poller(), None
+        client = conn.fileno()
         self._sync(conn, sess, initial=True)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
         while not (conn.closed or conn.evicted or sess.gone):
-            if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 1:
+            if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 2:
                 poller = zmq.Poller()  # the sockets changed (connect, reconnect, close)
                 poller.register(sess._r, zmq.POLLIN)
+                poller.register(client, zmq.POLLIN)
                 for s in sess.sockets.values():
                     poller.register(s, zmq.POLLIN)
                 polled = sess.sockets
             timeout = NUDGE_EVERY if sess.nudging else 1.0
             for fd_or_sock, _ in poller.poll(timeout * 1000):
-                if fd_or_sock == sess._r:
+                if fd_or_sock == client:
+                    sess.inbox.extend((None, f) for f in conn.read())
+                    self._handle_inbox(conn, sess)
+                elif fd_or_sock == sess._r:
                     sess.drain_wake()
-                    self._receive(conn, sess)
                     self._handle_events(conn, sess)
                     self._handle_inbox(conn, sess)
                 else:
                     self._from_kernel(conn, sess, fd_or_sock)
             now = time.monotonic()
+            conn.ping(now)
             if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
                 sess.nudge()
             try:
@@ -424,14 +501,16 @@ class Bridge:
     def _check_alive(self, sess: KernelSession) -> None:
         """A kernel whose worker vanished is declared dead (the event then tells the session)."""
         rec = self.registry.get(sess.kid)
-        if rec is None or self.service.check_alive(rec) is None:
+        if rec is None:
+            sess.gone = self._gone_for_good(sess.kid)
+        elif self.service.check_alive(rec) is None:
             sess.gone = True
 
     def _sync(self, conn: Connection, sess: KernelSession, initial: bool = False) -> None:
         """Connect (or reconnect) the session's sockets when the kernel runs at a new place."""
         rec = self.registry.get(sess.kid)
         if rec is None:
-            sess.gone = True
+            sess.gone = self._gone_for_good(sess.kid)
             return
         status = rec.status.value
         if status == "FAILED":
@@ -474,15 +553,20 @@ class Bridge:
 
     def _handle_inbox(self, conn: Connection, sess: KernelSession) -> None:
         while sess.inbox:
-            frame = sess.inbox.popleft()
+            src, frame = sess.inbox.popleft()
+            src = src or conn
             try:
-                channel, parts, buffers = wire.from_client(frame, conn.protocol)
+                channel, parts, buffers = wire.from_client(frame, src.protocol)
             except wire.BadFrame as exc:
                 log.info("Kernel %s: dropped a bad frame from a client: %s", sess.kid, exc)
                 continue
             if channel == "iopub":
                 continue
-            conn.stats.add("client_to_kernel", channel, len(frame))
+            src.stats.add("client_to_kernel", channel, len(frame))
+            # Who asked: the reply goes back to that connection if it has been parked since.
+            if len(sess.senders) >= 1000:
+                sess.senders.pop(next(iter(sess.senders)))
+            sess.senders[str(wire.header_of(parts).get("msg_id", ""))] = src
             if sess.ready:
                 sess.to_kernel(channel, parts, buffers)
             else:
@@ -517,9 +601,31 @@ class Bridge:
             elif channel == "shell":
                 sess.replied.append(_parent_id(parts))
                 sess.seen_dirty = True
-            frame = wire.to_client(channel, parts, buffers, conn.protocol, head)
-            conn.send(frame)
-            conn.stats.add("kernel_to_client", channel, len(frame))
+            to = conn
+            if channel != "iopub" and sess.senders:  # a reply to a parked connection?
+                pid = _parent_id(parts)
+                asker = sess.senders.get(pid) if channel == "stdin" else sess.senders.pop(pid, None)
+                if asker is not None and asker is not conn and not asker.closed \
+                        and asker in sess.parked:
+                    to = asker
+            frame = wire.to_client(channel, parts, buffers, to.protocol, head)
+            to.send(frame)
+            to.stats.add("kernel_to_client", channel, len(frame))
+            if channel == "iopub" and sess.parked:
+                self._to_parked(sess, parts, buffers, head)
+
+    def _to_parked(self, sess: KernelSession, parts: list[bytes], buffers: list[bytes],
+                   head: dict[str, Any]) -> None:
+        """Output goes to parked connections too: each is still a client of the session."""
+        for other in list(sess.parked):
+            if other.closed:
+                continue
+            try:
+                frame = wire.to_client("iopub", parts, buffers, other.protocol, head)
+                other.send(frame)
+                other.stats.add("kernel_to_client", "iopub", len(frame))
+            except (ConnectionClosed, OSError):
+                other.closed = True
 
     def _became_ready(self, conn: Connection, sess: KernelSession) -> None:
         if sess.ready or not sess.nudging:
@@ -568,16 +674,19 @@ class Bridge:
         if rec is None or not rec.worker:
             return []
         token = uuid.uuid4().hex
-        try:
-            self.service.dispatch.control(rec.worker, kid, f"replay:{token}")
-            blobs = self.registry.take_replay(token, REPLAY_WAIT)
-        except Exception as exc:
-            log.warning("Kernel %s: no replay buffer (%s)", kid, exc)
-            return []
-        if blobs is None:
-            log.warning("Kernel %s: worker %s sent no replay buffer within %ss", kid,
-                        rec.worker, REPLAY_WAIT)
-        return blobs or []
+        for attempt in range(REPLAY_TRIES):  # the broker may be reconnecting (a restart)
+            try:
+                self.service.dispatch.control(rec.worker, kid, f"replay:{token}")
+                blobs = self.registry.take_replay(token, REPLAY_WAIT)
+            except Exception as exc:
+                log.warning("Kernel %s: no replay buffer yet (%s)", kid, exc)
+                time.sleep(REPLAY_WAIT)
+                continue
+            if blobs is not None:
+                return blobs
+        log.warning("Kernel %s: worker %s sent no replay buffer in %d tries", kid, rec.worker,
+                    REPLAY_TRIES)
+        return []
 
     def _replay(self, conn: Connection, sess: KernelSession) -> None:
         """The client was served by a gateway that went away: send what it missed.

@@ -375,7 +375,10 @@ class Registry:
     def take_replay(self, token: str, timeout: float) -> list[bytes] | None:
         """Wait for the replay handed over for ``token``; None if none came in time."""
         key = PREFIX + "replay:" + token
-        if self.r.blpop([key + ":n"], timeout=max(1, int(timeout))) is None:
+        try:
+            if self.r.blpop([key + ":n"], timeout=max(1, int(timeout))) is None:
+                return None
+        except redis.TimeoutError:  # the client's socket timeout can end the wait first
             return None
         pipe = self.r.pipeline(transaction=False)
         pipe.lrange(key, 0, -1)

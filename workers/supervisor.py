@@ -423,6 +423,9 @@ class Supervisor:
         self.record.handle = stored(self.handle)
         self.record.generation = self.generation
         self.record.execution_state = self.written_state = self.state
+        # The heartbeat first, as at launch: a gateway that reads a RUNNING record without
+        # one declares the kernel dead ("worker lost").
+        self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         self.reg.restore(self.record)
         self.reg.set_connection(self.kid, self.handle.connection)
 

@@ -46,20 +46,32 @@ def test_same_session_takes_over_at_once(redis_stack: Stack, kid: str) -> None:
     """JupyterLab opens the socket twice with one session_id; the newer one must work now.
 
     The older one is parked, not closed: Jupyter Server's gateway client reconnects a socket
-    the gateway closes, and the two would take the session from each other every second."""
+    the gateway closes, and the two would take the session from each other every second.
+    A parked socket still gets the output, and the replies to what it asks itself."""
     gw = redis_stack.gw
     first = gw.channel(kid, session="lab-session")
     t0 = time.monotonic()
     second = gw.channel(kid, session="lab-session")
-    res = second.execute("'second works'", timeout=10)
-    assert res.result == "'second works'"
+    mid = second.send("execute_request", {"code": "print('hi'); 'second works'", "silent": False})
+    res = second.collect(mid, timeout=10)
+    assert res.result == "'second works'" and res.stdout == "hi\n"
     assert time.monotonic() - t0 < 5
-    with pytest.raises(websocket.WebSocketTimeoutException):  # open, but the newer one owns it
-        first.recv(2)
     assert gw.get(f"/api/kernels/{kid}").json()["connections"] == 1
-    # What the parked socket sends still reaches the kernel; the reply goes to the owner.
-    mid = first.send("execute_request", {"code": "'from the parked socket'", "silent": False})
-    assert second.collect(mid, timeout=10).result == "'from the parked socket'"
+    seen = [first.recv(5) for _ in range(4)]  # busy, execute_input, stream, result; then idle
+    while seen[-1]["msg_type"] != "status" or seen[-1]["content"]["execution_state"] != "idle":
+        seen.append(first.recv(5))
+    assert {m["parent_header"]["msg_id"] for m in seen} == {mid}
+    assert "stream" in {m["msg_type"] for m in seen}
+    assert not any(m["msg_type"] == "execute_reply" for m in seen)  # the reply was second's
+    # What the parked socket asks is answered on the parked socket, not on the owner.
+    asked = first.send("execute_request", {"code": "'from the parked socket'", "silent": False})
+    assert first.collect(asked, timeout=10).result == "'from the parked socket'"
+    owner_saw = [second.recv(5)]
+    while owner_saw[-1]["msg_type"] != "status" or \
+            owner_saw[-1]["content"]["execution_state"] != "idle":
+        owner_saw.append(second.recv(5))
+    assert {m["parent_header"]["msg_id"] for m in owner_saw} == {asked}  # its output, but
+    assert not any(m["msg_type"] == "execute_reply" for m in owner_saw)  # not its reply
     second.close()  # the owner goes: the parked socket takes the session back
     assert first.execute("'first again'", timeout=15).result == "'first again'"
     first.close()
