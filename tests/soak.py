@@ -256,9 +256,7 @@ class Client:
                     got = [m.get("msg_type") for m in lost.res.messages]
                     self.soak.tally.note(
                         f"kernel {self.kid[:8]} cell {n}: lost: {lost.why} ({missing} of {LINES} "
-                        f"lines missing); client got {summary(got)}; the kernel's replay buffer "
-                        f"holds {summary(self.soak.buffered(self.kid, lost.mid))}; "
-                        f"{'; '.join(self.trace)}")
+                        f"lines missing); client got {summary(got)}; {'; '.join(self.trace)}")
                     if lost.dead or self.soak.is_dead(self.kid):
                         self.dead = True
                         self.soak.tally.note(f"kernel {self.kid[:8]}: dead; its client stops")
@@ -321,26 +319,6 @@ class Soak:
 
     def clock(self) -> float:
         return time.monotonic() - self.tally.t0
-
-    def buffered(self, kid: str, mid: str) -> Any:
-        """msg_types of the kernel's replay buffer (in the registry) answering request ``mid``:
-        tells a request the kernel never got from output that did not reach the client."""
-        import redis
-
-        from workers.jmsg import decode_parts
-        try:
-            r = redis.Redis(port=self.server.port, socket_timeout=5)
-            if r.type(f"pg:buf:{kid}") != b"list":
-                return None
-            blobs = r.lrange(f"pg:buf:{kid}", 0, -1)
-            out = []
-            for blob in blobs:
-                parts = decode_parts(blob)
-                if json.loads(parts[1]).get("msg_id") == mid:
-                    out.append(json.loads(parts[0]).get("msg_type"))
-            return out
-        except Exception:
-            return None
 
     def is_dead(self, kid: str) -> bool:
         try:
