@@ -212,3 +212,28 @@ def test_deleting_a_kernel_closes_its_sockets(redis_stack: Stack) -> None:
     with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
         for _ in range(50):
             ch.recv(5)
+
+
+def test_a_slow_client_stalls_nobody_else_and_loses_nothing(redis_stack: Stack) -> None:
+    """A client that stops reading while its kernel prints 30 MB holds up only its own
+    socket: another kernel's client keeps running cells; the slow one then gets every byte."""
+    gw = redis_stack.gw
+    slow_kid, other_kid = gw.start()["id"], gw.start()["id"]
+    try:
+        slow, other = gw.channel(slow_kid), gw.channel(other_kid)
+        lines = 30_000  # 1000-byte lines: 30 MB
+        mid = slow.send("execute_request", {"code": f"import sys\nfor i in range({lines}):\n"
+                                            "    sys.stdout.write('x' * 999 + '\\n')\n",
+                                            "silent": False})
+        time.sleep(1.0)  # the slow client reads nothing: the gateway's socket to it fills
+        t0 = time.monotonic()
+        for i in range(20):
+            assert other.execute(f"{i} * 2", timeout=10).result == str(i * 2)
+        assert time.monotonic() - t0 < 20  # not held up by the stalled socket
+        res = slow.collect(mid, timeout=120)
+        assert res.status == "ok" and len(res.stdout) == lines * 1000
+        slow.close()
+        other.close()
+    finally:
+        gw.shutdown(slow_kid)
+        gw.shutdown(other_kid)
