@@ -121,7 +121,7 @@ class Connection:
     def ping(self, now: float) -> None:
         """Ping the client every ``ping_interval``; close it if the last ping got no pong."""
         ws = self.ws
-        if not ws.ping_interval or now < self.next_ping:
+        if not ws.ping_interval or now < self.next_ping or self.closed or not ws.connected:
             return
         if self.next_ping and not ws.pong_received:
             log.info("WebSocket: no pong within %ss; closing it", ws.ping_interval)
@@ -132,8 +132,11 @@ class Connection:
             self.closed = True
             return
         ws.pong_received = False
-        with self._lock:
-            ws.sock.send(ws.ws.send(Ping()))
+        try:
+            with self._lock:
+                ws.sock.send(ws.ws.send(Ping()))
+        except (LocalProtocolError, OSError):  # the client is closing the connection
+            self.closed = True
         self.next_ping = now + ws.ping_interval
 
     def abort(self) -> None:
@@ -461,7 +464,10 @@ class Bridge:
         last_check = time.monotonic()
         poller, polled = zmq.Poller(), None
         client = conn.fileno()
-        self._sync(conn, sess, initial=True)
+        try:
+            self._sync(conn, sess, initial=True)
+        except redis.RedisError as exc:  # the loop tries again while there are no sockets
+            log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
         while not (conn.closed or conn.evicted or sess.gone):
             if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 2:

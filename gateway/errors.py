@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -31,6 +32,12 @@ def install(app: Flask) -> None:
     def http_error(exc: HTTPException) -> Any:
         return _reply(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
                       exc.description or "")
+
+    @app.errorhandler(redis.RedisError)
+    def registry_error(exc: redis.RedisError) -> Any:
+        log.warning("Registry unavailable: %s", exc)
+        return _reply(503, "registry_unavailable",
+                      f"the kernel registry (Redis) did not answer: {exc}; try again shortly")
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:

@@ -87,6 +87,9 @@ return 1
 """
 
 
+REDIS_CONNECTIONS = 512  # per process
+
+
 def redis_url(url: str) -> str:
     """Turn a kombu-style ``redis+socket:///path`` URL into one redis-py understands."""
     if url.startswith("redis+socket://"):
@@ -172,7 +175,13 @@ class Registry:
 
     def __init__(self, url: str, secret: str = "") -> None:
         self.url = url
-        self.r = redis.Redis.from_url(redis_url(url), health_check_interval=30)
+        # A blocking pool: redis-py's default pool holds 100 connections and fails the 101st
+        # call at once; a gateway with 200 kernels' sockets and a worker with 200 supervisors
+        # make more calls than that at a time. Past REDIS_CONNECTIONS a call waits.
+        pool = redis.BlockingConnectionPool.from_url(
+            redis_url(url), health_check_interval=30, max_connections=REDIS_CONNECTIONS,
+            timeout=20)
+        self.r = redis.Redis(connection_pool=pool)
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
         self._admit = self.r.register_script(_ADMIT)

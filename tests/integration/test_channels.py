@@ -237,3 +237,45 @@ def test_a_slow_client_stalls_nobody_else_and_loses_nothing(redis_stack: Stack) 
     finally:
         gw.shutdown(slow_kid)
         gw.shutdown(other_kid)
+
+
+def test_pings_keep_answering_clients_and_close_silent_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The gateway pings every ws_ping_interval: a client that answers stays connected while
+    idle; one that stops answering is closed; one that closes mid-ping is let go cleanly."""
+    from tests.conftest import DB_BASE, REDIS, STACKS
+
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3, gateway={"ws_ping_interval": 0.5},
+                  specs={"tiny-py": None}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        lively, silent = gw.channel(kid), gw.channel(kid)
+        pings = 0
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:  # reading answers pings (websocket-client)
+            lively.ws.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                opcode, _ = lively.ws.recv_data(control_frame=True)
+                pings += opcode == websocket.ABNF.OPCODE_PING
+            except websocket.WebSocketTimeoutException:
+                break
+        assert pings >= 2  # the pump checks between polls: at most a second late
+        assert lively.execute("'still here'", timeout=10).result == "'still here'"
+        # the silent one never read, so it never answered: the gateway closed it
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+            for _ in range(20):
+                silent.recv(2)
+        lively.close()
+        for _ in range(5):  # clients that close while pings go out do not trouble the gateway
+            gw.channel(kid).close()
+            time.sleep(0.3)
+        fresh = gw.channel(kid)
+        assert fresh.execute("'and still'", timeout=10).result == "'and still'"
+        fresh.close()
+        assert "Unexpected error" not in "".join(
+            p.read_text() for p in (tmp_path / "logs").glob("gateway*.log"))
+        gw.shutdown(kid)
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
