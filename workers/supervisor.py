@@ -38,6 +38,7 @@ REPLAY_MAX_MESSAGE = 1 << 20  # larger iopub messages are not kept in the replay
 REPLAY_HANDOFF_TTL = 60  # seconds a replay handed to a gateway stays in the registry
 BUSY_WRITE_DELAY = 0.05  # "busy" reaches the registry only once a cell ran this long
 ACTIVITY_WRITE_EVERY = 1.0
+IOPUB_BATCH = 0.02  # seconds between two reads of the kernel's iopub by its supervisor
 
 
 class Stop(Exception):
@@ -274,12 +275,17 @@ class Supervisor:
         return self.reg.get_field(self.kid, "target")
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        """Wait for commands, the kernel's iopub and the tick. Iopub is read at most every
+        IOPUB_BATCH seconds: what the kernel publishes meanwhile waits in the socket, so a
+        busy kernel costs its supervisor one wake-up per batch, not one per message."""
         assert self.iopub is not None
+        commands = zmq.Poller()
+        commands.register(self._wake_r, zmq.POLLIN)
+        poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.iopub, zmq.POLLIN)
         iopub = self.iopub
-        next_tick = 0.0
+        next_tick = next_drain = 0.0
         tick = min(1.0, self.pool.heartbeat_ttl / 3)
         while True:
             if self.iopub is not iopub:  # reconnected after a restart on new ports
@@ -287,8 +293,13 @@ class Supervisor:
                 iopub = self.iopub
                 poller.register(iopub, zmq.POLLIN)
             now = time.monotonic()
-            wait = min(next_tick, self._state_due()) - now
-            events = dict(poller.poll(timeout=max(0.0, wait) * 1000))
+            due = min(next_tick, self._state_due())
+            if now < next_drain:  # read iopub again only once the batch is over
+                events = dict(commands.poll(timeout=max(0.0, min(due, next_drain) - now) * 1000))
+                if time.monotonic() >= next_drain and iopub.poll(0):
+                    events[iopub] = zmq.POLLIN
+            else:
+                events = dict(poller.poll(timeout=max(0.0, due - now) * 1000))
             try:
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
@@ -296,6 +307,7 @@ class Supervisor:
                         self._obey(self.commands.get_nowait())
                 if iopub in events and self.iopub is iopub:  # not if a restart replaced it
                     self._drain_iopub(iopub)
+                    next_drain = time.monotonic() + IOPUB_BATCH
                 now = time.monotonic()
                 self._record_state(now)
                 if now >= next_tick:
