@@ -57,6 +57,21 @@ def parse_port_range(text: str) -> tuple[int, int] | None:
 
 
 _PORT_LOCK = threading.Lock()
+_RECENT: collections.deque[int] = collections.deque(maxlen=4096)
+
+
+def below_ephemeral(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int] | None:
+    """Ports for kernels when no ``port_range`` is set: below the system's ephemeral range.
+
+    Outgoing connections (the gateway's and the supervisor's to other kernels, Redis...) take
+    their local ports from the ephemeral range; a kernel port picked from it can be taken by
+    one of them before the kernel binds it, or a connection to the kernel made before it binds
+    can connect to itself (TCP self-connect). Below the range neither can happen."""
+    try:
+        low = int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (10000, low - 1) if low > 12000 else None
 
 
 def pick_ports(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int]:
@@ -67,6 +82,8 @@ def pick_ports(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int
         start = lo + (uuid.uuid4().int % (hi - lo + 1))
         for i in range(hi - lo + 1):
             port = lo + (start - lo + i) % (hi - lo + 1)
+            if port in _RECENT:  # handed out a moment ago: its kernel may not have bound it yet
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((ip, port))
@@ -74,11 +91,9 @@ def pick_ports(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int
                     continue
             found.append(port)
             if len(found) == count:
+                _RECENT.extend(found)
                 return found
     raise LaunchRejected(f"no {count} free ports left in port range {lo}-{hi}")
-
-
-_RECENT: collections.deque[int] = collections.deque(maxlen=4096)
 
 
 def free_ports(ip: str, count: int = 5) -> list[int]:
@@ -160,7 +175,8 @@ class LocalLauncher(Launcher):
 
     def __init__(self, pool, options, runtime_dir):  # type: ignore[no-untyped-def]
         super().__init__(pool, options, runtime_dir)
-        self.port_range = parse_port_range(options.port_range)
+        self.port_range = parse_port_range(options.port_range) or (
+            below_ephemeral() if options.transport == "tcp" else None)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self.confiner = Confiner()
 

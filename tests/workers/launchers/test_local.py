@@ -107,17 +107,17 @@ def test_ports_taken_before_the_kernel_binds_them_are_replaced(tmp_path: Path,
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real = local.free_ports
+    real = local.pick_ports
     calls: list[list[int]] = []
 
-    def first_one_taken(ip: str, count: int = 5) -> list[int]:
-        ports = real(ip, count)
+    def first_one_taken(ip: str, port_range: tuple[int, int], count: int = 5) -> list[int]:
+        ports = real(ip, port_range, count)
         if not calls:
             ports[0] = taken  # the shell port: someone bound it meanwhile
         calls.append(ports)
         return ports
 
-    monkeypatch.setattr(local, "free_ports", first_one_taken)
+    monkeypatch.setattr(local, "pick_ports", first_one_taken)
     pool = PoolConfig(name="local", launcher="local", queue="local")
     launcher = launchers.create(pool, str(tmp_path))
     req = LaunchRequest("k2", "local", "python3",
@@ -131,3 +131,18 @@ def test_ports_taken_before_the_kernel_binds_them_are_replaced(tmp_path: Path,
         launcher.stop(handle, grace=0)
     finally:
         squatter.close()
+
+
+def test_kernel_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
+    """Outgoing connections take ephemeral ports: kernel ports picked there could be taken
+    before the kernel binds them (or a connection to them could connect to itself)."""
+    from workers.launchers.local import below_ephemeral, pick_ports
+
+    f = tmp_path / "range"
+    f.write_text("32768\t60999\n")
+    assert below_ephemeral(str(f)) == (10000, 32767)
+    f.write_text("1024 65535\n")
+    assert below_ephemeral(str(f)) is None  # no room below: the kernel picks its own
+    assert below_ephemeral(str(tmp_path / "missing")) is None
+    first, second = pick_ports("127.0.0.1", (10000, 32767)), pick_ports("127.0.0.1", (10000, 32767))
+    assert len(set(first + second)) == 10 and all(10000 <= p <= 32767 for p in first + second)
