@@ -354,12 +354,16 @@ class Bridge:
             time.sleep(2.0)
             now = time.monotonic()
             with self._lock:
-                idle = [s for s in self.sessions.values()
-                        if s.owner is None and s.detached_at is not None
-                        and (s.gone or now - s.detached_at > self.buffer_seconds
-                             or s.kid not in self._live_ids() and self._gone_for_good(s.kid))]
-            for sess in idle:
-                self._drop(sess)
+                detached = [s for s in self.sessions.values()
+                            if s.owner is None and s.detached_at is not None]
+            if not detached:
+                continue
+            live = self._live_ids()  # one registry read per round, never under the lock
+            for sess in detached:
+                if sess.owner is None and (  # nobody took it back meanwhile
+                        sess.gone or now - (sess.detached_at or now) > self.buffer_seconds
+                        or sess.kid not in live and self._gone_for_good(sess.kid)):
+                    self._drop(sess)
 
     def _gone_for_good(self, kid: str) -> bool:
         """A kernel the registry does not have: deleted (its tombstone says so), or not yet
@@ -374,7 +378,7 @@ class Bridge:
         try:
             return set(self.registry.ids())
         except Exception:
-            return {k for k, _ in self.sessions}
+            return {k for k, _ in list(self.sessions)}
 
     def restarting(self, kid: str) -> None:
         """A restart was asked through this gateway: hold its clients' messages from now on,
@@ -604,12 +608,13 @@ class Bridge:
                     continue
                 sess.last_iopub = head.get("msg_id")
                 sess.seen_dirty = True
-            elif channel == "shell":
-                sess.replied.append(_parent_id(parts))
-                sess.seen_dirty = True
+            else:
+                pid = _parent_id(parts)
+                if channel == "shell":
+                    sess.replied.append(pid)
+                    sess.seen_dirty = True
             to = conn
             if channel != "iopub" and sess.senders:  # a reply to a parked connection?
-                pid = _parent_id(parts)
                 asker = sess.senders.get(pid) if channel == "stdin" else sess.senders.pop(pid, None)
                 if asker is not None and asker is not conn and not asker.closed \
                         and asker in sess.parked:
@@ -661,13 +666,9 @@ class Bridge:
             seen = {}
             for sess in dirty:
                 sess.seen_dirty = False
-                for _ in range(3):  # the pump may append to `replied` meanwhile
-                    try:
-                        seen[(sess.kid, sess.session_id)] = {
-                            "iopub": sess.last_iopub, "replied": list(sess.replied)}
-                        break
-                    except RuntimeError:
-                        continue
+                # list() of a deque is one C call: atomic against the pump's appends
+                seen[(sess.kid, sess.session_id)] = {"iopub": sess.last_iopub,
+                                                     "replied": list(sess.replied)}
             try:
                 self.registry.mark_seen_many(seen, self.buffer_seconds)
             except Exception:
@@ -680,7 +681,7 @@ class Bridge:
         if rec is None or not rec.worker:
             return []
         token = uuid.uuid4().hex
-        for attempt in range(REPLAY_TRIES):  # the broker may be reconnecting (a restart)
+        for _ in range(REPLAY_TRIES):  # the broker may be reconnecting (a restart)
             try:
                 self.service.dispatch.control(rec.worker, kid, f"replay:{token}")
                 blobs = self.registry.take_replay(token, REPLAY_WAIT)

@@ -253,18 +253,24 @@ def no_kernel_left() -> Iterator[None]:
         assert not left, f"the test left kernels running: {left}"
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """No kernel process started by these tests may outlive them."""
-    time.sleep(0.5)
-    left = []
+def kernel_processes() -> list[psutil.Process]:
+    """The kernel processes started by this run (their environment carries RUN_ID)."""
+    found = []
     for p in psutil.process_iter(["cmdline", "environ"]):
         try:
             env = p.info.get("environ") or {}
             if env.get("POOLGATE_TEST_RUN") == RUN_ID and "ipykernel_launcher" in " ".join(
                     p.info.get("cmdline") or []):
-                left.append(p)
+                found.append(p)
         except psutil.Error:
             continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No kernel process started by these tests may outlive them."""
+    time.sleep(0.5)
+    left = kernel_processes()
     described = []
     for p in left:
         try:

@@ -52,7 +52,7 @@ import requests
 import websocket
 
 from tests.client import Channel, Result
-from tests.conftest import RUN_ID, PrivateRedis, Stack, free_port
+from tests.conftest import PrivateRedis, Stack, free_port, kernel_processes
 
 LINES = 20  # numbered lines each cell prints
 CELL_BOUND = 90.0  # seconds a cell may take, reconnects included; later its output counts as lost
@@ -410,16 +410,7 @@ class Soak:
 
     @staticmethod
     def kernel_processes() -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter(["cmdline", "environ"]):
-            try:
-                env = p.info.get("environ") or {}
-                if env.get("POOLGATE_TEST_RUN") == RUN_ID and "ipykernel_launcher" in " ".join(
-                        p.info.get("cmdline") or []):
-                    found.append(p)
-            except psutil.Error:
-                continue
-        return found
+        return kernel_processes()
 
     @staticmethod
     def alive(p: psutil.Process) -> bool:

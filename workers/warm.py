@@ -80,8 +80,7 @@ class WarmSet:
                        for spec, n in runtime.config.pools[pool].warm.items() if n > 0}
 
     def count(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self.ready.values())
+        return sum(self.counts().values())
 
     def counts(self) -> dict[str, int]:
         """Ready warm kernels by "<pool>/<kernelspec>" (in the worker's heartbeat)."""

@@ -3,7 +3,6 @@ stdin, comms, big outputs, bad frames, both wire protocols."""
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 import uuid
@@ -12,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import websocket
 
-from tests.client import Channel, Gateway
+from tests.client import Channel
 from tests.conftest import Stack
 
 

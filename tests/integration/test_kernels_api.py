@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 
-from tests.client import Gateway
 from tests.conftest import Stack
 
 

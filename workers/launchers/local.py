@@ -195,10 +195,8 @@ class LocalLauncher(Launcher):
         if previous is not None and previous.connection is not None:
             key = previous.connection.key
             ports = [getattr(previous.connection, f"{c}_port") for c in CHANNELS]
-        elif self.port_range:
-            ports = pick_ports(self.options.ip, self.port_range)
-        elif self.options.transport == "tcp":
-            ports = free_ports(self.options.ip)
+        else:
+            ports = self._fresh_ports()
         handle: KernelHandle | None = None
         for attempt in (1, 2):
             handle = yield from self._start(req, key, ports, deadline)
@@ -215,10 +213,16 @@ class LocalLauncher(Launcher):
             # The ports were taken meanwhile: start once more on fresh ones.
             log.info("Kernel %s: its ports were taken; starting it on others", req.kernel_id)
             self.stop(handle, grace=0)
-            ports = (pick_ports(self.options.ip, self.port_range) if self.port_range
-                     else free_ports(self.options.ip))
+            ports = self._fresh_ports()
         assert handle is not None
         yield handle
+
+    def _fresh_ports(self) -> list[int] | None:
+        """Ports for a new kernel: from ``port_range`` (by default below the ephemeral range),
+        else any free ones; None for a transport that has no ports (the kernel picks)."""
+        if self.port_range:
+            return pick_ports(self.options.ip, self.port_range)
+        return free_ports(self.options.ip) if self.options.transport == "tcp" else None
 
     @staticmethod
     def _port_clash(handle: KernelHandle) -> bool:

@@ -10,8 +10,8 @@ import pytest
 from workers import launchers
 from workers.config import PoolConfig
 from workers.errors import ConfigError
-from workers.launchers.local import (LocalOptions, build_command, build_connection, build_env,
-                                     parse_port_range, wait_ready)
+from workers.launchers.local import (build_command, build_connection, build_env,
+                                     parse_port_range)
 from workers.protocol import LaunchRequest
 
 
