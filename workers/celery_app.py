@@ -61,6 +61,11 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
         broker_transport_options={"visibility_timeout": 7 * 86400},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Celery reduces the prefetch count after a broker reconnect while tasks run, and
+        # restores it as they complete: kernel tasks never complete, and a worker that
+        # reconnected to a restarted RabbitMQ received a launch and never started it
+        # (celery/celery#9512, #7515). Kernels are early-acked: nothing to over-fetch.
+        worker_enable_prefetch_count_reduction=False,
         enable_utc=True,
     )
     app.conf.beat_schedule = {"poolgate-reconcile": {
