@@ -121,6 +121,8 @@ class Runtime:
         self.registry.mark_epoch()
         from workers.warm import WarmSet, reap_warm
 
+        for pool in self.pools:
+            self.launcher(pool).prepare()
         reap_warm(self)
         self.warm = WarmSet(self)
         reaped = reap_orphans(self)
@@ -205,6 +207,8 @@ class Runtime:
         deadline = time.monotonic() + 15
         while self.supervisors and time.monotonic() < deadline:
             time.sleep(0.05)
+        for launcher in list(self._launchers.values()):
+            launcher.close()
         try:
             self.registry.worker_gone(self.name)
         except Exception:

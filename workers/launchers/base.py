@@ -38,6 +38,13 @@ class Launcher(abc.ABC):
         whose state must be shared by every worker on its pool (ssh placement) keeps it there."""
         self.registry = registry
 
+    def prepare(self) -> None:
+        """Called once when the worker starts, before any launch: start what makes launches
+        quick (the local launcher's fork server)."""
+
+    def close(self) -> None:
+        """Called when the worker stops, after its kernels are stopped."""
+
     @abc.abstractmethod
     def launch(self, req: LaunchRequest,
                previous: KernelHandle | None = None) -> Iterator[KernelHandle]:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from workers import jmsg
 from workers.config import python_argv
 from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
+from workers.launchers.forking import UNKNOWN, Forked, ForkServer, why_not
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
 
@@ -40,6 +42,7 @@ class LocalOptions:
     transport: str = "tcp"
     max_cpus_per_kernel: float = 0.0   # most cpus a kernel may ask (KERNEL_CPUS); 0: no limit
     max_memory_per_kernel: str = ""    # most memory a kernel may ask, e.g. "8Gi"; "": no limit
+    fork_kernels: bool = True      # ipykernel kernels forked from a process that imported it
 
 
 def parse_port_range(text: str) -> tuple[int, int] | None:
@@ -177,8 +180,38 @@ class LocalLauncher(Launcher):
         super().__init__(pool, options, runtime_dir)
         self.port_range = parse_port_range(options.port_range) or (
             below_ephemeral() if options.transport == "tcp" else None)
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, subprocess.Popen[bytes] | Forked] = {}
         self.confiner = Confiner()
+        self._forkservers: dict[str, ForkServer] = {}
+        self._fork_lock = threading.Lock()
+
+    def prepare(self) -> None:
+        if self.options.fork_kernels:  # the interpreter of the packaged kernelspec
+            self._forkserver(sys.executable).start()
+
+    def _forkserver(self, python: str) -> ForkServer:
+        with self._fork_lock:
+            if python not in self._forkservers:
+                self._forkservers[python] = ForkServer(
+                    python, Path(self.runtime_dir) / f"forkserver-{len(self._forkservers)}.log")
+            return self._forkservers[python]
+
+    def _fork(self, cmd: list[str], env: dict[str, str], cwd: str | None,
+              log_file: Path) -> Forked | None:
+        """The kernel forked from a process that has imported ipykernel already (see
+        forkserver.py), or None where it must be exec'd."""
+        if not self.options.fork_kernels or not os.path.isabs(cmd[0]):
+            return None
+        server = self._forkserver(cmd[0])
+        reason = why_not(cmd, env, server.env)
+        if reason:
+            log.debug("Kernel %s is exec'd: %s", env.get("KERNEL_ID"), reason)
+            return None
+        return server.spawn(cmd, env, cwd or os.getcwd(), log_file)
+
+    def close(self) -> None:
+        for server in list(self._forkservers.values()):
+            server.close()
 
     @classmethod
     def runs_here(cls, options: LocalOptions) -> str | None:
@@ -246,16 +279,9 @@ class LocalLauncher(Launcher):
         held = self.confine(req, env)
         cmd = [*held.prefix, *cmd]
         cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
-        log = open(folder / "kernel.log", "ab")
-        try:
-            proc = subprocess.Popen(cmd, env=env, cwd=cwd,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        except OSError as exc:
-            cleanup(held.data)
-            raise LaunchRejected(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
-        finally:
-            log.close()
+        proc = self._fork(cmd, env, cwd, folder / "kernel.log") if not held.prefix else None
+        if proc is None:
+            proc = self._exec(cmd, env, cwd, folder / "kernel.log", held.data)
         self._procs[proc.pid] = proc
         created = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else 0.0
         handle = KernelHandle(req.kernel_id, req.pool, host=socket.gethostname(),
@@ -265,7 +291,21 @@ class LocalLauncher(Launcher):
         conn = self._wait_connection_file(cfile, proc, deadline)
         return KernelHandle(handle.kernel_id, handle.pool, handle.host, conn, handle.data)
 
-    def _wait_connection_file(self, cfile: Path, proc: subprocess.Popen[bytes],
+    @staticmethod
+    def _exec(cmd: list[str], env: dict[str, str], cwd: str | None, log_file: Path,
+              held: dict[str, object]) -> subprocess.Popen[bytes]:
+        log = open(log_file, "ab")
+        try:
+            return subprocess.Popen(cmd, env=env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as exc:
+            cleanup(held)
+            raise LaunchRejected(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+        finally:
+            log.close()
+
+    def _wait_connection_file(self, cfile: Path, proc: subprocess.Popen[bytes] | Forked,
                               deadline: float) -> ConnectionInfo | None:
         """The kernel rewrites its connection file once its sockets are bound."""
         while time.monotonic() < deadline:
@@ -298,7 +338,10 @@ class LocalLauncher(Launcher):
         proc = self._procs.get(pid)
         if proc is not None:
             rc = proc.poll()
-            return None if rc is None else f"the kernel process exited with code {rc}"
+            if rc is None:
+                return None
+            return ("the kernel process exited" if rc == UNKNOWN
+                    else f"the kernel process exited with code {rc}")
         p = self._process(handle)
         if p is None or p.status() == psutil.STATUS_ZOMBIE:
             return "the kernel process is gone"
@@ -336,6 +379,8 @@ class LocalLauncher(Launcher):
                     proc.wait(timeout=2)
                 except subprocess.TimeoutExpired:
                     pass
+                if isinstance(proc, Forked):
+                    proc.close()
         shutil.rmtree(handle.data.get("dir") or self._dir(handle.kernel_id), ignore_errors=True)
         cleanup(handle.data)
 

@@ -1,0 +1,186 @@
+"""Kernels forked from the local launcher's fork server: they must be what an exec'd kernel
+is (own session, environment, working directory, argv, /proc entries, exit codes), and the
+launcher must exec instead wherever a fork cannot give the kernel what it asked for."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from workers import launchers
+from workers.config import PoolConfig
+from workers.launchers.forking import why_not
+from workers.launchers.local import LocalLauncher
+from workers.protocol import KernelHandle, LaunchRequest
+
+ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> LocalLauncher:
+    pool = PoolConfig(name="local", launcher="local", queue="local")
+    made = launchers.create(pool, str(tmp_path))
+    assert isinstance(made, LocalLauncher)
+    made.prepare()
+    assert made._forkserver(sys.executable).wait_ready(60)
+    yield made
+    made.close()
+
+
+def run(handle: KernelHandle, code: str) -> str:
+    """``code``'s printed output, run in the kernel over its own ZMQ sockets."""
+    kc = BlockingKernelClient()
+    kc.load_connection_info(handle.connection.to_dict())  # type: ignore[union-attr]
+    kc.start_channels()
+    try:
+        out: list[str] = []
+        kc.execute_interactive(code, timeout=30,
+                               output_hook=lambda m: out.append(m["content"].get("text", "")))
+        return "".join(out)
+    finally:
+        kc.stop_channels()
+
+
+def start(launcher: LocalLauncher, kid: str, tmp_path: Path, **kw: object) -> KernelHandle:
+    req = LaunchRequest(kid, "local", "python3", kw.pop("argv", ARGV), launch_timeout=60,
+                        working_dir=str(tmp_path), **kw)  # type: ignore[arg-type]
+    return list(launcher.launch(req))[-1]
+
+
+def test_forked_kernel_is_what_an_execd_one_is(launcher: LocalLauncher, tmp_path: Path) -> None:
+    server = launcher._forkserver(sys.executable)
+    a = start(launcher, "fa", tmp_path, env={"KERNEL_X": "req"}, spec_env={"SPEC_Y": "spec"})
+    b = start(launcher, "fb", tmp_path)
+    try:
+        proc = psutil.Process(int(a.data["pid"]))
+        assert proc.ppid() == server._proc.pid  # type: ignore[union-attr]  # forked, not exec'd
+        assert proc.cmdline()[:3] == [sys.executable, "-m", "ipykernel_launcher"]
+        assert proc.cmdline()[-1].endswith("fa/connection.json")
+        assert proc.environ()["KERNEL_ID"] == "fa" and proc.environ()["SPEC_Y"] == "spec"
+        assert os.getsid(proc.pid) == proc.pid
+        code = ("import os, sys, random; print(os.getcwd(), os.environ['KERNEL_X'], "
+                "os.environ['KERNEL_ID'], sys.argv[1:], __name__, random.random(), sep='|')")
+        cwd, x, kid, argv, name, rand_a = run(a, code).strip().split("|")
+        assert (cwd, x, kid, name) == (str(tmp_path), "req", "fa", "__main__")
+        assert argv.startswith("['-f',") and "fa/connection.json" in argv
+        rand_b = run(b, code).strip().split("|")[-1]
+        assert rand_a != rand_b  # the random module is reseeded in each fork
+        assert "KERNEL_X" not in run(b, "import os; print(sorted(os.environ))")
+        # interrupt reaches the forked kernel as it reaches an exec'd one
+        kc = BlockingKernelClient()
+        kc.load_connection_info(a.connection.to_dict())  # type: ignore[union-attr]
+        kc.start_channels()
+        try:
+            mid = kc.execute("import time; time.sleep(30)")
+            time.sleep(1)
+            launcher.send_signal(a, signal.SIGINT)
+            reply = kc.get_shell_msg(timeout=10)
+            assert reply["parent_header"]["msg_id"] == mid
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+        finally:
+            kc.stop_channels()
+    finally:
+        launcher.stop(a, grace=0)
+        launcher.stop(b, grace=0)
+    assert not psutil.pid_exists(int(a.data["pid"])) or \
+        psutil.Process(int(a.data["pid"])).status() == psutil.STATUS_ZOMBIE
+
+
+def test_exit_code_of_a_forked_kernel(launcher: LocalLauncher, tmp_path: Path) -> None:
+    h = start(launcher, "fc", tmp_path)
+    try:
+        assert launcher._procs[int(h.data["pid"])].__class__.__name__ == "Forked"
+        kc = BlockingKernelClient()
+        kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
+        kc.start_channels()
+        kc.execute("import os; os._exit(3)")
+        deadline = time.monotonic() + 10
+        while launcher.poll(h) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kc.stop_channels()
+        assert launcher.poll(h) == "the kernel process exited with code 3"
+    finally:
+        launcher.stop(h, grace=0)
+
+
+def test_start_time_environment_is_execd(launcher: LocalLauncher, tmp_path: Path) -> None:
+    """PYTHONPATH is read when an interpreter starts: such a kernel is exec'd, and it works."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "onpath.py").write_text("WHERE = 'lib'\n")
+    h = start(launcher, "fd", tmp_path, spec_env={"PYTHONPATH": str(tmp_path / "lib")})
+    try:
+        assert psutil.Process(int(h.data["pid"])).ppid() == os.getpid()
+        assert run(h, "import onpath; print(onpath.WHERE)").strip() == "lib"
+    finally:
+        launcher.stop(h, grace=0)
+
+
+def test_other_commands_and_option_off_are_execd(tmp_path: Path) -> None:
+    pool = PoolConfig(name="local", launcher="local", queue="local",
+                      options={"fork_kernels": False})
+    off = launchers.create(pool, str(tmp_path / "off"))
+    off.prepare()
+    h = start(off, "fe", tmp_path)
+    try:
+        assert psutil.Process(int(h.data["pid"])).ppid() == os.getpid()
+        assert not off._forkservers  # type: ignore[attr-defined]
+    finally:
+        off.stop(h, grace=0)
+    env = {"PATH": "/bin"}
+    assert why_not([sys.executable, "-m", "ipykernel_launcher", "-f", "c"], env, env) is None
+    assert why_not([sys.executable, "-m", "ipykernel", "-f", "c"], env, env) is None
+    assert "not '<python> -m ipykernel_launcher" in str(
+        why_not([sys.executable, "/opt/launch_ipykernel.py", "c"], env, env))
+    for name in ("PYTHONPATH", "LD_LIBRARY_PATH", "LC_ALL", "LANG", "PYTHONHASHSEED"):
+        assert name in str(why_not([sys.executable, "-m", "ipykernel_launcher"],
+                                   {**env, name: "x"}, env))
+    assert "LD_PRELOAD" in str(why_not([sys.executable, "-m", "ipykernel_launcher"],
+                                       env, {**env, "LD_PRELOAD": "x"}))
+
+
+def test_lost_fork_server_execs_then_comes_back(launcher: LocalLauncher, tmp_path: Path) -> None:
+    server = launcher._forkserver(sys.executable)
+    before = start(launcher, "ff", tmp_path)
+    old = server._proc
+    assert old is not None
+    old.kill()
+    old.wait()
+    try:
+        # The kernel it forked lives on (its own session); the next launch notices the loss,
+        # execs, and a new server takes the launches after it.
+        assert launcher.poll(before) is None
+        h = start(launcher, "fg", tmp_path)
+        assert psutil.Process(int(h.data["pid"])).ppid() == os.getpid()
+        assert server.wait_ready(60) and server._proc is not old
+        h2 = start(launcher, "fh", tmp_path)
+        assert psutil.Process(int(h2.data["pid"])).ppid() == server._proc.pid  # type: ignore[union-attr]
+        assert run(before, "print(6*7)").strip() == "42"
+        launcher.send_signal(before, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while launcher.poll(before) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert launcher.poll(before) == "the kernel process exited"  # its reaper is gone
+    finally:
+        for handle in (before, h, h2):
+            launcher.stop(handle, grace=0)
+
+
+def test_fork_server_ends_with_its_worker(launcher: LocalLauncher, tmp_path: Path) -> None:
+    """The worker's end of the socket closing (worker killed) ends the server; the kernels it
+    forked stay, for the worker's next life to adopt."""
+    server = launcher._forkserver(sys.executable)
+    h = start(launcher, "fi", tmp_path)
+    proc = server._proc
+    assert proc is not None
+    server._sock.close()  # type: ignore[union-attr]  # what the kernel does for a dead worker
+    assert proc.wait(timeout=5) == 0
+    try:
+        assert launcher.poll(h) is None and run(h, "print(1+1)").strip() == "2"
+    finally:
+        launcher.stop(h, grace=0)

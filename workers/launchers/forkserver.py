@@ -1,0 +1,180 @@
+"""Fork server for local ipykernel kernels: a process that has imported ipykernel once and
+forks a kernel for each request, so a kernel starts without paying the ~0.3 s of CPU its
+imports cost (most of an ipykernel's start on a small machine).
+
+Run by the local launcher as ``<python> forkserver.py FD`` with the kernelspec's own
+interpreter; FD is one end of a socket pair. It uses only the standard library and what the
+kernel imports, so any Python with ipykernel can run it. One JSON object a line each way:
+
+  -> {"op": "spawn", "argv": [...], "env": {...}, "cwd": "...", "log": "..."}
+  <- {"pid": 1234} | {"error": "..."}
+  -> {"op": "status", "pid": 1234}
+  <- {"code": 0} | {"code": null}      (null: still running, or not one of ours)
+
+The first line it writes is {"ready": true} once the imports are done (or {"error": ...}).
+It exits when the other end closes (the worker is gone); the kernels it forked live on, in
+sessions of their own, as kernels started with Popen do.
+
+A forked child becomes what ``<python> -m ipykernel_launcher ...`` would have been: its own
+session, stdio on the kernel's log, the kernel's environment and working directory,
+``sys.argv`` and ``sys.path[0]`` as ``-m`` sets them, and its command line and environment
+in /proc rewritten to the kernel's (``ps``, psutil and process finders see a kernel). What a
+fork cannot change (hash seed, interpreter flags, variables read at interpreter start) the
+launcher checks before it asks for a fork; see ``workers/launchers/local.py``.
+"""
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+ROOM_ARG = "--title-room"
+
+
+def _preload() -> None:
+    import ipykernel.ipkernel  # noqa: F401
+    import ipykernel.kernelapp  # noqa: F401
+    import ipykernel.zmqshell  # noqa: F401
+    import runpy  # noqa: F401
+
+
+def _stat_fields() -> list[str]:
+    with open("/proc/self/stat") as f:
+        text = f.read()
+    return text[text.rindex(")") + 2:].split()  # fields from 3 on (state); see proc(5)
+
+
+def _rewrite(start: int, end: int, data: bytes) -> bool:
+    """Write ``data`` over the memory [start, end) of this process, NUL-padded."""
+    size = end - start
+    if start <= 0 or size <= 0 or len(data) > size:
+        return False
+    ctypes.memmove(start, data + b"\0" * (size - len(data)), size)
+    return True
+
+
+def _retitle(argv: list[str], env: dict[str, str]) -> None:
+    """Make /proc/self/cmdline and /proc/self/environ show the kernel's, as an exec'd kernel's
+    would: both are read from this process's original argv and environment memory, which the
+    fork server reserved room in (ROOM_ARG and POOLGATE_FORKSERVER_ROOM)."""
+    try:
+        fields = _stat_fields()
+        # arg_start, arg_end, env_start, env_end: fields 48-51 of proc(5), i.e. 45-48 here
+        arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    except (OSError, ValueError, IndexError):
+        return
+    # The C environment still points into that memory: unset every variable first (os.environ
+    # was cleared and refilled by the caller, so every live string now lives on the heap).
+    title = " ".join(argv).encode(errors="replace")
+    if len(title) >= arg_end - arg_start:
+        title = title[:arg_end - arg_start - 2]
+    # No NUL at the end of the arguments: Linux then reads the command line as one string up
+    # to its first NUL (as for setproctitle), and psutil splits it on spaces.
+    _rewrite(arg_start, arg_end, title + b"\0" + b" " * (arg_end - arg_start - len(title) - 2)
+             + b"x")
+    block = b"".join(f"{k}={v}".encode(errors="replace") + b"\0" for k, v in env.items())
+    _rewrite(env_start, env_end, block)
+
+
+def _child(req: dict, sock: socket.socket) -> None:
+    """Runs in the forked child: become the kernel. Never returns into the server's loop."""
+    code: object = 1
+    try:
+        sock.detach()  # its fd is closed below; the object must not close a reused number
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.closerange(3, 65536)
+        if req.get("cwd"):
+            os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        import time
+        time.tzset()
+        argv = req["argv"]
+        _retitle(argv, req["env"])
+        # What `python -m MODULE ARGS` sets up: sys.path[0] is the working directory and
+        # sys.argv[0] the module's file (runpy sets it).
+        sys.path[0] = os.getcwd()
+        sys.argv = ["-m", *argv[3:]]
+        sys.orig_argv = list(argv)
+        import runpy
+        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - the kernel's own failure goes to its log
+        import traceback
+        traceback.print_exc()
+        code = 1
+    # A normal interpreter exit from here: atexit handlers run, as in an exec'd kernel.
+    raise SystemExit(code)
+
+
+def _reap(codes: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if len(codes) > 10000:
+            codes.pop(next(iter(codes)))
+
+
+def main() -> None:
+    # Run as a script, sys.path[0] is this file's folder: not a place to import from.
+    sys.path[0] = os.getcwd()
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    rfile = sock.makefile("r")
+
+    def send(obj: dict) -> None:
+        sock.sendall(json.dumps(obj).encode() + b"\n")
+
+    try:
+        _preload()
+    except Exception as exc:  # noqa: BLE001 - reported to the launcher, which execs instead
+        send({"error": f"cannot import ipykernel: {exc!r}"})
+        return
+    import threading
+    if threading.active_count() > 1:
+        send({"error": "importing ipykernel started threads: forking is not safe"})
+        return
+    send({"ready": True, "pid": os.getpid()})
+    codes: dict[int, int] = {}
+    while True:
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        _reap(codes)
+        if not ready:
+            continue
+        line = rfile.readline()
+        if not line:
+            return  # the launcher is gone
+        req = json.loads(line)
+        if req.get("op") == "status":
+            _reap(codes)
+            send({"code": codes.get(int(req["pid"]))})
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            send({"error": f"fork failed: {exc.strerror}"})
+            continue
+        if pid == 0:
+            _child(req, sock)
+        send({"pid": pid})
+
+
+if __name__ == "__main__":
+    main()
