@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import zmq
 from simple_websocket import ConnectionClosed
-from wsproto.events import Ping
+from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
@@ -50,6 +51,7 @@ DEALERS = ("shell", "control", "stdin")
 NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
+ZMQ_EVENTS, ZMQ_POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum ops cost
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
 REPLAY_WAIT = 3  # seconds a reconnected client's replay waits for the kernel's supervisor...
 REPLAY_TRIES = 3  # ...each time it asks
@@ -72,6 +74,43 @@ class NoReaderThread:
         pass
 
 
+def no_extensions(ws: Any) -> bool:
+    """True if the client negotiated no extension (no permessage-deflate): frames can then be
+    written here, without wsproto's per-message work (JupyterLab in a browser asks for
+    compression; Python clients mostly do not)."""
+    try:
+        return not any(ext.enabled() for ext in ws.ws.connection._proto.extensions)
+    except AttributeError:  # another wsproto: let it frame every message
+        return False
+
+
+def ws_header(data: bytes, text: bool) -> bytes:
+    """A server's (unmasked, final) WebSocket frame header for ``data`` (RFC 6455, 5.2)."""
+    op = 0x81 if text else 0x82
+    n = len(data)
+    if n < 126:
+        return bytes((op, n))
+    if n < 65536:
+        return struct.pack("!BBH", op, 126, n)
+    return struct.pack("!BBQ", op, 127, n)
+
+
+def sendall(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """socket.sendall for several buffers, without joining them (one sendmsg when it can)."""
+    while parts:
+        sent = sock.sendmsg(parts[:512])
+        while sent:
+            first = len(parts[0])
+            if sent >= first:
+                sent -= first
+                parts.pop(0)
+            else:
+                parts[0] = memoryview(parts[0])[sent:]
+                sent = 0
+        while parts and not len(parts[0]):
+            parts.pop(0)
+
+
 class Connection:
     """One client WebSocket."""
 
@@ -83,10 +122,25 @@ class Connection:
         self.next_ping = 0.0
         self._lock = threading.Lock()
         self.stats = WsStats()  # written only by the pump thread
+        self.plain = no_extensions(ws)
 
     def send(self, frame: str | bytes) -> None:
+        self.send_many([frame])
+
+    def send_many(self, frames: list[str | bytes]) -> None:
+        """Send frames in order, in as few socket writes as the kernel allows."""
+        ws = self.ws
         with self._lock:
-            self.ws.send(frame)
+            if not ws.connected:
+                raise ConnectionClosed(ws.close_reason, ws.close_message)
+            parts: list[bytes | memoryview] = []
+            for frame in frames:
+                if self.plain:
+                    data = frame.encode() if isinstance(frame, str) else frame
+                    parts += (ws_header(data, isinstance(frame, str)), data)
+                else:
+                    parts.append(ws.ws.send(Message(data=frame)))
+            sendall(ws.sock, parts)
 
     def fileno(self) -> int:
         return int(self.ws.sock.fileno())
@@ -584,7 +638,18 @@ class Bridge:
 
     def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> None:
         channel = next((ch for ch, s in sess.sockets.items() if s is sock), "")
+        out: list[str | bytes] = []  # for conn: sent together once the socket is drained
+        try:
+            self._relay(conn, sess, sock, channel, out)
+        finally:
+            if out:
+                conn.send_many(out)
+
+    def _relay(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes],
+               channel: str, out: list[str | bytes]) -> None:
         for _ in range(64):
+            if not sock.get(ZMQ_EVENTS) & ZMQ_POLLIN:  # cheaper than a recv raising Again
+                return
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -595,6 +660,9 @@ class Bridge:
                 continue
             if sess.nudges and sess.ready and time.monotonic() > sess.nudge_sent + 3.0:
                 sess.nudges.clear()
+            if channel == "iopub" and sess.nudging and out:  # what it sends goes after these
+                conn.send_many(out)
+                out.clear()
             if sess.nudges and sess.is_nudge(parts):
                 if channel == "iopub":
                     self._became_ready(conn, sess)
@@ -620,7 +688,10 @@ class Bridge:
                         and asker in sess.parked:
                     to = asker
             frame = wire.to_client(channel, parts, buffers, to.protocol, head)
-            to.send(frame)
+            if to is conn:
+                out.append(frame)
+            else:
+                to.send(frame)
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)

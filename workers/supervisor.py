@@ -38,7 +38,11 @@ REPLAY_MAX_MESSAGE = 1 << 20  # larger iopub messages are not kept in the replay
 REPLAY_HANDOFF_TTL = 60  # seconds a replay handed to a gateway stays in the registry
 BUSY_WRITE_DELAY = 0.05  # "busy" reaches the registry only once a cell ran this long
 ACTIVITY_WRITE_EVERY = 1.0
-IOPUB_BATCH = 0.02  # seconds between two reads of the kernel's iopub by its supervisor
+# Seconds between two reads of the kernel's iopub by its supervisor: every wake-up of 32 busy
+# supervisors costs CPU the kernels need (at 0.02 s the worker used 0.6 ms per execute, at
+# 0.25 s 0.22 ms). The state it reads reaches the REST API this much later, at most.
+IOPUB_BATCH = 0.25
+IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at once
 
 
 class Stop(Exception):
@@ -306,8 +310,8 @@ class Supervisor:
                     while not self.commands.empty():
                         self._obey(self.commands.get_nowait())
                 if iopub in events and self.iopub is iopub:  # not if a restart replaced it
-                    self._drain_iopub(iopub)
-                    next_drain = time.monotonic() + IOPUB_BATCH
+                    more = self._drain_iopub(iopub)
+                    next_drain = time.monotonic() + (0.0 if more else IOPUB_BATCH)
                 now = time.monotonic()
                 self._record_state(now)
                 if now >= next_tick:
@@ -319,17 +323,20 @@ class Supervisor:
                             self.kid, exc)
                 time.sleep(0.5)
 
-    def _drain_iopub(self, sock: zmq.Socket[bytes]) -> None:
+    def _drain_iopub(self, sock: zmq.Socket[bytes]) -> bool:
         """Read what the kernel published: execution state, activity, the replay buffer.
+        True if there may be more (the next read comes at once, not after a batch).
 
         Nothing here talks to the registry: a message costs a receive and an append."""
         state = None
         keep = self.replay_buf.add
         got = False
-        for _ in range(1000):
+        more = True
+        for _ in range(IOPUB_READ_MAX):
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                more = False
                 break
             got = True
             keep(msg)
@@ -343,6 +350,7 @@ class Supervisor:
             self.active_at = time.monotonic()
         if state is not None:
             self.state = state
+        return more
 
     def _record_state(self, now: float) -> None:
         """Write execution state and activity to the registry: a change to idle at once, busy
@@ -379,8 +387,8 @@ class Supervisor:
 
         Drains the iopub socket first, so everything published before the gateway subscribed
         is in it; the gateway reads ``pg:replay:<token>`` once the count arrives."""
-        if self.iopub is not None:
-            self._drain_iopub(self.iopub)
+        while self.iopub is not None and self._drain_iopub(self.iopub):
+            pass
         self.reg.hand_replay(token, self.replay_buf.blobs(), REPLAY_HANDOFF_TTL)
 
     def _tick(self) -> None:

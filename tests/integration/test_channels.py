@@ -133,6 +133,61 @@ def test_five_megabyte_output_intact(redis_stack: Stack, kid: str) -> None:
     ch.close()
 
 
+def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> None:
+    """Browsers ask for permessage-deflate: frames are then compressed (by wsproto), and small,
+    medium (16-bit length) and large (64-bit length) messages all arrive whole and in order.
+    Clients that do not ask get frames the gateway writes itself (the other tests)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (AcceptConnection, Message, Request, TextMessage)
+    from wsproto.extensions import PerMessageDeflate
+
+    url = urlsplit(redis_stack.gw.base)
+    sock = socket.create_connection((url.hostname, url.port), timeout=60)
+    ws = WSConnection(ConnectionType.CLIENT)
+    session = uuid.uuid4().hex
+    sock.sendall(ws.send(Request(host=url.netloc, target=f"/api/kernels/{kid}/channels"
+                                 f"?session_id={session}", extensions=[PerMessageDeflate()])))
+    mid = uuid.uuid4().hex
+    code = "for n in (10, 1000, 300_000): print('x' * n, flush=True)"
+    request = json.dumps({
+        "header": {"msg_id": mid, "msg_type": "execute_request", "username": "t",
+                   "session": session, "date": "2026-01-01T00:00:00Z", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False}})
+    accepted, text, kinds, partial = None, "", [], ""
+    try:
+        while True:
+            data = sock.recv(65536)
+            assert data, "the gateway closed the socket"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    accepted = event
+                    sock.sendall(ws.send(Message(data=request)))
+                elif isinstance(event, TextMessage):
+                    partial += event.data
+                    if not event.message_finished:
+                        continue
+                    msg, partial = json.loads(partial), ""
+                    if msg["parent_header"].get("msg_id") != mid:
+                        continue
+                    kinds.append(msg["msg_type"])
+                    if msg["msg_type"] == "stream":
+                        text += msg["content"]["text"]
+            if "execute_reply" in kinds and kinds[-1] == "status" and len(kinds) > 2:
+                break
+    finally:
+        sock.close()
+    assert accepted is not None
+    assert any(isinstance(e, PerMessageDeflate) and e.enabled() for e in accepted.extensions)
+    assert text == "".join("x" * n + "\n" for n in (10, 1000, 300_000))
+    assert kinds[0] == "status" and "execute_reply" in kinds
+
+
 def test_binary_buffers_round_trip(redis_stack: Stack, kid: str) -> None:
     """A comm message with a binary buffer, kernel → client, in the legacy binary frame."""
     ch = redis_stack.gw.channel(kid)
