@@ -29,6 +29,13 @@ UNKNOWN = -255      # exit code of a forked kernel whose status nobody recorded
 READY_WAIT = 0.0    # a launch never waits for a fork server still importing: it execs
 
 
+def readable(fd: int, timeout: float) -> bool:
+    """poll(2), not select(2): a worker with a hundred kernels has fds past select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def why_not(cmd: list[str], env: dict[str, str], server_env: dict[str, str]) -> str | None:
     """None if the kernel ``cmd``/``env`` can be forked from a server started with
     ``server_env``; else the reason it must be exec'd."""
@@ -55,7 +62,7 @@ class Forked:
 
     def _running(self) -> bool:
         if self._pidfd is not None:  # readable once the process has exited
-            return not select.select([self._pidfd], [], [], 0)[0]
+            return not readable(self._pidfd, 0)
         try:
             return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
@@ -131,7 +138,7 @@ class ForkServer:
         assert self._sock is not None
         end = time.monotonic() + timeout
         while b"\n" not in self._buf:
-            if not select.select([self._sock], [], [], max(0.0, end - time.monotonic()))[0]:
+            if not readable(self._sock.fileno(), max(0.0, end - time.monotonic())):
                 return None
             chunk = self._sock.recv(65536)
             if not chunk:

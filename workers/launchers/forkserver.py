@@ -151,8 +151,10 @@ def main() -> None:
         return
     send({"ready": True, "pid": os.getpid()})
     codes: dict[int, int] = {}
+    poller = select.poll()  # not select(): the fd the worker passed may be past 1024
+    poller.register(sock.fileno(), select.POLLIN)
     while True:
-        ready, _, _ = select.select([sock], [], [], 0.2)
+        ready = poller.poll(200)
         _reap(codes)
         if not ready:
             continue

@@ -184,3 +184,28 @@ def test_fork_server_ends_with_its_worker(launcher: LocalLauncher, tmp_path: Pat
         assert launcher.poll(h) is None and run(h, "print(1+1)").strip() == "2"
     finally:
         launcher.stop(h, grace=0)
+
+
+def test_forking_with_fds_past_1024(launcher: LocalLauncher, tmp_path: Path) -> None:
+    """A worker hosting a hundred kernels has fds past select()'s 1024: forking, polling and
+    exit codes must not use select (they did, and 41 of 200 kernels failed to start)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        h = start(launcher, "fj", tmp_path)
+        assert int(h.data["pid"]) in launcher._procs
+        assert launcher.poll(h) is None
+        assert run(h, "print(2+2)").strip() == "4"
+        launcher.send_signal(h, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while launcher.poll(h) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert launcher.poll(h) == "the kernel process exited with code -9"
+        launcher.stop(h, grace=0)
+    finally:
+        for fd in held:
+            os.close(fd)
