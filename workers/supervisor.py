@@ -344,6 +344,8 @@ class Supervisor:
                 parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
                     state = json.loads(parts[3]).get("execution_state", state)
+                    if state == "starting":  # ipykernel's first status: for a running kernel
+                        state = "idle"       # that is idle ("starting" means still launching)
             except (ValueError, IndexError, AttributeError):
                 continue
         if got:

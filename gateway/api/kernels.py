@@ -24,7 +24,7 @@ def start_kernel() -> Any:
         body["wait"] = False
     model = ctx()["service"].start(body)
     resp = jsonify(model)
-    resp.status_code = 201 if model["execution_state"] != "starting" else 202
+    resp.status_code = 201 if model["poolgate"]["status"] == "RUNNING" else 202
     resp.headers["Location"] = request.script_root + request.path.rstrip("/") + "/" + model["id"]
     return resp
 

@@ -49,3 +49,51 @@ def test_blobs_round_trip_parts_and_buffers() -> None:
     buf.add(msg)
     parts = jmsg.decode_parts(buf.blobs()[0])
     assert parts == msg[3:]  # header, parent, metadata, content, then the buffers
+
+
+def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor's read of its kernel's iopub: the last status wins, ipykernel's first
+    "starting" counts as idle (the kernel runs; "starting" in the API means still launching),
+    every message lands in the replay buffer, and a read that stopped at IOPUB_READ_MAX says
+    more is waiting (the next read then comes at once, not a batch later)."""
+    import time
+    from types import SimpleNamespace
+
+    import zmq
+
+    from workers import supervisor
+
+    def status(state: str) -> list[bytes]:
+        parts = [jmsg.pack(jmsg.header("status", "s")), b"{}", b"{}",
+                 jmsg.pack({"execution_state": state})]
+        return [b"kernel.status", *jmsg.frames(SIGNER, parts)]
+
+    ctx = zmq.Context.instance()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    pub.bind("inproc://drain-test")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect("inproc://drain-test")
+    time.sleep(0.1)
+    sup = SimpleNamespace(replay_buf=ReplayBuffer(count=100, max_bytes=1e9), state="idle",
+                          active_at=0.0)
+    drain = supervisor.Supervisor._drain_iopub
+    try:
+        pub.send_multipart(status("starting"))
+        time.sleep(0.05)
+        assert drain(sup, sub) is False and sup.state == "idle" and sup.active_at > 0
+        for state in ("busy", "idle", "busy"):
+            pub.send_multipart(status(state))
+        pub.send_multipart(stream("out"))
+        time.sleep(0.05)
+        assert drain(sup, sub) is False and sup.state == "busy"
+        assert len(sup.replay_buf.messages) == 5
+        monkeypatch.setattr(supervisor, "IOPUB_READ_MAX", 3)
+        for _ in range(4):
+            pub.send_multipart(stream("more"))
+        time.sleep(0.05)
+        assert drain(sup, sub) is True   # 3 read, one left
+        assert drain(sup, sub) is False  # the last one
+        assert len(sup.replay_buf.messages) == 9
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
