@@ -52,6 +52,7 @@ NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
 ZMQ_EVENTS, ZMQ_POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum ops cost
+BATCH_BYTES = 65536  # a frame this big is sent at once, not held for the rest of the batch
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
 REPLAY_WAIT = 3  # seconds a reconnected client's replay waits for the kernel's supervisor...
 REPLAY_TRIES = 3  # ...each time it asks
@@ -690,6 +691,9 @@ class Bridge:
             frame = wire.to_client(channel, parts, buffers, to.protocol, head)
             if to is conn:
                 out.append(frame)
+                if len(frame) > BATCH_BYTES or len(out) >= 16:  # stream big output as it comes
+                    conn.send_many(out)
+                    out.clear()
             else:
                 to.send(frame)
             to.stats.add("kernel_to_client", channel, len(frame))

@@ -141,7 +141,7 @@ def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> No
     from urllib.parse import urlsplit
 
     from wsproto import ConnectionType, WSConnection
-    from wsproto.events import (AcceptConnection, Message, Request, TextMessage)
+    from wsproto.events import AcceptConnection, Message, Ping, Request, TextMessage
     from wsproto.extensions import PerMessageDeflate
 
     url = urlsplit(redis_stack.gw.base)
@@ -158,7 +158,7 @@ def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> No
         "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
         "content": {"code": code, "silent": False, "store_history": False,
                     "user_expressions": {}, "allow_stdin": False}})
-    accepted, text, kinds, partial = None, "", [], ""
+    accepted, text, kinds, partial, idle = None, "", [], "", False
     try:
         while True:
             data = sock.recv(65536)
@@ -178,7 +178,12 @@ def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> No
                     kinds.append(msg["msg_type"])
                     if msg["msg_type"] == "stream":
                         text += msg["content"]["text"]
-            if "execute_reply" in kinds and kinds[-1] == "status" and len(kinds) > 2:
+                    if msg["content"].get("execution_state") == "idle":
+                        idle = True
+                elif isinstance(event, Ping):
+                    sock.sendall(ws.send(event.response()))
+            # execute_reply (shell) and idle (iopub) come on two sockets: either may be last
+            if "execute_reply" in kinds and idle:
                 break
     finally:
         sock.close()

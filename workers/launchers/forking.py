@@ -55,6 +55,7 @@ class Forked:
         self.pid = pid
         self.server = server
         self.returncode: int | None = None
+        self._lock = threading.Lock()  # poll() comes from the supervisor and control threads
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except (OSError, AttributeError):
@@ -69,11 +70,12 @@ class Forked:
             return False
 
     def poll(self) -> int | None:
-        if self.returncode is None and not self._running():
-            code = self.server.exit_code(self.pid)
-            self.returncode = UNKNOWN if code is None else code
-            self.close()
-        return self.returncode
+        with self._lock:
+            if self.returncode is None and not self._running():
+                code = self.server.exit_code(self.pid)
+                self.returncode = UNKNOWN if code is None else code
+                self._close()
+            return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         end = None if timeout is None else time.monotonic() + timeout
@@ -85,6 +87,10 @@ class Forked:
         return self.returncode
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
