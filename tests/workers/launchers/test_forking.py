@@ -151,14 +151,17 @@ def test_lost_fork_server_execs_then_comes_back(launcher: LocalLauncher, tmp_pat
     assert old is not None
     old.kill()
     old.wait()
+    handles = [before]
     try:
         # The kernel it forked lives on (its own session); the next launch notices the loss,
         # execs, and a new server takes the launches after it.
         assert launcher.poll(before) is None
         h = start(launcher, "fg", tmp_path)
+        handles.append(h)
         assert psutil.Process(int(h.data["pid"])).ppid() == os.getpid()
         assert server.wait_ready(60) and server._proc is not old
         h2 = start(launcher, "fh", tmp_path)
+        handles.append(h2)
         assert psutil.Process(int(h2.data["pid"])).ppid() == server._proc.pid  # type: ignore[union-attr]
         assert run(before, "print(6*7)").strip() == "42"
         launcher.send_signal(before, signal.SIGKILL)
@@ -167,7 +170,7 @@ def test_lost_fork_server_execs_then_comes_back(launcher: LocalLauncher, tmp_pat
             time.sleep(0.05)
         assert launcher.poll(before) == "the kernel process exited"  # its reaper is gone
     finally:
-        for handle in (before, h, h2):
+        for handle in handles:
             launcher.stop(handle, grace=0)
 
 
@@ -195,6 +198,7 @@ def test_forking_with_fds_past_1024(launcher: LocalLauncher, tmp_path: Path) -> 
     if soft < 1300:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    h = None
     try:
         h = start(launcher, "fj", tmp_path)
         assert int(h.data["pid"]) in launcher._procs
@@ -205,7 +209,8 @@ def test_forking_with_fds_past_1024(launcher: LocalLauncher, tmp_path: Path) -> 
         while launcher.poll(h) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert launcher.poll(h) == "the kernel process exited with code -9"
-        launcher.stop(h, grace=0)
     finally:
+        if h is not None:
+            launcher.stop(h, grace=0)
         for fd in held:
             os.close(fd)
