@@ -23,6 +23,7 @@ fork cannot change (hash seed, interpreter flags, variables read at interpreter 
 launcher checks before it asks for a fork; see ``workers/launchers/local.py``.
 """
 import ctypes
+import gc
 import json
 import os
 import select
@@ -83,6 +84,7 @@ def _child(req: dict, sock: socket.socket) -> None:
     code: object = 1
     try:
         sock.detach()  # its fd is closed below; the object must not close a reused number
+        gc.enable()
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -140,6 +142,11 @@ def main() -> None:
     def send(obj: dict) -> None:
         sock.sendall(json.dumps(obj).encode() + b"\n")
 
+    # As the gc docs advise for fork without exec: no collection in the server (no holes in
+    # its pages), everything it imported frozen before the forks (collections in the kernels
+    # never touch those objects, so their pages stay shared and each collection scans only the
+    # kernel's own objects), and gc enabled again in each child.
+    gc.disable()
     try:
         _preload()
     except Exception as exc:  # noqa: BLE001 - reported to the launcher, which execs instead
@@ -149,6 +156,7 @@ def main() -> None:
     if threading.active_count() > 1:
         send({"error": "importing ipykernel started threads: forking is not safe"})
         return
+    gc.freeze()
     send({"ready": True, "pid": os.getpid()})
     codes: dict[int, int] = {}
     poller = select.poll()  # not select(): the fd the worker passed may be past 1024

@@ -72,6 +72,9 @@ def test_forked_kernel_is_what_an_execd_one_is(launcher: LocalLauncher, tmp_path
         rand_b = run(b, code).strip().split("|")[-1]
         assert rand_a != rand_b  # the random module is reseeded in each fork
         assert "KERNEL_X" not in run(b, "import os; print(sorted(os.environ))")
+        # the fork server's objects are frozen (pages stay shared), the kernel's collected
+        assert run(b, "import gc; print(gc.isenabled(), gc.get_freeze_count() > 10000)"
+                   ).strip() == "True True"
         # interrupt reaches the forked kernel as it reaches an exec'd one
         kc = BlockingKernelClient()
         kc.load_connection_info(a.connection.to_dict())  # type: ignore[union-attr]
