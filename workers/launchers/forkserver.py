@@ -31,8 +31,6 @@ import signal
 import socket
 import sys
 
-ROOM_ARG = "--title-room"
-
 
 def _preload() -> None:
     import ipykernel.ipkernel  # noqa: F401
@@ -59,15 +57,15 @@ def _rewrite(start: int, end: int, data: bytes) -> bool:
 def _retitle(argv: list[str], env: dict[str, str]) -> None:
     """Make /proc/self/cmdline and /proc/self/environ show the kernel's, as an exec'd kernel's
     would: both are read from this process's original argv and environment memory, which the
-    fork server reserved room in (ROOM_ARG and POOLGATE_FORKSERVER_ROOM)."""
+    launcher reserved room in when it started this server (forking.py: ROOM_ARG, ROOM_ENV)."""
     try:
         fields = _stat_fields()
         # arg_start, arg_end, env_start, env_end: fields 48-51 of proc(5), i.e. 45-48 here
         arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
     except (OSError, ValueError, IndexError):
         return
-    # The C environment still points into that memory: unset every variable first (os.environ
-    # was cleared and refilled by the caller, so every live string now lives on the heap).
+    # The C environment pointed into that memory until the caller cleared os.environ and
+    # refilled it: every live string is on the heap now, so the memory is free to rewrite.
     title = " ".join(argv).encode(errors="replace")
     if len(title) >= arg_end - arg_start:
         title = title[:arg_end - arg_start - 2]

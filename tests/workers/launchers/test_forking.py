@@ -47,6 +47,13 @@ def run(handle: KernelHandle, code: str) -> str:
         kc.stop_channels()
 
 
+def ended(launcher: LocalLauncher, handle: KernelHandle, timeout: float = 10) -> None:
+    """Wait up to ``timeout`` for the launcher to see the kernel gone."""
+    deadline = time.monotonic() + timeout
+    while launcher.poll(handle) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def start(launcher: LocalLauncher, kid: str, tmp_path: Path, **kw: object) -> KernelHandle:
     req = LaunchRequest(kid, "local", "python3", kw.pop("argv", ARGV), launch_timeout=60,
                         working_dir=str(tmp_path), **kw)  # type: ignore[arg-type]
@@ -103,9 +110,7 @@ def test_exit_code_of_a_forked_kernel(launcher: LocalLauncher, tmp_path: Path) -
         kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
         kc.start_channels()
         kc.execute("import os; os._exit(3)")
-        deadline = time.monotonic() + 10
-        while launcher.poll(h) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        ended(launcher, h)
         kc.stop_channels()
         assert launcher.poll(h) == "the kernel process exited with code 3"
     finally:
@@ -168,9 +173,7 @@ def test_lost_fork_server_execs_then_comes_back(launcher: LocalLauncher, tmp_pat
         assert psutil.Process(int(h2.data["pid"])).ppid() == server._proc.pid  # type: ignore[union-attr]
         assert run(before, "print(6*7)").strip() == "42"
         launcher.send_signal(before, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while launcher.poll(before) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        ended(launcher, before)
         assert launcher.poll(before) == "the kernel process exited"  # its reaper is gone
     finally:
         for handle in handles:
@@ -208,9 +211,7 @@ def test_forking_with_fds_past_1024(launcher: LocalLauncher, tmp_path: Path) -> 
         assert launcher.poll(h) is None
         assert run(h, "print(2+2)").strip() == "4"
         launcher.send_signal(h, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while launcher.poll(h) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        ended(launcher, h)
         assert launcher.poll(h) == "the kernel process exited with code -9"
     finally:
         if h is not None:
