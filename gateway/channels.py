@@ -233,7 +233,9 @@ class KernelSession:
         self.resume: dict[str, Any] | None = None  # what another gateway delivered, to replay
         self.replayed: set[str] = set()
         self.last_iopub: str | None = None
-        self.replied: collections.deque[str] = collections.deque(maxlen=50)
+        # Requests whose reply the client got and whose status idle it did not yet: all a replay
+        # needs (an idle it got lies before the replay's start); usually one or none.
+        self.replied: collections.deque[str] = collections.deque(maxlen=16)
         self.seen_dirty = False  # what the client got changed since it was last recorded
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
@@ -314,6 +316,44 @@ class KernelSession:
     def to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
         assert self.signer is not None
         self.sockets[channel].send_multipart(jmsg.frames(self.signer, parts, buffers))
+
+
+class Outbox:
+    """Frames from the kernel for the session's owner, sent together; what they were is
+    recorded for other gateways (``last_iopub``, ``replied``) only once they are sent, so a
+    gateway dying with frames still here never counts them as delivered."""
+
+    def __init__(self, conn: Connection, sess: KernelSession) -> None:
+        self.conn, self.sess = conn, sess
+        self.frames: list[str | bytes] = []
+        self.marks: list[tuple[str, dict[str, Any], str]] = []
+
+    def add(self, frame: str | bytes, channel: str, head: dict[str, Any], pid: str) -> None:
+        self.frames.append(frame)
+        self.marks.append((channel, head, pid))
+
+    def flush(self) -> None:
+        if not self.frames:
+            return
+        self.conn.send_many(self.frames)
+        self.frames.clear()
+        for channel, head, pid in self.marks:
+            self.delivered(self.sess, channel, head, pid)
+        self.marks.clear()
+
+    @staticmethod
+    def delivered(sess: KernelSession, channel: str, head: dict[str, Any], pid: str) -> None:
+        """A message reached its client: an execute's reply, or iopub up to ``head``; an idle
+        for a replied request ends what a replay must know of it."""
+        if channel == "iopub":
+            sess.last_iopub = head.get("msg_id")
+            if pid and pid in sess.replied:
+                sess.replied.remove(pid)
+        elif channel == "shell":
+            sess.replied.append(pid)
+        else:
+            return
+        sess.seen_dirty = True
 
 
 class Bridge:
@@ -639,15 +679,14 @@ class Bridge:
 
     def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> None:
         channel = next((ch for ch, s in sess.sockets.items() if s is sock), "")
-        out: list[str | bytes] = []  # for conn: sent together once the socket is drained
+        out = Outbox(conn, sess)  # for conn: sent together once the socket is drained
         try:
             self._relay(conn, sess, sock, channel, out)
         finally:
-            if out:
-                conn.send_many(out)
+            out.flush()
 
     def _relay(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes],
-               channel: str, out: list[str | bytes]) -> None:
+               channel: str, out: Outbox) -> None:
         for _ in range(64):
             if not sock.get(ZMQ_EVENTS) & ZMQ_POLLIN:  # cheaper than a recv raising Again
                 return
@@ -661,9 +700,8 @@ class Bridge:
                 continue
             if sess.nudges and sess.ready and time.monotonic() > sess.nudge_sent + 3.0:
                 sess.nudges.clear()
-            if channel == "iopub" and sess.nudging and out:  # what it sends goes after these
-                conn.send_many(out)
-                out.clear()
+            if channel == "iopub" and sess.nudging:  # what it sends goes after these
+                out.flush()
             if sess.nudges and sess.is_nudge(parts):
                 if channel == "iopub":
                     self._became_ready(conn, sess)
@@ -671,17 +709,15 @@ class Bridge:
             if channel == "iopub" and sess.nudging:
                 self._became_ready(conn, sess)
             head = wire.header_of(parts)
+            pid = ""
             if channel == "iopub":
                 if sess.replayed and head.get("msg_id") in sess.replayed:
                     sess.replayed.discard(head.get("msg_id"))  # already sent from the buffer
                     continue
-                sess.last_iopub = head.get("msg_id")
-                sess.seen_dirty = True
+                if sess.replied and head.get("msg_type") == "status" and b"idle" in parts[3]:
+                    pid = _parent_id(parts)
             else:
                 pid = _parent_id(parts)
-                if channel == "shell":
-                    sess.replied.append(pid)
-                    sess.seen_dirty = True
             to = conn
             if channel != "iopub" and sess.senders:  # a reply to a parked connection?
                 asker = sess.senders.get(pid) if channel == "stdin" else sess.senders.pop(pid, None)
@@ -690,12 +726,12 @@ class Bridge:
                     to = asker
             frame = wire.to_client(channel, parts, buffers, to.protocol, head)
             if to is conn:
-                out.append(frame)
-                if len(frame) > BATCH_BYTES or len(out) >= 16:  # stream big output as it comes
-                    conn.send_many(out)
-                    out.clear()
+                out.add(frame, channel, head, pid)
+                if len(frame) > BATCH_BYTES or len(out.frames) >= 16:  # stream big output
+                    out.flush()
             else:
                 to.send(frame)
+                Outbox.delivered(sess, channel, head, pid)
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)
@@ -742,8 +778,11 @@ class Bridge:
             for sess in dirty:
                 sess.seen_dirty = False
                 # list() of a deque is one C call: atomic against the pump's appends
+                # replied before iopub: an idle removes its request from replied only after
+                # last_iopub has moved past it, so this pair never loses a reply
+                replied = list(sess.replied)
                 seen[(sess.kid, sess.session_id)] = {"iopub": sess.last_iopub,
-                                                     "replied": list(sess.replied)}
+                                                     "replied": replied}
             try:
                 self.registry.mark_seen_many(seen, self.buffer_seconds)
             except Exception:

@@ -36,7 +36,8 @@ S = KernelStatus
 STABLE_AFTER = 30.0  # a kernel that lived this long resets the count of quick deaths
 REPLAY_MAX_MESSAGE = 1 << 20  # larger iopub messages are not kept in the replay buffer
 REPLAY_HANDOFF_TTL = 60  # seconds a replay handed to a gateway stays in the registry
-BUSY_WRITE_DELAY = 0.05  # "busy" reaches the registry only once a cell ran this long
+BUSY_WRITE_DELAY = 0.5  # "busy" reaches the registry only once a cell ran this long (no
+# write at all for the quick cells of a busy notebook: each would be two)
 ACTIVITY_WRITE_EVERY = 1.0
 # Seconds between two reads of the kernel's iopub by its supervisor: every wake-up of 32 busy
 # supervisors costs CPU the kernels need (at 0.02 s the worker used 0.6 ms per execute, at
