@@ -91,16 +91,26 @@ def write_kernelspec(root: Path, name: str) -> Path:
 
 async def run_all(args: argparse.Namespace, ctx: RunContext, sizes: Sizes, rounds: int,
                   results: list[TargetResult]) -> None:
-    """Run each target in turn. SIGTERM and SIGHUP cancel the run like Ctrl-C does, so the
-    targets' cleanup still runs."""
+    """Round by round, each target in turn (started, measured, stopped): every target's round
+    runs within minutes of the floor's, so a machine whose speed drifts over a long run moves
+    all of a round's figures together, not one target's. A target that could not run is not
+    tried again. SIGTERM and SIGHUP cancel the run like Ctrl-C does, so the targets' cleanup
+    still runs."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, task.cancel)
-    for name in csv(args.targets):
-        results.append(TargetResult(name))  # appended first: an interrupted run shows it too
-        await run_target(TARGETS[name], ctx, sizes, rounds, csv(args.scenarios), results[-1])
+    names = csv(args.targets)
+    for i in range(rounds):
+        for name in names:
+            if i == 0:
+                results.append(TargetResult(name))  # first: an interrupted run shows it too
+            result = next(r for r in results if r.name == name)
+            if result.status != "ok":
+                continue
+            say(f"round {i + 1}/{rounds}: {name}")
+            await run_target(TARGETS[name], ctx, sizes, 1, csv(args.scenarios), result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,8 +71,7 @@ async def run_target(target_cls: type[Target], ctx: RunContext, sizes: Sizes, ro
         await target.start()
         result.info = await target.describe()
         await warm_up(target, sizes)
-        for i in range(rounds):
-            say(f"{target.name}: round {i + 1}/{rounds}")
+        for _ in range(rounds):
             await run_round(target, sizes, scenarios, result)
     except TargetUnavailable as exc:
         result.status = f"unavailable: {exc}"
@@ -85,7 +84,7 @@ async def run_target(target_cls: type[Target], ctx: RunContext, sizes: Sizes, ro
         raise
     finally:
         await shutdown(target)  # a Ctrl-C cancels once: this still runs to the end
-        result.seconds = time.perf_counter() - t0
+        result.seconds += time.perf_counter() - t0
 
 
 async def shutdown(target: Target) -> None:
