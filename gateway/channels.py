@@ -335,11 +335,10 @@ class Outbox:
     def flush(self) -> None:
         if not self.frames:
             return
-        self.conn.send_many(self.frames)
-        self.frames.clear()
-        for channel, head, pid in self.marks:
+        frames, marks, self.frames, self.marks = self.frames, self.marks, [], []
+        self.conn.send_many(frames)  # raises if the client went: nothing was delivered
+        for channel, head, pid in marks:
             self.delivered(self.sess, channel, head, pid)
-        self.marks.clear()
 
     @staticmethod
     def delivered(sess: KernelSession, channel: str, head: dict[str, Any], pid: str) -> None:

@@ -78,3 +78,4 @@ def test_a_failed_send_records_nothing(sess: KernelSession) -> None:
     with pytest.raises(ConnectionClosed):
         out.flush()
     assert sess.last_iopub is None and not sess.replied and not sess.seen_dirty
+    out.flush()  # the frames are not sent twice to a client that went away
