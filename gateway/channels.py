@@ -313,6 +313,19 @@ class KernelSession:
         except (ValueError, AttributeError):
             return False
 
+    def delivered(self, channel: str, head: dict[str, Any], pid: str) -> None:
+        """A message reached the client: an execute's reply, or iopub up to ``head``; an idle
+        for a replied request ends what a replay must know of it."""
+        if channel == "iopub":
+            self.last_iopub = head.get("msg_id")
+            if pid and pid in self.replied:
+                self.replied.remove(pid)
+        elif channel == "shell":
+            self.replied.append(pid)
+        else:
+            return
+        self.seen_dirty = True
+
     def to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
         assert self.signer is not None
         self.sockets[channel].send_multipart(jmsg.frames(self.signer, parts, buffers))
@@ -338,21 +351,7 @@ class Outbox:
         frames, marks, self.frames, self.marks = self.frames, self.marks, [], []
         self.conn.send_many(frames)  # raises if the client went: nothing was delivered
         for channel, head, pid in marks:
-            self.delivered(self.sess, channel, head, pid)
-
-    @staticmethod
-    def delivered(sess: KernelSession, channel: str, head: dict[str, Any], pid: str) -> None:
-        """A message reached its client: an execute's reply, or iopub up to ``head``; an idle
-        for a replied request ends what a replay must know of it."""
-        if channel == "iopub":
-            sess.last_iopub = head.get("msg_id")
-            if pid and pid in sess.replied:
-                sess.replied.remove(pid)
-        elif channel == "shell":
-            sess.replied.append(pid)
-        else:
-            return
-        sess.seen_dirty = True
+            self.sess.delivered(channel, head, pid)
 
 
 class Bridge:
@@ -730,7 +729,7 @@ class Bridge:
                     out.flush()
             else:
                 to.send(frame)
-                Outbox.delivered(sess, channel, head, pid)
+                sess.delivered(channel, head, pid)
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)
@@ -776,9 +775,9 @@ class Bridge:
             seen = {}
             for sess in dirty:
                 sess.seen_dirty = False
-                # list() of a deque is one C call: atomic against the pump's appends
-                # replied before iopub: an idle removes its request from replied only after
-                # last_iopub has moved past it, so this pair never loses a reply
+                # list() of a deque is one C call, atomic against the pump; replied is read
+                # before last_iopub because an idle leaves replied only after last_iopub moved
+                # past it (delivered), so the pair never misses a reply
                 replied = list(sess.replied)
                 seen[(sess.kid, sess.session_id)] = {"iopub": sess.last_iopub,
                                                      "replied": replied}
