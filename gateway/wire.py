@@ -33,9 +33,9 @@ def _json_str(data: bytes) -> str:
 
 def json_part(part: bytes) -> dict[str, Any]:
     """One JSON part of a message (header, parent...) as a dict; {} if it is not one."""
-    try:
-        value = json.loads(part)
-    except ValueError:
+    try:  # UTF-8, as the wire protocol says (json.loads would first guess the encoding)
+        value = json.loads(part.decode())
+    except ValueError:  # UnicodeDecodeError included
         return {}
     return value if isinstance(value, dict) else {}
 

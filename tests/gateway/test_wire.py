@@ -58,3 +58,22 @@ def test_bad_frames(frame: str | bytes) -> None:
 def test_v1_rejects_text() -> None:
     with pytest.raises(wire.BadFrame):
         wire.from_client("{}", wire.V1)
+
+
+@pytest.mark.parametrize("content", [
+    '{"code": "print(\'h\\u00e9llo \\u2603\')"}',  # non-ASCII kept as UTF-8
+    '{"code": "x", "big": 123456789012345678901234567890}',  # past 64 bits: json's way
+    '{"code": "x", "v": NaN}',  # Python's json reads and writes NaN
+])
+def test_client_content_reaches_the_kernel_as_json_reads_it(content: str) -> None:
+    frame = ('{"channel": "shell", "header": {"msg_id": "m", "msg_type": "execute_request"}, '
+             '"parent_header": {}, "metadata": {}, "content": ' + content + '}')
+    _, parts, _ = wire.from_client(frame, None)
+    assert repr(json.loads(parts[3])) == repr(json.loads(content))
+
+
+def test_binary_legacy_frame_that_is_not_utf8_is_a_bad_frame() -> None:
+    body = b'{"channel": "shell", "header": {"msg_type": "a\xff"}}'
+    frame = (1).to_bytes(4, "big") + (8).to_bytes(4, "big") + body
+    with pytest.raises(wire.BadFrame):
+        wire.from_client(frame, None)
