@@ -135,12 +135,13 @@ class Connection:
             if not ws.connected:
                 raise ConnectionClosed(ws.close_reason, ws.close_message)
             parts: list[bytes | memoryview] = []
-            for frame in frames:
+            for frame in frames:  # str or wire.Text: a text frame; other bytes: binary
                 if self.plain:
                     data = frame.encode() if isinstance(frame, str) else frame
-                    parts += (ws_header(data, isinstance(frame, str)), data)
-                else:
-                    parts.append(ws.ws.send(Message(data=frame)))
+                    parts += (ws_header(data, isinstance(frame, (str, wire.Text))), data)
+                else:  # wsproto frames str as text, bytes as binary
+                    data = frame.decode() if isinstance(frame, wire.Text) else frame
+                    parts.append(ws.ws.send(Message(data=data)))
             sendall(ws.sock, parts)
 
     def fileno(self) -> int:

@@ -27,8 +27,22 @@ class BadFrame(ValueError):
     """A client frame we cannot turn into a message."""
 
 
-def _json_str(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace")
+class Text(bytes):
+    """A legacy-protocol message for a WebSocket text frame, kept as its UTF-8 bytes: a frame
+    of megabytes of output is not decoded to str and encoded back to be sent."""
+
+    __slots__ = ()
+
+
+def text(body: bytes) -> Text:
+    """``body`` as a text frame's payload: UTF-8, with what is not (a kernel may send lone
+    surrogates) replaced by U+FFFD, as decoding it to str would."""
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            body = body.decode("utf-8", errors="replace").encode()
+    return Text(body)
 
 
 def json_part(part: bytes) -> dict[str, Any]:
@@ -45,18 +59,20 @@ def header_of(parts: list[bytes]) -> dict[str, Any]:
 
 
 def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
-              protocol: str | None, head: dict[str, Any] | None = None) -> str | bytes:
-    """A kernel message (raw JSON parts) as one WebSocket frame for the client."""
+              protocol: str | None, head: dict[str, Any] | None = None) -> bytes:
+    """A kernel message (raw JSON parts) as one WebSocket frame for the client: :class:`Text`
+    for a text frame, else bytes for a binary one. The content is copied once (join)."""
     if protocol == V1:
         return to_v1(channel, parts + buffers)
     h, p, m, c = parts
     if head is None:
         head = header_of(parts)
-    body = (b'{"header":' + h + b',"msg_id":' + pack(head.get("msg_id", "")) + b',"msg_type":'
-            + pack(head.get("msg_type", "")) + b',"parent_header":' + p + b',"metadata":' + m
-            + b',"content":' + c + b',"buffers":[],"channel":' + pack(channel) + b"}")
+    body = b"".join((b'{"header":', h, b',"msg_id":', pack(head.get("msg_id", "")),
+                     b',"msg_type":', pack(head.get("msg_type", "")), b',"parent_header":', p,
+                     b',"metadata":', m, b',"content":', c, b',"buffers":[],"channel":',
+                     pack(channel), b"}"))
     if not buffers:
-        return _json_str(body)
+        return text(body)
     return binary_legacy(body, buffers)
 
 
@@ -67,7 +83,7 @@ def binary_legacy(body: bytes, buffers: list[bytes]) -> bytes:
     offsets = [4 * (nbufs + 1)]
     for b in bufs[:-1]:
         offsets.append(offsets[-1] + len(b))
-    return struct.pack("!" + "I" * (nbufs + 1), nbufs, *offsets) + b"".join(bufs)
+    return b"".join((struct.pack("!" + "I" * (nbufs + 1), nbufs, *offsets), *bufs))
 
 
 def to_v1(channel: str, msg_list: list[bytes]) -> bytes:
@@ -78,7 +94,7 @@ def to_v1(channel: str, msg_list: list[bytes]) -> bytes:
     for part in msg_list:
         offsets.append(len(part) + offsets[-1])
     head = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
-    return head + ch + b"".join(msg_list)
+    return b"".join((head, ch, *msg_list))
 
 
 def from_client(frame: str | bytes, protocol: str | None) -> tuple[str, list[bytes], list[bytes]]:

@@ -77,3 +77,55 @@ def test_binary_legacy_frame_that_is_not_utf8_is_a_bad_frame() -> None:
     frame = (1).to_bytes(4, "big") + (8).to_bytes(4, "big") + body
     with pytest.raises(wire.BadFrame):
         wire.from_client(frame, None)
+
+
+def test_text_frame_is_utf8_with_what_is_not_replaced() -> None:
+    content = b'{"name":"stdout","text":"h\xc3\xa9 \xed\xa0\x80"}'  # é, then a lone surrogate
+    frame = wire.to_client("iopub", [*PARTS[:3], content], [], None)
+    assert isinstance(frame, wire.Text)
+    assert json.loads(frame)["content"]["text"] == "hé " + b"\xed\xa0\x80".decode(errors="replace")
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool) -> None:
+    """Both ways of framing: written here (no extension) and by wsproto (permessage-deflate,
+    as browsers ask), seen by a wsproto client."""
+    import socket
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    from gateway.channels import Connection
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(
+        host="x", target="/", extensions=[PerMessageDeflate()] if deflate else [])))
+    for _ in server.events():
+        pass
+    client.receive_data(server.send(AcceptConnection(
+        extensions=[PerMessageDeflate()] if deflate else [])))
+    list(client.events())
+    a, b = socket.socketpair()
+
+    class FakeWs:  # what Connection uses of a simple_websocket.Server
+        subprotocol = None
+        connected = True
+        sock = a
+        ws = server
+
+    conn = Connection(FakeWs())
+    assert conn.plain is not deflate
+    text = wire.to_client("iopub", PARTS, [], None)
+    binary = wire.to_client("shell", PARTS, [b"\x00buf"], None)
+    conn.send_many([text, binary])
+    a.close()
+    data = b""
+    while chunk := b.recv(65536):
+        data += chunk
+    b.close()
+    client.receive_data(data)
+    got = [e for e in client.events() if isinstance(e, TextMessage | BytesMessage)]
+    assert isinstance(got[0], TextMessage) and json.loads(got[0].data)["content"]["text"] == "héllo"
+    assert isinstance(got[1], BytesMessage) and deserialize_binary_message(
+        bytes(got[1].data))["buffers"] == [b"\x00buf"]
