@@ -307,12 +307,7 @@ class KernelSession:
         self.nudge_sent = time.monotonic()
 
     def is_nudge(self, parts: list[bytes]) -> bool:
-        if not self.nudges:
-            return False
-        try:
-            return json.loads(parts[1]).get("msg_id") in self.nudges
-        except (ValueError, AttributeError):
-            return False
+        return bool(self.nudges) and wire.json_part(parts[1]).get("msg_id") in self.nudges
 
     def delivered(self, channel: str, head: dict[str, Any], pid: str) -> None:
         """A message reached the client: an execute's reply, or iopub up to ``head``; an idle
