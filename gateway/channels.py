@@ -125,23 +125,23 @@ class Connection:
         self.stats = WsStats()  # written only by the pump thread
         self.plain = no_extensions(ws)
 
-    def send(self, frame: str | bytes) -> None:
+    def send(self, frame: bytes) -> None:
         self.send_many([frame])
 
-    def send_many(self, frames: list[str | bytes]) -> None:
-        """Send frames in order, in as few socket writes as the kernel allows."""
+    def send_many(self, frames: list[bytes]) -> None:
+        """Send frames (from wire.to_client) in order, in as few socket writes as the kernel
+        allows: a wire.Text as a text frame, other bytes as a binary one."""
         ws = self.ws
         with self._lock:
             if not ws.connected:
                 raise ConnectionClosed(ws.close_reason, ws.close_message)
             parts: list[bytes | memoryview] = []
-            for frame in frames:  # str or wire.Text: a text frame; other bytes: binary
+            for frame in frames:
+                text = isinstance(frame, wire.Text)
                 if self.plain:
-                    data = frame.encode() if isinstance(frame, str) else frame
-                    parts += (ws_header(data, isinstance(frame, (str, wire.Text))), data)
+                    parts += (ws_header(frame, text), frame)
                 else:  # wsproto frames str as text, bytes as binary
-                    data = frame.decode() if isinstance(frame, wire.Text) else frame
-                    parts.append(ws.ws.send(Message(data=data)))
+                    parts.append(ws.ws.send(Message(data=frame.decode() if text else frame)))
             sendall(ws.sock, parts)
 
     def fileno(self) -> int:
@@ -334,10 +334,10 @@ class Outbox:
 
     def __init__(self, conn: Connection, sess: KernelSession) -> None:
         self.conn, self.sess = conn, sess
-        self.frames: list[str | bytes] = []
+        self.frames: list[bytes] = []
         self.marks: list[tuple[str, dict[str, Any], str]] = []
 
-    def add(self, frame: str | bytes, channel: str, head: dict[str, Any], pid: str) -> None:
+    def add(self, frame: bytes, channel: str, head: dict[str, Any], pid: str) -> None:
         self.frames.append(frame)
         self.marks.append((channel, head, pid))
 
