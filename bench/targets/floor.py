@@ -54,5 +54,15 @@ class FloorTarget(Target):
     async def shutdown_kernel(self, ref: KernelRef) -> None:
         km: AsyncKernelManager = ref.handle
         if km.has_kernel:
-            await km.shutdown_kernel()
+            # jupyter_client sends its shutdown request on a blocking DEALER socket, which waits
+            # forever for a kernel that never bound its ports (a floor start that failed in the
+            # 100-at-once round hung a whole run there): such a kernel is killed, not asked.
+            asked = await km.is_alive()
+            if asked:
+                km._connect_control_socket()
+                km._control_socket.sndtimeo = 5000
+            try:
+                await km.shutdown_kernel(now=not asked)
+            except zmq.Again:
+                await km.shutdown_kernel(now=True)
         self.kernels.pop(ref.kernel_id, None)
