@@ -6,8 +6,9 @@ the client's TCP socket, the kernel's ZMQ sockets and a wake-up pipe, in both di
 the pump touches the ZMQ sockets and the WebSocket, so sends are serialised.
 
 * Frames from the client: simple-websocket's reader thread is never started (see
-  :class:`NoReaderThread`); the pump reads the socket when it is readable and lets
-  simple-websocket's protocol state machine (wsproto) parse it, answer pings and closes.
+  :class:`NoReaderThread`); the pump reads the socket when it is readable and parses it
+  (gateway/framing.py for clients without extensions, wsproto for the others), answering pings
+  and closes.
   One thread per WebSocket instead of two, and no hand-off between them on every frame.
 * Takeover: a new connection with the same session_id evicts the old one at once and inherits
   the sockets (JupyterLab opens the socket twice in a row).
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -38,7 +38,7 @@ from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from gateway import wire
+from gateway import framing, wire
 from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
@@ -85,33 +85,6 @@ def no_extensions(ws: Any) -> bool:
         return False
 
 
-def ws_header(data: bytes, text: bool) -> bytes:
-    """A server's (unmasked, final) WebSocket frame header for ``data`` (RFC 6455, 5.2)."""
-    op = 0x81 if text else 0x82
-    n = len(data)
-    if n < 126:
-        return bytes((op, n))
-    if n < 65536:
-        return struct.pack("!BBH", op, 126, n)
-    return struct.pack("!BBQ", op, 127, n)
-
-
-def sendall(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """socket.sendall for several buffers, without joining them (one sendmsg when it can)."""
-    while parts:
-        sent = sock.sendmsg(parts[:512])
-        while sent:
-            first = len(parts[0])
-            if sent >= first:
-                sent -= first
-                parts.pop(0)
-            else:
-                parts[0] = memoryview(parts[0])[sent:]
-                sent = 0
-        while parts and not len(parts[0]):
-            parts.pop(0)
-
-
 class Connection:
     """One client WebSocket."""
 
@@ -123,7 +96,8 @@ class Connection:
         self.next_ping = 0.0
         self._lock = threading.Lock()
         self.stats = WsStats()  # written only by the pump thread
-        self.plain = no_extensions(ws)
+        self.plain = no_extensions(ws)  # frames written and read here (gateway/framing.py)
+        self.reader = framing.FrameReader() if self.plain else None
 
     def send(self, frame: bytes) -> None:
         self.send_many([frame])
@@ -139,10 +113,10 @@ class Connection:
             for frame in frames:
                 text = isinstance(frame, wire.Text)
                 if self.plain:
-                    parts += (ws_header(frame, text), frame)
+                    parts += (framing.ws_header(frame, text), frame)
                 else:  # wsproto frames str as text, bytes as binary
                     parts.append(ws.ws.send(Message(data=frame.decode() if text else frame)))
-            sendall(ws.sock, parts)
+            framing.sendall(ws.sock, parts)
 
     def fileno(self) -> int:
         return int(self.ws.sock.fileno())
@@ -163,16 +137,44 @@ class Connection:
             self.closed = True
             ws.connected = False
             return []
+        if self.reader is not None:
+            return self._read_plain(data)
         try:
             with self._lock:
                 ws.ws.receive_data(data)
                 ws.connected = ws._handle_events()
         except (LocalProtocolError, OSError):
             ws.connected = False
-        frames, ws.input_buffer = ws.input_buffer, []
+        messages, ws.input_buffer = ws.input_buffer, []
         if not ws.connected:
             self.closed = True
-        return frames
+        return messages
+
+    def _read_plain(self, data: bytes) -> list[str | bytes]:
+        """read() for a client without extensions: framing.FrameReader parses, and pings and
+        closes are answered as simple-websocket would."""
+        ws, reader = self.ws, self.reader
+        assert reader is not None
+        try:
+            messages, replies = reader.feed(data)
+        except framing.ProtocolError as exc:
+            log.info("WebSocket: closing a client that broke the protocol: %s", exc)
+            messages, replies = [], [framing.close_frame(exc.code, str(exc))]
+            reader.close_code, reader.close_reason = exc.code, str(exc)
+        if reader.pong:
+            reader.pong = False
+            ws.pong_received = True
+        try:
+            if replies:
+                with self._lock:
+                    framing.sendall(ws.sock, list(replies))
+        except OSError:
+            reader.close_code = reader.close_code or 1006
+        if reader.close_code is not None:
+            ws.close_reason, ws.close_message = reader.close_code, reader.close_reason
+            ws.connected = False
+            self.closed = True
+        return messages
 
     def ping(self, now: float) -> None:
         """Ping the client every ``ping_interval``; close it if the last ping got no pong."""
@@ -190,7 +192,8 @@ class Connection:
         ws.pong_received = False
         try:
             with self._lock:
-                ws.sock.send(ws.ws.send(Ping()))
+                ws.sock.send(framing.control_frame(framing.OP_PING) if self.plain
+                             else ws.ws.send(Ping()))
         except (LocalProtocolError, OSError):  # the client is closing the connection
             self.closed = True
         self.next_ping = now + ws.ping_interval

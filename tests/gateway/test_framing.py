@@ -1,0 +1,129 @@
+"""The gateway's own WebSocket frame reader (clients without extensions), against frames a
+real client library (wsproto, as a client: masked) writes."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong,
+                            Request, TextMessage)
+
+from gateway import framing
+from gateway.framing import FrameReader, ProtocolError
+
+
+def client_pair() -> tuple[WSConnection, WSConnection]:
+    """An open wsproto client and server, no extensions."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="x", target="/")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    return client, server
+
+
+def feed_bytewise(reader: FrameReader, data: bytes) -> tuple[list[str | bytes], list[bytes]]:
+    messages: list[str | bytes] = []
+    replies: list[bytes] = []
+    for i in range(len(data)):  # every split a TCP read could make
+        m, r = reader.feed(data[i:i + 1])
+        messages += m
+        replies += r
+    return messages, replies
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 300_000])
+def test_messages_of_every_length_encoding(size: int) -> None:
+    client, _ = client_pair()
+    text = ("é" * size)[:size]
+    binary = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    data = client.send(Message(data=text)) + client.send(Message(data=binary))
+    reader = FrameReader()
+    messages, replies = reader.feed(data)
+    assert messages == [text, binary] and replies == []
+    assert type(messages[0]) is str and type(messages[1]) is bytes
+    assert not reader.buf
+
+
+def test_fragments_and_a_ping_between_them_split_anywhere() -> None:
+    client, _ = client_pair()
+    data = (client.send(Message(data="{\"a\": ", message_finished=False))
+            + client.send(Ping(b"are you there"))
+            + client.send(Message(data="\"ü\"}", message_finished=True))
+            + client.send(Message(data=b"\x00\x01", message_finished=False))
+            + client.send(Message(data=b"\x02", message_finished=True)))
+    messages, replies = feed_bytewise(FrameReader(), data)
+    assert messages == ['{"a": "ü"}', b"\x00\x01\x02"]
+    client.receive_data(b"".join(replies))
+    assert [type(e) for e in client.events()] == [Pong]
+    assert replies == [framing.control_frame(framing.OP_PONG, b"are you there")]
+
+
+def test_pong_and_close_are_noticed_and_close_is_answered() -> None:
+    client, _ = client_pair()
+    reader = FrameReader()
+    client.receive_data(b"")  # nothing
+    data = (client.send(Pong(b"")) + client.send(Message(data="last"))
+            + client.send(CloseConnection(code=4001, reason="bye"))
+            + b"\x81\x85" + b"junk after the close")
+    messages, replies = reader.feed(data)
+    assert messages == ["last"] and reader.pong
+    assert (reader.close_code, reader.close_reason) == (4001, "bye")
+    client.receive_data(b"".join(replies))
+    closes = [e for e in client.events() if isinstance(e, CloseConnection)]
+    assert [c.code for c in closes] == [4001]  # the code echoed, as RFC 6455 asks
+
+
+@pytest.mark.parametrize("frame, code", [
+    (b"\x81\x02hi", 1002),  # not masked
+    (b"\xc1\x80abcd", 1002),  # a reserved bit (permessage-deflate's) without the extension
+    (b"\x80\x80abcd", 1002),  # a continuation with nothing to continue
+    (b"\x89\xfe\x00\x7eabcd" + bytes(126), 1002),  # a ping longer than 125 bytes
+    (b"\x83\x80abcd", 1002),  # an unknown opcode
+    (b"\x81\x82\x00\x00\x00\x00\xc3\x28", 1007),  # text that is not UTF-8
+])
+def test_protocol_errors_fail_the_connection_with_the_rfcs_code(frame: bytes, code: int) -> None:
+    with pytest.raises(ProtocolError) as err:
+        FrameReader().feed(frame)
+    assert err.value.code == code
+
+
+def test_connection_answers_a_ping_and_ends_on_close() -> None:
+    """Connection.read on the plain path: what the client sent, pings answered on the socket,
+    a protocol error or a close ends the connection."""
+    from gateway.channels import Connection
+
+    client, server = client_pair()
+    a, b = socket.socketpair()
+
+    class FakeWs:  # what Connection uses of a simple_websocket.Server
+        subprotocol = None
+        connected = True
+        pong_received = False
+        close_reason = close_message = None
+        receive_bytes = 65536
+        sock = a
+        ws = server
+
+    conn = Connection(FakeWs())
+    assert conn.plain
+    b.sendall(client.send(Message(data='{"x": 1}')) + client.send(Ping(b"p"))
+              + client.send(Pong(b"")))
+    assert conn.read() == ['{"x": 1}'] and conn.ws.pong_received and not conn.closed
+    client.receive_data(b.recv(65536))
+    assert [type(e) for e in client.events()] == [Pong]
+    b.sendall(client.send(CloseConnection(code=1000)))
+    assert conn.read() == [] and conn.closed and not conn.ws.connected
+    b.sendall(b"\x81\x02hi")  # another connection's client, unmasked
+    conn2 = Connection(FakeWs())
+    assert conn2.read() == [] and conn2.closed and conn2.ws.close_reason == 1002
+    a.close()
+    b.close()
+
+
+def test_unmask_is_its_own_inverse() -> None:
+    data = bytes(range(256)) * 3 + b"xyz"
+    masked = framing.unmask(data, b"\x01\x80\xff\x10")
+    assert masked != data and framing.unmask(masked, b"\x01\x80\xff\x10") == data
+    assert [masked[i] ^ data[i] for i in range(8)] == [1, 0x80, 0xFF, 0x10] * 2
