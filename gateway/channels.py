@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -215,6 +216,8 @@ class KernelSession:
         self.kid = kid
         self.session_id = session_id
         self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.epoch = 0  # counts changes of ``sockets``: the pump polls a new set
+        self.touched: set[zmq.Socket[bytes]] = set()  # sent on since the pump last read them
         self.conn_info: ConnectionInfo | None = None
         self.signer: jmsg.Signer | None = None
         self.generation = -1
@@ -278,6 +281,7 @@ class KernelSession:
             s.rcvhwm = 0  # never drop: ZMQ holds what a slow or absent client has not read
             s.sndhwm = 0
             s.connect(info.url(ch))
+        self.epoch += 1
         self.conn_info = info
         self.signer = jmsg.Signer(info.key, info.signature_scheme)
         self.generation = generation
@@ -289,6 +293,8 @@ class KernelSession:
         for s in self.sockets.values():
             s.close(linger=0)
         self.sockets.clear()
+        self.touched.clear()
+        self.epoch += 1
         self.ready = False
         self.nudging = False
 
@@ -307,6 +313,7 @@ class KernelSession:
         self.nudging = True
         self.nudges.add(msg_id)
         self.sockets["shell"].send_multipart(frames)
+        self.touched.add(self.sockets["shell"])
         self.nudge_sent = time.monotonic()
 
     def is_nudge(self, parts: list[bytes]) -> bool:
@@ -327,7 +334,9 @@ class KernelSession:
 
     def to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
         assert self.signer is not None
-        self.sockets[channel].send_multipart(jmsg.frames(self.signer, parts, buffers))
+        sock = self.sockets[channel]
+        sock.send_multipart(jmsg.frames(self.signer, parts, buffers))
+        self.touched.add(sock)
 
 
 class Outbox:
@@ -558,7 +567,9 @@ class Bridge:
     def _pump(self, conn: Connection, sess: KernelSession) -> None:
         last_starting = 0.0
         last_check = time.monotonic()
-        poller, polled = zmq.Poller(), None
+        poller, epoch = select.poll(), -1
+        kernel: dict[int, zmq.Socket[bytes]] = {}  # the kernel's sockets by their ZMQ_FD
+        due: set[zmq.Socket[bytes]] = set()  # kernel sockets to read before sleeping again
         client = conn.fileno()
         try:
             self._sync(conn, sess, initial=True)
@@ -566,24 +577,34 @@ class Bridge:
             log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
         while not (conn.closed or conn.evicted or sess.gone):
-            if polled is not sess.sockets or len(sess.sockets) != len(poller.sockets) - 2:
-                poller = zmq.Poller()  # the sockets changed (connect, reconnect, close)
-                poller.register(sess._r, zmq.POLLIN)
-                poller.register(client, zmq.POLLIN)
-                for s in sess.sockets.values():
-                    poller.register(s, zmq.POLLIN)
-                polled = sess.sockets
-            timeout = NUDGE_EVERY if sess.nudging else 1.0
-            for fd_or_sock, _ in poller.poll(timeout * 1000):
-                if fd_or_sock == client:
+            if epoch != sess.epoch:  # the sockets changed (connect, reconnect, close)
+                poller = select.poll()
+                poller.register(sess._r, select.POLLIN)
+                poller.register(client, select.POLLIN)
+                kernel = {s.FD: s for s in sess.sockets.values()}
+                for fd in kernel:
+                    poller.register(fd, select.POLLIN)
+                epoch = sess.epoch
+                due = set(kernel.values())
+            # A ZMQ socket's FD (ZMQ_FD) is an edge: it fires when the socket's state changed,
+            # and any operation on the socket (a send too) may take that news without firing
+            # it again. So a socket is read when its FD fired, after a send on it, and while
+            # it had more than one read takes; on a timeout all are read anyway.
+            timeout = 0 if due else (NUDGE_EVERY if sess.nudging else 1.0) * 1000
+            events = poller.poll(timeout)
+            for fd, _ in events:
+                if fd == client:
                     sess.inbox.extend((None, f) for f in conn.read())
                     self._handle_inbox(conn, sess)
-                elif fd_or_sock == sess._r:
+                elif fd == sess._r:
                     sess.drain_wake()
                     self._handle_events(conn, sess)
                     self._handle_inbox(conn, sess)
-                else:
-                    self._from_kernel(conn, sess, fd_or_sock)
+                elif fd in kernel:
+                    due.add(kernel[fd])
+            if not events and not due:
+                due.update(kernel.values())
+            due = self._read_kernel(conn, sess, due, epoch)
             now = time.monotonic()
             conn.ping(now)
             if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
@@ -674,23 +695,39 @@ class Bridge:
             else:
                 sess.held.append((channel, parts, buffers))
 
-    def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> None:
+    def _read_kernel(self, conn: Connection, sess: KernelSession, due: set[zmq.Socket[bytes]],
+                     epoch: int) -> set[zmq.Socket[bytes]]:
+        """Relay what the ``due`` sockets hold, and what answers to sends made meanwhile;
+        return the sockets that still hold more."""
+        more: set[zmq.Socket[bytes]] = set()
+        due |= sess.touched
+        sess.touched.clear()
+        while due and epoch == sess.epoch:  # a reconnect closes these sockets
+            sock = due.pop()
+            if self._from_kernel(conn, sess, sock):
+                more.add(sock)
+            due |= sess.touched
+            sess.touched.clear()
+        return more if epoch == sess.epoch else set()
+
+    def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> bool:
+        """Relay what ``sock`` holds; True if it may hold more than one go reads."""
         channel = next((ch for ch, s in sess.sockets.items() if s is sock), "")
         out = Outbox(conn, sess)  # for conn: sent together once the socket is drained
         try:
-            self._relay(conn, sess, sock, channel, out)
+            return self._relay(conn, sess, sock, channel, out)
         finally:
             out.flush()
 
     def _relay(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes],
-               channel: str, out: Outbox) -> None:
+               channel: str, out: Outbox) -> bool:
         for _ in range(64):
             if not sock.get(ZMQ_EVENTS) & ZMQ_POLLIN:  # cheaper than a recv raising Again
-                return
+                return False
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                return
+                return False
             try:
                 parts, buffers = jmsg.split(msg)
             except ValueError:
@@ -732,6 +769,7 @@ class Bridge:
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)
+        return True  # the next go reads on
 
     def _to_parked(self, sess: KernelSession, parts: list[bytes], buffers: list[bytes],
                    head: dict[str, Any]) -> None:
