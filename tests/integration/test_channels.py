@@ -338,3 +338,35 @@ def test_pings_keep_answering_clients_and_close_silent_ones(tmp_path) -> None:  
     finally:
         stack.stop()
         STACKS.remove(stack)
+
+
+def test_sockets_follow_a_kernel_to_a_new_place(redis_stack: Stack) -> None:
+    """A kernel restarted elsewhere (other ports, as a restart whose ports were taken, or on
+    another host) gets the open WebSocket's messages there: the session reconnects its ZMQ
+    sockets and polls the new ones. The 'new place' here is a second real kernel whose
+    connection info the registry now gives for the first, announced as its supervisor would
+    (RESTARTING, then RUNNING with the next generation)."""
+    from workers.registry import Registry
+
+    gw = redis_stack.gw
+    first, second = gw.start()["id"], gw.start()["id"]
+    reg = Registry(redis_stack.registry_url)
+    try:
+        ch, other = gw.channel(first), gw.channel(second)
+        assert ch.execute("where = 'first'").status == "ok"
+        assert other.execute("where = 'second'").status == "ok"
+        rec = reg.get(first)
+        info = reg.connection(second)
+        assert rec is not None and info is not None
+        reg.publish(first, {"status": "RESTARTING"})
+        while ch.recv(10).get("content", {}).get("execution_state") != "restarting":
+            pass  # the gateway holds the session's messages from here on
+        reg.set_connection(first, info, generation=rec.generation + 1)
+        reg.publish(first, {"status": "RUNNING"})
+        assert ch.execute("where", timeout=30).result == "'second'"
+        assert ch.execute("6 * 7", timeout=30).result == "42"  # and it goes on there
+        ch.close()
+        other.close()
+    finally:
+        gw.shutdown(first)
+        gw.shutdown(second)
