@@ -156,12 +156,7 @@ class Connection:
         closes are answered as simple-websocket would."""
         ws, reader = self.ws, self.reader
         assert reader is not None
-        try:
-            messages, replies = reader.feed(data)
-        except framing.ProtocolError as exc:
-            log.info("WebSocket: closing a client that broke the protocol: %s", exc)
-            messages, replies = [], [framing.close_frame(exc.code, str(exc))]
-            reader.close_code, reader.close_reason = exc.code, str(exc)
+        messages, replies = reader.feed(data)
         if reader.pong:
             reader.pong = False
             ws.pong_received = True
@@ -172,6 +167,9 @@ class Connection:
         except OSError:
             reader.close_code = reader.close_code or 1006
         if reader.close_code is not None:
+            if reader.close_code in (framing.PROTOCOL_ERROR, framing.INVALID_DATA):
+                log.info("WebSocket: closing a client that broke the protocol: %s",
+                         reader.close_reason)
             ws.close_reason, ws.close_message = reader.close_code, reader.close_reason
             ws.connected = False
             self.closed = True

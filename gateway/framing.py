@@ -72,7 +72,8 @@ class FrameReader:
     :meth:`feed` takes what the socket gave and returns ``(messages, replies)``: complete
     messages (str for text, bytes for binary) and what ``Ping`` and ``Close`` ask to be sent
     back. ``pong`` is set when a pong came, ``close_code`` (and ``close_reason``) when the
-    client closed. Raises :class:`ProtocolError` for what RFC 6455 says fails the connection.
+    client closed, or broke the protocol (:class:`ProtocolError`: what RFC 6455 says fails the
+    connection; the messages before it are still returned, and the reply is a close frame).
     """
 
     def __init__(self) -> None:
@@ -110,6 +111,9 @@ class FrameReader:
                 payload = unmask(buf[start:start + length], buf[pos + head:start])
                 pos = start + length
                 self._frame(b0 & 0x80, b0 & 0x0F, payload, messages, replies)
+        except ProtocolError as exc:
+            self.close_code, self.close_reason = exc.code, str(exc)
+            replies.append(close_frame(exc.code, str(exc)))
         finally:
             del buf[:pos]
         return messages, replies
