@@ -163,7 +163,7 @@ class Connection:
         try:
             if replies:
                 with self._lock:
-                    framing.sendall(ws.sock, list(replies))
+                    framing.sendall(ws.sock, replies)
         except OSError:
             reader.close_code = reader.close_code or 1006
         if reader.close_code is not None:
@@ -588,6 +588,8 @@ class Bridge:
             # and any operation on the socket (a send too) may take that news without firing
             # it again. So a socket is read when its FD fired, after a send on it, and while
             # it had more than one read takes; on a timeout all are read anyway.
+            due |= sess.touched  # the nudge at the end of the last round sent on shell
+            sess.touched.clear()
             timeout = 0 if due else (NUDGE_EVERY if sess.nudging else 1.0) * 1000
             events = poller.poll(timeout)
             for fd, _ in events:
