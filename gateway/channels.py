@@ -1,20 +1,24 @@
-"""The WebSocket bridge: moves frames between clients and kernels over ZMQ.
+"""The WebSocket bridge: moves frames between clients and kernels.
 
-One :class:`KernelSession` per (kernel, session_id) in this gateway owns the ZMQ sockets of that
-client session. The WebSocket handler thread that owns the session is its pump: one poll over
-the client's TCP socket, the kernel's ZMQ sockets and a wake-up pipe, in both directions. Only
-the pump touches the ZMQ sockets and the WebSocket, so sends are serialised.
+One :class:`KernelSession` per (kernel, session_id) in this gateway owns the kernel channels of
+that client session: ZMTP connections spoken here (gateway/zmtp.py), not libzmq sockets, so a
+message crossing the gateway wakes one thread, not two. The WebSocket handler thread that owns
+the session is its pump: one poll over the client's TCP socket, the kernel's TCP connections and
+a wake-up pipe, in both directions. Only the pump touches them, so sends are serialised.
 
 * Frames from the client: simple-websocket's reader thread is never started (see
   :class:`NoReaderThread`); the pump reads the socket when it is readable and parses it
   (gateway/framing.py for clients without extensions, wsproto for the others), answering pings
   and closes.
   One thread per WebSocket instead of two, and no hand-off between them on every frame.
+* Frames to the client: the socket does not block the pump; what it does not take waits in the
+  connection and goes out when it is writable, while the pump goes on reading the kernel (whose
+  high-water mark would otherwise drop output for a slow client).
 * Takeover: a new connection with the same session_id evicts the old one at once and inherits
   the sockets (JupyterLab opens the socket twice in a row).
-* Replay: a session whose client went away keeps its sockets for ``session_buffer_seconds``;
-  ZMQ keeps what the kernel sends meanwhile (no high-water mark on our side), and a reconnect
-  with the same session_id reads it in order.
+* Replay: a session whose client went away keeps its channels for ``session_buffer_seconds``;
+  one thread (:meth:`Bridge._keep`) goes on reading them meanwhile, and a reconnect with the
+  same session_id gets what came, in order.
 * Held messages: frames sent before the kernel is ready (or while it restarts) wait, and go out
   once the iopub subscription is confirmed by a kernel_info "nudge".
 """
@@ -30,16 +34,15 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import redis
-import zmq
 from simple_websocket import ConnectionClosed
 from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from gateway import framing, wire
+from gateway import framing, wire, zmtp
 from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
@@ -52,7 +55,7 @@ DEALERS = ("shell", "control", "stdin")
 NUDGE_EVERY = 0.25
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
-ZMQ_EVENTS, ZMQ_POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum ops cost
+BLOCK_SECONDS = 30.0  # a parked client that takes nothing for this long is closed
 BATCH_BYTES = 65536  # a frame this big is sent at once, not held for the rest of the batch
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
 REPLAY_WAIT = 3  # seconds a reconnected client's replay waits for the kernel's supervisor...
@@ -86,6 +89,23 @@ def no_extensions(ws: Any) -> bool:
         return False
 
 
+class ClientSocket:
+    """Stands in for the client's socket inside simple-websocket, whose own writes (pongs, the
+    close handshake) must queue behind what the pump has pending, never cut into a frame."""
+
+    def __init__(self, conn: Connection, sock: socket.socket) -> None:
+        self._conn, self._sock = conn, sock
+
+    def send(self, data: bytes) -> int:
+        self._conn._write(data)
+        return len(data)
+
+    sendall = send
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class Connection:
     """One client WebSocket."""
 
@@ -95,32 +115,107 @@ class Connection:
         self.closed = False
         self.evicted = False
         self.next_ping = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.stats = WsStats()  # written only by the pump thread
         self.plain = no_extensions(ws)  # frames written and read here (gateway/framing.py)
         self.reader = framing.FrameReader() if self.plain else None
+        self.pending: list[bytes | memoryview] = []  # written when the socket takes them
+        self.on_flushed: list[Callable[[], None]] = []  # run when ``pending`` is all written
+        self.sock: socket.socket = getattr(ws.sock, "_sock", ws.sock)
+        self.sock.setblocking(False)
+        ws.sock = ClientSocket(self, self.sock)
 
-    def send(self, frame: bytes) -> None:
-        self.send_many([frame])
+    def send(self, frame: bytes, block: bool = False) -> None:
+        self.send_many([frame], block=block)
 
-    def send_many(self, frames: list[bytes]) -> None:
+    def send_many(self, frames: list[bytes], done: Callable[[], None] | None = None,
+                  block: bool = False) -> None:
         """Send frames (from wire.to_client) in order, in as few socket writes as the kernel
-        allows: a wire.Text as a text frame, other bytes as a binary one."""
+        allows: a wire.Text as a text frame, other bytes as a binary one.
+
+        The socket does not block: what it does not take now waits in ``pending`` for the
+        pump (polling for POLLOUT) while the pump goes on reading the kernel, so a slow client
+        never makes the kernel's high-water mark drop output. ``done`` runs once the frames
+        are all written; ``block`` waits for that (for a connection another thread pumps)."""
         ws = self.ws
         with self._lock:
             if not ws.connected:
                 raise ConnectionClosed(ws.close_reason, ws.close_message)
-            parts: list[bytes | memoryview] = []
+            parts = self.pending
             for frame in frames:
                 text = isinstance(frame, wire.Text)
                 if self.plain:
                     parts += (framing.ws_header(frame, text), frame)
                 else:  # wsproto frames str as text, bytes as binary
                     parts.append(ws.ws.send(Message(data=frame.decode() if text else frame)))
-            framing.sendall(ws.sock, parts)
+            if done is not None:
+                self.on_flushed.append(done)
+            if not self._flush_locked() and block:
+                self._drain_locked(BLOCK_SECONDS)
+                if self.pending:  # the client reads nothing: let it go
+                    log.info("WebSocket: a client read nothing for %ss; closing it",
+                             BLOCK_SECONDS)
+                    self.closed = True
+                    self.abort()
+
+    def _write(self, data: bytes) -> None:
+        """A control frame: after what is pending, at once if the socket takes it."""
+        with self._lock:
+            self.pending.append(data)
+            self._flush_locked()
+
+    def flush(self) -> None:
+        """Write what is pending as far as the socket takes it (the pump saw POLLOUT)."""
+        with self._lock:
+            self._flush_locked()
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for what is pending to go out (before closing)."""
+        try:
+            with self._lock:
+                self._drain_locked(timeout)
+        except OSError:  # the client went meanwhile
+            self.closed = True
+
+    def _drain_locked(self, timeout: float | None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLOUT)
+        while not self._flush_locked():
+            left = None if end is None else (end - time.monotonic()) * 1000
+            if left is not None and left <= 0:
+                return
+            if poller.poll(left) and self.closed:
+                return
+
+    def _flush_locked(self) -> bool:
+        """Write pending bytes until the socket would block; True when none are left."""
+        parts = self.pending
+        while parts:
+            try:
+                sent = self.sock.sendmsg(parts[:512])
+            except (BlockingIOError, InterruptedError):
+                return False
+            i = 0
+            while sent:
+                first = len(parts[i])
+                if sent >= first:
+                    sent -= first
+                    i += 1
+                else:
+                    parts[i] = memoryview(parts[i])[sent:]
+                    sent = 0
+            del parts[:i]
+            while parts and not len(parts[0]):
+                del parts[0]
+        if self.on_flushed:
+            done, self.on_flushed = self.on_flushed, []
+            for fn in done:
+                fn()
+        return True
 
     def fileno(self) -> int:
-        return int(self.ws.sock.fileno())
+        return int(self.sock.fileno())
 
     def read(self) -> list[str | bytes]:
         """Read what the client sent (the socket is readable) and return the complete frames.
@@ -129,7 +224,7 @@ class Connection:
         frames are answered. Sets ``closed`` when the client went away."""
         ws = self.ws
         try:
-            data = ws.sock.recv(ws.receive_bytes)
+            data = self.sock.recv(ws.receive_bytes)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError:
@@ -161,9 +256,8 @@ class Connection:
             reader.pong = False
             ws.pong_received = True
         try:
-            if replies:
-                with self._lock:
-                    framing.sendall(ws.sock, replies)
+            for reply in replies:
+                self._write(reply)
         except OSError:
             reader.close_code = reader.close_code or 1006
         if reader.close_code is not None:
@@ -190,32 +284,28 @@ class Connection:
             return
         ws.pong_received = False
         try:
-            with self._lock:
-                ws.sock.send(framing.control_frame(framing.OP_PING) if self.plain
-                             else ws.ws.send(Ping()))
+            self._write(framing.control_frame(framing.OP_PING) if self.plain
+                        else ws.ws.send(Ping()))
         except (LocalProtocolError, OSError):  # the client is closing the connection
             self.closed = True
         self.next_ping = now + ws.ping_interval
 
     def abort(self) -> None:
-        """Unblock a pump stuck sending to a client that stopped reading."""
-        sock = getattr(self.ws, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """End the connection from another thread: its pump sees the socket close."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class KernelSession:
-    """The ZMQ side of one client session on one kernel."""
+    """The kernel side of one client session on one kernel: its channels (gateway/zmtp.py)."""
 
     def __init__(self, kid: str, session_id: str) -> None:
         self.kid = kid
         self.session_id = session_id
-        self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.sockets: dict[str, zmtp.Peer] = {}
         self.epoch = 0  # counts changes of ``sockets``: the pump polls a new set
-        self.touched: set[zmq.Socket[bytes]] = set()  # sent on since the pump last read them
         self.conn_info: ConnectionInfo | None = None
         self.signer: jmsg.Signer | None = None
         self.generation = -1
@@ -242,6 +332,7 @@ class KernelSession:
         # needs (an idle it got lies before the replay's start); usually one or none.
         self.replied: collections.deque[str] = collections.deque(maxlen=16)
         self.seen_dirty = False  # what the client got changed since it was last recorded
+        self.keep_lock = threading.Lock()  # held by Bridge._keep while it reads the channels
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -263,22 +354,12 @@ class KernelSession:
 
     def connect(self, info: ConnectionInfo, generation: int) -> None:
         self.close_sockets()
-        ctx = zmq.Context.instance()
         # Stable per client session: after a gateway dies, the next one connects with the same
         # identity and the kernel (ROUTER_HANDOVER) routes the pending replies to it.
         ident = hashlib.sha1(f"{self.kid}:{self.session_id}".encode()).hexdigest().encode()
         for ch in DEALERS:
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, ident)
-            self.sockets[ch] = s
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sockets["iopub"] = sub
-        for ch, s in self.sockets.items():
-            s.linger = 0
-            s.rcvhwm = 0  # never drop: ZMQ holds what a slow or absent client has not read
-            s.sndhwm = 0
-            s.connect(info.url(ch))
+            self.sockets[ch] = zmtp.Peer(info.url(ch), b"DEALER", ident, ch)
+        self.sockets["iopub"] = zmtp.Peer(info.url("iopub"), b"SUB", name="iopub")
         self.epoch += 1
         self.conn_info = info
         self.signer = jmsg.Signer(info.key, info.signature_scheme)
@@ -289,9 +370,8 @@ class KernelSession:
 
     def close_sockets(self) -> None:
         for s in self.sockets.values():
-            s.close(linger=0)
+            s.close()
         self.sockets.clear()
-        self.touched.clear()
         self.epoch += 1
         self.ready = False
         self.nudging = False
@@ -310,8 +390,7 @@ class KernelSession:
         msg_id, frames = jmsg.build(self.signer, "kernel_info_request", {}, self.session_id)
         self.nudging = True
         self.nudges.add(msg_id)
-        self.sockets["shell"].send_multipart(frames)
-        self.touched.add(self.sockets["shell"])
+        self.sockets["shell"].send(frames)
         self.nudge_sent = time.monotonic()
 
     def is_nudge(self, parts: list[bytes]) -> bool:
@@ -332,9 +411,7 @@ class KernelSession:
 
     def to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
         assert self.signer is not None
-        sock = self.sockets[channel]
-        sock.send_multipart(jmsg.frames(self.signer, parts, buffers))
-        self.touched.add(sock)
+        self.sockets[channel].send(jmsg.frames(self.signer, parts, buffers))
 
 
 class Outbox:
@@ -355,9 +432,13 @@ class Outbox:
         if not self.frames:
             return
         frames, marks, self.frames, self.marks = self.frames, self.marks, [], []
-        self.conn.send_many(frames)  # raises if the client went: nothing was delivered
-        for channel, head, pid in marks:
-            self.sess.delivered(channel, head, pid)
+        sess = self.sess
+
+        def written() -> None:
+            for channel, head, pid in marks:
+                sess.delivered(channel, head, pid)
+
+        self.conn.send_many(frames, written)  # raises if the client went: nothing delivered
 
 
 class Bridge:
@@ -374,6 +455,8 @@ class Bridge:
         self._reaper = threading.Thread(target=self._reap, name="poolgate-sessions", daemon=True)
         self._reaper.start()
         threading.Thread(target=self._record_seen, name="poolgate-seen", daemon=True).start()
+        self._keeping = threading.Event()  # set when a session loses its client
+        threading.Thread(target=self._keep, name="poolgate-keep", daemon=True).start()
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -418,6 +501,8 @@ class Bridge:
                             "closing it", kid, session_id)
                 old.abort()
                 sess.released.wait(3.0)
+        with sess.keep_lock:  # the keeper is done with the session's channels (Bridge._keep)
+            pass
         self.registry.add_connection(kid, f"{self.instance}:{session_id}")
         return sess
 
@@ -427,6 +512,7 @@ class Bridge:
             if mine:
                 sess.owner = None
                 sess.detached_at = time.monotonic()
+                self._keeping.set()
             sess.released.set()
         if mine and not conn.evicted:
             try:
@@ -442,7 +528,8 @@ class Bridge:
         if last:
             self.service.events.remove(sess.kid, self._on_event)
         sess.gone = True
-        sess.close()
+        with sess.keep_lock:
+            sess.close()
 
     def _reap(self) -> None:
         while True:
@@ -463,6 +550,46 @@ class Bridge:
                         sess.gone or now - (sess.detached_at or now) > self.buffer_seconds
                         or sess.kid not in live and self._gone_for_good(sess.kid)):
                     self._drop(sess)
+
+    def _keep(self) -> None:
+        """Read the channels of sessions that have no client, as libzmq's I/O thread did.
+
+        A session keeps its channels for ``session_buffer_seconds`` after its client went
+        (a reconnect gets what came meanwhile). Unread, the kernel's side would fill its
+        socket buffers and then its high-water mark (1000 messages), past which it drops
+        output; so one thread reads them all into the channels' inboxes, which the pump of
+        the next client relays first."""
+        while True:
+            with self._lock:
+                kept = [s for s in self.sessions.values()
+                        if s.owner is None and not s.gone and s.sockets]
+            if not kept:
+                self._keeping.clear()  # before the check: a detach after it sets it again
+                with self._lock:
+                    idle = not any(s.owner is None and not s.gone
+                                   for s in self.sessions.values())
+                if idle:
+                    self._keeping.wait(5.0)
+                continue
+            poller, by_fd = select.poll(), {}
+            for sess in kept:
+                for peer in list(sess.sockets.values()):
+                    if peer.sock is not None:
+                        poller.register(peer.fileno(), peer.wanted())
+                        by_fd[peer.fileno()] = (sess, peer)
+            fired: dict[KernelSession, list[tuple[zmtp.Peer, int]]] = {}
+            for fd, ev in poller.poll(100):
+                sess, peer = by_fd[fd]
+                fired.setdefault(sess, []).append((peer, ev))
+            now = time.monotonic()
+            for sess in kept:
+                with sess.keep_lock:
+                    if sess.owner is not None or sess.gone:  # a client came back: its pump reads
+                        continue
+                    for peer, ev in fired.get(sess, ()):
+                        peer.handle(ev)
+                    for peer in sess.sockets.values():
+                        peer.tick(now)
 
     def _gone_for_good(self, kid: str) -> bool:
         """A kernel the registry does not have: deleted (its tombstone says so), or not yet
@@ -520,6 +647,11 @@ class Bridge:
                 conn.ws.close(reason=1000, message="kernel shut down")
             except Exception:
                 pass
+            conn.drain(5.0)  # what is pending, then the close frame
+        try:
+            conn.sock.setblocking(True)  # as the web server left it
+        except OSError:
+            pass
 
     def _run(self, conn: Connection, sess: KernelSession) -> None:
         try:
@@ -535,20 +667,24 @@ class Bridge:
     def _park(self, conn: Connection, sess: KernelSession) -> bool:
         """Hold a replaced connection open until its client closes it (False) or the session
         has no client any more (True: take it back). Its frames go to the session's owner."""
-        poller = zmq.Poller()
-        poller.register(conn.fileno(), zmq.POLLIN)
         with self._lock:
             sess.parked.append(conn)
         try:
             while not sess.gone:
-                if poller.poll(1000):
+                poller = select.poll()
+                poller.register(conn.fileno(), select.POLLIN | (select.POLLOUT if conn.pending
+                                                                else 0))
+                events = poller.poll(1000)
+                if any(ev & select.POLLOUT for _, ev in events):
+                    conn.flush()
+                if any(ev & ~select.POLLOUT for _, ev in events):
                     frames = conn.read()
                     if frames:
                         sess.inbox.extend((conn, f) for f in frames)
                         sess.wake()
                     if conn.closed:
                         return False
-                elif sess.owner is None:
+                elif not events and sess.owner is None:
                     return True
                 conn.ping(time.monotonic())
                 if conn.closed:
@@ -565,9 +701,9 @@ class Bridge:
     def _pump(self, conn: Connection, sess: KernelSession) -> None:
         last_starting = 0.0
         last_check = time.monotonic()
-        poller, epoch = select.poll(), -1
-        kernel: dict[int, zmq.Socket[bytes]] = {}  # the kernel's sockets by their ZMQ_FD
-        due: set[zmq.Socket[bytes]] = set()  # kernel sockets to read before sleeping again
+        poller, polled = select.poll(), None
+        kernel: dict[int, zmtp.Peer] = {}  # the kernel's channels by their socket's fd
+        due: set[zmtp.Peer] = set()  # channels holding messages not yet relayed
         client = conn.fileno()
         try:
             self._sync(conn, sess, initial=True)
@@ -575,37 +711,50 @@ class Bridge:
             log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
         while not (conn.closed or conn.evicted or sess.gone):
-            if epoch != sess.epoch:  # the sockets changed (connect, reconnect, close)
+            # What to poll: a channel's socket changes when it reconnects, and asks for
+            # POLLOUT while it has bytes to write; so does the client's socket.
+            peers = list(sess.sockets.values())
+            wanted = (sess.epoch, conn.pending != [], *((p.fileno(), p.wanted()) for p in peers))
+            if wanted != polled:
+                if wanted[0] != (polled or (None,))[0]:  # new channels, or kept ones (_keep)
+                    due = {p for p in peers if p.inbox}
                 poller = select.poll()
                 poller.register(sess._r, select.POLLIN)
-                poller.register(client, select.POLLIN)
-                kernel = {s.FD: s for s in sess.sockets.values()}
-                for fd in kernel:
-                    poller.register(fd, select.POLLIN)
-                epoch = sess.epoch
-                due = set(kernel.values())
-            # A ZMQ socket's FD (ZMQ_FD) is an edge: it fires when the socket's state changed,
-            # and any operation on the socket (a send too) may take that news without firing
-            # it again. So a socket is read when its FD fired, after a send on it, and while
-            # it had more than one read takes; on a timeout all are read anyway.
-            due |= sess.touched  # the nudge at the end of the last round sent on shell
-            sess.touched.clear()
-            timeout = 0 if due else (NUDGE_EVERY if sess.nudging else 1.0) * 1000
-            events = poller.poll(timeout)
-            for fd, _ in events:
+                poller.register(client, select.POLLIN | (select.POLLOUT if conn.pending else 0))
+                kernel = {}
+                for p in peers:
+                    if p.sock is not None:
+                        kernel[p.fileno()] = p
+                        poller.register(p.fileno(), p.wanted())
+                polled = wanted
+            if due:
+                timeout = 0.0
+            else:
+                timeout = NUDGE_EVERY if sess.nudging else 1.0
+                retry = min((p.retry_at for p in peers if p.retry_at is not None), default=None)
+                if retry is not None:
+                    timeout = max(0.0, min(timeout, retry - time.monotonic()))
+            for fd, ev in poller.poll(timeout * 1000):
                 if fd == client:
-                    sess.inbox.extend((None, f) for f in conn.read())
-                    self._handle_inbox(conn, sess)
+                    if ev & select.POLLOUT:
+                        conn.flush()
+                    if ev & ~select.POLLOUT:
+                        sess.inbox.extend((None, f) for f in conn.read())
+                        self._handle_inbox(conn, sess)
                 elif fd == sess._r:
                     sess.drain_wake()
                     self._handle_events(conn, sess)
                     self._handle_inbox(conn, sess)
                 elif fd in kernel:
-                    due.add(kernel[fd])
-            if not events and not due:
-                due.update(kernel.values())
-            due = self._read_kernel(conn, sess, due, epoch)
+                    peer = kernel[fd]
+                    peer.handle(ev)
+                    if peer.inbox:
+                        due.add(peer)
+            due = self._read_kernel(conn, sess, due)
             now = time.monotonic()
+            for p in peers:
+                if p.retry_at is not None:
+                    p.tick(now)
             conn.ping(now)
             if sess.nudging and now - sess.nudge_sent > NUDGE_EVERY:
                 sess.nudge()
@@ -695,39 +844,29 @@ class Bridge:
             else:
                 sess.held.append((channel, parts, buffers))
 
-    def _read_kernel(self, conn: Connection, sess: KernelSession, due: set[zmq.Socket[bytes]],
-                     epoch: int) -> set[zmq.Socket[bytes]]:
-        """Relay what the ``due`` sockets hold, and what answers to sends made meanwhile;
-        return the sockets that still hold more."""
-        more: set[zmq.Socket[bytes]] = set()
-        due |= sess.touched
-        sess.touched.clear()
-        while due and epoch == sess.epoch:  # a reconnect closes these sockets
-            sock = due.pop()
-            if self._from_kernel(conn, sess, sock):
-                more.add(sock)
-            due |= sess.touched
-            sess.touched.clear()
-        return more if epoch == sess.epoch else set()
-
-    def _from_kernel(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes]) -> bool:
-        """Relay what ``sock`` holds; True if it may hold more than one go reads."""
-        channel = next((ch for ch, s in sess.sockets.items() if s is sock), "")
-        out = Outbox(conn, sess)  # for conn: sent together once the socket is drained
-        try:
-            return self._relay(conn, sess, sock, channel, out)
-        finally:
-            out.flush()
-
-    def _relay(self, conn: Connection, sess: KernelSession, sock: zmq.Socket[bytes],
-               channel: str, out: Outbox) -> bool:
-        for _ in range(64):
-            if not sock.get(ZMQ_EVENTS) & ZMQ_POLLIN:  # cheaper than a recv raising Again
-                return False
+    def _read_kernel(self, conn: Connection, sess: KernelSession,
+                     due: set[zmtp.Peer]) -> set[zmtp.Peer]:
+        """Relay what the ``due`` channels hold; return those that still hold more."""
+        epoch, more = sess.epoch, set()
+        for peer in due:
+            if epoch != sess.epoch:  # a reconnect replaced these channels
+                return set()
+            out = Outbox(conn, sess)  # for conn: sent together once the channel is drained
             try:
-                msg = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return False
+                self._relay(conn, sess, peer, out)
+            finally:
+                out.flush()
+            if peer.inbox:
+                more.add(peer)
+        return more
+
+    def _relay(self, conn: Connection, sess: KernelSession, peer: zmtp.Peer,
+               out: Outbox) -> None:
+        channel, inbox = peer.name, peer.inbox
+        for _ in range(64):  # then the other channels and the client get their turn
+            if not inbox:
+                return
+            msg = inbox.popleft()
             try:
                 parts, buffers = jmsg.split(msg)
             except ValueError:
@@ -764,12 +903,11 @@ class Bridge:
                 if len(frame) > BATCH_BYTES or len(out.frames) >= 16:  # stream big output
                     out.flush()
             else:
-                to.send(frame)
+                to.send(frame, block=True)
                 sess.delivered(channel, head, pid)
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)
-        return True  # the next go reads on
 
     def _to_parked(self, sess: KernelSession, parts: list[bytes], buffers: list[bytes],
                    head: dict[str, Any]) -> None:
@@ -779,7 +917,7 @@ class Bridge:
                 continue
             try:
                 frame = wire.to_client("iopub", parts, buffers, other.protocol, head)
-                other.send(frame)
+                other.send(frame, block=True)
                 other.stats.add("kernel_to_client", "iopub", len(frame))
             except (ConnectionClosed, OSError):
                 other.closed = True

@@ -6,7 +6,6 @@ Clients with permessage-deflate (browsers) keep wsproto for both directions.
 """
 from __future__ import annotations
 
-import socket
 import struct
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -31,22 +30,6 @@ def control_frame(op: int, payload: bytes = b"") -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     return control_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:123])
-
-
-def sendall(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """socket.sendall for several buffers, without joining them (one sendmsg when it can)."""
-    while parts:
-        sent = sock.sendmsg(parts[:512])
-        while sent:
-            first = len(parts[0])
-            if sent >= first:
-                sent -= first
-                parts.pop(0)
-            else:
-                parts[0] = memoryview(parts[0])[sent:]
-                sent = 0
-        while parts and not len(parts[0]):
-            parts.pop(0)
 
 
 def unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:

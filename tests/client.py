@@ -16,8 +16,8 @@ import websocket
 @dataclass
 class Result:
     reply: dict[str, Any] = field(default_factory=dict)
-    stdout: str = ""
-    stderr: str = ""
+    out: list[str] = field(default_factory=list)  # stream texts (a list: += on a str of many
+    err: list[str] = field(default_factory=list)  # megabytes would copy it every time)
     result: str = ""
     error: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -26,6 +26,14 @@ class Result:
     @property
     def status(self) -> str:
         return str(self.reply.get("status", ""))
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
 
 
 class Channel:
@@ -97,9 +105,9 @@ class Channel:
             t, c = msg["msg_type"], msg["content"]
             if t == "stream":
                 if c["name"] == "stdout":
-                    res.stdout += c["text"]
+                    res.out.append(c["text"])
                 else:
-                    res.stderr += c["text"]
+                    res.err.append(c["text"])
             elif t == "execute_result":
                 res.result = c["data"].get("text/plain", "")
             elif t == "error":

@@ -95,6 +95,32 @@ def test_output_while_disconnected_is_replayed(redis_stack: Stack, kid: str) -> 
     again.close()
 
 
+def test_a_flood_of_output_while_disconnected_is_all_kept(redis_stack: Stack, kid: str) -> None:
+    """3000 flushed writes of 8 KB while the client is away, far past what the kernel's
+    high-water mark (1000 messages) and the sockets' buffers hold: all reach it when it comes
+    back (the gateway goes on reading a session that has no client)."""
+    gw = redis_stack.gw
+    watch = gw.channel(kid, session="watch")  # another session: it sees when the cell ends
+    ch = gw.channel(kid, session="flood")
+    assert ch.execute("1 + 1", timeout=30).result == "2"  # the session is up
+    n, size = 3000, 8000
+    mid = ch.send("execute_request", {"code": f"import sys\nfor i in range({n}):\n"
+                                      f"    sys.stdout.write(f'{{i:07}}' + 'x' * {size - 8} + '\\n')\n"
+                                      "    sys.stdout.flush()", "silent": False})
+    ch.close()  # away before the first line
+    done = False
+    while not done:
+        msg = watch.recv(60)
+        done = (msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+                and msg["parent_header"].get("msg_id") == mid)
+    again = Channel(gw.base, kid, session="flood")
+    res = again.collect(mid, timeout=60)
+    assert res.status == "ok"
+    assert res.stdout == "".join(f"{i:07}" + "x" * (size - 8) + "\n" for i in range(n))
+    again.close()
+    watch.close()
+
+
 def test_stdin_input(redis_stack: Stack, kid: str) -> None:
     ch = redis_stack.gw.channel(kid)
     res = ch.execute("name = input('who? '); print('hi', name)", stdin="poolgate")

@@ -1,0 +1,175 @@
+"""The gateway's ZMTP 3.0 peer (gateway/zmtp.py) against real libzmq sockets of the kinds a
+kernel binds: ROUTER (shell, control, stdin) and XPUB (iopub)."""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from gateway import zmtp
+
+
+def drive(peers: list[zmtp.Peer], until: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll the peers as the pump does until ``until()``."""
+    end = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < end, "timed out"
+        poller, by_fd = select.poll(), {}
+        for p in peers:
+            if p.sock is not None:
+                poller.register(p.fileno(), p.wanted())
+                by_fd[p.fileno()] = p
+        for fd, ev in poller.poll(20):
+            by_fd[fd].handle(ev)
+        for p in peers:
+            p.tick(time.monotonic())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def router(ctx: zmq.Context[zmq.Socket[bytes]], port: int) -> zmq.Socket[bytes]:
+    s = ctx.socket(zmq.ROUTER)
+    s.linger = 0
+    s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def recv(sock: zmq.Socket[bytes], timeout: float = 5.0) -> list[bytes]:
+    assert sock.poll(int(timeout * 1000)), "nothing came"
+    return sock.recv_multipart()
+
+
+def test_dealer_and_router_exchange_multipart_messages_of_every_size(ctx) -> None:
+    port = free_port()
+    r = router(ctx, port)
+    peer = zmtp.Peer(f"tcp://127.0.0.1:{port}", b"DEALER", b"me-1", "shell")
+    sizes = [0, 1, 255, 256, 65_536, 5_000_000]
+    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    peer.send([b"<IDS|MSG>", *frames])  # before the handshake: queued, then sent
+    drive([peer], lambda: peer.ready and not peer.wbuf)
+    ident, *got = recv(r)
+    assert ident == b"me-1" and got == [b"<IDS|MSG>", *frames]  # the identity routes replies
+    r.send_multipart([b"me-1", b"reply", *frames])
+    drive([peer], lambda: bool(peer.inbox))
+    assert peer.inbox.popleft() == [b"reply", *frames] and not peer.inbox
+    peer.close()
+
+
+def test_messages_sent_before_the_kernel_listens_go_once_it_does(ctx) -> None:
+    port = free_port()
+    peer = zmtp.Peer(f"tcp://127.0.0.1:{port}", b"DEALER", b"early")
+    for i in range(3):
+        peer.send([b"msg", str(i).encode()])
+    drive([peer], lambda: peer.retry_at is not None)  # refused: a retry is planned
+    r = router(ctx, port)
+    drive([peer], lambda: peer.ready and not peer.wbuf)
+    assert [recv(r)[1:] for _ in range(3)] == [[b"msg", b"0"], [b"msg", b"1"], [b"msg", b"2"]]
+    peer.close()
+
+
+def test_sub_subscribes_and_reads_a_burst_without_losing_any(ctx) -> None:
+    """XPUB's default high-water mark is 1000 messages: the peer reads as they come, so a
+    burst of 20,000 all arrive."""
+    port = free_port()
+    pub = ctx.socket(zmq.XPUB)
+    pub.linger = 0
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    sub = zmtp.Peer(f"tcp://127.0.0.1:{port}", b"SUB", name="iopub")
+    drive([sub], lambda: sub.ready)
+    assert recv(pub) == [b"\x01"]  # subscribed to everything
+    n = 20_000
+
+    def publish() -> None:
+        for i in range(n):
+            pub.send_multipart([b"topic", b"x" * 500, str(i).encode()])
+
+    t = threading.Thread(target=publish)
+    t.start()
+    got: list[list[bytes]] = []
+
+    def take() -> bool:
+        while sub.inbox:
+            got.append(sub.inbox.popleft())
+        return len(got) >= n
+
+    drive([sub], take, timeout=30)
+    t.join()
+    assert [int(m[2]) for m in got] == list(range(n)) and got[0][:2] == [b"topic", b"x" * 500]
+    sub.close()
+
+
+def test_a_restarted_kernel_is_reconnected_with_identity_and_subscription(ctx) -> None:
+    """A kernel restarted at the same ports: both channels come back by themselves."""
+    p1, p2 = free_port(), free_port()
+    r = router(ctx, p1)
+    pub = ctx.socket(zmq.XPUB)
+    pub.linger = 0
+    pub.bind(f"tcp://127.0.0.1:{p2}")
+    dealer = zmtp.Peer(f"tcp://127.0.0.1:{p1}", b"DEALER", b"same")
+    sub = zmtp.Peer(f"tcp://127.0.0.1:{p2}", b"SUB")
+    drive([dealer, sub], lambda: dealer.ready and sub.ready)
+    assert recv(pub) == [b"\x01"]
+    r.close()
+    pub.close()
+    drive([dealer, sub], lambda: not dealer.ready and not sub.ready)
+    r = router(ctx, p1)
+    pub = ctx.socket(zmq.XPUB)
+    pub.linger = 0
+    pub.bind(f"tcp://127.0.0.1:{p2}")
+    dealer.send([b"after"])
+    drive([dealer, sub], lambda: dealer.ready and sub.ready and not dealer.wbuf)
+    assert recv(r) == [b"same", b"after"] and recv(pub) == [b"\x01"]
+    pub.send_multipart([b"out"])
+    drive([sub], lambda: bool(sub.inbox))
+    assert sub.inbox.popleft() == [b"out"] and dealer.connects == 2 and sub.connects == 2
+    dealer.close()
+    sub.close()
+
+
+def test_a_peer_that_is_not_zmtp_or_the_wrong_kind_is_dropped_and_retried(ctx) -> None:
+    http = socket.socket()
+    http.bind(("127.0.0.1", 0))
+    http.listen()
+    peer = zmtp.Peer(f"tcp://127.0.0.1:{http.getsockname()[1]}", b"DEALER")
+    conn, _ = http.accept()
+    conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    drive([peer], lambda: peer.retry_at is not None)
+    assert not peer.ready and peer.sock is None
+    conn.close()
+    http.close()
+    peer.close()
+
+    port = free_port()
+    pub = ctx.socket(zmq.PUB)  # a DEALER must not talk to a PUB
+    pub.linger = 0
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    peer = zmtp.Peer(f"tcp://127.0.0.1:{port}", b"DEALER")
+    drive([peer], lambda: peer.retry_at is not None)
+    assert not peer.ready
+    peer.close()
+    with pytest.raises(zmtp.ZmtpError):
+        peer.send([b"x"])
+
+
+def test_ipc_and_unknown_transports() -> None:
+    assert zmtp.address("ipc:///tmp/k-1") == (socket.AF_UNIX, "/tmp/k-1")
+    assert zmtp.address("tcp://[::1]:5555") == (socket.AF_INET6, ("::1", 5555))
+    with pytest.raises(ValueError):
+        zmtp.address("inproc://x")
