@@ -190,24 +190,8 @@ class Connection:
 
     def _flush_locked(self) -> bool:
         """Write pending bytes until the socket would block; True when none are left."""
-        parts = self.pending
-        while parts:
-            try:
-                sent = self.sock.sendmsg(parts[:512])
-            except (BlockingIOError, InterruptedError):
-                return False
-            i = 0
-            while sent:
-                first = len(parts[i])
-                if sent >= first:
-                    sent -= first
-                    i += 1
-                else:
-                    parts[i] = memoryview(parts[i])[sent:]
-                    sent = 0
-            del parts[:i]
-            while parts and not len(parts[0]):
-                del parts[0]
+        if not framing.send_some(self.sock, self.pending):
+            return False
         if self.on_flushed:
             done, self.on_flushed = self.on_flushed, []
             for fn in done:

@@ -6,6 +6,7 @@ Clients with permessage-deflate (browsers) keep wsproto for both directions.
 """
 from __future__ import annotations
 
+import socket
 import struct
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -30,6 +31,29 @@ def control_frame(op: int, payload: bytes = b"") -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     return control_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:123])
+
+
+def send_some(sock: socket.socket, parts: list[bytes | memoryview]) -> bool:
+    """Write ``parts`` to a non-blocking socket until it would block, removing what went out
+    (a part cut short stays as the rest of it); True when nothing is left."""
+    while parts:
+        try:
+            sent = sock.sendmsg(parts[:512])
+        except (BlockingIOError, InterruptedError):
+            return False
+        i = 0
+        while sent:
+            first = len(parts[i])
+            if sent >= first:
+                sent -= first
+                i += 1
+            else:
+                parts[i] = memoryview(parts[i])[sent:]
+                sent = 0
+        del parts[:i]  # one deletion per write: a long backlog is not shifted part by part
+        while parts and not len(parts[0]):
+            del parts[0]
+    return True
 
 
 def unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:

@@ -25,6 +25,8 @@ import socket
 import struct
 import time
 
+from gateway import framing
+
 log = logging.getLogger(__name__)
 
 SIGNATURE = b"\xff" + b"\0" * 8 + b"\x7f"
@@ -116,7 +118,8 @@ class Peer:
         self.connecting = False
         self.ready = False  # handshake done: messages flow
         self.greeted = False
-        self.rbuf = bytearray()
+        self.rbuf = bytearray()  # bytes of a frame not yet whole
+        self.need = 0  # how long rbuf must grow before it is parsed again
         self.parts: list[bytes] = []  # frames of the message being received
         self.inbox: collections.deque[list[bytes]] = collections.deque()
         self.queue: collections.deque[list[bytes]] = collections.deque()  # messages not yet written
@@ -192,6 +195,7 @@ class Peer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.connecting, self.ready, self.greeted = sock, True, False, False
         self.rbuf.clear()
+        self.need = 0
         self.parts.clear()
         self.connects += 1
         try:
@@ -225,6 +229,7 @@ class Peer:
         self.connecting = self.ready = self.greeted = False
         self.wbuf = []  # sent on a connection that is gone: lost, as in libzmq's engine buffer
         self.rbuf.clear()
+        self.need = 0
         self.parts.clear()
 
     def _lost(self, exc: Exception) -> None:
@@ -252,23 +257,8 @@ class Peer:
     # -- bytes ----------------------------------------------------------------------------
 
     def _write(self) -> None:
-        sock, parts = self.sock, self.wbuf
-        assert sock is not None
-        while parts:
-            try:
-                sent = sock.sendmsg(parts[:512])
-            except (BlockingIOError, InterruptedError):
-                return
-            while sent:
-                first = len(parts[0])
-                if sent >= first:
-                    sent -= first
-                    parts.pop(0)
-                else:
-                    parts[0] = memoryview(parts[0])[sent:]
-                    sent = 0
-            while parts and not len(parts[0]):
-                parts.pop(0)
+        assert self.sock is not None
+        framing.send_some(self.sock, self.wbuf)
 
     def _read(self) -> None:
         sock = self.sock
@@ -282,15 +272,19 @@ class Peer:
         buf = self.rbuf
         if buf:
             buf += data
+            if len(buf) < self.need:  # the frame begun is not whole yet: parse it once it is
+                return
             data = bytes(buf)
+            buf.clear()
         used = self._parse(data)
-        buf.clear()
         if used < len(data):
             buf += memoryview(data)[used:]
 
     def _parse(self, data: bytes) -> int:
-        """Take whole frames from ``data``; return how many bytes were used."""
+        """Take whole frames from ``data``; return how many bytes were used, and set ``need``
+        to how many the rest must reach before a frame can be taken from it."""
         pos, end = 0, len(data)
+        self.need = 0
         if not self.greeted:
             if end < GREETING_SIZE:
                 if data[:1] and data[0] != 0xFF:
@@ -315,6 +309,7 @@ class Peer:
                 size = data[pos + 1]
                 start = pos + 2
             if end - start < size:
+                self.need = start + size - pos
                 break
             body = data[start:start + size]
             pos = start + size
