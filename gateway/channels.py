@@ -550,30 +550,37 @@ class Bridge:
             if not kept:
                 self._keeping.clear()  # before the check: a detach after it sets it again
                 with self._lock:
-                    idle = not any(s.owner is None and not s.gone
+                    idle = not any(s.owner is None and not s.gone and s.sockets
                                    for s in self.sessions.values())
                 if idle:
                     self._keeping.wait(5.0)
                 continue
-            poller, by_fd = select.poll(), {}
-            for sess in kept:
-                for peer in list(sess.sockets.values()):
-                    if peer.sock is not None:
-                        poller.register(peer.fileno(), peer.wanted())
-                        by_fd[peer.fileno()] = (sess, peer)
-            fired: dict[KernelSession, list[tuple[zmtp.Peer, int]]] = {}
-            for fd, ev in poller.poll(100):
-                sess, peer = by_fd[fd]
-                fired.setdefault(sess, []).append((peer, ev))
-            now = time.monotonic()
-            for sess in kept:
-                with sess.keep_lock:
-                    if sess.owner is not None or sess.gone:  # a client came back: its pump reads
-                        continue
-                    for peer, ev in fired.get(sess, ()):
-                        peer.handle(ev)
-                    for peer in sess.sockets.values():
-                        peer.tick(now)
+            try:
+                self._keep_once(kept)
+            except Exception:  # never let one session end the reading of all the others
+                log.exception("reading sessions without a client")
+                time.sleep(0.1)
+
+    def _keep_once(self, kept: list[KernelSession]) -> None:
+        poller, by_fd = select.poll(), {}
+        for sess in kept:
+            for peer in list(sess.sockets.values()):
+                if peer.sock is not None:
+                    poller.register(peer.fileno(), peer.wanted())
+                    by_fd[peer.fileno()] = (sess, peer)
+        fired: dict[KernelSession, list[tuple[zmtp.Peer, int]]] = {}
+        for fd, ev in poller.poll(100):
+            sess, peer = by_fd[fd]
+            fired.setdefault(sess, []).append((peer, ev))
+        now = time.monotonic()
+        for sess in kept:
+            with sess.keep_lock:
+                if sess.owner is not None or sess.gone:  # a client came back: its pump reads
+                    continue
+                for peer, ev in fired.get(sess, ()):
+                    peer.handle(ev)
+                for peer in sess.sockets.values():
+                    peer.tick(now)
 
     def _gone_for_good(self, kid: str) -> bool:
         """A kernel the registry does not have: deleted (its tombstone says so), or not yet

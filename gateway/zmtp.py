@@ -160,6 +160,8 @@ class Peer:
                 self._read()
         except (OSError, ZmtpError) as exc:
             self._lost(exc)
+        except (IndexError, struct.error) as exc:  # a command cut short: not ZMTP as we know it
+            self._lost(ZmtpError(f"malformed command ({exc})"))
 
     def tick(self, now: float) -> None:
         if self.retry_at is not None and now >= self.retry_at and not self.closed:

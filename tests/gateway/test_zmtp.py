@@ -155,6 +155,13 @@ def test_a_peer_that_is_not_zmtp_or_the_wrong_kind_is_dropped_and_retried(ctx) -
     drive([peer], lambda: peer.retry_at is not None)
     assert not peer.ready and peer.sock is None
     conn.close()
+    drive([peer], lambda: peer.connects == 2)
+    conn, _ = http.accept()  # the retry: a greeting, then a READY cut short in its properties
+    body = b"\x05READY\x0bSocket-Type\x00\x00"
+    conn.sendall(zmtp.greeting() + bytes((zmtp.COMMAND, len(body))) + body)
+    drive([peer], lambda: peer.retry_at is not None)
+    assert not peer.ready and peer.sock is None and peer.connects == 2
+    conn.close()
     http.close()
     peer.close()
 
