@@ -129,9 +129,13 @@ class Stack:
 
     def start(self) -> Stack:
         redis.Redis.from_url(self.registry_url).flushdb()
-        for pool in self.pools:
-            self.start_worker(pool)
-        self.start_gateway(self.port)
+        try:
+            for pool in self.pools:
+                self.start_worker(pool)
+            self.start_gateway(self.port)
+        except BaseException:  # nobody gets the stack to stop: stop what did start
+            self.stop()
+            raise
         return self
 
     def start_worker(self, pool: str, wait: bool = True) -> None:
