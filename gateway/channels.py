@@ -185,7 +185,8 @@ class Connection:
             left = None if end is None else (end - time.monotonic()) * 1000
             if left is not None and left <= 0:
                 return
-            if poller.poll(left) and self.closed:
+            poller.poll(left)
+            if self.closed:  # another thread ended the connection meanwhile
                 return
 
     def _flush_locked(self) -> bool:

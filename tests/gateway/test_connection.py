@@ -8,34 +8,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import BytesMessage, Message, Ping, Pong, Request, TextMessage
+from wsproto import WSConnection
+from wsproto.events import BytesMessage, Message, Ping, Pong, TextMessage
 
 from gateway import wire
 from gateway.channels import Connection
-
-
-def client_pair() -> tuple[WSConnection, WSConnection]:
-    from wsproto.events import AcceptConnection
-
-    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(Request(host="x", target="/")))
-    list(server.events())
-    client.receive_data(server.send(AcceptConnection()))
-    list(client.events())
-    return client, server
-
-
-class FakeWs:  # what Connection uses of a simple_websocket.Server
-    subprotocol = None
-    connected = True
-    pong_received = False
-    close_reason = close_message = None
-    receive_bytes = 65536
-    ping_interval = None
-
-    def __init__(self, sock: socket.socket, server: WSConnection) -> None:
-        self.sock, self.ws = sock, server
+from tests.gateway.fakes import FakeWs, client_pair
 
 
 @pytest.fixture

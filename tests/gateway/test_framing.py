@@ -5,22 +5,11 @@ from __future__ import annotations
 import socket
 
 import pytest
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong,
-                            Request, TextMessage)
+from wsproto.events import CloseConnection, Message, Ping, Pong
 
 from gateway import framing
 from gateway.framing import FrameReader
-
-
-def client_pair() -> tuple[WSConnection, WSConnection]:
-    """An open wsproto client and server, no extensions."""
-    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(Request(host="x", target="/")))
-    list(server.events())
-    client.receive_data(server.send(AcceptConnection()))
-    list(client.events())
-    return client, server
+from tests.gateway.fakes import FakeWs, client_pair
 
 
 def feed_bytewise(reader: FrameReader, data: bytes) -> tuple[list[str | bytes], list[bytes]]:
@@ -102,16 +91,7 @@ def test_connection_answers_a_ping_and_ends_on_close() -> None:
     client, server = client_pair()
     a, b = socket.socketpair()
 
-    class FakeWs:  # what Connection uses of a simple_websocket.Server
-        subprotocol = None
-        connected = True
-        pong_received = False
-        close_reason = close_message = None
-        receive_bytes = 65536
-        sock = a
-        ws = server
-
-    conn = Connection(FakeWs())
+    conn = Connection(FakeWs(a, server))
     assert conn.plain
     b.sendall(client.send(Message(data='{"x": 1}')) + client.send(Ping(b"p"))
               + client.send(Pong(b"")))
@@ -121,7 +101,7 @@ def test_connection_answers_a_ping_and_ends_on_close() -> None:
     b.sendall(client.send(CloseConnection(code=1000)))
     assert conn.read() == [] and conn.closed and not conn.ws.connected
     b.sendall(b"\x81\x02hi")  # another connection's client, unmasked
-    conn2 = Connection(FakeWs())
+    conn2 = Connection(FakeWs(a, server))
     assert conn2.read() == [] and conn2.closed and conn2.ws.close_reason == 1002
     a.close()
     b.close()

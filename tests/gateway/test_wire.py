@@ -92,29 +92,15 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
     as browsers ask), seen by a wsproto client."""
     import socket
 
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
-    from wsproto.extensions import PerMessageDeflate
+    from wsproto.events import BytesMessage, TextMessage
 
     from gateway.channels import Connection
+    from tests.gateway.fakes import FakeWs, client_pair
 
-    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(Request(
-        host="x", target="/", extensions=[PerMessageDeflate()] if deflate else [])))
-    for _ in server.events():
-        pass
-    client.receive_data(server.send(AcceptConnection(
-        extensions=[PerMessageDeflate()] if deflate else [])))
-    list(client.events())
+    client, server = client_pair(deflate)
     a, b = socket.socketpair()
 
-    class FakeWs:  # what Connection uses of a simple_websocket.Server
-        subprotocol = None
-        connected = True
-        sock = a
-        ws = server
-
-    conn = Connection(FakeWs())
+    conn = Connection(FakeWs(a, server))
     assert conn.plain is not deflate
     text = wire.to_client("iopub", PARTS, [], None)
     binary = wire.to_client("shell", PARTS, [b"\x00buf"], None)
