@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write results as JSON to this file")
     p.add_argument("--kernel-name", default="python3", help="kernelspec name to request")
     p.add_argument("--token", default=None, help="gateway auth token (default: none)")
+    p.add_argument("--ws-compress", action="store_true",
+                   help="WebSocket clients offer permessage-deflate, as browsers and the "
+                        "websockets library do (what the gateway accepts is its own choice)")
     p.add_argument("--keep-logs", action="store_true", help="keep the work folder with logs")
     p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
                    help="extra arguments for one process, e.g. 'poolgate=--slots 128'; NAME "
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         name, text = item.split("=", 1)
         extra[name] = [*extra.get(name, []), *shlex.split(text)]
     ctx = RunContext(workdir=workdir, kernelspec_dir=spec_root, kernel_name=args.kernel_name,
-                     token=args.token, extra_args=extra)
+                     token=args.token, extra_args=extra, ws_compress=args.ws_compress)
     t0 = time.time()
     results: list[TargetResult] = []
     try:

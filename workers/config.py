@@ -71,6 +71,7 @@ class GatewayConfig:
     control_timeout: float = 20.0
     threads: int = 1024
     session_buffer_seconds: float = 300.0
+    ws_compression: bool = False  # accept permessage-deflate when a client offers it
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class RunContext:
     # extra command-line arguments per process: "eg", "kg", "poolgate",
     # "poolgate-redis:worker", "poolgate-redis:gateway" (from --args NAME=ARGS)
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    ws_compress: bool = False  # WebSocket clients offer permessage-deflate, as browsers do
     venv_root: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1] / ".venvs")
 
 
@@ -210,7 +211,8 @@ class GatewayTarget(Target):
         session_id = uuid.uuid4().hex
         url = (f"ws://127.0.0.1:{self.port}/api/kernels/{ref.kernel_id}/channels"
                f"?session_id={session_id}")
-        ws = await http.ws_connect(url, max_msg_size=0, autoping=True, heartbeat=None)
+        ws = await http.ws_connect(url, max_msg_size=0, autoping=True, heartbeat=None,
+                                   compress=15 if self.ctx.ws_compress else 0)
         return KernelConnection(WebSocketTransport(ws, session_id))
 
     async def shutdown_kernel(self, ref: KernelRef) -> None:

@@ -78,5 +78,10 @@ def register_channels(sock: Sock, base: str) -> None:
             from flask import g
 
             g.poolgate = app.extensions["poolgate"]
+            if not g.poolgate["config"].gateway.ws_compression:
+                # Declined as Jupyter Server and Enterprise Gateway decline it by default:
+                # deflating every frame costs more CPU than a LAN saves (README, WebSocket
+                # behaviour). simple-websocket accepts any offer it sees in the headers.
+                request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
             kid = (request.view_args or {}).get("kernel_id", "")
             ctx()["service"].record(kid)

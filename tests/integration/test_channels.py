@@ -159,10 +159,10 @@ def test_five_megabyte_output_intact(redis_stack: Stack, kid: str) -> None:
     ch.close()
 
 
-def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> None:
-    """Browsers ask for permessage-deflate: frames are then compressed (by wsproto), and small,
-    medium (16-bit length) and large (64-bit length) messages all arrive whole and in order.
-    Clients that do not ask get frames the gateway writes itself (the other tests)."""
+def _deflate_client(stack: Stack, kid: str) -> tuple[bool, str, list[str]]:
+    """Run a cell printing small, medium (16-bit length) and large (64-bit length) output as a
+    client offering permessage-deflate (as browsers do); return whether the gateway accepted
+    the offer, the stdout and the message types of the cell, in order."""
     import socket
     from urllib.parse import urlsplit
 
@@ -170,7 +170,7 @@ def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> No
     from wsproto.events import AcceptConnection, Message, Ping, Request, TextMessage
     from wsproto.extensions import PerMessageDeflate
 
-    url = urlsplit(redis_stack.gw.base)
+    url = urlsplit(stack.gw.base)
     sock = socket.create_connection((url.hostname, url.port), timeout=60)
     ws = WSConnection(ConnectionType.CLIENT)
     session = uuid.uuid4().hex
@@ -214,8 +214,33 @@ def test_compressed_websocket_like_a_browser(redis_stack: Stack, kid: str) -> No
     finally:
         sock.close()
     assert accepted is not None
-    assert any(isinstance(e, PerMessageDeflate) and e.enabled() for e in accepted.extensions)
-    assert text == "".join("x" * n + "\n" for n in (10, 1000, 300_000))
+    deflate = any(isinstance(e, PerMessageDeflate) and e.enabled() for e in accepted.extensions)
+    return deflate, text, kinds
+
+
+CELL_OUTPUT = "".join("x" * n + "\n" for n in (10, 1000, 300_000))
+
+
+def test_compressed_websocket_when_the_gateway_allows_it(redis_stack: Stack, kid: str) -> None:
+    """With ``ws_compression: true`` a client offering permessage-deflate gets it: frames are
+    compressed (by wsproto), and messages of every length arrive whole and in order."""
+    deflate, text, kinds = _deflate_client(redis_stack, kid)
+    assert deflate
+    assert text == CELL_OUTPUT
+    assert kinds[0] == "status" and "execute_reply" in kinds
+
+
+def test_compression_offer_declined_by_default(rabbit_stack: Stack) -> None:
+    """By default the gateway declines permessage-deflate, as Jupyter Server and Enterprise
+    Gateway do (compressing every frame costs more CPU than a LAN saves); the client that
+    offered it still gets every message, uncompressed."""
+    kid = rabbit_stack.gw.start()["id"]
+    try:
+        deflate, text, kinds = _deflate_client(rabbit_stack, kid)
+    finally:
+        rabbit_stack.gw.shutdown(kid)
+    assert not deflate
+    assert text == CELL_OUTPUT
     assert kinds[0] == "status" and "execute_reply" in kinds
 
 
