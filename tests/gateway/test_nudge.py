@@ -1,0 +1,73 @@
+"""The kernel_info "nudge" that proves a session's iopub subscription is live before the client's
+held messages go to the kernel: when it is sent, and how soon it is sent again."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.channels import NUDGE_EVERY, NUDGE_FIRST, KernelSession
+from workers import jmsg
+
+
+class StubPeer:
+    """A channel that records what would go to the kernel."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.sent: list[list[bytes]] = []
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def sess() -> KernelSession:
+    s = KernelSession("k", "session")
+    s.sockets = {ch: StubPeer() for ch in ("shell", "control", "stdin", "iopub")}  # type: ignore
+    s.signer = jmsg.Signer(b"key")
+    return s
+
+
+def kinds(peer: StubPeer) -> list[str]:
+    return [json.loads(frames[2])["msg_type"] for frames in peer.sent]
+
+
+def test_no_nudge_before_both_channels_are_up(sess: KernelSession) -> None:
+    """Asked before the iopub handshake, a kernel could answer before it has the subscription:
+    the answer would be lost and the client's first cell would wait for the next try."""
+    shell, iopub = sess.sockets["shell"], sess.sockets["iopub"]
+    sess.nudge()
+    assert sess.nudging and shell.sent == []
+    shell.ready = True
+    assert sess.nudge_due(0.0)
+    sess.nudge()
+    assert shell.sent == []  # iopub is not up yet
+    iopub.ready = True
+    sess.nudge()
+    assert kinds(shell) == ["kernel_info_request"]
+    assert sess.is_nudge([b"{}", shell.sent[0][2], b"{}", b"{}"])
+
+
+def test_an_unanswered_nudge_is_sent_again_soon_then_less_often(sess: KernelSession) -> None:
+    shell = sess.sockets["shell"]
+    shell.ready = sess.sockets["iopub"].ready = True
+    sess.nudge()
+    gaps = []
+    for _ in range(7):
+        sent, now = sess.nudge_sent, sess.nudge_sent
+        while not sess.nudge_due(now):
+            now += 0.001
+        gaps.append(round(now - sent, 2))
+        sess.nudge()
+        sess.nudge_sent = now  # as if the pump sent it at ``now``
+    assert gaps[0] == pytest.approx(NUDGE_FIRST, abs=0.002)
+    assert gaps == sorted(gaps) and gaps[-1] == pytest.approx(NUDGE_EVERY, abs=0.002)
+    assert len(shell.sent) == 8
+
+    sess.renudge()  # a new kernel process at the same place: soon again
+    sess.nudge()
+    assert sess.nudge_every == NUDGE_FIRST and len(shell.sent) == 9
