@@ -81,7 +81,7 @@ def session_id() -> str:
     return os.urandom(16).hex()
 
 
-def encode_parts(parts: list[bytes]) -> bytes:
+def encode_parts(parts: list[bytes] | list[bytes | memoryview]) -> bytes:
     """Frames as one blob (count, then length-prefixed parts), for the replay buffer."""
     import struct
 

@@ -47,6 +47,7 @@ ACTIVITY_WRITE_EVERY = 5.0
 # 0.25 s 0.22 ms, and 0.5 s and 1 s cut it further). The state it reads reaches the REST API
 # this much later, at most; output waits in the socket meanwhile (one read takes what came).
 IOPUB_BATCH = 0.5
+SMALL_PART = 65536  # iopub parts under this are copied into bytes; bigger ones are viewed
 IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at once
 
 
@@ -59,16 +60,23 @@ class Stop(Exception):
         self.status = status
 
 
+def received(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
+    """The parts of a message received with ``copy=False``: big ones stay in the message libzmq
+    received (a view, not a copy: copying every MB of output into new bytes cost the
+    supervisor a third of its CPU while a kernel streamed), small ones become bytes."""
+    return [f.bytes if len(f) < SMALL_PART else f.buffer for f in frames]
+
+
 class ReplayBuffer:
     """The newest iopub messages of one kernel, as received: at most ``count`` messages and
     ``max_bytes`` bytes; a message larger than REPLAY_MAX_MESSAGE is not kept."""
 
     def __init__(self, count: int, max_bytes: float) -> None:
         self.count, self.max_bytes = count, max_bytes
-        self.messages: collections.deque[list[bytes]] = collections.deque()
+        self.messages: collections.deque[list[bytes | memoryview]] = collections.deque()
         self.size = 0
 
-    def add(self, msg: list[bytes]) -> None:
+    def add(self, msg: list[bytes | memoryview]) -> None:
         size = sum(map(len, msg))
         if not self.count or size > REPLAY_MAX_MESSAGE:
             return
@@ -339,10 +347,11 @@ class Supervisor:
         more = True
         for _ in range(IOPUB_READ_MAX):
             try:
-                msg = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 more = False
                 break
+            msg = received(frames)
             got = True
             keep(msg)
             try:
@@ -351,7 +360,7 @@ class Supervisor:
                     state = json.loads(parts[3]).get("execution_state", state)
                     if state == "starting":  # ipykernel's first status: for a running kernel
                         state = "idle"       # that is idle ("starting" means still launching)
-            except (ValueError, IndexError, AttributeError):
+            except (ValueError, IndexError, AttributeError, TypeError):
                 continue
         if got:
             self.active_at = time.monotonic()

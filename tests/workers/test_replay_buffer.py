@@ -2,8 +2,10 @@
 over as blobs a gateway decodes back into the same parts and buffers."""
 from __future__ import annotations
 
+import zmq
+
 from workers import jmsg
-from workers.supervisor import REPLAY_MAX_MESSAGE, ReplayBuffer
+from workers.supervisor import REPLAY_MAX_MESSAGE, SMALL_PART, ReplayBuffer, received
 
 SIGNER = jmsg.Signer("secret")
 
@@ -97,3 +99,39 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
     finally:
         pub.close(linger=0)
         sub.close(linger=0)
+
+
+def test_big_parts_kept_without_a_copy_are_handed_over_whole() -> None:
+    """The supervisor keeps big parts as views of the messages libzmq received; they count
+    their real size and come out of the buffer byte for byte."""
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        big, small = "é" * (SMALL_PART + 10), "small"
+        buf = ReplayBuffer(count=10, max_bytes=1e9)
+        sent = [stream(big, [b"\x00" * (SMALL_PART * 2)]), stream(small)]
+        while not sub.poll(50):  # a PUB drops what it sends before the subscription lands
+            pub.send_multipart(stream("hello"))
+        sub.recv_multipart()
+        for msg in sent:
+            pub.send_multipart(msg)
+        got = []
+        while len(got) < 2:
+            frames = sub.recv_multipart(copy=False)
+            parts = received(frames)
+            if b"hello" in bytes(parts[-1]):
+                continue
+            got.append(parts)
+            buf.add(parts)
+        assert any(isinstance(p, memoryview) for p in got[0])
+        assert buf.size == sum(sum(map(len, m)) for m in sent)
+        out = [jmsg.decode_parts(b) for b in buf.blobs()]
+        assert out[0][3] == sent[0][6] and out[0][4] == b"\x00" * (SMALL_PART * 2)
+        assert out[1][3] == jmsg.pack({"name": "stdout", "text": small})
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
