@@ -82,8 +82,8 @@ class NoReaderThread:
 
 def no_extensions(ws: Any) -> bool:
     """True if the client negotiated no extension (no permessage-deflate): frames can then be
-    written here, without wsproto's per-message work (JupyterLab in a browser asks for
-    compression; Python clients mostly do not)."""
+    written here, without wsproto's per-message work (the gateway accepts compression only
+    with ``ws_compression: true``)."""
     try:
         return not any(ext.enabled() for ext in ws.ws.connection._proto.extensions)
     except AttributeError:  # another wsproto: let it frame every message

@@ -2,7 +2,8 @@
 
 Python clients (Jupyter Server's gateway client, websocket-client, aiohttp) ask for none, and
 on that path wsproto's event machinery was a fifth of the gateway's CPU per message each way.
-Clients with permessage-deflate (browsers) keep wsproto for both directions.
+Clients with permessage-deflate (offered by browsers and the websockets library, accepted only
+with ``ws_compression: true``) keep wsproto for both directions.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
@@ -81,7 +81,7 @@ def session_id() -> str:
     return os.urandom(16).hex()
 
 
-def encode_parts(parts: list[bytes] | list[bytes | memoryview]) -> bytes:
+def encode_parts(parts: Sequence[bytes | memoryview]) -> bytes:
     """Frames as one blob (count, then length-prefixed parts), for the replay buffer."""
     import struct
 
