@@ -10,7 +10,8 @@ class Sizes:
     """How much work each scenario does in one round."""
 
     starts: int = 10  # 1: sequential starts
-    executes: int = 200  # 2: `1+1` round trips on one kernel
+    executes: int = 200  # 2: `1+1` round trips on each kernel...
+    execute_kernels: int = 4  # 2: ...of this many fresh kernels, one after another
     iopub_mb: float = 200.0  # 3: MB (1e6 bytes) of stdout printed by one cell
     concurrent: tuple[int, ...] = (1, 8, 32, 100)  # 4: K concurrent starts
     busy_kernels: int = 32  # 5: kernels executing in a loop at once
@@ -23,7 +24,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(starts=2, executes=20, iopub_mb=5.0, concurrent=(1, 4), busy_kernels=4,
+QUICK = Sizes(starts=2, executes=20, execute_kernels=1, iopub_mb=5.0, concurrent=(1, 4), busy_kernels=4,
               busy_seconds=2.0, memory_kernels=2, many=4, many_batch=2)
 
 SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy", "many")
