@@ -178,13 +178,13 @@ class Connection:
         except OSError:  # the client went meanwhile
             self.closed = True
 
-    def _drain_locked(self, timeout: float | None) -> None:
-        end = None if timeout is None else time.monotonic() + timeout
+    def _drain_locked(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.fileno(), select.POLLOUT)
         while not self._flush_locked():
-            left = None if end is None else (end - time.monotonic()) * 1000
-            if left is not None and left <= 0:
+            left = (end - time.monotonic()) * 1000
+            if left <= 0:
                 return
             poller.poll(left)
             if self.closed:  # another thread ended the connection meanwhile
@@ -567,15 +567,10 @@ class Bridge:
         output; so one thread reads them all into the channels' inboxes, which the pump of
         the next client relays first."""
         while True:
-            with self._lock:
-                kept = [s for s in self.sessions.values()
-                        if s.owner is None and not s.gone and s.sockets]
+            kept = self._unattended()
             if not kept:
                 self._keeping.clear()  # before the check: a detach after it sets it again
-                with self._lock:
-                    idle = not any(s.owner is None and not s.gone and s.sockets
-                                   for s in self.sessions.values())
-                if idle:
+                if not self._unattended():
                     self._keeping.wait(5.0)
                 continue
             try:
@@ -583,6 +578,12 @@ class Bridge:
             except Exception:  # never let one session end the reading of all the others
                 log.exception("reading sessions without a client")
                 time.sleep(0.1)
+
+    def _unattended(self) -> list[KernelSession]:
+        """Sessions with channels and no client: the keeper's work list."""
+        with self._lock:
+            return [s for s in self.sessions.values()
+                    if s.owner is None and not s.gone and s.sockets]
 
     def _keep_once(self, kept: list[KernelSession]) -> None:
         poller, by_fd = select.poll(), {}

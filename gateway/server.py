@@ -1,6 +1,6 @@
 """Run the gateway on gunicorn with threads (a production server flask-sock supports).
 
-One process, many threads: every open WebSocket holds a thread and five descriptors besides its
+One process, many threads: every open WebSocket holds a thread and six descriptors besides its
 own (four TCP connections to the kernel, spoken as ZMTP by gateway/zmtp.py, and a wake-up
 pipe's two ends). The file-descriptor limit is raised to the hard limit. The ZMQ context's
 socket cap (1023 by default, the cause of Enterprise Gateway's "too many open files" near 210
