@@ -7,6 +7,7 @@ left behind.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -128,7 +129,15 @@ def where(gw: Gateway, kid: str) -> tuple[str, int]:
 
 
 def start_many(gw: Gateway, spec: str, n: int) -> list[str]:
-    return [gw.start(spec)["id"] for _ in range(n)]
+    kids: list[str] = []
+    try:
+        for _ in range(n):
+            kids.append(gw.start(spec)["id"])
+    except BaseException:  # a failed start: the kernels started before it must not outlive it
+        for kid in kids:
+            gw.shutdown(kid)
+        raise
+    return kids
 
 
 def test_round_robin_places_in_order_runs_code_and_queues_when_full(ssh_stack: Stack) -> None:
@@ -201,6 +210,59 @@ def test_launch_failure_names_the_kernel_output(ssh_stack: Stack) -> None:
     assert r.status_code == 500, r.text
     assert "boom: no module frobnicate" in r.json()["message"]
     assert ssh_stack.live_kernels() == []
+
+
+def test_a_port_taken_on_the_host_is_replaced(hosts: Hosts, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel ports are picked here for a host we cannot see into; when one is taken there, the
+    kernel starts again on fresh ports. A kernel whose iopub port was taken does not exit
+    (ipykernel 7 hangs closing the sockets it had bound), so its log is what tells."""
+    from workers import launchers
+    from workers.config import PoolConfig
+    from workers.launchers import ssh
+    from workers.protocol import LaunchRequest
+    from workers.registry import Registry
+
+    squatters = []
+    while not squatters:  # one port bound on both hosts' addresses
+        first = socket.socket()
+        first.bind((ADDRESSES["a"], 0))
+        try:
+            second = socket.socket()
+            second.bind((ADDRESSES["b"], first.getsockname()[1]))
+        except OSError:
+            first.close()
+            continue
+        squatters = [first, second]
+    for s in squatters:
+        s.listen()
+    taken = squatters[0].getsockname()[1]
+    real, calls = ssh.pick_ports, []
+
+    def iopub_taken_first(port_range: tuple[int, int], **kw: Any) -> list[int]:
+        ports = real(port_range, **kw)
+        if not calls:
+            ports[1] = taken  # CHANNELS: shell, iopub, ...
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(ssh, "pick_ports", iopub_taken_first)
+    raw = hosts.pool("unused", "round-robin")
+    pool = PoolConfig(name=f"ssh-clash-{RUN_ID}", launcher="ssh", queue="unused",
+                      options=raw["options"])
+    launcher = launchers.create(pool, str(tmp_path))
+    launcher.attach(Registry(f"{REDIS}/{DB_BASE + 3}"))
+    req = LaunchRequest(f"clash-{RUN_ID}", pool.name, "python3-ssh", tuple(KERNEL_ARGV),
+                        launch_timeout=20)
+    try:
+        handle = list(launcher.launch(req))[-1]
+        assert len(calls) == 2 and handle.connection is not None
+        assert handle.connection.iopub_port == calls[1][1] != taken
+        assert launcher.poll(handle) is None
+        launcher.stop(handle, grace=0)
+    finally:
+        for s in squatters:
+            s.close()
 
 
 def test_private_key_never_reaches_registry_or_logs(ssh_stack: Stack, hosts: Hosts) -> None:

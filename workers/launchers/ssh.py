@@ -8,6 +8,7 @@ Builders live in ssh_builders.py, connections in ssh_link.py.
 """
 from __future__ import annotations
 
+import collections
 import getpass
 import logging
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
-from workers.launchers.local import CHANNELS, wait_ready
+from workers.launchers.local import CHANNELS, PORT_IN_USE, wait_ready
 from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv,
                                             build_connection_json, build_env,
                                             build_signal_script, build_start_script,
@@ -29,7 +30,6 @@ from workers.placement import Decision, Placement
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 
 log = logging.getLogger(__name__)
-PORT_IN_USE = "Address already in use"
 
 
 class SSHLauncher(Launcher):
@@ -46,6 +46,9 @@ class SSHLauncher(Launcher):
         self._lock = threading.Lock()
         self._placement: Placement | None = None
         self.local_user = getpass.getuser()
+        # Ports handed to kernels on each host lately: a new kernel's are drawn from the others.
+        self._handed: dict[str, collections.deque[int]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=4096))
 
     @classmethod
     def runs_here(cls, options: SSHOptions) -> str | None:
@@ -209,7 +212,9 @@ class SSHLauncher(Launcher):
             log.info("Kernel %s: %s", req.kernel_id, note)
         link = self._link(host, user)
         for attempt in (1, 2, 3):
-            use = ports or pick_ports(self.options.ports)
+            handed = self._handed[host.name]
+            use = ports or pick_ports(self.options.ports, avoid=set(handed))
+            handed.extend(use)
             handle = self._start(link, req, key, use, user)
             yield handle
             try:
@@ -250,9 +255,13 @@ class SSHLauncher(Launcher):
         assert handle.connection is not None
         checked, died = [0.0], [""]
 
-        def alive() -> bool:  # an SSH round trip: at most every half second
+        def alive() -> bool:  # SSH round trips: at most every half second
             if time.monotonic() - checked[0] >= 0.5:
-                checked[0], died[0] = time.monotonic(), self.poll(handle) or ""
+                # A kernel that could not bind a port does not exit (ipykernel 7): its log says.
+                died[0] = self.poll(handle) or (
+                    "one of its ports was taken" if PORT_IN_USE in self.failure_detail(handle)
+                    else "")
+                checked[0] = time.monotonic()
             return not died[0]
 
         try:

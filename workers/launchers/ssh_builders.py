@@ -10,6 +10,7 @@ import json
 import random
 import re
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from workers.errors import ConfigError, LaunchRejected
@@ -161,11 +162,15 @@ def build_connection_json(host: SSHHost, key: str, ports: list[int], transport: 
     return json.dumps(build_connection(host.listen_ip, key, ports, transport), sort_keys=True)
 
 
-def pick_ports(port_range: tuple[int, int], count: int = 5,
-               rng: random.Random | None = None) -> list[int]:
-    """``count`` distinct ports drawn from the range (a kernel that cannot bind is retried)."""
+def pick_ports(port_range: tuple[int, int], count: int = 5, rng: random.Random | None = None,
+               avoid: Collection[int] = ()) -> list[int]:
+    """``count`` distinct ports drawn from the range, none in ``avoid`` (ports handed to other
+    kernels on the host) while the range has enough others. The host's own state is not known
+    here: a kernel that cannot bind is started again on fresh ports (SSHLauncher)."""
     lo, hi = port_range
-    return (rng or random.SystemRandom()).sample(range(lo, hi + 1), count)
+    rng = rng or random.SystemRandom()
+    left = [p for p in range(lo, hi + 1) if p not in avoid] if avoid else range(lo, hi + 1)
+    return rng.sample(left if len(left) >= count else range(lo, hi + 1), count)
 
 
 # -- remote scripts -----------------------------------------------------------------------

@@ -119,6 +119,11 @@ def test_env_and_connection_file() -> None:
 def test_ports_are_distinct_and_in_range() -> None:
     ports = pick_ports((50000, 50009), rng=random.Random(1))
     assert len(set(ports)) == 5 and all(50000 <= p <= 50009 for p in ports)
+    # Ports handed to the host's other kernels are avoided while the range has enough others.
+    assert sorted(pick_ports((50000, 50009), avoid=ports)) == sorted(set(range(50000, 50010))
+                                                                     - set(ports))
+    full = pick_ports((50000, 50009), avoid=range(50000, 50007))
+    assert len(set(full)) == 5 and all(50000 <= p <= 50009 for p in full)
 
 
 START = """umask 077
