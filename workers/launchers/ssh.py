@@ -212,9 +212,10 @@ class SSHLauncher(Launcher):
             log.info("Kernel %s: %s", req.kernel_id, note)
         link = self._link(host, user)
         for attempt in (1, 2, 3):
-            handed = self._handed[host.name]
-            use = ports or pick_ports(self.options.ports, avoid=set(handed))
-            handed.extend(use)
+            with self._lock:  # launches run in threads of their own
+                handed = self._handed[host.name]
+                use = ports or pick_ports(self.options.ports, avoid=set(handed))
+                handed.extend(use)
             handle = self._start(link, req, key, use, user)
             yield handle
             try:
