@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -21,12 +22,16 @@ TOKEN = "jstoken"
 def jupyter(redis_stack: Stack, tmp_path: object) -> Iterator[Gateway]:
     port = free_port()
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), JUPYTER_DATA_DIR=str(tmp_path))
+    log = open(Path(str(tmp_path)) / "jupyter-server.log", "wb")
+    # poolgate.lab is enabled as a wheel install enables it (an editable one does not: the
+    # config file ships as data_files; tests/test_lab.py checks the wheel).
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
          f"--port={port}", "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}",
          f"--ServerApp.root_dir={tmp_path}", f"--gateway-url={redis_stack.url}",
-         "--GatewayClient.request_timeout=120"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--GatewayClient.request_timeout=120", "--ServerApp.jpserver_extensions=poolgate.lab=True"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     gw = Gateway(f"http://127.0.0.1:{port}", TOKEN)
     deadline = time.monotonic() + 60
     while True:
@@ -42,7 +47,11 @@ def jupyter(redis_stack: Stack, tmp_path: object) -> Iterator[Gateway]:
     proc.wait(30)
 
 
-def test_jupyter_server_runs_code_through_poolgate(jupyter: Gateway, redis_stack: Stack) -> None:
+def test_jupyter_server_runs_code_through_poolgate(jupyter: Gateway, redis_stack: Stack,
+                                                   tmp_path: Path) -> None:
+    # poolgate.lab took Nagle's algorithm off its kernel WebSockets (tests/test_lab.py)
+    assert b"poolgate.lab: kernel WebSockets send without delay" in (
+        tmp_path / "jupyter-server.log").read_bytes()
     specs = jupyter.get("/api/kernelspecs").json()
     assert "python3" in specs["kernelspecs"]
     model = jupyter.start("python3")
