@@ -15,6 +15,7 @@ JupyterLab installed elsewhere.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 PATCHED = "_poolgate_nodelay"
@@ -40,8 +41,21 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "poolgate.lab"}]
 
 
-def _load_jupyter_server_extension(serverapp: Any) -> None:
-    from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+#: The handlers that serve kernel WebSockets: Jupyter Server 2's, and the ones Jupyter Server 1
+#: used (for gateway kernels, and for its own).
+HANDLERS = (("jupyter_server.services.kernels.websocket", "KernelWebsocketHandler"),
+            ("jupyter_server.gateway.handlers", "WebSocketChannelsHandler"),
+            ("jupyter_server.services.kernels.handlers", "ZMQChannelsHandler"))
 
-    nodelay_on_open(KernelWebsocketHandler)
-    serverapp.log.info("poolgate.lab: kernel WebSockets send without delay (TCP_NODELAY)")
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    patched = []
+    for module, name in HANDLERS:
+        try:
+            handler_class = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        nodelay_on_open(handler_class)
+        patched.append(name)
+    serverapp.log.info("poolgate.lab: kernel WebSockets send without delay (TCP_NODELAY): %s",
+                       ", ".join(patched) or "no handler found")

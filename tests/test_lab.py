@@ -88,9 +88,12 @@ def test_the_extension_patches_jupyter_servers_kernel_websockets() -> None:
     class App:
         log = logging.getLogger("test")
 
+    from jupyter_server.gateway.handlers import WebSocketChannelsHandler
+
     assert lab._jupyter_server_extension_points() == [{"module": "poolgate.lab"}]
     lab._load_jupyter_server_extension(App())
-    assert getattr(KernelWebsocketHandler.open, lab.PATCHED, False)
+    assert getattr(KernelWebsocketHandler.open, lab.PATCHED, False)  # Jupyter Server 2's
+    assert getattr(WebSocketChannelsHandler.open, lab.PATCHED, False)  # its gateway's legacy one
 
 
 def test_installing_poolgate_enables_the_extension(tmp_path: Path) -> None:
