@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from workers.protocol import KernelHandle, LaunchRequest
 
+PORT_IN_USE = "Address already in use"  # what a kernel that could not bind a port prints
+
 if TYPE_CHECKING:
     from workers.config import PoolConfig
     from workers.registry import Registry
@@ -87,3 +89,9 @@ class Launcher(abc.ABC):
     def failure_detail(self, handle: KernelHandle) -> str:
         """The tail of the kernel's own output, for a launch or death that needs explaining."""
         return ""
+
+    def port_taken(self, handle: KernelHandle) -> bool:
+        """Whether the kernel's output says one of its ports was taken. ipykernel 7 does not
+        exit then: its ZMQ context waits forever on the sockets it bound before the one that
+        failed, so the process looks alive; a launch asks this while it waits for an answer."""
+        return PORT_IN_USE in self.failure_detail(handle)

@@ -30,7 +30,6 @@ from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
-PORT_IN_USE = "Address already in use"  # what a kernel that could not bind a port prints
 log = logging.getLogger(__name__)
 
 
@@ -238,10 +237,10 @@ class LocalLauncher(Launcher):
                 started = handle
                 try:  # a kernel that could not bind a port hangs (ipykernel 7): ask its log
                     wait_ready(handle.connection, deadline,
-                               lambda: self.poll(started) is None and not self._port_clash(started))
+                               lambda: self.poll(started) is None and not self.port_taken(started))
                     break
                 except LaunchRejected:
-                    if ports is None or attempt == 2 or not self._port_clash(handle):
+                    if ports is None or attempt == 2 or not self.port_taken(handle):
                         raise
             elif ports is None or attempt == 2:
                 raise LaunchRejected("the kernel exited while starting")
@@ -258,17 +257,6 @@ class LocalLauncher(Launcher):
         if self.port_range:
             return pick_ports(self.options.ip, self.port_range)
         return free_ports(self.options.ip) if self.options.transport == "tcp" else None
-
-    @staticmethod
-    def _port_clash(handle: KernelHandle) -> bool:
-        """Whether the kernel's log says one of its ports was taken. ipykernel 7 does not
-        exit then: its ZMQ context waits forever on the sockets it bound before the one that
-        failed, so the process looks alive and would answer nothing until the launch timeout."""
-        try:
-            text = (Path(str(handle.data.get("dir", ""))) / "kernel.log").read_text(errors="replace")
-        except OSError:
-            return False
-        return PORT_IN_USE in text
 
     def _start(self, req: LaunchRequest, key: str, ports: list[int] | None,
                deadline: float) -> Iterator[KernelHandle]:

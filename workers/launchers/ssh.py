@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
-from workers.launchers.local import CHANNELS, PORT_IN_USE, wait_ready
+from workers.launchers.local import CHANNELS, wait_ready
 from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv,
                                             build_connection_json, build_env,
                                             build_signal_script, build_start_script,
@@ -223,7 +223,7 @@ class SSHLauncher(Launcher):
                 yield handle  # the last handle: its kernel answers requests
                 return
             except LaunchRejected:
-                if attempt == 3 or PORT_IN_USE not in self.failure_detail(handle):
+                if attempt == 3 or not self.port_taken(handle):
                     raise
                 log.info("Kernel %s: a port was taken on %s; starting again on fresh ports",
                          req.kernel_id, host.name)
@@ -260,8 +260,7 @@ class SSHLauncher(Launcher):
             if time.monotonic() - checked[0] >= 0.5:
                 # A kernel that could not bind a port does not exit (ipykernel 7): its log says.
                 died[0] = self.poll(handle) or (
-                    "one of its ports was taken" if PORT_IN_USE in self.failure_detail(handle)
-                    else "")
+                    "one of its ports was taken" if self.port_taken(handle) else "")
                 checked[0] = time.monotonic()
             return not died[0]
 
