@@ -27,9 +27,10 @@ from tests.client import Gateway
 
 RUN_ID = uuid.uuid4().hex[:8]
 # Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3. Runs that share
-# one Redis at the same time pick different bases.
+# one Redis at the same time pick different bases (a stock Redis has DBs 0-15 only), or a Redis
+# of their own with POOLGATE_TEST_REDIS.
 DB_BASE = int(os.environ.get("POOLGATE_TEST_DB_BASE", "10"))
-REDIS = "redis://127.0.0.1:6379"
+REDIS = os.environ.get("POOLGATE_TEST_REDIS", "redis://127.0.0.1:6379")
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 HERE = Path(__file__).parent
 STACKS: list[Stack] = []
@@ -45,7 +46,7 @@ def need_redis() -> None:
     try:
         redis.Redis.from_url(REDIS).ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is not running on 127.0.0.1:6379 ({exc}); .ci/run starts it")
+        pytest.fail(f"Redis is not running at {REDIS} ({exc}); .ci/run starts 127.0.0.1:6379")
 
 
 def need_rabbitmq() -> None:
