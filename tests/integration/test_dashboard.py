@@ -3,23 +3,18 @@ DevTools protocol: its numbers match /api/pools, it updates live, and its screen
 laptop's 1366x768 shows the page."""
 from __future__ import annotations
 
-import base64
-import itertools
 import json
 import shutil
 import struct
-import subprocess
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-import websocket
 
-from tests.conftest import Stack, requires
+from tests.browser import Browser
+from tests.conftest import Stack
 from tests.integration.test_ops import Launch, eventually, pools
 
 READ_DOM = """JSON.stringify({
@@ -41,67 +36,8 @@ READ_DOM = """JSON.stringify({
 })"""
 
 
-class Browser:
-    """Headless Chromium with one page, spoken to over the DevTools WebSocket."""
-
-    def __init__(self, profile: Path) -> None:
-        exe = requires("chromium")
-        profile.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1366,768",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text().strip():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        pages = [t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-                 if t["type"] == "page"]
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30,
-                                              suppress_origin=True)
-        self.ids = itertools.count(1)
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        mid = next(self.ids)
-        self.ws.send(json.dumps({"id": mid, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == mid:
-                assert "error" not in msg, msg
-                return msg["result"]  # type: ignore[no-any-return]
-
-    def open(self, url: str) -> None:
-        self.call("Page.enable")  # a laptop screen: 1366x768 CSS pixels
-        self.call("Emulation.setDeviceMetricsOverride", width=1366, height=768,
-                  deviceScaleFactor=1, mobile=False)
-        self.call("Page.navigate", url=url)
-        eventually(lambda: self.evaluate("document.readyState") == "complete", what="page load")
-
-    def evaluate(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", expression=expression,
-                         returnByValue=True)["result"].get("value")
-
-    def dom(self) -> dict[str, Any]:
-        return json.loads(self.evaluate(READ_DOM))  # type: ignore[no-any-return]
-
-    def screenshot(self, path: Path) -> bytes:
-        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
-        path.write_bytes(data)
-        return data
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def read_dom(browser: Browser) -> dict[str, Any]:
+    return json.loads(browser.evaluate(READ_DOM))  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -153,7 +89,7 @@ def test_dashboard_matches_the_api_and_is_readable(redis_stack: Stack, browser: 
     try:
         eventually(lambda: pools(gw)["tiny"]["waiting"] == 1, what="a waiting launch")
         browser.open(redis_stack.url + "/pools")
-        dom = eventually(lambda: (d := browser.dom())["refreshed"] >= 1 and d,
+        dom = eventually(lambda: (d := read_dom(browser))["refreshed"] >= 1 and d,
                          what="the page's script to refresh it")
         api = pools(gw)
         assert shown(dom) == expected(api)
@@ -161,7 +97,7 @@ def test_dashboard_matches_the_api_and_is_readable(redis_stack: Stack, browser: 
         assert (api["local"]["running"], api["tiny"]["running"],
                 api["tiny"]["waiting"]) == (2, 1, 1)
         png = browser.screenshot(tmp_path / "pools.png")
-        assert shown(browser.dom()) == expected(pools(gw))  # what the screenshot shows
+        assert shown(read_dom(browser)) == expected(pools(gw))  # what the screenshot shows
         width, height, distinct = png_facts(png)
         assert (width, height) == (1366, 768) and distinct > 50, (width, height, distinct)
     finally:
@@ -174,18 +110,18 @@ def test_dashboard_matches_the_api_and_is_readable(redis_stack: Stack, browser: 
 def test_dashboard_updates_live(redis_stack: Stack, browser: Browser) -> None:
     gw = redis_stack.gw
     browser.open(redis_stack.url + "/pools")
-    eventually(lambda: browser.dom()["refreshed"] >= 1, what="the first refresh")
-    assert shown(browser.dom())["local"]["stat"]["running"] == 0
+    eventually(lambda: read_dom(browser)["refreshed"] >= 1, what="the first refresh")
+    assert shown(read_dom(browser))["local"]["stat"]["running"] == 0
     kid = gw.start("python3", env={"KERNEL_USERNAME": "erin"})["id"]
     try:
-        dom = eventually(lambda: (d := shown(browser.dom()))["local"]["stat"]["running"] == 1 and d,
+        dom = eventually(lambda: (d := shown(read_dom(browser)))["local"]["stat"]["running"] == 1 and d,
                          timeout=15, what="the new kernel on the open page")
         assert dom["local"]["kernels"] == [[kid, "erin"]]
     finally:
         gw.shutdown(kid)
-    eventually(lambda: shown(browser.dom())["local"]["kernels"] == [], timeout=15,
+    eventually(lambda: shown(read_dom(browser))["local"]["kernels"] == [], timeout=15,
                what="the kernel to leave the open page")
     # the page says so when the gateway stops answering, and keeps the last numbers
     browser.evaluate("window.fetch = function () { return Promise.reject(new Error('down')); }")
-    eventually(lambda: "cannot reach" in browser.dom()["status"], timeout=15,
+    eventually(lambda: "cannot reach" in read_dom(browser)["status"], timeout=15,
                what="the page to notice the gateway is unreachable")
