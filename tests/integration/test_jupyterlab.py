@@ -1,0 +1,351 @@
+"""JupyterLab 4 in headless Chromium (Debian's `chromium`, over the DevTools protocol) against
+``jupyter lab --gateway-url`` pointing at a real poolgate stack, driven through JupyterLab's own
+commands (``window.jupyterapp``, exposed with ``--LabApp.expose_app_in_browser``), as a user's
+clicks and shortcuts drive it.
+
+A user's notebook session: open a notebook on a poolgate kernel, run a cell, watch a cell's
+lines arrive while it runs, interrupt a sleeping cell, restart (JupyterLab must show no
+"Kernel Restarting ... appears to have died" dialog, the variable is gone, the next cell runs),
+"Restart Kernel and Run All Cells", change the kernel, shut it down; and the page logs no
+console error from the kernel connection. Then the same user behind two gateway replicas that a
+round-robin TCP proxy shares out, so every reconnect lands on the other replica.
+
+The lab's user settings skip the "Restart Kernel?" confirmation (the user ticked "Do not ask
+me again"), so any dialog seen while restarting is JupyterLab reacting to the kernel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+import requests
+
+from tests.browser import Browser
+from tests.conftest import Stack, free_port
+
+# user settings of the lab under test: no restart confirmation, no news or update checks
+SETTINGS = {
+    "@jupyterlab/apputils-extension/sessionDialogs.jupyterlab-settings":
+        {"skipKernelRestartDialog": True},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
+        {"fetchNews": "false", "checkForUpdates": False},
+}
+
+CELLS = [
+    "x = 6 * 7\nprint('out', x)\nx",
+    "import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.7)",
+    "import time\ntime.sleep(120)",
+    "print('x' in globals())",
+    "import os\nprint(os.environ['KERNEL_ID'])",
+]
+
+# Installed in the page: reads JupyterLab's state, and records every dialog that appears and
+# every kernel status the notebook's session goes through.
+HELPER = r"""
+window.pg = window.pg || (function () {
+  const pg = {dialogs: [], statuses: [], connections: []};
+  new MutationObserver(function (muts) {
+    for (const m of muts) for (const n of m.addedNodes) {
+      if (n.nodeType === 1 && (n.matches('.jp-Dialog') || n.querySelector('.jp-Dialog'))) {
+        setTimeout(function () { pg.dialogs.push(n.innerText); }, 0);
+      }
+    }
+  }).observe(document.body, {childList: true, subtree: true});
+  pg.panel = function () {
+    // the notebook in the main area (a headless page has no focus, so no currentWidget)
+    const w = Array.from(window.jupyterapp.shell.widgets('main')).find(function (v) {
+      return v.sessionContext && v.content; });
+    if (!w) throw new Error('no notebook is open');
+    if (!w._pgHooked) {
+      w._pgHooked = true;
+      w.sessionContext.statusChanged.connect(function (_, s) { pg.statuses.push(s); });
+      w.sessionContext.connectionStatusChanged.connect(function (_, s) {
+        pg.connections.push(s); });
+    }
+    return w;
+  };
+  pg.state = function () {
+    const p = pg.panel(), sc = p.sessionContext, k = sc.session && sc.session.kernel;
+    return JSON.stringify({
+      kernel: k ? {id: k.id, name: k.name, status: k.status,
+                   connection: k.connectionStatus} : null,
+      busy: sc.isRestarting, dialogs: pg.dialogs,
+      open: Array.from(document.querySelectorAll('.jp-Dialog')).map(function (d) {
+        return d.innerText; }),
+      statuses: pg.statuses, connections: pg.connections,
+      cells: p.content.widgets.map(function (c) {
+        return {source: c.model.sharedModel.getSource(), count: c.model.executionCount,
+                outputs: c.model.outputs ? c.model.outputs.toJSON() : [],
+                text: c.outputArea ? c.outputArea.node.innerText : ''}; })});
+  };
+  pg.run = function (i) {
+    const p = pg.panel();
+    p.content.activeCellIndex = i;
+    p.content.deselectAll();
+    window.jupyterapp.commands.execute('notebook:run-cell');
+    return true;
+  };
+  pg.command = function (id) { window.jupyterapp.commands.execute(id); return true; };
+  return pg;
+})();
+true
+"""
+
+
+class Lab:
+    """``jupyter lab --gateway-url=URL`` with a temporary root, config, data and settings."""
+
+    def __init__(self, tmp: Path, gateway_url: str) -> None:
+        self.root = tmp / "lab-root"
+        self.root.mkdir()
+        for name, value in SETTINGS.items():
+            path = tmp / "lab-settings" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(value))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "lab-config"),
+                   JUPYTER_DATA_DIR=str(tmp / "lab-data"),
+                   JUPYTER_RUNTIME_DIR=str(tmp / "lab-runtime"),
+                   JUPYTERLAB_SETTINGS_DIR=str(tmp / "lab-settings"),
+                   JUPYTERLAB_WORKSPACES_DIR=str(tmp / "lab-workspaces"))
+        self.log_path = tmp / "jupyterlab.log"
+        log = open(self.log_path, "wb")
+        # poolgate.lab is enabled as a wheel install enables it (an editable one does not)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+             "--ip=127.0.0.1", f"--port={self.port}", "--ServerApp.token=",
+             "--ServerApp.password=", f"--ServerApp.root_dir={self.root}",
+             f"--gateway-url={gateway_url}", "--GatewayClient.request_timeout=120",
+             "--LabApp.expose_app_in_browser=True",
+             "--ServerApp.jpserver_extensions=poolgate.lab=True"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{self.url}/api/kernelspecs", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"jupyter lab did not start:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def write_notebook(self, name: str, kernel: str = "python3") -> None:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+        nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel,
+                                     "language": "python"}
+        nbformat.write(nb, self.root / name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Page:
+    """The browser's JupyterLab tab, with the steps a test takes on its notebook."""
+
+    def __init__(self, browser: Browser, lab: Lab) -> None:
+        self.browser = browser
+        self.lab = lab
+
+    def open(self, notebook: str) -> dict[str, Any]:
+        self.browser.open(f"{self.lab.url}/lab/tree/{notebook}?reset", wait=60)
+        self.browser.wait(lambda: self.browser.evaluate(
+            "!!(window.jupyterapp && Array.from(window.jupyterapp.shell.widgets('main'))"
+            ".some(function (w) { return w.sessionContext && w.content; }))"), 60,
+            "JupyterLab to open the notebook")
+        self.browser.evaluate(HELPER)
+        return self.idle(60, "the notebook's kernel to start")
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.browser.evaluate("pg.state()"))  # type: ignore[no-any-return]
+
+    def idle(self, timeout: float = 30, what: str = "the kernel to be idle") -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            s = self.state()
+            k = s["kernel"]
+            ok = k and k["status"] == "idle" and k["connection"] == "connected"
+            return s if ok else None
+        try:
+            return self.browser.wait(ready, timeout, what)  # type: ignore[no-any-return]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- jupyter lab log:\n{self.lab.log()}") from None
+
+    def run(self, index: int, timeout: float = 30) -> dict[str, Any]:
+        """Run one cell and wait until it has finished (a new execution count, kernel idle)."""
+        before = self.state()["cells"][index]["count"]
+        self.browser.evaluate(f"pg.run({index})")
+        self.browser.wait(lambda: (c := self.state()["cells"][index])["count"] not in (
+            None, before), timeout, f"cell {index} to run")
+        return self.idle(timeout)["cells"][index]  # type: ignore[no-any-return]
+
+    def command(self, command_id: str) -> None:
+        self.browser.evaluate(f"pg.command({json.dumps(command_id)})")
+
+    def no_dialog(self, seconds: float, what: str) -> dict[str, Any]:
+        """Watch the page for ``seconds``: no dialog may appear."""
+        end = time.monotonic() + seconds
+        while True:
+            s = self.state()
+            assert not s["dialogs"] and not s["open"], (
+                f"JupyterLab showed a dialog {what}: {s['dialogs'] or s['open']}; "
+                f"kernel statuses seen: {s['statuses']}")
+            if time.monotonic() > end:
+                return s
+            time.sleep(0.2)
+
+
+def text_of(cell: dict[str, Any]) -> str:
+    return "".join(o.get("text", "") for o in cell["outputs"] if o["output_type"] == "stream")
+
+
+# Jupyter Server in gateway mode refuses the v1 kernel WebSocket subprotocol that JupyterLab
+# asks for (GatewayWebSocketConnection.kernel_ws_protocol is "": it relays frames to the gateway
+# as they are), so Chromium fails the first handshake, logs this, and JupyterLab connects again
+# with the legacy protocol. Jupyter Server's doing, with any gateway; not poolgate's.
+SUBPROTOCOL_REFUSED = "Sent non-empty 'Sec-WebSocket-Protocol' header but no response was received"
+
+
+def kernel_errors(errors: list[str]) -> list[str]:
+    """The console errors that concern kernels and their connections."""
+    words = ("kernel", "websocket", "channels", "session", "/api/")
+    return [e for e in errors if any(w in e.lower() for w in words)
+            and SUBPROTOCOL_REFUSED not in e]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    b = Browser(tmp_path / "chromium-profile")
+    try:
+        yield b
+    finally:
+        b.close()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
+                                         tmp_path: Path) -> None:
+    lab = Lab(tmp_path, redis_stack.url)
+    try:
+        lab.write_notebook("nb.ipynb")
+        page = Page(browser, lab)
+        state = page.open("nb.ipynb")
+        kid = state["kernel"]["id"]
+        assert state["kernel"]["name"] == "python3"
+        assert kid in [k["id"] for k in redis_stack.gw.kernels()]  # a poolgate kernel
+
+        # a cell with output: stdout and the result
+        cell = page.run(0)
+        assert text_of(cell) == "out 42\n", cell
+        assert [o["data"]["text/plain"] for o in cell["outputs"]
+                if o["output_type"] == "execute_result"] == ["42"]
+        assert "out 42" in cell["text"]  # and the page shows it
+
+        # lines arrive while the cell runs, not all at the end
+        browser.evaluate("pg.run(1)")
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            s = page.state()
+            text = text_of(s["cells"][1])
+            if not seen or seen[-1] != text:
+                seen.append(text)
+            if s["cells"][1]["count"] is not None and s["kernel"]["status"] == "idle" \
+                    and "line 3" in text:
+                break
+            time.sleep(0.1)
+        assert seen[-1] == "line 0\nline 1\nline 2\nline 3\n", seen
+        partial = [t for t in seen if "line 0" in t and "line 3" not in t]
+        assert len(partial) >= 2, f"the lines did not arrive one by one: {seen}"
+
+        # interrupt a sleeping cell
+        browser.evaluate("pg.run(2)")
+        browser.wait(lambda: page.state()["kernel"]["status"] == "busy", 10, "the cell to start")
+        time.sleep(1)
+        started = time.monotonic()
+        page.command("notebook:interrupt-kernel")
+        state = page.idle(20, "the interrupted cell to stop")
+        assert time.monotonic() - started < 15
+        errors = [o for o in state["cells"][2]["outputs"] if o["output_type"] == "error"]
+        assert [e["ename"] for e in errors] == ["KeyboardInterrupt"], state["cells"][2]
+        assert page.run(3)["outputs"][0]["text"] == "True\n"  # the kernel kept its state
+
+        # restart: no dialog, the variable is gone, the next cell runs, same kernel id
+        page.command("notebook:restart-kernel")
+        page.no_dialog(3, "when the user restarted the kernel")
+        state = page.idle(60, "the restarted kernel")
+        assert state["kernel"]["id"] == kid
+        assert page.run(3)["outputs"][0]["text"] == "False\n"
+        page.no_dialog(0, "after the restart")
+
+        # Restart Kernel and Run All Cells (the sleeping cell edited to end at once)
+        browser.evaluate("pg.panel().content.widgets[2].model.sharedModel.setSource("
+                         "'time.sleep(0.1)')")
+        page.command("notebook:restart-run-all")
+        browser.wait(lambda: [c["count"] for c in page.state()["cells"]] == [1, 2, 3, 4, 5],
+                     60, "all cells to run after the restart")
+        state = page.idle(30)
+        page.no_dialog(0, "on Restart Kernel and Run All Cells")
+        cells = state["cells"]
+        assert text_of(cells[0]) == "out 42\n" and text_of(cells[3]) == "True\n", cells
+        assert text_of(cells[4]) == f"{kid}\n"
+
+        # change the kernel: JupyterLab's "Select Kernel" dialog, poolgate's tiny-py spec
+        page.command("notebook:change-kernel")
+        browser.wait(lambda: browser.evaluate(
+            "!!document.querySelector('.jp-Dialog select')"), 10, "the kernel selector")
+        picked = browser.evaluate("""(function () {
+            const sel = document.querySelector('.jp-Dialog select');
+            const opt = Array.from(sel.options).find(o => o.value.indexOf('"tiny-py"') >= 0);
+            if (!opt) return Array.from(sel.options).map(o => o.value).join(' | ');
+            sel.value = opt.value;
+            sel.dispatchEvent(new Event('change', {bubbles: true}));
+            document.querySelector('.jp-Dialog .jp-mod-accept').click();
+            return 'picked';
+        })()""")
+        assert picked == "picked", f"no tiny-py in the kernel selector: {picked}"
+        browser.wait(lambda: (k := page.state()["kernel"]) and k["name"] == "tiny-py",
+                     30, "the notebook to change kernel")
+        browser.evaluate("pg.dialogs.length = 0")  # the Select Kernel dialog was ours
+        state = page.idle(60, "the tiny-py kernel")
+        new_kid = state["kernel"]["id"]
+        assert new_kid != kid
+        assert text_of(page.run(4)) == f"{new_kid}\n"
+        live = {k["id"]: k["name"] for k in redis_stack.live_kernels()}
+        assert live.get(new_kid) == "tiny-py", live
+
+        # shut the kernel down
+        page.command("notebook:shutdown-kernel")
+        browser.wait(lambda: not redis_stack.live_kernels(), 30,
+                     "poolgate to have no kernel left")
+        browser.wait(lambda: page.state()["kernel"] is None, 15,
+                     "the notebook to show no kernel")
+        page.no_dialog(0, "on shutdown")
+
+        assert not kernel_errors(browser.errors), browser.errors
+    finally:
+        lab.stop()
