@@ -349,3 +349,123 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
         assert not kernel_errors(browser.errors), browser.errors
     finally:
         lab.stop()
+
+
+class RoundRobinProxy:
+    """A loopback TCP proxy in front of gateway replicas, as a load balancer without
+    stickiness: each new connection goes to the next replica. Kernel WebSockets (a GET of
+    .../channels) take turns among themselves, so every reconnect lands on the other replica
+    whatever REST calls came between."""
+
+    def __init__(self, backends: list[int]) -> None:
+        self.backends = backends
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.turns = {"channels": 0, "http": 0}
+        self.routed: list[tuple[str, int]] = []  # (kind, backend port), in order
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def channels(self) -> list[int]:
+        with self.lock:
+            return [port for kind, port in self.routed if kind == "channels"]
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.server.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        try:
+            while b"\r\n" not in head and len(head) < 65536:
+                chunk = client.recv(65536)
+                if not chunk:
+                    client.close()
+                    return
+                head += chunk
+            line = head.split(b"\r\n", 1)[0]
+            kind = "channels" if line.startswith(b"GET ") and b"/channels" in line else "http"
+            with self.lock:
+                port = self.backends[self.turns[kind] % len(self.backends)]
+                self.turns[kind] += 1
+                self.routed.append((kind, port))
+            upstream = socket.create_connection(("127.0.0.1", port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            upstream.sendall(head)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):  # one side ended: end the connection both ways
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.server.close()
+        with self.lock:
+            for s in self.sockets:
+                s.close()
+
+
+def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
+                                        tmp_path: Path) -> None:
+    """Two poolgate gateways on one registry behind a round-robin proxy: open, run, restart,
+    run, reconnect (to the other replica), run, shut down."""
+    second = free_port()
+    fresh_stack.start_gateway(second)
+    proxy = RoundRobinProxy([fresh_stack.port, second])
+    lab = Lab(tmp_path, f"http://127.0.0.1:{proxy.port}")
+    try:
+        lab.write_notebook("nb.ipynb")
+        page = Page(browser, lab)
+        kid = page.open("nb.ipynb")["kernel"]["id"]
+        assert text_of(page.run(0)) == "out 42\n"
+
+        page.command("notebook:restart-kernel")
+        page.no_dialog(3, "when the user restarted the kernel")
+        page.idle(60, "the restarted kernel")
+        assert text_of(page.run(3)) == "False\n"
+
+        for attempt in range(2):  # each reconnect lands on the other replica
+            before = proxy.channels()
+            page.command("notebook:reconnect-to-kernel")
+            browser.wait(lambda: len(proxy.channels()) > len(before), 20,
+                         "JupyterLab to open a new kernel WebSocket")
+            assert proxy.channels()[len(before)] != before[-1]
+            page.idle(30, "the reconnected kernel")
+            cell = page.run(0)
+            assert text_of(cell) == "out 42\n", cell
+            assert page.state()["kernel"]["id"] == kid
+        assert set(proxy.channels()) == {fresh_stack.port, second}, proxy.routed
+        page.no_dialog(0, "behind two gateways")
+
+        page.command("notebook:shutdown-kernel")
+        browser.wait(lambda: not fresh_stack.live_kernels(), 30, "poolgate to have no kernel")
+        assert not kernel_errors(browser.errors), browser.errors
+    finally:
+        lab.stop()
+        proxy.stop()
