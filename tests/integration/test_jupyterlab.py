@@ -185,15 +185,21 @@ class Page:
         return json.loads(self.browser.evaluate("pg.state()"))  # type: ignore[no-any-return]
 
     def idle(self, timeout: float = 30, what: str = "the kernel to be idle") -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
         def ready() -> dict[str, Any] | None:
-            s = self.state()
+            s = last["state"] = self.state()
             k = s["kernel"]
             ok = k and k["status"] == "idle" and k["connection"] == "connected"
             return s if ok else None
         try:
             return self.browser.wait(ready, timeout, what)  # type: ignore[no-any-return]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- jupyter lab log:\n{self.lab.log()}") from None
+        except AssertionError:
+            s = last.get("state", {})
+            raise AssertionError(
+                f"timed out waiting for {what}: kernel {s.get('kernel')}, statuses "
+                f"{s.get('statuses')}, connection {s.get('connections')}, dialogs "
+                f"{s.get('dialogs')}\n--- jupyter lab log:\n{self.lab.log()}") from None
 
     def run(self, index: int, timeout: float = 30) -> dict[str, Any]:
         """Run one cell and wait until it has finished (a new execution count, kernel idle)."""
@@ -456,7 +462,10 @@ def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
             browser.wait(lambda: len(proxy.channels()) > len(before), 20,
                          "JupyterLab to open a new kernel WebSocket")
             assert proxy.channels()[len(before)] != before[-1]
-            page.idle(30, "the reconnected kernel")
+            # connected again; JupyterLab shows the status "unknown" until a cell runs (it
+            # ignores the status messages of its own kernel_info_request after a reconnect)
+            browser.wait(lambda: page.state()["kernel"]["connection"] == "connected", 30,
+                         "JupyterLab to reconnect")
             cell = page.run(0)
             assert text_of(cell) == "out 42\n", cell
             assert page.state()["kernel"]["id"] == kid
