@@ -624,7 +624,7 @@ class Bridge:
     def restarting(self, kid: str) -> None:
         """A restart was asked through this gateway: hold its clients' messages from now on,
         so none reaches the old process while it goes (the workers' own event follows)."""
-        self._on_event({"id": kid, "status": "RESTARTING"})
+        self._on_event({"id": kid, "status": "RESTARTING", "requested": True})
 
     def restart_settled(self, kid: str) -> None:
         """The restart is over (done or failed): let held messages go where the kernel is."""
@@ -828,7 +828,10 @@ class Bridge:
             if status == "DELETED" or status == "STOPPED":
                 sess.gone = True
             elif status == "RESTARTING":
-                if not sess.restarted:  # this gateway may have announced it already
+                # Only a restart after a death is announced, as Jupyter Server's restarter
+                # does: a client that asked for one knows, and JupyterLab takes `restarting`
+                # for "the kernel died" and shows a dialog.
+                if not sess.restarted and not event.get("requested"):
                     self._status(conn, sess, "restarting")
                 sess.restarted = True
                 sess.ready = False
