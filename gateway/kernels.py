@@ -146,10 +146,14 @@ class KernelService:
         live = (self.check_alive(r) for r in self.registry.all())
         return [self.model(r) for r in live if r is not None]
 
-    def capacity(self, pool: str) -> tuple[int, int, int]:
-        """(live workers, slots, slots in use) of a pool."""
-        ws = [w for w in self.registry.workers() if pool in w.get("pools", ())]
-        return len(ws), sum(int(w.get("slots", 0)) for w in ws), sum(int(w.get("used", 0)) for w in ws)
+    def workers_of(self, pool: str) -> list[dict[str, Any]]:
+        """The live workers of a pool, from their heartbeats."""
+        return [w for w in self.registry.workers() if pool in w.get("pools", ())]
+
+    def served(self, pool: PoolConfig) -> bool:
+        """Whether a launch on ``pool`` can be taken: it has a live worker, or it waits for
+        one (``wait_for_workers``)."""
+        return pool.wait_for_workers or bool(self.workers_of(pool.name))
 
     # -- starting -------------------------------------------------------------------------
 
@@ -160,6 +164,11 @@ class KernelService:
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits
+        if not self.served(pool):
+            raise BackendUnavailable(
+                f"no worker serves pool {pool.name!r} (queue {pool.queue!r}): start one with "
+                f"'poolgate worker --pool {pool.name}', or set pools.{pool.name}.wait_for_workers:"
+                f" true to queue launches until one comes")
         timeout = launch_timeout(env, pool)
         kid = self._kernel_id(env)
         req = LaunchRequest(kernel_id=kid, pool=pool.name, spec_name=spec.name, argv=spec.argv,
@@ -255,16 +264,29 @@ class KernelService:
         if ok:
             self.registry.delete(kid, pool.name)
             self.dispatch.revoke(kid)
-            workers, slots, used = self.capacity(pool.name)
             raise LaunchTimeout(
                 f"kernel {kid} waited {timeout:.0f}s in the queue of pool {pool.name!r} and was "
-                f"withdrawn: {(position or 1) - 1} launches were ahead of it; the pool has "
-                f"{workers} live workers with {slots} slots ({used} in use). Raise "
-                f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s) or add workers.")
+                f"withdrawn: {(position or 1) - 1} launches were ahead of it; "
+                + self._why_waiting(pool))
         self.registry.update(kid, target="STOPPED")
         raise LaunchTimeout(f"kernel {kid} did not finish starting on pool {pool.name!r} within "
                             f"{timeout:.0f}s (it was {prev}); it is being stopped. Raise "
                             f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s).")
+
+    def _why_waiting(self, pool: PoolConfig) -> str:
+        """What kept a withdrawn launch waiting, and what to do about it."""
+        ws = self.workers_of(pool.name)
+        more = f"raise KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s) or add workers"
+        if not ws:
+            return (f"no worker serves the pool: start one with 'poolgate worker --pool "
+                    f"{pool.name}'")
+        if all(pool.name in w.get("draining", ()) for w in ws):
+            return (f"its {len(ws)} worker{'s are' if len(ws) > 1 else ' is'} draining and take "
+                    f"no launches: 'poolgate drain {pool.name} --resume' undoes that, or add "
+                    f"workers")
+        slots, used = sum(int(w.get("slots", 0)) for w in ws), sum(int(w.get("used", 0)) for w in ws)
+        return (f"the pool has {len(ws)} live worker{'s' if len(ws) > 1 else ''} with {slots} "
+                f"slots ({used} in use); {more}.")
 
     # -- control --------------------------------------------------------------------------
 

@@ -61,8 +61,10 @@ def classify(status: str, reason: str, previous: str = "") -> Ending | None:
         return Ending("failures", "worker_lost")
     if "declared dead" in text:
         return Ending("failures", "worker_lost")
-    if "worker" in text and ("shut down" in text or "restarted" in text):
+    if "worker" in text and "restarted" in text:  # it died, came back and stopped them
         return Ending("failures", "worker_shutdown")
+    if "worker" in text and "shut down" in text:  # an operator stopped it: no pool failure
+        return None
     if "times in a row" in text:
         return Ending("failures", "crashed")
     if previous == "RESTARTING" or "failed to restart" in text:

@@ -234,6 +234,8 @@ def test_drain_stops_new_launches_until_resumed(fresh_stack: Stack) -> None:
         eventually(lambda: pools(gw)["tiny"]["used"] == 0, what="the slot to free")
         r = gw.post("/api/kernels", json={"name": "tiny-py", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}})
         assert r.status_code == 503 and "waited 4s in the queue" in r.json()["message"], r.text
+        assert "its 1 worker is draining" in r.json()["message"]  # says why, and what to do
+        assert "poolgate drain tiny --resume" in r.json()["message"]
         assert pools(gw)["tiny"]["waiting"] == 0  # the timed-out launch was withdrawn
         text = poolgate(fresh_stack, "drain", "tiny", "--resume").stdout
         assert "resumed" in text
@@ -300,3 +302,26 @@ def test_waiting_launches_are_served_in_the_order_shown(stack: Stack) -> None:
             launch.join(130)
         for kid in (first, *started, *(k["id"] for k in gw.kernels())):
             gw.shutdown(kid)
+
+
+def test_a_pool_without_workers_fails_at_once_and_its_specs_are_not_offered(
+        fresh_stack: Stack) -> None:
+    """No live worker serves the pool: a launch fails at once with that reason (not after its
+    whole timeout, advising a longer one), and the pool's kernelspecs are not listed."""
+    import os
+    import signal
+
+    gw = fresh_stack.gw
+    assert "tiny-py" in gw.get("/api/kernelspecs").json()["kernelspecs"]
+    proc = fresh_stack.workers["tiny"]
+    os.killpg(proc.pid, signal.SIGTERM)  # a clean stop: its heartbeat goes with it
+    proc.wait(30)
+    eventually(lambda: pools(gw)["tiny"]["workers"] == 0, what="the worker to leave the pool")
+    t0 = time.monotonic()
+    r = gw.post("/api/kernels", json={"name": "tiny-py"})
+    assert r.status_code == 503 and time.monotonic() - t0 < 5, r.text
+    assert "no worker serves pool 'tiny'" in r.json()["message"]
+    assert "poolgate worker --pool tiny" in r.json()["message"]
+    assert gw.kernels() == []  # nothing half-started, nothing listed
+    specs = gw.get("/api/kernelspecs").json()["kernelspecs"]
+    assert "tiny-py" not in specs and "python3" in specs
