@@ -624,7 +624,7 @@ class Bridge:
     def restarting(self, kid: str) -> None:
         """A restart was asked through this gateway: hold its clients' messages from now on,
         so none reaches the old process while it goes (the workers' own event follows)."""
-        self._on_event({"id": kid, "status": "RESTARTING"})
+        self._on_event({"id": kid, "status": "RESTARTING", "requested": True})
 
     def restart_settled(self, kid: str) -> None:
         """The restart is over (done or failed): let held messages go where the kernel is."""
@@ -828,7 +828,10 @@ class Bridge:
             if status == "DELETED" or status == "STOPPED":
                 sess.gone = True
             elif status == "RESTARTING":
-                if not sess.restarted:  # this gateway may have announced it already
+                # Only a restart after a death is announced, as Jupyter Server's restarter
+                # does: a client that asked for one knows, and JupyterLab takes `restarting`
+                # for "the kernel died" and shows a dialog.
+                if not sess.restarted and not event.get("requested"):
                     self._status(conn, sess, "restarting")
                 sess.restarted = True
                 sess.ready = False
@@ -1010,17 +1013,22 @@ class Bridge:
         replied = set(seen.get("replied") or ())
         counts: dict[str, int] = {}
         errors: dict[str, dict[str, Any]] = {}
-        for parts, head in zip(msgs[start:], heads[start:]):
-            parts, buffers = parts[:4], parts[4:]
-            sess.replayed.add(head.get("msg_id", ""))
-            conn.send(wire.to_client("iopub", parts, buffers, conn.protocol, head))
+        for i, (parts, head) in enumerate(zip(msgs, heads)):
             kind, parent = head.get("msg_type"), _parent(parts)
             pid = parent.get("msg_id", "")
+            # A cell's count and error come from the whole buffer: the client may have had
+            # its execute_input before the gateway died, and the reply still needs the count
+            # (JupyterLab numbers the cell from it).
             if kind == "execute_input":
                 counts[pid] = json.loads(parts[3]).get("execution_count", 0)
             elif kind == "error":
                 errors[pid] = json.loads(parts[3])
-            elif (kind == "status" and json.loads(parts[3]).get("execution_state") == "idle"
+            if i < start:
+                continue
+            parts, buffers = parts[:4], parts[4:]
+            sess.replayed.add(head.get("msg_id", ""))
+            conn.send(wire.to_client("iopub", parts, buffers, conn.protocol, head))
+            if (kind == "status" and json.loads(parts[3]).get("execution_state") == "idle"
                   and parent.get("msg_type") == "execute_request" and pid not in replied
                   and parent.get("session") == sess.session_id):
                 conn.send(wire.to_client("shell", *_rebuilt_reply(parent, counts.get(pid, 0),

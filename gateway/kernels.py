@@ -16,11 +16,10 @@ import zmq
 
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
-from gateway.metrics import Hooks
 from workers import logs
 from workers import jmsg, resources
 from workers.config import Config, KernelSpec, PoolConfig
-from workers.errors import (BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
+from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
                             LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
 from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
 from workers.reconcile import settle
@@ -31,6 +30,7 @@ S = KernelStatus
 MAX_VALUE = 4096
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
+LAUNCH_GRACE = 5.0  # seconds a launch past its timeout waits for its worker's verdict
 
 
 def mask_env(env: dict[str, str]) -> dict[str, str]:
@@ -84,7 +84,6 @@ class KernelService:
         self.registry = registry
         self.dispatch = dispatcher
         self.events = events
-        self.metrics: Hooks = Hooks()  # gateway/metrics.py install() replaces it
 
     # -- reading --------------------------------------------------------------------------
 
@@ -147,10 +146,14 @@ class KernelService:
         live = (self.check_alive(r) for r in self.registry.all())
         return [self.model(r) for r in live if r is not None]
 
-    def capacity(self, pool: str) -> tuple[int, int, int]:
-        """(live workers, slots, slots in use) of a pool."""
-        ws = [w for w in self.registry.workers() if pool in w.get("pools", ())]
-        return len(ws), sum(int(w.get("slots", 0)) for w in ws), sum(int(w.get("used", 0)) for w in ws)
+    def workers_of(self, pool: str) -> list[dict[str, Any]]:
+        """The live workers of a pool, from their heartbeats."""
+        return [w for w in self.registry.workers() if pool in w.get("pools", ())]
+
+    def served(self, pool: PoolConfig) -> bool:
+        """Whether a launch on ``pool`` can be taken: it has a live worker, or it waits for
+        one (``wait_for_workers``)."""
+        return pool.wait_for_workers or bool(self.workers_of(pool.name))
 
     # -- starting -------------------------------------------------------------------------
 
@@ -161,6 +164,11 @@ class KernelService:
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits
+        if not self.served(pool):
+            raise BackendUnavailable(
+                f"no worker serves pool {pool.name!r} (queue {pool.queue!r}): start one with "
+                f"'poolgate worker --pool {pool.name}', or set pools.{pool.name}.wait_for_workers:"
+                f" true to queue launches until one comes")
         timeout = launch_timeout(env, pool)
         kid = self._kernel_id(env)
         req = LaunchRequest(kernel_id=kid, pool=pool.name, spec_name=spec.name, argv=spec.argv,
@@ -176,17 +184,21 @@ class KernelService:
         log.info("Kernel %s (%s) queued on pool %s for %s, env %s", kid, spec.name, pool.name,
                  user or "anonymous", mask_env(env))
         with self.events.waiter(kid) as waiter:
-            refused = self.registry.create(rec, limits=(
-                self.config.max_kernels, pool.max_kernels, self.config.max_kernels_per_user,
-                pool.max_kernels_per_user))
-            if refused:
-                raise self._refusal(refused, pool, user)
-            try:
-                self.dispatch.launch(kid, pool, spec.name, user, expires=timeout)
-            except GatewayError:
-                self.registry.transition(kid, S.FAILED, pool=pool.name, reason="broker unreachable")
-                self.registry.delete(kid, pool.name)
-                raise
+            # The place in line (the ticket) and the send to the broker are one step per pool,
+            # across gateways: the order /api/pools shows is the order workers take launches.
+            with self.registry.launch_lock(pool.name):
+                refused = self.registry.create(rec, limits=(
+                    self.config.max_kernels, pool.max_kernels, self.config.max_kernels_per_user,
+                    pool.max_kernels_per_user))
+                if refused:
+                    raise self._refusal(refused, pool, user)
+                try:
+                    self.dispatch.launch(kid, pool, spec.name, user, expires=timeout)
+                except GatewayError:
+                    self.registry.transition(kid, S.FAILED, pool=pool.name,
+                                             reason="broker unreachable")
+                    self.registry.delete(kid, pool.name)
+                    raise
             if body.get("wait") is False:  # the client follows the launch itself
                 return self.model(self.registry.get(kid) or rec)
             return self._wait_started(waiter, kid, pool, timeout, t0)
@@ -224,22 +236,25 @@ class KernelService:
 
     def _wait_started(self, waiter: Any, kid: str, pool: PoolConfig, timeout: float,
                       t0: float) -> dict[str, Any]:
-        deadline = t0 + timeout
+        deadline = end = t0 + timeout
         while True:
-            event = waiter.next(min(0.5, deadline - time.time()))
+            event = waiter.next(min(0.5, end - time.time()))
             status = event.get("status") if event else None
             if status in (None, "RUNNING", "FAILED", "DELETED", "STOPPED"):
                 rec = self.registry.get(kid)
                 if rec is None:
                     raise LaunchRejected(f"kernel {kid} was shut down while it was starting")
                 if rec.status is S.RUNNING:
-                    self.metrics.launched(rec, self.registry.get_field(kid, "taken"))
                     return self.model(rec)
                 if rec.status is S.FAILED:  # the client never had this kernel: forget it
                     self.registry.delete(kid, pool.name)
-                    raise LaunchRejected(f"kernel {kid} failed to start on pool {pool.name}: "
-                                         f"{rec.reason}")
-            if time.time() >= deadline:
+                    raise BY_CODE.get(rec.error, LaunchRejected)(
+                        f"kernel {kid} failed to start on pool {pool.name}: {rec.reason}")
+                if rec.status is S.STARTING and end == deadline:
+                    # A worker is placing it and gives up at the same deadline (workers/
+                    # supervisor.py): its reason is worth a moment more than a bare timeout.
+                    end = deadline + LAUNCH_GRACE
+            if time.time() >= end:
                 self._withdraw(kid, pool, timeout)
 
     def _withdraw(self, kid: str, pool: PoolConfig, timeout: float) -> None:
@@ -249,16 +264,29 @@ class KernelService:
         if ok:
             self.registry.delete(kid, pool.name)
             self.dispatch.revoke(kid)
-            workers, slots, used = self.capacity(pool.name)
             raise LaunchTimeout(
                 f"kernel {kid} waited {timeout:.0f}s in the queue of pool {pool.name!r} and was "
-                f"withdrawn: {(position or 1) - 1} launches were ahead of it; the pool has "
-                f"{workers} live workers with {slots} slots ({used} in use). Raise "
-                f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s) or add workers.")
+                f"withdrawn: {(position or 1) - 1} launches were ahead of it; "
+                + self._why_waiting(pool))
         self.registry.update(kid, target="STOPPED")
         raise LaunchTimeout(f"kernel {kid} did not finish starting on pool {pool.name!r} within "
                             f"{timeout:.0f}s (it was {prev}); it is being stopped. Raise "
                             f"KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s).")
+
+    def _why_waiting(self, pool: PoolConfig) -> str:
+        """What kept a withdrawn launch waiting, and what to do about it."""
+        ws = self.workers_of(pool.name)
+        more = f"raise KERNEL_LAUNCH_TIMEOUT (up to {pool.max_launch_timeout:.0f}s) or add workers"
+        if not ws:
+            return (f"no worker serves the pool: start one with 'poolgate worker --pool "
+                    f"{pool.name}'")
+        if all(pool.name in w.get("draining", ()) for w in ws):
+            return (f"its {len(ws)} worker{'s are' if len(ws) > 1 else ' is'} draining and take "
+                    f"no launches: 'poolgate drain {pool.name} --resume' undoes that, or add "
+                    f"workers")
+        slots, used = sum(int(w.get("slots", 0)) for w in ws), sum(int(w.get("used", 0)) for w in ws)
+        return (f"the pool has {len(ws)} live worker{'s' if len(ws) > 1 else ''} with {slots} "
+                f"slots ({used} in use); {more}.")
 
     # -- control --------------------------------------------------------------------------
 

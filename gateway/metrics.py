@@ -7,11 +7,13 @@ Two kinds of series, and the rule for each:
   the same builders as ``/api/pools``; every gateway replica reports the same values, so
   aggregate them with ``max``, not ``sum``.
 * Process activity (launch latency, WebSocket connections, messages and bytes) is counted by
-  this gateway process; replicas add up. The WebSocket hot path only bumps plain integers on
+  this gateway process; replicas add up. Each launch is observed once in the cluster, by the
+  gateway whose tally listener claims its RUNNING event (gateway/tally.py), whichever gateway
+  or path (``?wait=false`` included) started it. The WebSocket hot path only bumps plain integers on
   the connection it runs on (:class:`WsStats`, one writer thread each); the collector adds
   them up at scrape time.
 
-:class:`Hooks` is what ``KernelService`` and the WebSocket ``Bridge`` call; the no-op base
+:class:`Hooks` is what the WebSocket ``Bridge`` and the tally listener call; the no-op base
 keeps them free of any dependency on metrics.
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -32,9 +34,6 @@ from gateway.tally import CULL_KINDS, FAILURE_KINDS
 from workers.config import Config
 from workers.protocol import KernelStatus
 from workers.registry import Registry
-
-if TYPE_CHECKING:
-    from workers.registry import KernelRecord
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -64,8 +63,8 @@ class WsStats:
 class Hooks:
     """What the kernel service and the WebSocket bridge report; this base ignores it all."""
 
-    def launched(self, rec: KernelRecord, taken: str | None) -> None:
-        """Called by KernelService when a launch it queued is RUNNING."""
+    def launched(self, pool: str, timing: Mapping[str, Any]) -> None:
+        """Called once per launch in the cluster (gateway/tally.py) when it is RUNNING."""
 
     def ws_opened(self, stats: WsStats) -> None:
         """Called by the Bridge when a client WebSocket starts being served."""
@@ -74,18 +73,17 @@ class Hooks:
         """Called by the Bridge when that WebSocket ends."""
 
 
-def launch_durations(rec: KernelRecord, taken: str | None,
-                     now: float) -> tuple[float, float] | None:
-    """(seconds waiting in the queue, seconds starting) of a launch that is RUNNING."""
-    queued = float(rec.timing.get("queued") or rec.created or 0.0)
+def launch_durations(timing: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(seconds waiting in the queue, seconds starting) from a first launch's timing (the
+    supervisor's RUNNING event carries it: queued, taken, launch)."""
     try:
-        took = float(taken) if taken else 0.0
-    except ValueError:
-        took = 0.0
-    if not queued or not took:
+        queued, taken = float(timing.get("queued") or 0), float(timing.get("taken") or 0)
+        start = float(timing["launch"])
+    except (KeyError, TypeError, ValueError):
         return None
-    start = rec.timing.get("launch")
-    return max(0.0, took - queued), max(0.0, float(start) if start is not None else now - took)
+    if not queued or not taken:
+        return None
+    return max(0.0, taken - queued), max(0.0, start)
 
 
 class GatewayMetrics(Hooks):
@@ -111,11 +109,11 @@ class GatewayMetrics(Hooks):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def launched(self, rec: KernelRecord, taken: str | None) -> None:
-        durations = launch_durations(rec, taken, time.time())
+    def launched(self, pool: str, timing: Mapping[str, Any]) -> None:
+        durations = launch_durations(timing)
         if durations is not None:
-            self.queue_wait.labels(rec.pool).observe(durations[0])
-            self.start_time.labels(rec.pool).observe(durations[1])
+            self.queue_wait.labels(pool).observe(durations[0])
+            self.start_time.labels(pool).observe(durations[1])
 
     def ws_opened(self, stats: WsStats) -> None:
         with self._lock:
@@ -232,10 +230,9 @@ def metrics() -> Any:
 
 
 def install(app: Any) -> GatewayMetrics:
-    """Create the app's metrics and connect the kernel service and the bridge to them."""
+    """Create the app's metrics and connect the bridge to them."""
     ext: dict[str, Any] = app.extensions["poolgate"]
     m = GatewayMetrics(ext["config"], ext["registry"])
     ext["metrics"] = m
-    ext["service"].metrics = m
     ext["bridge"].metrics = m
     return m

@@ -18,11 +18,11 @@ from workers import logs
 def install(app: Flask, prefix: str | None) -> None:
     """Register the blueprints under ``prefix`` and connect the metrics hooks."""
     ext: dict[str, Any] = app.extensions["poolgate"]
-    metrics.install(app)
+    m = metrics.install(app)
     for bp in (pools.bp, metrics.bp, dashboard.bp):
         app.register_blueprint(bp, url_prefix=prefix)
     app.before_request(_log_context)
-    listener = TallyListener(ext["registry"])
+    listener = TallyListener(ext["registry"], on_launch=m.launched)
     listener.start()
     ext["tally"] = listener
     root = (prefix or "") + "/"

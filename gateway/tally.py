@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,10 @@ def classify(status: str, reason: str, previous: str = "") -> Ending | None:
         return Ending("failures", "worker_lost")
     if "declared dead" in text:
         return Ending("failures", "worker_lost")
-    if "worker" in text and ("shut down" in text or "restarted" in text):
+    if "worker" in text and "restarted" in text:  # it died, came back and stopped them
         return Ending("failures", "worker_shutdown")
+    if "worker" in text and "shut down" in text:  # an operator stopped it: no pool failure
+        return None
     if "times in a row" in text:
         return Ending("failures", "crashed")
     if previous == "RESTARTING" or "failed to restart" in text:
@@ -119,9 +122,11 @@ class Tally:
 class TallyListener:
     """A daemon thread that tallies failures and culls from every kernel's event channel."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry,
+                 on_launch: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.tally = Tally(registry)
         self.registry = registry
+        self.on_launch = on_launch  # (pool, timing) of each first launch, once in the cluster
         self._last: dict[str, str] = {}  # kernel id -> last status seen (for launch failures)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolgate-tally", daemon=True)
@@ -148,6 +153,8 @@ class TallyListener:
     def handle(self, event: dict[str, Any]) -> None:
         """Count one event (called by the listener thread)."""
         kid, status = str(event.get("id", "")), str(event.get("status", ""))
+        if status == "RUNNING" and isinstance(event.get("timing"), dict):
+            self._launched(kid, event)
         previous = self._last.pop(kid, "") if status in ("STOPPED", "FAILED", "DELETED") else \
             self._last.get(kid, "")
         if status not in ("STOPPED", "FAILED", "DELETED"):
@@ -161,7 +168,15 @@ class TallyListener:
         if ending is None:
             return
         pool = str(event.get("pool") or self.registry.get_field(kid, "pool") or "")
-        user = self.registry.get_field(kid, "user") or ""
+        user = str(event.get("user") if "user" in event else self.registry.get_field(kid, "user")
+                   or "")
         if pool and self.tally.count(kid, status, pool, ending, reason, user):
             log.info("Kernel %s on pool %s counted as %s (%s): %s", kid, pool, ending.what,
                      ending.kind, first_line(reason))
+
+    def _launched(self, kid: str, event: dict[str, Any]) -> None:
+        """A first launch is RUNNING: the one gateway that claims it records its durations."""
+        if self.on_launch is None or not event.get("pool"):
+            return
+        if self.registry.r.set(f"{PREFIX}tallied:{kid}:RUNNING", "1", nx=True, ex=MARK_TTL):
+            self.on_launch(str(event["pool"]), event["timing"])

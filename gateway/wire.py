@@ -14,11 +14,13 @@ decoded and encoded again; only the small header is read (for msg_id and msg_typ
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from typing import Any
 
 from workers.jmsg import pack
 
+log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
 CHANNELS = frozenset({"shell", "iopub", "stdin", "control"})
 
@@ -115,6 +117,11 @@ def from_client(frame: str | bytes, protocol: str | None) -> tuple[str, list[byt
     if not isinstance(msg, dict):
         raise BadFrame("a message must be a JSON object")
     channel = msg.get("channel")
+    if channel is None:
+        # Jupyter Server's GatewayKernelClient (nbclient through GatewayKernelManager) sends
+        # no channel; Jupyter Server and Enterprise Gateway route such a message to shell.
+        log.debug("No channel specified, assuming shell")
+        channel = "shell"
     if channel not in CHANNELS:
         raise BadFrame(f"unknown channel {channel!r}")
     head = msg.get("header")

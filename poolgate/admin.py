@@ -37,6 +37,11 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fl = sub.add_parser("flower", help="Flower on the configured broker, read-only by default")
     common(fl)
+    for p in (st, kn, dr, fl):
+        p.add_argument("--data-dir", default=None,
+                       help="read the registry of the poolgate serve using this folder (default: "
+                            "$POOLGATE_DATA_DIR or ~/.local/share/poolgate, when a serve runs "
+                            "there and neither --config nor POOLGATE_REGISTRY_URL is given)")
     fl.add_argument("--address", default="127.0.0.1", help="address to listen on")
     fl.add_argument("--port", type=int, default=5555, help="port to listen on (default 5555)")
     fl.add_argument("--allow-control", action="store_true",
@@ -45,11 +50,38 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
                     help="more Flower options, after '--' (e.g. -- --basic-auth=user:pass)")
 
 
+def find_registry(args: argparse.Namespace) -> tuple[Config, str]:
+    """The configuration to read, and where its registry came from: a running ``poolgate
+    serve``'s private Redis (its data folder) unless --config or POOLGATE_REGISTRY_URL says
+    otherwise, or --data-dir names that folder."""
+    from poolgate.serve import data_dir, running
+
+    explicit = args.config or os.environ.get("POOLGATE_REGISTRY_URL")
+    if args.data_dir or not explicit:
+        folder = data_dir(args.data_dir, create=False)
+        found = running(folder)
+        if found is not None:
+            url = found["registry_url"]
+            env = dict(os.environ, POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url)
+            return (load_config(args.config or found.get("config"), environ=env),
+                    f"the poolgate serve using {folder}")
+        if args.data_dir:
+            raise GatewayError(f"no poolgate serve is running with --data-dir {folder}")
+    config = load_config(args.config)
+    return config, str(config.source)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one admin command; returns the exit status."""
     import redis
 
-    config = load_config(args.config)
+    from workers.logs import mask
+
+    try:
+        config, source = find_registry(args)
+    except GatewayError as exc:
+        print(f"poolgate {args.command}: {exc.message}", file=sys.stderr)
+        return 2
     if args.command == "flower":
         return flower(config, args)
     handler = {"status": status, "kernels": kernels, "drain": drain}[args.command]
@@ -59,11 +91,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"poolgate {args.command}: {exc.message}", file=sys.stderr)
         return 2
     except redis.RedisError as exc:
-        print(f"poolgate {args.command}: cannot reach the registry at {config.registry_url}: "
-              f"{exc}", file=sys.stderr)
+        print(f"poolgate {args.command}: cannot reach the registry at "
+              f"{mask(config.registry_url)} (from {source}): {exc}", file=sys.stderr)
         return 3
+    if not args.json and _empty(data):
+        text += f"\n(registry: {mask(config.registry_url)}, from {source})"
     print(json.dumps(data, indent=2) if args.json else text)
     return 1 if isinstance(data, dict) and data.get("failed") else 0
+
+
+def _empty(data: Any) -> bool:
+    """No worker and no kernel in what was read: then the output names the registry, in case
+    it is the wrong one (pure)."""
+    if not isinstance(data, list):  # drain's answer
+        return False
+    if data and "worker_list" in data[0]:  # status: one entry per pool
+        return all(not p["worker_list"] and not p["kernels"] for p in data)
+    return not data  # kernels: one entry per kernel
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -106,7 +150,7 @@ def render_status(pools: list[dict[str, Any]]) -> str:
     if waits:
         out += ["", "Waiting launches:", *waits]
     live = sum(len(p["kernels"]) for p in pools)
-    out += ["", f"{live} kernels ({sum(p['running'] for p in pools)} running, "
+    out += ["", f"{live} kernel{'' if live == 1 else 's'} ({sum(p['running'] for p in pools)} running, "
                 f"{sum(p['waiting'] for p in pools)} waiting)"]
     return "\n".join(out)
 

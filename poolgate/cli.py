@@ -1,14 +1,17 @@
-"""The ``poolgate`` command: serve (everything on one machine), gateway, worker."""
+"""The poolgate command: serve (everything on one machine), gateway, worker, maintenance, and the
+operator's status, kernels, drain and flower."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from poolgate import admin
-from workers.errors import ConfigError
+from workers.errors import BackendUnavailable, ConfigError, GatewayError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -81,6 +84,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"poolgate: configuration error: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:  # checked before announcing anything: one clear line
+        print(f"poolgate {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def check_port(ip: str, port: int) -> None:
+    """Refuse a port another program listens on, before anything says "listening"."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, port))
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot listen on {ip}:{port}: {exc.strerror or exc}; "
+                                     f"another program has it (pass --port)") from None
+
+
+def check_registry(url: str) -> None:
+    """Refuse to start a gateway whose registry does not answer."""
+    import redis
+
+    from workers.logs import mask
+    from workers.registry import Registry
+
+    try:
+        Registry(url).r.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailable(f"cannot reach the registry at {mask(url)}: {exc}; start Redis "
+                                 f"or set POOLGATE_REGISTRY_URL") from None
 
 
 def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,10 +130,13 @@ def gateway(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     config = load_config(args.config)  # fail here, with the message, not inside gunicorn
+    check_port(args.ip, args.port)
+    check_registry(config.registry_url)
     settings = {"CONFIG_PATH": str(find_config(args.config)),
                 "GATEWAY_OVERRIDES": gateway_overrides(args)}
     threads = args.threads or config.gateway.threads
-    print(f"poolgate gateway listening on http://{args.ip}:{args.port}", flush=True)
+    logging.getLogger("poolgate.gateway").info("poolgate gateway listening on http://%s:%d",
+                                               args.ip, args.port)
     run(settings, args.ip, args.port, threads)
     return 0
 
@@ -142,10 +177,11 @@ def worker(args: argparse.Namespace) -> int:
     app = make_celery(config, slots=slots, runtime_dir=runtime_dir)
     from workers.logs import for_worker
 
-    for_worker(args.log_format)  # JSON lines when asked, kernel fields, masked secrets
+    for_worker(args.log_format, config.broker_url)  # JSON when asked, kernel fields, masking
     queues = ",".join(p.queue for p in pools)
-    app.worker_main(["worker", "-Q", queues, "-n", name, "-c", str(slots), "-P", "threads", "-E",
-                     "--without-gossip", "--without-mingle", "-l", args.log_level.upper()])
+    app.worker_main([*quiet(args), "worker", "-Q", queues, "-n", name, "-c", str(slots), "-P",
+                     "threads", "-E", "--without-gossip", "--without-mingle", "-l",
+                     args.log_level.upper()])
     return 0
 
 
@@ -159,8 +195,17 @@ def maintenance(args: argparse.Namespace) -> int:
     data = Path(os.environ.get("POOLGATE_DATA_DIR") or Path.home() / ".local/share/poolgate")
     data.mkdir(parents=True, exist_ok=True)
     app = make_celery(config, slots=1)
-    for_worker(args.log_format)
-    app.worker_main(["worker", "-Q", MAINTENANCE_QUEUE, "-n", "maintenance@%h", "-c", "1",
-                     "-P", "threads", "-B", "-s", args.schedule or str(data / "beat-schedule"),
-                     "--without-gossip", "--without-mingle", "-l", args.log_level.upper()])
+    for_worker(args.log_format, config.broker_url)
+    # Celery logs every task it runs at INFO: three lines every 15 s for the reconciler
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    app.worker_main([*quiet(args), "worker", "-Q", MAINTENANCE_QUEUE, "-n", "maintenance@%h",
+                     "-c", "1", "-P", "threads", "-B", "-s",
+                     args.schedule or str(data / "beat-schedule"), "--without-gossip",
+                     "--without-mingle", "-l", args.log_level.upper()])
     return 0
+
+
+def quiet(args: argparse.Namespace) -> list[str]:
+    """Celery's banner is plain text on stdout: left out when log lines are JSON."""
+    return ["--quiet"] if args.log_format == "json" else []

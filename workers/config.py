@@ -58,6 +58,7 @@ class PoolConfig:
     replay_buffer: int = 2000          # iopub messages kept outside the gateways (0: off)
     replay_buffer_mb: float = 32.0     # ...and at most this many MB of them, per kernel
     warm: Mapping[str, int] = field(default_factory=dict)  # kernelspec -> ready kernels per worker
+    wait_for_workers: bool = False     # queue launches while no worker serves the pool
     options: Mapping[str, Any] = field(default_factory=dict)
 
 

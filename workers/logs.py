@@ -24,14 +24,31 @@ _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("poolg
                                                                           default={})
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+# A secret-looking name, then its value: after '=' (spaces allowed), after ':' when the name
+# is quoted (JSON, a dict's repr) or the value follows at once (token:abc). "SECRET_TOKEN: not
+# allowed" is prose, and stays as written.
 SECRET_PAIR = re.compile(r"(?i)\b([\w.-]*(?:token|password|passwd|secret|credentials?|api_?key|"
-                         r"access_?key|private_?key)|key)(['\"]?\s*[=:]\s*['\"]?)"
+                         r"access_?key|private_?key)|key)"
+                         r"(['\"]?\s*=\s*['\"]?|['\"]\s*:\s*['\"]?|:(?=[^\s'\"]))"
                          r"(?!\*\*\*)([^\s'\",}&]+)")
 
 
+_SHOWN_AS: dict[str, str] = {}  # how kombu prints a broker URL -> how it is logged
+
+
 def mask(text: str) -> str:
-    """``text`` with URL passwords and secret-looking ``name=value`` pairs hidden (pure)."""
+    """``text`` with URL passwords and secret-looking ``name=value`` pairs hidden."""
+    for shown, logged in _SHOWN_AS.items():
+        text = text.replace(shown, logged)
     return SECRET_PAIR.sub(r"\1\2***", URL_PASSWORD.sub(r"\1***@", text))
+
+
+def known_url(url: str) -> None:
+    """Log the broker URL ``url`` as itself (masked), not as kombu prints it: kombu writes
+    ``redis://:**@host`` for a Redis URL that has no password at all."""
+    from kombu import Connection
+
+    _SHOWN_AS[Connection(url).as_uri()] = URL_PASSWORD.sub(r"\1***@", url)
 
 
 def bind(**fields: str) -> None:
@@ -108,12 +125,16 @@ def setup(level: str, fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for handler in root.handlers:
         configure(handler, fmt)
+    if fmt == "json":  # Python's warnings, too, as log lines
+        logging.captureWarnings(True)
 
 
-def for_worker(fmt: str) -> None:
+def for_worker(fmt: str, broker_url: str = "") -> None:
     """Apply the format to the handlers Celery sets up when the worker starts."""
     from celery.signals import after_setup_logger, after_setup_task_logger
 
+    if broker_url:
+        known_url(broker_url)
     def _apply(logger: logging.Logger | None = None, **_: Any) -> None:
         for target in (logger, logging.getLogger()):
             for handler in (target.handlers if target is not None else []):
@@ -122,5 +143,7 @@ def for_worker(fmt: str) -> None:
                 if not any(isinstance(f, KernelFields) for f in handler.filters):
                     handler.addFilter(KernelFields())
 
+    if fmt == "json":  # Celery's warnings (running as root, say), too, as log lines
+        logging.captureWarnings(True)
     after_setup_logger.connect(_apply, weak=False)
     after_setup_task_logger.connect(_apply, weak=False)

@@ -6,6 +6,7 @@ Keys (prefix ``pg:``)::
     pg:kernels         set of kernel ids
     pg:q:<pool>        sorted set: launches waiting in the pool's queue, by ticket
     pg:ticket          counter for queue tickets
+    pg:sendlock:<pool> held while a launch takes its ticket and is sent (Registry.launch_lock)
     pg:hb:<id>         the supervisor's heartbeat (expires after the pool's heartbeat TTL)
     pg:w:<name>        a worker's heartbeat and capacity (expires)
     pg:s:<id>          hash: a /api/sessions session
@@ -18,16 +19,22 @@ The connection key is encrypted at rest when a registry secret is configured.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 
+from workers.errors import BackendUnavailable
 from workers.protocol import ConnectionInfo, KernelStatus, sources_of
+
+log = logging.getLogger(__name__)
 
 PREFIX = "pg:"
 FAILED_RETENTION = 3600  # seconds a FAILED record stays readable (status: dead)
@@ -42,6 +49,7 @@ for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'STARTING' or ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   redis.call('ZREM', KEYS[3], KEYS[4])
 end
+local event = ARGV[3]
 if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   local pool = redis.call('HGET', KEYS[1], 'pool') or ''
   local user = redis.call('HGET', KEYS[1], 'user') or ''
@@ -49,8 +57,12 @@ if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   redis.call('SREM', 'pg:live:pool:' .. pool, KEYS[4])
   redis.call('SREM', 'pg:live:user:' .. user, KEYS[4])
   redis.call('SREM', 'pg:live:pooluser:' .. pool .. ':' .. user, KEYS[4])
+  -- an ending names its user: the record may be deleted before a listener reads it
+  local ev = cjson.decode(event)
+  ev['user'] = user
+  event = cjson.encode(ev)
 end
-redis.call('PUBLISH', KEYS[2], ARGV[3])
+redis.call('PUBLISH', KEYS[2], event)
 return {1, cur}
 """
 
@@ -115,6 +127,7 @@ class KernelRecord:
     target: str = "RUNNING"
     user: str = ""
     reason: str = ""
+    error: str = ""  # the GatewayError code of a failed launch (workers/errors.py)
     worker: str = ""
     host: str = ""
     created: float = 0.0
@@ -193,6 +206,24 @@ class Registry:
 
     # -- records --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def launch_lock(self, pool: str) -> Iterator[None]:
+        """Held while a launch takes its ticket and is sent to the broker, so that tickets and
+        the broker's queue agree on the order. Held for a broker round trip; it expires after
+        10 s should its holder die meanwhile."""
+        lock = self.r.lock(f"{PREFIX}sendlock:{pool}", timeout=10, sleep=0.002,
+                           blocking_timeout=30)
+        if not lock.acquire():
+            raise BackendUnavailable(f"pool {pool!r}: could not take a place in its queue within "
+                                     f"30s (the registry is overloaded); try again")
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # expired meanwhile: another holder has it now
+                log.warning("Pool %s: the launch lock expired while held", pool)
+
     def create(self, rec: KernelRecord, limits: tuple[int, int, int, int] = (0, 0, 0, 0)) -> str:
         """Write a new QUEUED record and queue it, unless a kernel limit refuses it.
 
@@ -267,14 +298,15 @@ class Registry:
         return sorted(out, key=lambda r: r.created)
 
     def transition(self, kid: str, new: KernelStatus, pool: str = "",
-                   **fields: Any) -> tuple[bool, str]:
+                   note: dict[str, Any] | None = None, **fields: Any) -> tuple[bool, str]:
         """Move ``kid`` to ``new`` if the lifecycle allows it from its current state.
 
         Returns (done, previous status); previous is '' when the record does not exist.
-        The change is published on the kernel's event channel in the same step.
+        The change is published on the kernel's event channel in the same step, with
+        ``note`` (event-only details, not stored: who asked for a restart, say).
         """
         allowed = ",".join(s.value for s in sources_of(new))
-        event = json.dumps({"id": kid, "status": new.value, "pool": pool,
+        event = json.dumps({"id": kid, "status": new.value, "pool": pool, **(note or {}),
                             **{k: v for k, v in fields.items() if k in ("reason", "generation")}})
         ok, prev = self._transition(
             keys=[PREFIX + "k:" + kid, PREFIX + "ev:" + kid, PREFIX + "q:" + pool, kid],

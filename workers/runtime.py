@@ -110,6 +110,8 @@ class Runtime:
                 "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {}}
 
     def beat(self) -> None:
+        if self.shutting_down.is_set():  # gone from /api/pools at once, not "paused" for 10 s
+            return
         try:
             self.registry.worker_heartbeat(self.name, self.info(), WORKER_TTL)
         except Exception:
@@ -196,20 +198,3 @@ class Runtime:
         self.beat()
         return {"ok": True, "worker": self.name, "pool": pool, "draining": on,
                 "kernels": len(self.supervisors)}
-
-    def shutdown(self) -> None:
-        """Stop every kernel this worker hosts (the worker is going away)."""
-        if self.shutting_down.is_set():
-            return
-        self.shutting_down.set()
-        for sup in list(self.supervisors.values()):
-            sup.command("shutdown-worker")
-        deadline = time.monotonic() + 15
-        while self.supervisors and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for launcher in list(self._launchers.values()):
-            launcher.close()
-        try:
-            self.registry.worker_gone(self.name)
-        except Exception:
-            pass

@@ -9,6 +9,7 @@ good, everything the launch created is cleaned up and the task returns the reaso
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -54,10 +55,11 @@ IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at on
 class Stop(Exception):
     """Raised inside the loop when the kernel must end; carries the reason."""
 
-    def __init__(self, reason: str, status: KernelStatus = S.STOPPED) -> None:
+    def __init__(self, reason: str, status: KernelStatus = S.STOPPED, code: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.code = code  # the GatewayError code of a failed launch, for the waiting client
 
 
 def received(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
@@ -207,18 +209,18 @@ class Supervisor:
     def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
         self.rt.take_slot()
-        status, reason = S.STOPPED, "shut down"
+        status, reason, code = S.STOPPED, "shut down", ""
         try:
             if not adopted:
                 self._launch(first=True)
             self._loop()
         except Stop as stop:
-            status, reason = stop.status, stop.reason
+            status, reason, code = stop.status, stop.reason, stop.code
         except Exception as exc:  # a bug or a backend failure: the kernel must not leak
             log.exception("Kernel %s: supervisor failed", self.kid)
             status, reason = S.FAILED, f"supervisor error: {exc}"
         finally:
-            self._finish(status, reason)
+            self._finish(status, reason, code)
             self.rt.supervisors.pop(self.kid, None)
             self.rt.release_slot()
             os.close(self._wake_r)
@@ -232,6 +234,7 @@ class Supervisor:
         assert self.req is not None
         previous = None if first else self.handle
         t0 = time.time()
+        req = self._first_request(t0) if first else self.req
         log.info("Launching kernel %s (%s) on pool %s", self.kid, self.req.spec_name, self.pool.name)
         warm = self.rt.take_warm(self.pool.name, self.req.spec_name) if first else None
         try:
@@ -240,7 +243,7 @@ class Supervisor:
                 self.reg.update(self.kid, handle=stored(self.handle), host=warm.host)
                 hand_over(self.handle, self.req)
                 log.info("Kernel %s: a warm kernel was handed over", self.kid)
-            for handle in (self.launcher.launch(self.req, previous) if warm is None else ()):
+            for handle in (self.launcher.launch(req, previous) if warm is None else ()):
                 self.handle = handle
                 self.reg.update(self.kid, handle=stored(handle), host=handle.host)
                 if self._target() == "STOPPED":
@@ -248,7 +251,7 @@ class Supervisor:
         except Stop:
             raise
         except GatewayError as exc:
-            raise Stop(self._explain(exc.message), S.FAILED) from exc
+            raise Stop(self._explain(exc.message), S.FAILED, exc.code) from exc
         except Exception as exc:
             log.warning("Kernel %s: launch failed", self.kid, exc_info=True)
             raise Stop(self._explain(f"launch failed: {exc}"), S.FAILED) from exc
@@ -264,6 +267,7 @@ class Supervisor:
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         ok, prev = self.reg.transition(
             self.kid, S.RUNNING, pool=self.pool.name, generation=self.generation,
+            note={"timing": timing} if first else None,  # for the launch histograms
             execution_state="idle", last_activity=now_iso(), timing=timing, reason="")
         if not ok:
             raise Stop(f"the record moved to {prev or 'deleted'} while starting")
@@ -276,6 +280,18 @@ class Supervisor:
             self.task.update_state(state="RUNNING", meta=meta)
             # Flower keeps event fields on its task object: "worker" there must stay its own
             self.task.send_event("task-running", **{k: v for k, v in meta.items() if k != "worker"})
+
+    def _first_request(self, now: float) -> LaunchRequest:
+        """The request with the launch timeout left since the gateway queued it: the worker
+        gives up when the waiting client does, so the client's error carries the worker's
+        reason (no free host, say) instead of a bare timeout."""
+        assert self.req is not None
+        queued = (self.record.timing if self.record else {}).get("queued")
+        if not queued:
+            return self.req
+        left = float(queued) + self.req.launch_timeout - now
+        return dataclasses.replace(self.req, launch_timeout=max(1.0, min(left,
+                                                                         self.req.launch_timeout)))
 
     def _explain(self, message: str) -> str:
         detail = self.launcher.failure_detail(self.handle) if self.handle else ""
@@ -476,7 +492,7 @@ class Supervisor:
             if self._target() in ("STOPPED", None):
                 raise Stop("shut down")
         elif action == "restart":
-            self._restart("restart requested")
+            self._restart("restart requested", requested=True)
         elif action.startswith("replay:"):
             self.replay(action.split(":", 1)[1])
         elif action == "shutdown-worker":
@@ -493,9 +509,12 @@ class Supervisor:
                     self.quick_deaths, self.pool.max_restarts)
         self._restart(f"the kernel died ({died}); restarted", graceful=False)
 
-    def _restart(self, reason: str, graceful: bool = True) -> None:
+    def _restart(self, reason: str, graceful: bool = True, requested: bool = False) -> None:
+        """Restart the kernel in place. ``requested``: a client asked (its gateways then send
+        no ``restarting`` status, which JupyterLab reads as "the kernel died")."""
         assert self.handle is not None
         ok, prev = self.reg.transition(self.kid, S.RESTARTING, pool=self.pool.name,
+                                       note={"requested": requested},
                                        execution_state="restarting", reason=reason)
         if not ok:
             return
@@ -524,7 +543,11 @@ class Supervisor:
         finally:
             sock.close()
 
-    def _finish(self, status: KernelStatus, reason: str) -> None:
+    def _finish(self, status: KernelStatus, reason: str, code: str = "") -> None:
+        if status is S.FAILED and not self.started_at and self._target() == "STOPPED":
+            # The client withdrew this launch (its timeout) and never had the kernel: it is
+            # removed, not listed as dead for an hour.
+            status, reason = S.STOPPED, f"launch timed out and was withdrawn: {reason}"
         if self.iopub is not None:
             self.iopub.close(linger=0)
         if self.handle is not None:
@@ -538,7 +561,7 @@ class Supervisor:
         if status is S.FAILED:
             log.warning("Kernel %s on pool %s failed: %s", self.kid, self.pool.name, reason)
             self.reg.transition(self.kid, S.FAILED, pool=self.pool.name, reason=reason,
-                                execution_state="dead")
+                                execution_state="dead", error=code)
             self.reg.expire_failed(self.kid)
         else:
             log.info("Kernel %s on pool %s stopped: %s", self.kid, self.pool.name, reason)

@@ -59,14 +59,17 @@ def iso(t: float) -> str:
 
 
 def activity_age(last_activity: str, now: float) -> float | None:
-    """Seconds since a ``last_activity`` timestamp (Jupyter's ISO format), None if unknown."""
-    import calendar
+    """Seconds since a ``last_activity`` timestamp (Jupyter's ISO format, with its fraction of
+    a second, as ``age`` keeps it), None if unknown."""
+    import datetime
 
     try:
-        base = calendar.timegm(time.strptime(last_activity[:19], "%Y-%m-%dT%H:%M:%S"))
+        then = datetime.datetime.fromisoformat(last_activity.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return max(0.0, round(now - base, 1))
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, round(now - then.timestamp(), 1))
 
 
 def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:

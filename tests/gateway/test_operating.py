@@ -99,8 +99,10 @@ def test_classify_endings() -> None:
     assert classify("FAILED", "oops", "RESTARTING") == Ending("failures", "restart_failed")
     assert classify("FAILED", "worker w lost: no heartbeat for 15s; the kernel is considered "
                     "dead") == Ending("failures", "worker_lost")
-    assert classify("FAILED", "worker w shut down", "RUNNING") == \
-        Ending("failures", "worker_shutdown")
+    # a worker stopped cleanly (Ctrl-C) ends its kernels, but that is no failure of the pool
+    assert classify("FAILED", "worker w shut down", "RUNNING") is None
+    assert classify("FAILED", "worker w restarted; its earlier kernels were stopped",
+                    "RUNNING") == Ending("failures", "worker_shutdown")
     assert classify("FAILED", "the kernel died 6 times in a row (exit 1); not restarting it "
                     "again") == Ending("failures", "crashed")
     assert classify("FAILED", "supervisor error: boom", "RUNNING") == Ending("failures", "error")
@@ -113,11 +115,9 @@ def test_classify_endings() -> None:
 
 
 def test_launch_durations() -> None:
-    rec = record("k", "local", KernelStatus.RUNNING, timing={"queued": 100.0, "launch": 1.5})
-    assert launch_durations(rec, "103.25", 200.0) == (3.25, 1.5)
-    assert launch_durations(record("k", "local", KernelStatus.RUNNING, timing={"queued": 100.0}),
-                            "101", 104.0) == (1.0, 3.0)
-    assert launch_durations(rec, None, 200.0) is None
+    assert launch_durations({"queued": 100.0, "taken": 103.25, "launch": 1.5}) == (3.25, 1.5)
+    assert launch_durations({"queued": 100.0, "launch": 1.5}) is None
+    assert launch_durations({"queued": 100.0, "taken": 101.0}) is None
 
 
 def test_ws_stats_counts_messages_and_bytes() -> None:
@@ -177,6 +177,16 @@ def test_logs_mask_secrets_and_carry_kernel_fields() -> None:
     assert mask("env {'KERNEL_TOKEN': 'abc', 'KERNEL_X': '1'}") == \
         "env {'KERNEL_TOKEN': '***', 'KERNEL_X': '1'}"
     assert mask("GET /api?token=s3cret&x=1") == "GET /api?token=***&x=1"
+    assert mask("api_key:xyz PASSWORD = hunter2") == "api_key:*** PASSWORD = ***"
+    # prose about a secret's name is left as written; only values are masked
+    assert mask("Dropping env SECRET_TOKEN: not KERNEL_*") == \
+        "Dropping env SECRET_TOKEN: not KERNEL_*"
+    # kombu prints a Redis URL without a password as redis://:**@host; it is logged as itself
+    from workers.logs import known_url
+
+    known_url("redis://127.0.0.1:6399/3")
+    assert mask("Connected to redis://:**@127.0.0.1:6399/3") == \
+        "Connected to redis://127.0.0.1:6399/3"
     kid = "0b5a4a3e-0c6d-4b8e-9f3a-1d2c3b4a5f6e"
     rec = logging.LogRecord("gateway.kernels", logging.INFO, __file__, 1,
                             "Kernel %s queued, password=%s", (kid, "pw"), None)
@@ -186,3 +196,13 @@ def test_logs_mask_secrets_and_carry_kernel_fields() -> None:
     assert line["message"] == f"Kernel {kid} queued, password=***"
     assert (line["kernel_id"], line["pool"], line["user"]) == (kid, "gpu", "alice")
     assert line["level"] == "INFO" and line["logger"] == "gateway.kernels"
+
+
+def test_idle_never_exceeds_age_for_a_fresh_kernel() -> None:
+    """/pools shows a kernel's ``idle`` from its last_activity and its ``age`` from its creation,
+    both to a tenth of a second: the fraction of a second counts in both."""
+    from gateway.api.pools import activity_age
+
+    assert activity_age("2026-01-01T00:00:00.900000Z", 1767225601.0) == 0.1
+    assert activity_age("2026-01-01T00:00:00Z", 1767225601.0) == 1.0
+    assert activity_age("not a time", 1767225601.0) is None

@@ -48,6 +48,17 @@ def test_client_legacy_text_and_binary() -> None:
     assert bufs == [b"ab"] and json.loads(parts[0])["msg_id"] == "m1"
 
 
+def test_message_without_channel_goes_to_shell() -> None:
+    """Jupyter Server's GatewayKernelClient sends no ``channel``: Jupyter Server and
+    Enterprise Gateway route such a message to shell, and so does poolgate."""
+    msg = {"header": json.loads(PARTS[0]), "parent_header": {}, "metadata": {},
+           "content": {"code": "1"}}
+    ch, parts, _ = wire.from_client(json.dumps(msg), None)
+    assert ch == "shell" and json.loads(parts[3]) == {"code": "1"}
+    with pytest.raises(wire.BadFrame, match="unknown channel"):
+        wire.from_client(json.dumps({**msg, "channel": "nonsense"}), None)
+
+
 @pytest.mark.parametrize("frame", ["nope", "[]", '{"channel": "x", "header": {"msg_type": "a"}}',
                                    '{"channel": "shell", "header": {}}', b"\x00\x00\x00\x05junk"])
 def test_bad_frames(frame: str | bytes) -> None:

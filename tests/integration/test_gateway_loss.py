@@ -44,3 +44,41 @@ def test_gateway_sigkill_mid_cell_loses_no_output(redis_stack: Stack) -> None:
         again.close()
     finally:
         gw.shutdown(kid)
+
+
+def test_reply_rebuilt_after_gateway_loss_keeps_the_cells_count(redis_stack: Stack) -> None:
+    """The cell ends while no gateway listens, after its client had the execute_input: the
+    reply rebuilt for it carries that input's execution_count (JupyterLab numbers the cell
+    from the reply), not 0."""
+    gw = redis_stack.gw
+    doomed = redis_stack.start_gateway(free_port())
+    proc = redis_stack.gateways[-1]
+    kid = gw.start()["id"]
+    try:
+        ch = Channel(doomed.base, kid, session="counted")
+        for _ in range(3):
+            assert ch.execute("1").status == "ok"
+        mid = ch.send("execute_request", {"code": "import time\nprint('go', flush=True)\n"
+                                          "time.sleep(1.5)\n1/0", "silent": False})
+        count = None
+        while True:
+            msg = ch.recv()
+            if msg["msg_type"] == "execute_input":
+                count = msg["content"]["execution_count"]
+            if msg["msg_type"] == "stream":
+                break
+        assert count == 4
+        time.sleep(0.3)  # the dying gateway has recorded that its client got them (every 50 ms)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        redis_stack.gateways.remove(proc)
+        while gw.get(f"/api/kernels/{kid}").json()["execution_state"] != "idle":
+            time.sleep(0.1)  # the cell ends while no gateway listens
+        time.sleep(0.6)  # the supervisor has read its idle (it reads iopub every 0.5 s)
+        again = Channel(gw.base, kid, session="counted")
+        res = again.collect(mid, timeout=30)
+        assert res.reply is not None and res.reply["status"] == "error"
+        assert res.reply["execution_count"] == count and res.reply["ename"] == "ZeroDivisionError"
+        again.close()
+    finally:
+        gw.shutdown(kid)

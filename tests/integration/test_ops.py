@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,8 +119,12 @@ def test_metrics_agree_with_pools_api_and_count_websocket_traffic(redis_stack: S
     gw = redis_stack.gw
     before = metrics(gw)
     kids = [gw.start("python3", env={"KERNEL_USERNAME": "alice"})["id"],
-            gw.start("python3", env={"KERNEL_USERNAME": "bob"})["id"],
             gw.start("tiny-py", env={"KERNEL_USERNAME": "carol"})["id"]]
+    # a launch the client follows itself (?wait=false) is counted as well
+    r = gw.post("/api/kernels?wait=false", json={"name": "python3"})
+    assert r.status_code == 202
+    kids.append(r.json()["id"])
+    gw.wait_state(kids[-1], "idle")
     try:
         ch = gw.channel(kids[0])
         assert ch.execute("print('x' * 1000)").stdout.strip() == "x" * 1000
@@ -141,9 +146,12 @@ def test_metrics_agree_with_pools_api_and_count_websocket_traffic(redis_stack: S
                       direction="kernel_to_client") >= 3  # busy, stream, idle
         assert sample(m, "poolgate_websocket_bytes_total", channel="iopub",
                       direction="kernel_to_client") > 1000
-        for name, n in (("local", 2), ("tiny", 1)):
-            count = sample(m, "poolgate_launch_start_seconds_count", pool=name)
-            assert count == n + sample(before, "poolgate_launch_start_seconds_count", pool=name)
+        for name, n in (("local", 2), ("tiny", 1)):  # each launch once, once RUNNING is heard
+            count = eventually(lambda: (c := sample(metrics(gw), "poolgate_launch_start_seconds_"
+                                                    "count", pool=name)) == n + sample(
+                before, "poolgate_launch_start_seconds_count", pool=name) and c,
+                what=f"{n} launches on {name} to be observed")
+            m = metrics(gw)
             assert sample(m, "poolgate_launch_queue_seconds_count", pool=name) == count
             assert 0 < sample(m, "poolgate_launch_start_seconds_sum", pool=name) < 60 * count
         assert sample(m, "poolgate_launch_start_seconds_bucket", pool="local", le="600.0") == \
@@ -226,6 +234,8 @@ def test_drain_stops_new_launches_until_resumed(fresh_stack: Stack) -> None:
         eventually(lambda: pools(gw)["tiny"]["used"] == 0, what="the slot to free")
         r = gw.post("/api/kernels", json={"name": "tiny-py", "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}})
         assert r.status_code == 503 and "waited 4s in the queue" in r.json()["message"], r.text
+        assert "its 1 worker is draining" in r.json()["message"]  # says why, and what to do
+        assert "poolgate drain tiny --resume" in r.json()["message"]
         assert pools(gw)["tiny"]["waiting"] == 0  # the timed-out launch was withdrawn
         text = poolgate(fresh_stack, "drain", "tiny", "--resume").stdout
         assert "resumed" in text
@@ -262,3 +272,56 @@ def test_json_logs_follow_a_kernel_through_gateway_and_worker(tmp_path: Path) ->
     assert any(m.startswith("Launching kernel") for m in steps)
     assert any(" running on " in m for m in steps)
     assert any(m.endswith("stopped: shut down") for m in steps)
+
+
+def test_waiting_launches_are_served_in_the_order_shown(stack: Stack) -> None:
+    """A burst of launches sent at once to a full pool is shown in line in the order the
+    workers then take them (the ticket and the send to the broker are one step)."""
+    gw = stack.gw
+    first = gw.start("tiny-py")["id"]  # the tiny pool (1 slot) is full from here on
+    burst: list[Launch] = [Launch(gw, "tiny-py", {"KERNEL_LAUNCH_TIMEOUT": "120"})
+                           for _ in range(6)]
+    started: list[str] = []
+    try:
+        for launch in burst:
+            launch.start()
+        shown = eventually(lambda: (w := pools(gw)["tiny"]["waiting_launches"]) and
+                           len(w) == len(burst) and [x["kernel_id"] for x in w],
+                           what="the whole burst waiting in line")
+        running = first
+        for _ in burst:  # free the slot; the next in line takes it
+            gw.shutdown(running)
+            running = eventually(lambda: next((k["id"] for k in gw.kernels() if k["name"] ==
+                                               "tiny-py" and k["poolgate"]["status"] in
+                                               ("STARTING", "RUNNING")), None),
+                                 timeout=60, what="the next launch in line to start")
+            started.append(running)
+        assert started == shown
+    finally:
+        for launch in burst:
+            launch.join(130)
+        for kid in (first, *started, *(k["id"] for k in gw.kernels())):
+            gw.shutdown(kid)
+
+
+def test_a_pool_without_workers_fails_at_once_and_its_specs_are_not_offered(
+        fresh_stack: Stack) -> None:
+    """No live worker serves the pool: a launch fails at once with that reason (not after its
+    whole timeout, advising a longer one), and the pool's kernelspecs are not listed."""
+    import os
+    import signal
+
+    gw = fresh_stack.gw
+    assert "tiny-py" in gw.get("/api/kernelspecs").json()["kernelspecs"]
+    proc = fresh_stack.workers["tiny"]
+    os.killpg(proc.pid, signal.SIGTERM)  # a clean stop: its heartbeat goes with it
+    proc.wait(30)
+    eventually(lambda: pools(gw)["tiny"]["workers"] == 0, what="the worker to leave the pool")
+    t0 = time.monotonic()
+    r = gw.post("/api/kernels", json={"name": "tiny-py"})
+    assert r.status_code == 503 and time.monotonic() - t0 < 5, r.text
+    assert "no worker serves pool 'tiny'" in r.json()["message"]
+    assert "poolgate worker --pool tiny" in r.json()["message"]
+    assert gw.kernels() == []  # nothing half-started, nothing listed
+    specs = gw.get("/api/kernelspecs").json()["kernelspecs"]
+    assert "tiny-py" not in specs and "python3" in specs

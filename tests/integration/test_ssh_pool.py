@@ -162,6 +162,40 @@ def test_round_robin_places_in_order_runs_code_and_queues_when_full(ssh_stack: S
     assert not any(remote.glob("*/connection.json"))  # every remote connection file removed
 
 
+def test_a_launch_no_host_takes_says_why_and_is_not_listed(ssh_stack: Stack) -> None:
+    """A second worker takes the launch while both hosts are full: the client's error names
+    the hosts and why (the worker gives up when the client does), and the launch is gone
+    from the kernel list, not kept there as dead."""
+    import os
+    import re
+    import signal
+
+    gw = ssh_stack.gw
+    kids = start_many(gw, "python3-ssh", 4)
+    second = ssh_stack._spawn("worker-ssh-rr-second", [
+        "worker", "--config", str(ssh_stack.config), "--pool", "ssh-rr", "--log-level", "info",
+        "--name", f"ssh-rr-second-{ssh_stack.tag}@%h"])
+    try:
+        deadline = time.monotonic() + 30
+        while gw.get("/api/pools/ssh-rr").json()["workers"] < 2:
+            assert time.monotonic() < deadline and second.poll() is None, "no second worker"
+            time.sleep(0.2)
+        r = gw.post("/api/kernels", json={"name": "python3-ssh",
+                                          "env": {"KERNEL_LAUNCH_TIMEOUT": "4"}})
+        assert r.status_code == 503, r.text
+        message = r.json()["message"]
+        assert "no host of pool ssh-rr could take" in message, message
+        assert "a: full (2 of 2 kernels)" in message and "b: full (2 of 2 kernels)" in message
+        [kid] = re.findall(r"kernel ([0-9a-f-]{36})", message)[:1]
+        assert kid not in kids and kid not in [k["id"] for k in gw.kernels()]
+        assert gw.get(f"/api/kernels/{kid}").status_code == 404
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(30)
+        for kid in kids:
+            gw.shutdown(kid)
+
+
 def test_interrupt_and_restart_in_place(ssh_stack: Stack) -> None:
     gw = ssh_stack.gw
     kid = gw.start("python3-ssh")["id"]

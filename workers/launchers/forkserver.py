@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+from typing import Any
 
 
 def _preload() -> None:
@@ -156,6 +157,14 @@ def main() -> None:
         return
     gc.freeze()
     send({"ready": True, "pid": os.getpid()})
+    try:
+        _serve(sock, rfile, send)
+    except (OSError, KeyboardInterrupt):  # the worker stopped (a reset socket, a Ctrl-C that
+        return  # reached its whole process group): nothing to report, its kernels live on
+
+
+def _serve(sock: socket.socket, rfile: Any, send: Any) -> None:
+    """Fork a kernel for each request until the launcher closes the socket."""
     codes: dict[int, int] = {}
     poller = select.poll()  # not select(): the fd the worker passed may be past 1024
     poller.register(sock.fileno(), select.POLLIN)

@@ -269,12 +269,16 @@ class LocalLauncher(Launcher):
         resource_dir = str(req.resources.get("resource_dir", ""))
         cmd = build_command(req.argv, str(cfile), resource_dir)
         env = build_env(dict(os.environ), req)
-        held = self.confine(req, env)
-        cmd = [*held.prefix, *cmd]
-        cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
-        proc = self._fork(cmd, env, cwd, folder / "kernel.log") if not held.prefix else None
-        if proc is None:
-            proc = self._exec(cmd, env, cwd, folder / "kernel.log", held.data)
+        try:  # refused (resources) or not started: no stop() comes, so nothing may be left
+            held = self.confine(req, env)
+            cmd = [*held.prefix, *cmd]
+            cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
+            proc = self._fork(cmd, env, cwd, folder / "kernel.log") if not held.prefix else None
+            if proc is None:
+                proc = self._exec(cmd, env, cwd, folder / "kernel.log", held.data)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self._procs[proc.pid] = proc
         created = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else 0.0
         handle = KernelHandle(req.kernel_id, req.pool, host=socket.gethostname(),

@@ -122,7 +122,7 @@ class SSHLauncher(Launcher):
             host = self._place_again(req, previous) if previous is not None else None
             while True:
                 if host is None:
-                    host = self._place(req, tried, deadline)
+                    host = yield from self._place(req, tried, deadline)
                 try:
                     for handle in self._start_on(host, req, key, ports, deadline):
                         started = True
@@ -176,8 +176,10 @@ class SSHLauncher(Launcher):
                  req.kernel_id, host.name)
         return None
 
-    def _place(self, req: LaunchRequest, tried: dict[str, str], deadline: float) -> SSHHost:
-        """The next host by the pool's policy; waits while every usable host is full."""
+    def _place(self, req: LaunchRequest, tried: dict[str, str],
+               deadline: float) -> Generator[KernelHandle, None, SSHHost]:
+        """The next host by the pool's policy; waits while every usable host is full,
+        yielding a handle now and then so that a withdrawn launch reaches the supervisor."""
         while True:
             decision = self.placement.place(req.kernel_id, exclude=tried)
             if decision.host is not None:
@@ -193,6 +195,7 @@ class SSHLauncher(Launcher):
                 continue
             if not decision.waiting or time.monotonic() >= deadline:
                 raise self._no_host(req, decision, tried)
+            yield KernelHandle(req.kernel_id, req.pool, data={"waiting_for_host": True})
             time.sleep(0.5)
 
     def _no_host(self, req: LaunchRequest, decision: Decision,

@@ -150,3 +150,25 @@ def test_kernel_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> Non
     assert below_ephemeral(str(tmp_path / "missing")) is None
     first, second = pick_ports("127.0.0.1", (10000, 32767)), pick_ports("127.0.0.1", (10000, 32767))
     assert len(set(first + second)) == 10 and all(10000 <= p <= 32767 for p in first + second)
+
+
+def test_launch_refused_before_the_kernel_starts_leaves_no_files(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """A launch the worker refuses for its resources (more CPUs than it may use, say) gets no
+    stop(): its folder and connection file must not outlive the refusal."""
+    from workers.errors import LaunchRejected
+
+    pool = PoolConfig(name="local", launcher="local", queue="local")
+    launcher = launchers.create(pool, str(tmp_path))
+
+    def refuse(*_: object) -> None:
+        raise LaunchRejected("the kernel asks for 4 CPUs; this worker may use 2 (0, 1)")
+
+    monkeypatch.setattr(launcher, "confine", refuse)
+    req = LaunchRequest("k-refused", "local", "python3",
+                        ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+                        launch_timeout=10)
+    with pytest.raises(LaunchRejected, match="4 CPUs"):
+        list(launcher.launch(req))
+    assert not (tmp_path / "k-refused").exists()
