@@ -26,7 +26,7 @@ def test_a_session_left_on_one_replica_keeps_no_replies_from_the_other(
     ROUTER_HANDOVER), and after the restart both A's kept channels and B's reconnect."""
     ga = fresh_stack.gw
     gb = fresh_stack.start_gateway(free_port())
-    for attempt in range(2):
+    for attempt in range(3):  # which replica holds the identity last is a race: try again
         kid = ga.start("python3")["id"]
         try:
             session = uuid.uuid4().hex
