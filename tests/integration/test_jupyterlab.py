@@ -205,8 +205,18 @@ class Page:
         """Run one cell and wait until it has finished (a new execution count, kernel idle)."""
         before = self.state()["cells"][index]["count"]
         self.browser.evaluate(f"pg.run({index})")
-        self.browser.wait(lambda: (c := self.state()["cells"][index])["count"] not in (
-            None, before), timeout, f"cell {index} to run")
+        last: dict[str, Any] = {}
+
+        def ran() -> bool:
+            s = last["state"] = self.state()
+            return s["cells"][index]["count"] not in (None, before)
+        try:
+            self.browser.wait(ran, timeout, f"cell {index} to run")
+        except AssertionError:
+            s = last["state"]
+            raise AssertionError(
+                f"cell {index} got no execute_reply within {timeout} s: the cell shows "
+                f"{s['cells'][index]}, kernel {s['kernel']}, statuses {s['statuses']}") from None
         return self.idle(timeout)["cells"][index]  # type: ignore[no-any-return]
 
     def command(self, command_id: str) -> None:
