@@ -272,6 +272,8 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
         state = page.open("nb.ipynb")
         kid = state["kernel"]["id"]
         assert state["kernel"]["name"] == "python3"
+        # the lab's server runs poolgate.lab (TCP_NODELAY on its kernel WebSockets)
+        assert "poolgate.lab: kernel WebSockets send without delay" in lab.log_path.read_text()
         assert kid in [k["id"] for k in redis_stack.gw.kernels()]  # a poolgate kernel
 
         # a cell with output: stdout and the result
