@@ -103,6 +103,8 @@ class FrameReader:
         buf = self.buf
         buf += data
         pos, end = 0, len(buf)
+        whole = self.fragments_op == OP_CONT  # no fragmented message is being received
+        room = self.max_message_size - self.fragments_size  # bytes its next frame may take
         try:
             while end - pos >= 2 and self.close_code is None:
                 b0, b1 = buf[pos], buf[pos + 1]
@@ -124,7 +126,7 @@ class FrameReader:
                         length, head = self._long_length(buf, pos, end, length)
                         if not head:
                             break
-                    if length > self.max_message_size - self.fragments_size:
+                    if length > room:
                         raise ProtocolError(MESSAGE_TOO_BIG, f"a message over "
                                             f"{self.max_message_size} bytes")
                 start = pos + head + 4
@@ -134,8 +136,19 @@ class FrameReader:
                 pos = start + length
                 if op >= OP_CLOSE:
                     self._control(op, payload, replies)
+                elif whole and op and b0 & 0x80:  # a message in one frame: the common case
+                    if op == OP_BINARY:
+                        messages.append(payload)
+                    else:
+                        try:
+                            messages.append(payload.decode())
+                        except UnicodeDecodeError:
+                            raise ProtocolError(INVALID_DATA,
+                                                "a text message that is not UTF-8") from None
                 else:
                     self._data(b0 & 0x80, op, payload, messages)
+                    whole = self.fragments_op == OP_CONT
+                    room = self.max_message_size - self.fragments_size
         except ProtocolError as exc:
             self.close_code, self.close_reason = exc.code, str(exc)
             replies.append(close_frame(exc.code, str(exc)))
@@ -176,12 +189,11 @@ class FrameReader:
             self.close_code, self.close_reason = code, reason
 
     def _data(self, fin: int, op: int, payload: bytes, messages: list[str | bytes]) -> None:
+        """A frame of a fragmented message, or a data frame breaking the rules (feed takes a
+        whole message in one frame itself)."""
         if op != OP_CONT:
             if self.fragments_op != OP_CONT:
                 raise ProtocolError(PROTOCOL_ERROR, "a new message inside a fragmented one")
-            if fin:
-                messages.append(decode_text(payload) if op == OP_TEXT else payload)
-                return
             self.fragments_op = op
             self.decoder = _utf8() if op == OP_TEXT else None
         elif self.fragments_op == OP_CONT:
@@ -206,14 +218,6 @@ class FrameReader:
 
 def _utf8() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")()
-
-
-def decode_text(payload: bytes) -> str:
-    """``payload`` as UTF-8; a :class:`ProtocolError` (1007) if it is not."""
-    try:
-        return payload.decode()
-    except UnicodeDecodeError:
-        raise ProtocolError(INVALID_DATA, "a text message that is not UTF-8") from None
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
