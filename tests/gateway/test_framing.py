@@ -112,3 +112,26 @@ def test_unmask_is_its_own_inverse() -> None:
     masked = framing.unmask(data, b"\x01\x80\xff\x10")
     assert masked != data and framing.unmask(masked, b"\x01\x80\xff\x10") == data
     assert [masked[i] ^ data[i] for i in range(8)] == [1, 0x80, 0xFF, 0x10] * 2
+
+
+def test_control_and_close_frames_stay_within_125_bytes_and_whole_characters() -> None:
+    """A long payload is cut before its length is written; a long reason at a character
+    boundary (a client would fail a close whose reason is not UTF-8, with 1007)."""
+    client, _ = client_pair()
+    client.receive_data(framing.control_frame(framing.OP_PING, b"p" * 300)
+                        + framing.close_frame(1011, "é" * 100))
+    ping, close = client.events()
+    assert isinstance(ping, Ping) and ping.payload == b"p" * 125
+    assert isinstance(close, CloseConnection) and (close.code, close.reason) == (1011, "é" * 61)
+
+
+def test_nothing_fed_after_a_close_is_kept() -> None:
+    client, _ = client_pair()
+    reader = FrameReader()
+    reader.feed(client.send(CloseConnection(code=1000)))
+    assert reader.feed(client.send(Message(data="late")) * 1000) == ([], []) and not reader.buf
+
+
+def test_send_some_stays_importable_from_framing() -> None:
+    from gateway import sockio
+    assert framing.send_some is sockio.send_some
