@@ -115,7 +115,8 @@ def test_a_bad_launch_timeout_is_a_400(raw: str, match: str) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="float('nan') passes 'value <= 0' and min(nan, maximum) "
-                   "is nan: the launch gets no deadline (gateway/kernels.py: test 'not value > 0')")
-def test_nan_is_a_400_not_a_launch_without_a_deadline() -> None:
+                   "is nan: no deadline, and Celery's expires=nan fails, reported as a 503 'broker "
+                   "unreachable' (gateway/kernels.py: test 'not value > 0')")
+def test_nan_is_a_400_not_a_timeout_of_nan() -> None:
     with pytest.raises(BadRequest):
         launch_timeout({"KERNEL_LAUNCH_TIMEOUT": "nan"}, POOL)
