@@ -127,7 +127,8 @@ def client_stream(draw: st.DrawFn) -> bytes:
         for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(data)])):
             out += client.send(Message(data=data[a:b], message_finished=i == n - 1))
             if draw(st.integers(0, 3)) == 0:
-                out += client.send(draw(st.sampled_from([Ping, Pong]))(draw(st.binary(max_size=125))))
+                control = draw(st.sampled_from([Ping, Pong]))
+                out += client.send(control(draw(st.binary(max_size=125))))
     if draw(st.booleans()):
         code = draw(st.one_of(st.sampled_from([1000, 1001, 1003, 1008, 1011]),
                               st.integers(3000, 4999)))
