@@ -138,7 +138,7 @@ def zmtp_parse(n: int) -> float:
         for chunk in chunks:  # a list per read, as Peer._read extends its inbox with
             got += len(c.receive_data(chunk))
         dt = time.perf_counter() - t
-    else:  # before the split: Peer's own parser, fed as _read would
+    else:  # zmtp.py before its I/O-free Connection (2e52851): Peer's parser, fed as _read did
         with tempfile.TemporaryDirectory() as d:
             peer, sock = kernel_side(os.path.join(d, "k"))
             buf = peer.rbuf
