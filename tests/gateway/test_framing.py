@@ -3,6 +3,7 @@ real client library (wsproto, as a client: masked) writes."""
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -136,3 +137,20 @@ def test_nothing_fed_after_a_close_is_kept() -> None:
 def test_send_some_stays_importable_from_framing() -> None:
     from gateway import sockio
     assert framing.send_some is sockio.send_some
+
+
+def test_connection_closes_a_client_whose_message_is_over_the_cap() -> None:
+    """Connection.read on the plain path: a header announcing a message over FrameReader's
+    default cap ends the connection with 1009 before any of its payload is read."""
+    from gateway.channels import Connection
+
+    client, server = client_pair()
+    a, b = socket.socketpair()
+    conn = Connection(FakeWs(a, server))
+    b.sendall(client.send(Message(data="first"))
+              + struct.pack("!BBQ", 0x82, 0xFF, framing.MAX_MESSAGE_SIZE + 1) + b"mask")
+    assert conn.read() == ["first"] and conn.closed and conn.ws.close_reason == 1009
+    client.receive_data(b.recv(65536))
+    assert [e.code for e in client.events() if isinstance(e, CloseConnection)] == [1009]
+    a.close()
+    b.close()

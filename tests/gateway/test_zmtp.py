@@ -309,3 +309,29 @@ def test_random_messages_arrive_from_a_publisher(ctx, short_dir: str, transport:
     check()
     assert sub.connects == 1
     sub.close()
+
+
+def test_a_kernel_breaking_the_caps_is_dropped_and_what_came_before_is_kept() -> None:
+    """A peer (written by hand) that sends two messages, then announces a frame over the cap:
+    the two are in the inbox, the connection is dropped from the header alone, and the next
+    connection, to a well-behaved end, carries messages again."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    peer = zmtp.Peer(f"tcp://127.0.0.1:{srv.getsockname()[1]}", b"DEALER", b"me",
+                     max_frame=1 << 20, max_message=1 << 20)
+    ready = zmtp.greeting() + zmtp.command(b"READY", {b"Socket-Type": b"ROUTER"})
+    conn, _ = srv.accept()
+    conn.sendall(ready + b"".join(zmtp.encode([b"one"]) + zmtp.encode([b"two", b"2"]))
+                 + bytes((0x02,)) + ((1 << 20) + 1).to_bytes(8, "big"))
+    drive([peer], lambda: peer.retry_at is not None)
+    assert list(peer.inbox) == [[b"one"], [b"two", b"2"]] and not peer.ready
+    conn.close()
+    drive([peer], lambda: peer.connects == 2)
+    conn, _ = srv.accept()
+    conn.sendall(ready + b"".join(zmtp.encode([b"x" * (1 << 20)])))
+    drive([peer], lambda: len(peer.inbox) == 3)
+    assert peer.inbox[2] == [b"x" * (1 << 20)] and peer.ready and peer.connects == 2
+    conn.close()
+    srv.close()
+    peer.close()
