@@ -6,7 +6,8 @@ The module's rule: nothing here touches a socket or a clock, and whatever bytes 
 bounded: a frame over ``max_frame`` bytes, or a message whose long frames (256 bytes and up)
 pass ``max_message``, fails from the frame's header, before it is buffered; a message of more
 than ``max_frames`` frames fails at the end of the call that passed it. So a connection holds
-at most ``max_message + 255 * max_frames`` bytes of a message plus one call's data. Counting
+at most ``max_message + 255 * max_frames`` bytes of a message, the frame being received (up to
+``max_frame``) and one call's data. Counting
 short frames one by one, in the parser's inner loop, cost 3% of its time (bench.protocol_micro).
 The socket, the reconnecting and the queueing live in gateway/zmtp.py's Peer.
 
@@ -52,6 +53,7 @@ GREETED, MESSAGE, OTHER = b"<greeting>", b"<message>", b"<other command>"
 #: (state, what came) → the next state. What came: the greeting, a message, or a command by
 #: name (OTHER: a command this end does not know, from a later ZMTP). A pair that is not here
 #: fails the connection: a message or PING before READY, a second READY, an ERROR anywhere.
+#: (OPEN, MESSAGE) is the parser's fast path, taken without a look here.
 HANDSHAKE: dict[tuple[State, bytes], State] = {
     (State.GREETING, GREETED): State.HANDSHAKE,
     (State.HANDSHAKE, b"READY"): State.OPEN,
