@@ -4,6 +4,10 @@ Python clients (Jupyter Server's gateway client, websocket-client, aiohttp) ask 
 on that path wsproto's event machinery was a fifth of the gateway's CPU per message each way.
 Clients with permessage-deflate (offered by browsers and the websockets library, accepted only
 with ``ws_compression: true``) keep wsproto for both directions.
+
+The module's rule: no I/O here (gateway/sockio.py writes to sockets). :class:`FrameReader` is
+bytes in, messages and replies out, with bounded memory, and reads every byte sequence as
+wsproto's server does (tests/gateway/test_framing_reference.py), but for its size cap.
 """
 from __future__ import annotations
 
