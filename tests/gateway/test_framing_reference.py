@@ -22,6 +22,8 @@ from tests.gateway.fakes import client_pair
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MASK = b"\x37\xfa\x21\x3d"
+T, B, C, CL, PI, PO = (framing.OP_TEXT, framing.OP_BINARY, framing.OP_CONT, framing.OP_CLOSE,
+                       framing.OP_PING, framing.OP_PONG)
 
 
 def frame(op: int, payload: bytes = b"", fin: bool = True, rsv: int = 0, mask: bool = True,
@@ -143,6 +145,19 @@ def test_what_a_client_sends_decodes_as_wsproto_decodes_it(data: bytes, cuts: li
     assert by_poolgate(chunks) == by_wsproto(chunks)
 
 
+@FAST
+@given(st.text(max_size=200), st.lists(st.integers(0, 800), max_size=6),
+       st.lists(st.integers(0, 1 << 12), max_size=6))
+def test_text_cut_into_fragments_inside_characters_decodes_as_in_wsproto(
+        text: str, frag_cuts: list[int], cuts: list[int]) -> None:
+    data = text.encode()
+    pieces = split(data, frag_cuts)  # at any byte: a character may span fragments
+    stream = b"".join(frame(T if i == 0 else C, piece, fin=i == len(pieces) - 1)
+                      for i, piece in enumerate(pieces))
+    chunks = split(stream, cuts)
+    assert by_poolgate(chunks) == by_wsproto(chunks) == Outcome([text], None, [])
+
+
 @st.composite
 def any_frame(draw: st.DrawFn) -> bytes:
     """A frame that may break any rule RFC 6455 sets a server's reader."""
@@ -212,8 +227,6 @@ def fragments(op: int, *parts: bytes) -> bytes:
                     for i, p in enumerate(parts))
 
 
-T, B, C, CL, PI, PO = (framing.OP_TEXT, framing.OP_BINARY, framing.OP_CONT, framing.OP_CLOSE,
-                       framing.OP_PING, framing.OP_PONG)
 HELLO = "Hello-µ@ßöäüàá-UTF-8!!".encode()
 CASES: dict[str, bytes] = {
     # 1: text and binary messages of every length encoding
