@@ -14,12 +14,14 @@ Only the standard library and wsproto (to write the client's masked frames).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import select
 import socket
 import tempfile
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 from wsproto import ConnectionType
 from wsproto.connection import Connection
@@ -164,14 +166,45 @@ def zmtp_parse(n: int) -> float:
     return dt / n * 1e6
 
 
+def load(name: str, path: str) -> ModuleType:
+    """A module from another checkout, loaded beside this tree's (its imports resolve here)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
+    global framing, zmtp
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--against", metavar="DIR",
+                    help="also time DIR/gateway/framing.py and zmtp.py (another checkout, e.g. "
+                         "git archive COMMIT gateway | tar -x -C DIR), round by round alternating "
+                         "with this tree's, and print best and median of each")
     args = ap.parse_args()
-    for name, fn in [("ws-read", ws_read), ("zmtp-parse", zmtp_parse), ("zmtp-in", zmtp_in),
-                     ("zmtp-out", zmtp_out)]:
-        print(f"{name:11} {best(lambda: fn(args.n), args.repeat):6.2f} us/message")
+    benches = [("ws-read", ws_read), ("zmtp-parse", zmtp_parse), ("zmtp-in", zmtp_in),
+               ("zmtp-out", zmtp_out)]
+    if not args.against:
+        for name, fn in benches:
+            print(f"{name:11} {best(lambda: fn(args.n), args.repeat):6.2f} us/message")
+        return
+    variants = {"this": (framing, zmtp),
+                "against": (load("other_framing", f"{args.against}/gateway/framing.py"),
+                            load("other_zmtp", f"{args.against}/gateway/zmtp.py"))}
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeat):  # round by round: the machine's speed drifts
+        for tag, (framing, zmtp) in variants.items():
+            for name, fn in benches:
+                times.setdefault((name, tag), []).append(fn(args.n))
+    for name, _ in benches:
+        line = f"{name:11}"
+        for tag in variants:
+            t = sorted(times[(name, tag)])
+            line += f"  {tag}: best {t[0]:5.2f} median {t[len(t) // 2]:5.2f}"
+        print(line + " us/message")
 
 
 if __name__ == "__main__":
