@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from wsproto import ConnectionType
 from wsproto.connection import Connection
@@ -142,6 +143,7 @@ def zmtp_parse(n: int) -> float:
         dt = time.perf_counter() - t
     else:  # zmtp.py before its I/O-free Connection (2e52851): Peer's parser, fed as _read did
         with tempfile.TemporaryDirectory() as d:
+            peer: Any
             peer, sock = kernel_side(os.path.join(d, "k"))
             buf = peer.rbuf
             t = time.perf_counter()

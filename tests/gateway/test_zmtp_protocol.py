@@ -212,14 +212,11 @@ def _bounded(c: Connection, chunks: list[bytes]) -> None:
         assert sum(map(len, c.parts)) <= c.max_message + 255 * c.max_frames
 
 
-CAPS = {"max_frame": 300, "max_message": 1000, "max_frames": 8}
-
-
 @FAST
 @given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=6), st.booleans())
 def test_random_bytes_raise_only_zmtp_error_with_bounded_memory(
         data: bytes, cuts: list[int], greeted: bool) -> None:
-    c = Connection(b"DEALER", **CAPS)
+    c = Connection(b"DEALER", max_frame=300, max_message=1000, max_frames=8)
     if greeted:
         c.receive_data(greeting() + ROUTER_READY)
     points = sorted({x % (len(data) + 1) for x in cuts})
