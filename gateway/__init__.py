@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, g, request
 from flask_sock import Sock
 
-from gateway import errors
+from gateway import errors, framing
 from gateway import operating
 from gateway.channels import Bridge, NoReaderThread
 from gateway.dispatch import Dispatcher
@@ -47,6 +47,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
+        "max_message_size": framing.MAX_MESSAGE_SIZE,  # both paths: 1009 past it
         "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]

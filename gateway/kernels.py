@@ -46,7 +46,7 @@ def validate_env(raw: Any, allowlist: tuple[str, ...]) -> dict[str, str]:
         raise BadRequest("'env' must be an object of strings")
     env: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or not ENV_NAME.match(key):
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):  # no trailing newline
             raise BadRequest(f"env: {key!r} is not a valid variable name")
         if not isinstance(value, str):
             raise BadRequest(f"env.{key}: expected a string, got {type(value).__name__}")
@@ -70,7 +70,7 @@ def launch_timeout(env: dict[str, str], pool: PoolConfig) -> float:
         value = float(raw)
     except ValueError:
         raise BadRequest(f"env.KERNEL_LAUNCH_TIMEOUT: expected seconds, got {raw!r}") from None
-    if value <= 0:
+    if not value > 0:  # nan too (inf is capped below)
         raise BadRequest("env.KERNEL_LAUNCH_TIMEOUT: must be > 0")
     return min(value, pool.max_launch_timeout)
 

@@ -74,9 +74,6 @@ def test_bad_names_are_refused(name: Any) -> None:
         validate_env({name: "v"}, ALLOW)
 
 
-@pytest.mark.xfail(strict=True, reason="ENV_NAME ends in '$', which matches before a trailing "
-                   "newline: 'KERNEL_X\\n' passes and reaches the kernel's environment and the ssh "
-                   "launcher's start script (gateway/kernels.py: use ENV_NAME.fullmatch or '\\Z')")
 def test_a_name_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(BadRequest, match="is not a valid variable name"):
         validate_env({"KERNEL_X\n": "v"}, ALLOW)
@@ -114,9 +111,6 @@ def test_a_bad_launch_timeout_is_a_400(raw: str, match: str) -> None:
     assert info.value.status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="float('nan') passes 'value <= 0' and min(nan, maximum) "
-                   "is nan: no deadline, and Celery's expires=nan fails, reported as a 503 'broker "
-                   "unreachable' (gateway/kernels.py: test 'not value > 0')")
 def test_nan_is_a_400_not_a_timeout_of_nan() -> None:
     with pytest.raises(BadRequest):
         launch_timeout({"KERNEL_LAUNCH_TIMEOUT": "nan"}, POOL)
