@@ -29,7 +29,8 @@ RUN_ID = uuid.uuid4().hex[:8]
 # Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3. Runs that share
 # one Redis at the same time pick different bases.
 DB_BASE = int(os.environ.get("POOLGATE_TEST_DB_BASE", "10"))
-REDIS = "redis://127.0.0.1:6379"
+# POOLGATE_TEST_REDIS: another Redis (e.g. one started with --databases 64 for high bases)
+REDIS = os.environ.get("POOLGATE_TEST_REDIS", "redis://127.0.0.1:6379")
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 HERE = Path(__file__).parent
 STACKS: list[Stack] = []
