@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,11 @@ def _gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help="prefix of every route, for reverse proxies")
     p.add_argument("--threads", type=int, default=None,
                    help="gateway threads: one per open WebSocket (default from queues.yaml)")
+    p.add_argument("--certfile", default=None, help="TLS: serve https/wss with this certificate "
+                                                    "chain (PEM)")
+    p.add_argument("--keyfile", default=None, help="TLS: the certificate's private key (PEM)")
+    p.add_argument("--client-ca", default=None,
+                   help="TLS: require client certificates signed by this CA (PEM)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +95,30 @@ def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["auth_token"] = args.auth_token
     if args.base_url is not None:
         out["base_url"] = args.base_url
+    for key in ("certfile", "keyfile", "client_ca"):
+        if getattr(args, key, None):
+            out[key] = str(Path(getattr(args, key)).resolve())
+    return out
+
+
+def tls_options(gw: Any) -> dict[str, Any]:
+    """gunicorn's TLS settings from ``gateway.certfile``/``keyfile``/``client_ca``; checked
+    here, so a missing file is a configuration error and not a server that never starts."""
+    import ssl
+
+    for key in ("certfile", "keyfile", "client_ca"):
+        value = getattr(gw, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"gateway.{key} (--{key.replace('_', '-')}): {value} is not a file")
+    if (gw.keyfile or gw.client_ca) and not gw.certfile:
+        raise ConfigError("gateway.certfile (--certfile): TLS needs the gateway's certificate")
+    if not gw.certfile:
+        return {}
+    out: dict[str, Any] = {"certfile": gw.certfile}
+    if gw.keyfile:
+        out["keyfile"] = gw.keyfile
+    if gw.client_ca:
+        out.update(ca_certs=gw.client_ca, cert_reqs=ssl.CERT_REQUIRED)
     return out
 
 
@@ -98,11 +128,13 @@ def gateway(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     config = load_config(args.config)  # fail here, with the message, not inside gunicorn
-    settings = {"CONFIG_PATH": str(find_config(args.config)),
-                "GATEWAY_OVERRIDES": gateway_overrides(args)}
+    overrides = gateway_overrides(args)
+    tls = tls_options(dataclasses.replace(config.gateway, **overrides))
+    settings = {"CONFIG_PATH": str(find_config(args.config)), "GATEWAY_OVERRIDES": overrides}
     threads = args.threads or config.gateway.threads
-    print(f"poolgate gateway listening on http://{args.ip}:{args.port}", flush=True)
-    run(settings, args.ip, args.port, threads)
+    scheme = "https" if tls else "http"
+    print(f"poolgate gateway listening on {scheme}://{args.ip}:{args.port}", flush=True)
+    run(settings, args.ip, args.port, threads, tls)
     return 0
 
 
