@@ -142,8 +142,9 @@ class Gateway:
             self.s.headers["Authorization"] = f"token {token}"
         self.headers = dict(headers or {})
         self.s.headers.update(self.headers)
-        if ca:
+        if ca:  # the session's own: REQUESTS_CA_BUNDLE would win over Session.verify
             self.s.verify = ca
+            self.s.trust_env = False
         if cert:
             self.s.cert = cert
         self.sslopt: dict[str, Any] | None = None

@@ -242,3 +242,111 @@ def test_denied_user_gets_403_and_does_not_see_the_spec(header_stack: Stack) -> 
     assert mallory.kernels() == []
     kid = alice.start("restricted")["id"]
     alice.shutdown(kid)
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def make_certs(folder: Path) -> dict[str, str]:
+    """A CA made here, a server certificate for 127.0.0.1 and a client certificate it signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out: dict[str, str] = {}
+
+    def write(name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        out[name], out[f"{name}_key"] = str(folder / f"{name}.pem"), str(folder / f"{name}.key")
+
+    def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+             signer: ec.EllipticCurvePrivateKey, ca: bool = False,
+             san: list[x509.GeneralName] | None = None,
+             usage: Any = None) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "poolgate test CA")])
+    write("ca", ca_key, cert("poolgate test CA", ca_key, ca_name, ca_key, ca=True))
+    key = ec.generate_private_key(ec.SECP256R1())
+    write("server", key, cert("127.0.0.1", key, ca_name, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+                              san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                   x509.DNSName("localhost")]))
+    key = ec.generate_private_key(ec.SECP256R1())
+    write("client", key, cert("alice", key, ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, str]) -> Iterator[Stack]:
+    yield from _stack(tmp_path_factory.mktemp("tls"), DB_BASE + 6, {"auth_token": TOKEN},
+                      gateway_args=["--certfile", certs["server"], "--keyfile", certs["server_key"]],
+                      client={"ca": certs["ca"]}, **ONE_POOL)
+
+
+def test_tls_https_and_wss(tls_stack: Stack, certs: dict[str, str]) -> None:
+    gw = tls_stack.gw
+    assert gw.base.startswith("https://")
+    kid = gw.start()["id"]
+    try:
+        ch = gw.channel(kid)  # wss://, verified against the test's CA
+        assert ch.ws.sock.version().startswith("TLS")  # type: ignore[union-attr]
+        assert ch.execute("'over tls'").result == "'over tls'"
+        # many TLS records each way: a 300 kB cell in, 2 MB of output out
+        res = ch.execute("x = '" + "a" * 300000 + "'; print(len(x)); print('b' * 2000000)")
+        assert res.stdout == "300000\n" + "b" * 2000000 + "\n"
+        ch.close()
+        with pytest.raises(requests.exceptions.SSLError):  # a client that does not trust it
+            requests.get(tls_stack.url + "/api", timeout=10)
+        with pytest.raises(requests.exceptions.ConnectionError):  # no plain http
+            requests.get(tls_stack.url.replace("https", "http") + "/api", timeout=10)
+    finally:
+        gw.shutdown(kid)
+
+
+def test_tls_client_certificates(tls_stack: Stack, certs: dict[str, str]) -> None:
+    from tests.conftest import free_port
+
+    args, client = tls_stack.gateway_args, tls_stack.client
+    tls_stack.gateway_args = [*args, "--client-ca", certs["ca"]]
+    tls_stack.client = {"ca": certs["ca"], "cert": (certs["client"], certs["client_key"])}
+    try:
+        gw = tls_stack.start_gateway(free_port())  # answers this client, with its certificate
+        kid = gw.start()["id"]
+        try:
+            ch = gw.channel(kid)
+            assert ch.execute("1+1").result == "2"
+            ch.close()
+            with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+                Gateway(gw.base, TOKEN, ca=certs["ca"]).get("/api", timeout=10)  # no certificate
+        finally:
+            gw.shutdown(kid)
+    finally:
+        tls_stack.gateway_args, tls_stack.client = args, client
+        proc = tls_stack.gateways.pop()
+        proc.terminate()
+        proc.wait(10)
