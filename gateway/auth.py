@@ -174,10 +174,17 @@ class HubAuthenticator(Authenticator):
                                      f"again shortly") from None
         if model.get("kind", "user") != "user" or not isinstance(model.get("name"), str):
             raise Unauthorized("the token does not belong to a JupyterHub user")
-        missing = [s for s in self.cfg.hub_scopes if s not in (model.get("scopes") or ())]
+        held = set(model.get("scopes") or ())
+        missing = [s for s in self.cfg.hub_scopes if not has_scope(held, s)]
         if missing:
             raise Unauthorized(f"the JupyterHub token lacks the scopes {', '.join(missing)}")
         return self.user(model["name"], admin=bool(model.get("admin")))
+
+
+def has_scope(held: set[str], scope: str) -> bool:
+    """Does a token holding ``held`` (the Hub's expanded scopes) have ``scope``? An unfiltered
+    scope (``access:services``) covers its filtered forms (``access:services!service=x``)."""
+    return scope in held or scope.split("!", 1)[0] in held
 
 
 def make_authenticator(config: Config) -> Authenticator:
