@@ -350,3 +350,43 @@ def test_tls_client_certificates(tls_stack: Stack, certs: dict[str, str]) -> Non
         proc = tls_stack.gateways.pop()
         proc.terminate()
         proc.wait(10)
+
+
+def test_serve_with_tls_and_client_certificates(tmp_path: Path, certs: dict[str, str]) -> None:
+    """``poolgate serve`` passes the TLS flags to its gateway and sees it ready over https."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import RUN_ID, free_port
+
+    port = free_port()
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir",
+         str(tmp_path / "data"), "--auth-token", TOKEN, "--slots", "1", "--certfile",
+         certs["server"], "--keyfile", certs["server_key"], "--client-ca", certs["ca"]],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+        lines = []
+        while "poolgate is ready" not in (line := proc.stdout.readline()):
+            assert line, "".join(lines)
+            lines.append(line)
+        assert f"https://127.0.0.1:{port}/" in line
+        gw = Gateway(f"https://127.0.0.1:{port}", TOKEN, ca=certs["ca"],
+                     cert=(certs["client"], certs["client_key"]))
+        kid = gw.start()["id"]
+        ch = gw.channel(kid)
+        assert ch.execute("'served over tls'").result == "'served over tls'"
+        ch.close()
+        gw.shutdown(kid)
+        with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+            Gateway(gw.base, TOKEN, ca=certs["ca"]).get("/api", timeout=10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
