@@ -30,6 +30,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     """Build the gateway app. ``settings`` may hold ``CONFIG`` (a Config) or ``CONFIG_PATH``."""
     settings = dict(settings or {})
     app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20  # REST bodies are small JSON: 413 past 1 MiB
     app.config.update(settings)
     config: Config = settings.get("CONFIG") or load_config(settings.get("CONFIG_PATH"))
     if settings.get("GATEWAY_OVERRIDES"):  # command-line options win over queues.yaml

@@ -224,7 +224,12 @@ def authenticate() -> Any:
             and same(given_token(request), metrics_token)):
         g.user = METRICS
         return None
-    g.user = current_app.extensions["poolgate.auth"].authenticate(request)
+    try:
+        g.user = current_app.extensions["poolgate.auth"].authenticate(request)
+    except Unauthorized as exc:  # one line per refusal, for audits and fail2ban
+        log.info("Refused %s %s from %s: %s", request.method, request.path,
+                 request.remote_addr, exc.message)
+        raise
     if request.endpoint in OPERATOR_ENDPOINTS and not (g.user.admin or g.user.operator):
         raise Forbidden("this page is for operators: an admin (gateway.auth.admin_users) or "
                         "the metrics token")

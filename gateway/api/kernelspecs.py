@@ -53,7 +53,7 @@ def get_spec(name: str) -> Any:
 
 @bp.get("/kernelspecs/<name>/<path:filename>")
 def spec_file(name: str, filename: str) -> Any:
-    spec = ctx()["config"].kernelspecs.get(name)
+    spec = _visible(_caller()).get(name)
     if spec is None:
         raise UnknownKernelSpec(f"no kernelspec named {name!r}")
     base = Path(spec.resource_dir).resolve()

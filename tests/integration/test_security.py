@@ -129,6 +129,14 @@ def test_token_every_route_needs_the_token(token_stack: Stack) -> None:
         gw.shutdown(kid)
 
 
+def test_large_bodies_are_refused(token_stack: Stack) -> None:
+    big = b'{"name": "python3", "pad": "' + b"x" * (2 << 20) + b'"}'
+    r = token_stack.gw.post("/api/kernels", data=big)
+    assert r.status_code == 413 and set(r.json()) == {"reason", "message"}
+    assert requests.post(token_stack.url + "/api/kernels", data=big, timeout=30).status_code == 401
+    assert token_stack.live_kernels() == []
+
+
 def test_metrics_token_opens_operator_routes_only(token_stack: Stack) -> None:
     ops = Gateway(token_stack.url, METRICS_TOKEN)
     for path in ("/api/pools", "/api/pools/local", "/metrics", "/pools"):
