@@ -136,7 +136,7 @@ class HubAuthenticator(Authenticator):
     def __init__(self, cfg: AuthConfig) -> None:
         super().__init__(cfg)
         self.url = cfg.hub_api_url.rstrip("/") + "/user"
-        self.cache: dict[str, tuple[float, User]] = {}
+        self.cache: dict[str, tuple[float, User | str]] = {}  # str: why the Hub refused it
         self.lock = threading.Lock()
 
     def authenticate(self, req: Request) -> User:
@@ -149,13 +149,24 @@ class HubAuthenticator(Authenticator):
         with self.lock:
             hit = self.cache.get(key)
         if hit is not None and hit[0] > now:
+            if isinstance(hit[1], str):
+                raise Unauthorized(hit[1])
             return hit[1]
-        user = self.ask_hub(token)
+        try:
+            user = self.ask_hub(token)
+        except Unauthorized as exc:  # kept too: made-up tokens in a flood do not each reach the Hub
+            self._keep(key, exc.message, now)
+            raise
+        self._keep(key, user, now)
+        return user
+
+    def _keep(self, key: str, user: User | str, now: float) -> None:
         with self.lock:
             if len(self.cache) >= self.MAX_CACHED:
                 self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+                if len(self.cache) >= self.MAX_CACHED:
+                    self.cache.clear()
             self.cache[key] = (now + self.cfg.cache_seconds, user)
-        return user
 
     def ask_hub(self, token: str) -> User:
         """The token's owner, as the Hub says; 401 when the Hub refuses the token."""

@@ -52,6 +52,8 @@ def validate_env(raw: Any, allowlist: tuple[str, ...]) -> dict[str, str]:
             raise BadRequest(f"env: {key!r} is not a valid variable name")
         if not isinstance(value, str):
             raise BadRequest(f"env.{key}: expected a string, got {type(value).__name__}")
+        if "\x00" in value:  # no process environment can hold it: a 400, not a failed launch
+            raise BadRequest(f"env.{key}: the value contains a NUL character")
         if len(value) > MAX_VALUE:
             raise BadRequest(f"env.{key}: the value is {len(value)} characters; "
                              f"at most {MAX_VALUE} are allowed")

@@ -152,3 +152,30 @@ def test_origins() -> None:
     assert not cors.cross_allowed("https://x.org", "") and not cors.cross_allowed("", "*")
     assert cors.same_origin("http://127.0.0.1:8888", "127.0.0.1:8888")
     assert not cors.same_origin("http://evil:8888", "127.0.0.1:8888")
+
+
+def test_hub_answers_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.auth import HubAuthenticator
+
+    auth = HubAuthenticator(AuthConfig(kind="jupyterhub", hub_api_url="http://hub/hub/api",
+                                       cache_seconds=30))
+    asked: list[str] = []
+
+    def ask_hub(token: str) -> User:
+        asked.append(token)
+        if token != "good":
+            raise Unauthorized(f"refused {token}")
+        return User("alice")
+
+    monkeypatch.setattr(auth, "ask_hub", ask_hub)
+    for token in ("good", "good", "bad", "bad"):
+        with APP.test_request_context("/", headers={"Authorization": f"token {token}"}):
+            from flask import request
+
+            if token == "good":
+                assert auth.authenticate(request) == User("alice")
+            else:
+                with pytest.raises(Unauthorized, match="refused bad"):
+                    auth.authenticate(request)
+    assert asked == ["good", "bad"]  # once each, refusals included
+    assert all("good" not in key for key in auth.cache)  # kept by hash, not in clear

@@ -137,6 +137,12 @@ def test_large_bodies_are_refused(token_stack: Stack) -> None:
     assert token_stack.live_kernels() == []
 
 
+def test_env_value_with_nul_is_a_400(token_stack: Stack) -> None:
+    r = token_stack.gw.post("/api/kernels", json={"env": {"KERNEL_X": "a\x00b"}})
+    assert r.status_code == 400 and "NUL" in r.json()["message"]
+    assert token_stack.live_kernels() == []
+
+
 def test_metrics_token_opens_operator_routes_only(token_stack: Stack) -> None:
     ops = Gateway(token_stack.url, METRICS_TOKEN)
     for path in ("/api/pools", "/api/pools/local", "/metrics", "/pools"):
