@@ -19,6 +19,7 @@ from gateway import operating
 from gateway.channels import Bridge, NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
+from gateway.framing import MAX_MESSAGE
 from gateway.kernels import KernelService
 from workers.config import Config, load_config
 from workers.registry import Registry
@@ -48,6 +49,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
+        "max_message_size": MAX_MESSAGE,  # the compressed path's cap (gateway/framing.py's own)
         "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]

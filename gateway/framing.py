@@ -11,7 +11,10 @@ import socket
 import struct
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-PROTOCOL_ERROR, INVALID_DATA = 1002, 1007
+PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1002, 1007, 1009
+#: The largest message a client may send (Jupyter Server's tornado takes 10 MiB by default):
+#: a bound on what one connection can make the gateway hold.
+MAX_MESSAGE = 64 << 20
 
 
 def ws_header(data: bytes, text: bool) -> bytes:
@@ -84,7 +87,8 @@ class FrameReader:
     connection; the messages before it are still returned, and the reply is a close frame).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
         self.buf = bytearray()
         self.fragments: tuple[int, bytearray] | None = None  # opcode, data so far
         self.pong = False
@@ -113,6 +117,10 @@ class FrameReader:
                     raise ProtocolError(PROTOCOL_ERROR, "reserved bits set without an extension")
                 if not b1 & 0x80:
                     raise ProtocolError(PROTOCOL_ERROR, "client frames must be masked")
+                so_far = len(self.fragments[1]) if self.fragments and not b0 & 0x0F else 0
+                if length + so_far > self.max_message:  # before its bytes are waited for
+                    raise ProtocolError(MESSAGE_TOO_BIG, f"a message over {self.max_message} "
+                                                         f"bytes")
                 start = pos + head + 4
                 if end - start < length:
                     break

@@ -112,3 +112,23 @@ def test_unmask_is_its_own_inverse() -> None:
     masked = framing.unmask(data, b"\x01\x80\xff\x10")
     assert masked != data and framing.unmask(masked, b"\x01\x80\xff\x10") == data
     assert [masked[i] ^ data[i] for i in range(8)] == [1, 0x80, 0xFF, 0x10] * 2
+
+
+def test_a_message_over_the_limit_closes_with_1009_before_its_bytes_arrive() -> None:
+    client, _ = client_pair()
+    reader = FrameReader(max_message=1000)
+    ok = client.send(Message(data=b"x" * 1000))
+    big = client.send(Message(data=b"y" * 5000))
+    messages, replies = reader.feed(ok + big[:20])  # only the big one's header has come
+    assert messages == [b"x" * 1000] and reader.close_code == framing.MESSAGE_TOO_BIG
+    assert replies and replies[0][0] == 0x88 and replies[0][2:4] == (1009).to_bytes(2, "big")
+    reader = FrameReader(max_message=1000)  # fragments count together; a ping between them not
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Ping(b"p" * 100))
+            + client.send(Message(data=b"b" * 300, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [b"a" * 600 + b"b" * 300] and reader.close_code is None
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Message(data=b"b" * 600, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [] and reader.close_code == framing.MESSAGE_TOO_BIG
