@@ -201,6 +201,8 @@ def has_scope(held: set[str], scope: str) -> bool:
 def make_authenticator(config: Config) -> Authenticator:
     """The authenticator ``gateway.auth.kind`` names."""
     cfg = config.gateway.auth
+    if cfg.kind != "token" and config.gateway.auth_token:
+        log.warning("gateway.auth_token is not checked: gateway.auth.kind is %s", cfg.kind)
     if cfg.kind == "header":
         return HeaderAuthenticator(cfg)
     if cfg.kind == "jupyterhub":

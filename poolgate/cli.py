@@ -24,7 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8888, help="port to listen on (default 8888)")
-    p.add_argument("--auth-token", default=None, help="require 'Authorization: token T'")
+    p.add_argument("--auth-token", default=os.environ.get("POOLGATE_AUTH_TOKEN"),
+                   help="require 'Authorization: token T' (default $POOLGATE_AUTH_TOKEN, which "
+                        "other local users cannot read in the process list)")
     p.add_argument("--base-url", default=None, help="prefix of every route, for reverse proxies")
     p.add_argument("--threads", type=int, default=None,
                    help="gateway threads: one per open WebSocket (default from queues.yaml)")

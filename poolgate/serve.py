@@ -177,11 +177,15 @@ def serve(args: argparse.Namespace) -> int:
                                           "--log-level", "warning"], env)
         gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
               "--log-level", args.log_level]
+        gw_env = dict(env)
         for key, value in gateway_overrides(args).items():
+            if key == "auth_token":  # in the environment: a command line is visible to all users
+                gw_env["POOLGATE_AUTH_TOKEN"] = value
+                continue
             gw += [f"--{key.replace('_', '-')}", value]
         if args.threads:
             gw += ["--threads", str(args.threads)]
-        unit.spawn("gateway", gw, env)
+        unit.spawn("gateway", gw, gw_env)
         registry = Registry(url)
         base = "/" + (args.base_url or config.gateway.base_url).strip("/")
         scheme = "https" if (args.certfile or config.gateway.certfile) else "http"

@@ -376,12 +376,12 @@ def test_serve_with_tls_and_client_certificates(tmp_path: Path, certs: dict[str,
     from tests.conftest import RUN_ID, free_port
 
     port = free_port()
-    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID, POOLGATE_AUTH_TOKEN=TOKEN)
     for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
         env.pop(key, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir",
-         str(tmp_path / "data"), "--auth-token", TOKEN, "--slots", "1", "--certfile",
+         str(tmp_path / "data"), "--slots", "1", "--certfile",
          certs["server"], "--keyfile", certs["server_key"], "--client-ca", certs["ca"]],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -396,6 +396,10 @@ def test_serve_with_tls_and_client_certificates(tmp_path: Path, certs: dict[str,
         kid = gw.start()["id"]
         ch = gw.channel(kid)
         assert ch.execute("'served over tls'").result == "'served over tls'"
+        # serve gives its workers the private Redis's URL and secret, and the token; not kernels
+        res = ch.execute("import os; print(sorted(k for k in os.environ if k.startswith("
+                         "('POOLGATE_BROKER', 'POOLGATE_REGISTRY', 'POOLGATE_AUTH', 'CELERY_BROKER', 'CELERY_RESULT'))))")
+        assert res.stdout == "[]\n"
         ch.close()
         gw.shutdown(kid)
         with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
