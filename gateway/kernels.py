@@ -149,7 +149,8 @@ class KernelService:
 
     def list(self, user: User | None = None) -> list[dict[str, Any]]:
         """The kernels ``user`` may see (all without one)."""
-        live = (self.check_alive(r) for r in self.registry.all() if user is None or user.owns(r.user))
+        live = (self.check_alive(r) for r in self.registry.all()
+                if user is None or user.owns(r.user))
         return [self.model(r) for r in live if r is not None]
 
     def capacity(self, pool: str) -> tuple[int, int, int]:

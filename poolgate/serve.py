@@ -10,9 +10,11 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -215,9 +217,6 @@ def serve(args: argparse.Namespace) -> int:
 def _answers(url: str, token: str | None) -> bool:
     """Does the gateway answer? A 401 or 403 is an answer (it authenticates users some other
     way, or wants a client certificate); this only asks whether it is up."""
-    import ssl
-    import urllib.error
-
     req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
     context = ssl.create_default_context()
     context.check_hostname = False

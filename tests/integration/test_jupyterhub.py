@@ -71,7 +71,8 @@ class Hub:
                 break
             time.sleep(0.3)
         self.stop()
-        raise AssertionError(f"JupyterHub did not start:\n{(folder / 'hub.log').read_text()[-3000:]}")
+        log = (folder / "hub.log").read_text()[-3000:]
+        raise AssertionError(f"JupyterHub did not start:\n{log}")
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         r = requests.request(method, self.api + path, timeout=30,

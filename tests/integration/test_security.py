@@ -302,7 +302,8 @@ def make_certs(folder: Path) -> dict[str, str]:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "poolgate test CA")])
     write("ca", ca_key, cert("poolgate test CA", ca_key, ca_name, ca_key, ca=True))
     key = ec.generate_private_key(ec.SECP256R1())
-    write("server", key, cert("127.0.0.1", key, ca_name, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+    write("server", key, cert("127.0.0.1", key, ca_name, ca_key,
+                              usage=ExtendedKeyUsageOID.SERVER_AUTH,
                               san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                    x509.DNSName("localhost")]))
     key = ec.generate_private_key(ec.SECP256R1())
@@ -318,7 +319,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tls_stack(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, str]) -> Iterator[Stack]:
     yield from _stack(tmp_path_factory.mktemp("tls"), DB_BASE + 6, {"auth_token": TOKEN},
-                      gateway_args=["--certfile", certs["server"], "--keyfile", certs["server_key"]],
+                      gateway_args=["--certfile", certs["server"],
+                                    "--keyfile", certs["server_key"]],
                       client={"ca": certs["ca"]}, **ONE_POOL)
 
 
@@ -397,8 +399,9 @@ def test_serve_with_tls_and_client_certificates(tmp_path: Path, certs: dict[str,
         ch = gw.channel(kid)
         assert ch.execute("'served over tls'").result == "'served over tls'"
         # serve gives its workers the private Redis's URL and secret, and the token; not kernels
-        res = ch.execute("import os; print(sorted(k for k in os.environ if k.startswith("
-                         "('POOLGATE_BROKER', 'POOLGATE_REGISTRY', 'POOLGATE_AUTH', 'CELERY_BROKER', 'CELERY_RESULT'))))")
+        res = ch.execute("import os; print(sorted(k for k in os.environ if k.startswith(("
+                         "'POOLGATE_BROKER', 'POOLGATE_REGISTRY', 'POOLGATE_AUTH', "
+                         "'CELERY_BROKER', 'CELERY_RESULT'))))")
         assert res.stdout == "[]\n"
         ch.close()
         gw.shutdown(kid)
