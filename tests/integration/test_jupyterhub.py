@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -163,3 +164,48 @@ def test_revoked_token_stops_working_within_the_cache_time(hub: Hub, hub_stack: 
         assert time.monotonic() - t0 < CACHE + 1.0, "the revoked token still works"
         time.sleep(0.1)
     assert gw.get("/api/kernels").status_code == 401
+
+
+def test_single_user_server_uses_its_hub_token(hub: Hub, hub_stack: Stack,
+                                               tmp_path: Path) -> None:
+    """A Jupyter Server set up as README's JupyterHub section says (``--gateway-url`` and
+    ``GatewayClient.auth_token`` from ``JUPYTERHUB_API_TOKEN``) runs kernels as its user."""
+    from tests.client import Channel
+
+    token = hub.token("alice")[0]
+    (tmp_path / "jupyter_server_config.py").write_text(
+        "import os\nc.GatewayClient.auth_token = os.environ['JUPYTERHUB_API_TOKEN']\n")
+    port, js_token = free_port(), uuid.uuid4().hex
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), JUPYTER_DATA_DIR=str(tmp_path),
+               JUPYTER_CONFIG_DIR=str(tmp_path), JUPYTERHUB_API_TOKEN=token)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
+         "--ip=127.0.0.1", f"--ServerApp.token={js_token}", f"--ServerApp.root_dir={tmp_path}",
+         f"--gateway-url={hub_stack.url}", "--GatewayClient.request_timeout=120"],
+        env=env, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        server = Gateway(f"http://127.0.0.1:{port}", js_token)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if server.get("/api/kernelspecs", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        kid = server.start("python3")["id"]
+        try:
+            ch = Channel(server.base, kid, token=js_token)  # through the server's WebSocket
+            res = ch.execute("import os; print(os.environ['KERNEL_USERNAME'])")
+            assert res.stdout == "alice\n"
+            ch.close()
+            assert Gateway(hub_stack.url, hub.token("bob")[0]).kernels() == []
+            assert kid in [k["id"] for k in Gateway(hub_stack.url, token).kernels()]
+        finally:
+            assert server.delete(f"/api/kernels/{kid}").status_code == 204
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
