@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Request, g, request
+from flask import Flask, Request, Response, g, request
 
 from workers.config import AuthConfig, Config
 from workers.errors import BackendUnavailable, Forbidden, Unauthorized
@@ -221,6 +221,12 @@ def install(app: Flask, config: Config) -> None:
     app.extensions["poolgate.auth"] = make_authenticator(config)
     app.before_request(authenticate)
     cors.install(app, config.gateway.allow_origin)
+
+    @app.after_request
+    def _challenge(resp: Response) -> Response:
+        if resp.status_code == 401:  # RFC 9110: a 401 names the scheme it wants
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="poolgate"'
+        return resp
 
 
 def authenticate() -> Any:

@@ -27,7 +27,7 @@ RESTRICTED = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_
               "metadata": {"poolgate": {"denied_users": ["mallory"]}}}
 #: Every route, by method and path; {kid} is a kernel id, {sid} a session id.
 ROUTES = [
-    ("GET", "/"), ("GET", "/api"), ("GET", "/api/kernelspecs"), ("GET", "/api/kernelspecs/python3"),
+    ("GET", "/"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/kernelspecs"), ("GET", "/api/kernelspecs/python3"),
     ("GET", "/kernelspecs/python3/logo-64x64.png"), ("GET", "/api/kernels"),
     ("POST", "/api/kernels"), ("GET", "/api/kernels/{kid}"), ("DELETE", "/api/kernels/{kid}"),
     ("POST", "/api/kernels/{kid}/interrupt"), ("POST", "/api/kernels/{kid}/restart"),
@@ -99,6 +99,7 @@ def assert_all_refused(url: str, headers: dict[str, str], live_kid: str, sid: st
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             body = r.json()
             assert set(body) == {"reason", "message"} and body["reason"] == "unauthorized"
+            assert r.headers["WWW-Authenticate"] == 'Bearer realm="poolgate"'
             assert kid not in r.text
             answers.append(r.text)
         assert answers[0] == answers[1], (method, path)
@@ -106,6 +107,25 @@ def assert_all_refused(url: str, headers: dict[str, str], live_kid: str, sid: st
     unknown = _ws_status(url, str(uuid.uuid4()), headers)
     assert live[0] == unknown[0] == 401
     assert json.loads(live[1]) == json.loads(unknown[1])
+
+
+def test_routes_list_is_every_route_of_the_app(token_stack: Stack) -> None:
+    """ROUTES covers every rule the app has, so a route added later is tested above too; and
+    every rule, with any method, answers 401 to a client without the token (Flask's test
+    client on the same app, same config)."""
+    from gateway import create_app
+
+    app = create_app({"CONFIG_PATH": str(token_stack.config)})
+    rules = {(m, r.rule.replace("<kernel_id>", "{kid}").replace("<sid>", "{sid}")
+              .replace("<name>", "python3").replace("<path:filename>", "logo-64x64.png")
+              .replace("/api/pools/python3", "/api/pools/local"))
+             for r in app.url_map.iter_rules() for m in r.methods or ()
+             if m not in ("HEAD", "OPTIONS")}
+    assert rules - set(ROUTES) == set()
+    client = app.test_client()
+    for method, path in sorted(rules):
+        r = client.open(path.format(kid=uuid.uuid4(), sid=uuid.uuid4()), method=method)
+        assert r.status_code == 401 and r.json and r.json["reason"] == "unauthorized", (method, path)
 
 
 def test_token_every_route_needs_the_token(token_stack: Stack) -> None:
