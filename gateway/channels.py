@@ -42,7 +42,7 @@ from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from gateway import framing, wire, zmtp
+from gateway import framing, tls, wire, zmtp
 from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
@@ -123,7 +123,7 @@ class Connection:
         self.reader = framing.FrameReader(cap) if self.plain else None
         self.pending: list[bytes | memoryview] = []  # written when the socket takes them
         self.on_flushed: list[Callable[[], None]] = []  # run when ``pending`` is all written
-        self.sock: socket.socket = getattr(ws.sock, "_sock", ws.sock)
+        self.sock: socket.socket = tls.for_pump(getattr(ws.sock, "_sock", ws.sock))
         self.sock.setblocking(False)
         ws.sock = ClientSocket(self, self.sock)
 

@@ -93,7 +93,11 @@ class Stack:
     def __init__(self, tmp: Path, broker: str, db: int, slots: int = 4, ttl: float = 3.0,
                  redis_url: str = "",
                  pools: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
-                 specs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                 specs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 gateway_args: list[str] | None = None,
+                 client: dict[str, Any] | None = None) -> None:
+        """``gateway_args`` are added to ``poolgate gateway`` (TLS files); ``client`` are the
+        test client's options (tests/client.py Gateway: headers, ca, cert)."""
         self.tmp = tmp
         self.db = db
         redis_url = redis_url or REDIS
@@ -117,7 +121,10 @@ class Stack:
         self.env.pop("POOLGATE_BROKER_URL", None)
         self.env.pop("POOLGATE_REGISTRY_URL", None)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.gateway_args = gateway_args or []
+        self.client = client or {}
+        self.scheme = "https" if "--certfile" in self.gateway_args else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.gateways: list[subprocess.Popen[bytes]] = []
         self.logs = tmp / "logs"
@@ -164,14 +171,15 @@ class Stack:
         raise AssertionError(f"worker for {pool} did not start:\n{self.log(f'worker-{pool}')}")
 
     def start_gateway(self, port: int) -> Gateway:
-        args = ["gateway", "--config", str(self.config), "--port", str(port), "--log-level", "info"]
+        args = ["gateway", "--config", str(self.config), "--port", str(port), "--log-level", "info",
+                *self.gateway_args]
         proc = self._spawn(f"gateway-{port}", args)
         self.gateways.append(proc)
-        gw = Gateway(f"http://127.0.0.1:{port}", self.token)
+        gw = Gateway(f"{self.scheme}://127.0.0.1:{port}", self.token, **self.client)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                if gw.get("/api", timeout=1).status_code == 200:
+            try:  # up: it answers (401 where this client is not a user)
+                if gw.get("/api", timeout=1).status_code in (200, 401):
                     return gw
             except OSError:
                 pass
@@ -186,7 +194,7 @@ class Stack:
 
     @property
     def gw(self) -> Gateway:
-        return Gateway(self.url, self.token)
+        return Gateway(self.url, self.token, **self.client)
 
     def kill_worker(self, pool: str) -> None:
         proc = self.workers[pool]

@@ -154,3 +154,23 @@ def test_connection_closes_a_client_whose_message_is_over_the_cap() -> None:
     assert [e.code for e in client.events() if isinstance(e, CloseConnection)] == [1009]
     a.close()
     b.close()
+
+
+def test_a_message_over_the_limit_closes_with_1009_before_its_bytes_arrive() -> None:
+    client, _ = client_pair()
+    reader = FrameReader(1000)
+    ok = client.send(Message(data=b"x" * 1000))
+    big = client.send(Message(data=b"y" * 5000))
+    messages, replies = reader.feed(ok + big[:20])  # only the big one's header has come
+    assert messages == [b"x" * 1000] and reader.close_code == framing.MESSAGE_TOO_BIG
+    assert replies and replies[0][0] == 0x88 and replies[0][2:4] == (1009).to_bytes(2, "big")
+    reader = FrameReader(1000)  # fragments count together; a ping between them not
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Ping(b"p" * 100))
+            + client.send(Message(data=b"b" * 300, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [b"a" * 600 + b"b" * 300] and reader.close_code is None
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Message(data=b"b" * 600, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [] and reader.close_code == framing.MESSAGE_TOO_BIG

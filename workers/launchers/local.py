@@ -24,7 +24,7 @@ import zmq
 from workers import jmsg
 from workers.config import python_argv
 from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
-from workers.launchers.base import Launcher
+from workers.launchers.base import Launcher, without_worker_secrets
 from workers.launchers.forking import UNKNOWN, Forked, ForkServer, why_not
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
@@ -137,8 +137,9 @@ def build_command(argv: tuple[str, ...], connection_file: str, resource_dir: str
 
 
 def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
-    """The kernel's environment: the worker's, the spec's, the request's, and KERNEL_ID."""
-    env = dict(base)
+    """The kernel's environment: the worker's (less its credentials), the spec's, the
+    request's, and KERNEL_ID."""
+    env = without_worker_secrets(base)
     env.update(req.spec_env)
     env.update(req.env)
     env["KERNEL_ID"] = req.kernel_id
