@@ -1,0 +1,132 @@
+"""docker-swarm: a Swarm service per kernel, placed by the Swarm scheduler.
+
+Reach: kernels are reached at their own IP, never through the routing mesh (no IPVS needed):
+``endpoint_mode: dnsrr`` and ``network: host`` (the kernel listens on its node's ports and
+reports the node's IP on the route to this worker), or an overlay network that the worker and
+gateways are attached to (they run as containers on it). Images are referred to by ID where
+the worker's engine has them, so no registry is asked for a digest. Signals go through the
+kernel launcher's command port: the worker cannot reach a container on another node. See
+docs/swarm.md.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from workers.launchers.docker_builders import (KERNEL_LABEL, SwarmOptions, build_service_spec,
+                                               choose_image, resource_name)
+from workers.launchers.docker_common import EngineLauncher, docker_module
+from workers.launchers.reply import Expectation
+from workers.protocol import KernelHandle, LaunchRequest
+
+log = logging.getLogger(__name__)
+
+ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+WAITING = {"new", "allocated", "pending", "assigned", "accepted", "ready", "preparing",
+           "starting"}
+
+
+class SwarmLauncher(EngineLauncher):
+    """Starts each kernel as a one-replica service that is never restarted by Swarm."""
+
+    Options = SwarmOptions
+    kind = "service"
+
+    def __init__(self, pool, options, runtime_dir):  # type: ignore[no-untyped-def]
+        super().__init__(pool, options, runtime_dir)
+        self.options: SwarmOptions = options
+
+    def response_host(self) -> str:
+        if self.options.response_address:
+            return self.options.response_address
+        if self.options.network == "host":  # this node's address in the swarm
+            addr = str(self.client.info().get("Swarm", {}).get("NodeAddr") or "")
+            if addr:
+                return addr
+        return socket.gethostbyname(socket.gethostname())
+
+    def image_ref(self, image: str) -> str:
+        """The image's ID where this engine has it (no registry is asked); else its name."""
+        docker = docker_module()
+        try:
+            return str(self.client.images.get(image).id)
+        except docker.errors.ImageNotFound:
+            return image
+
+    def create(self, req: LaunchRequest, exp: Expectation) -> dict[str, Any]:
+        docker = docker_module()
+        image = choose_image(req, self.options)
+        spec = build_service_spec(req, self.options, self.image_ref(image), exp.env())
+        types = {"resources": docker.types.Resources,
+                 "restart_policy": docker.types.RestartPolicy,
+                 "endpoint_spec": docker.types.EndpointSpec}
+        kwargs = {k: types[k](**v) if k in types else v for k, v in spec.items()}
+        service = self.client.services.create(**kwargs)
+        return {"service": service.id, "name": spec["name"], "image": image}
+
+    def _service(self, handle: KernelHandle) -> Any:
+        docker = docker_module()
+        ref = str(handle.data.get("service") or resource_name(handle.kernel_id))
+        try:
+            return self.client.services.get(ref)
+        except docker.errors.NotFound:
+            return None
+
+    def _task(self, service: Any) -> dict[str, Any] | None:
+        tasks = service.tasks()
+        return max(tasks, key=lambda t: t.get("CreatedAt", "")) if tasks else None
+
+    def state(self, handle: KernelHandle) -> tuple[str | None, str]:
+        service = self._service(handle)
+        if service is None:
+            return f"its service {handle.data.get('name')} is gone", ""
+        task = self._task(service)
+        if task is None:
+            return None, "no task scheduled yet"
+        st = task.get("Status", {})
+        state, err = str(st.get("State", "")), str(st.get("Err") or st.get("Message") or "")
+        if state == "running" or state in WAITING:
+            return None, f"task {state}: {err}" if err else f"task {state}"
+        code = (st.get("ContainerStatus") or {}).get("ExitCode")
+        why = f"its Swarm task is {state}"
+        if code is not None and state in ("complete", "failed"):
+            why += f" (exit status {code})"
+        return f"{why}: {err}" if err else why, why
+
+    def remove_labelled(self, kernel_id: str, grace: float) -> int:
+        docker = docker_module()
+        found = self.client.services.list(filters={"label": f"{KERNEL_LABEL}={kernel_id}"})
+        for service in found:
+            try:
+                service.remove()
+            except docker.errors.NotFound:
+                pass
+        # Tasks end after the service: wait for this engine's containers of the kernel, so a
+        # stop is complete when it returns (on other nodes, Swarm removes them the same way).
+        import time
+
+        deadline = time.monotonic() + grace + 15
+        label = {"label": f"{KERNEL_LABEL}={kernel_id}"}
+        while self.client.containers.list(all=True, filters=label):
+            if time.monotonic() > deadline:
+                for c in self.client.containers.list(all=True, filters=label):
+                    log.warning("Kernel %s: container %s outlived its service; removing it",
+                                kernel_id, c.name)
+                    try:
+                        c.remove(force=True)
+                    except docker.errors.NotFound:
+                        pass
+                break
+            time.sleep(0.2)
+        return len(found)
+
+    def logs(self, handle: KernelHandle) -> str:
+        service = self._service(handle)
+        if service is None:
+            return ""
+        try:
+            chunks = service.logs(stdout=True, stderr=True, tail=40)
+            return b"".join(chunks).decode(errors="replace")
+        except docker_module().errors.APIError:
+            return ""
