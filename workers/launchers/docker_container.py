@@ -7,6 +7,7 @@ ports. A user-defined bridge works the same way as ``bridge``. See docs/swarm.md
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -35,6 +36,8 @@ class DockerLauncher(EngineLauncher):
         for cfg in net.attrs.get("IPAM", {}).get("Config") or []:
             if cfg.get("Gateway"):
                 return str(cfg["Gateway"])
+            if cfg.get("Subnet") and ":" not in cfg["Subnet"]:  # the engine's convention:
+                return str(next(ipaddress.ip_network(cfg["Subnet"]).hosts()))  # the first host
         raise LaunchRejected(f"pool {self.pool.name}: network {self.options.network!r} has no "
                              "gateway address; set options.response_address")
 
