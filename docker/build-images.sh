@@ -15,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 . /etc/os-release
 RELEASE=${RELEASE:-${VERSION_CODENAME:-bookworm}}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-LOCAL_BASE="poolgate/debian-base:$RELEASE"
+LOCAL_BASE=${LOCAL_BASE:-poolgate/debian-base:$RELEASE}
 BASE_IMAGE=${BASE_IMAGE:-$LOCAL_BASE}
 KERNEL_IMAGE=${KERNEL_IMAGE:-poolgate/kernel:latest}
 
@@ -38,6 +38,9 @@ if [ "$BASE_IMAGE" = "$LOCAL_BASE" ] && ! have_image "$LOCAL_BASE"; then
 fi
 
 echo "build-images: building $KERNEL_IMAGE from $BASE_IMAGE"
-docker build -q -f docker/kernel.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-  -t "$KERNEL_IMAGE" . >/dev/null
+log=$(mktemp)
+# the legacy builder (docker.io has no buildx) warns on every build: show its output on failure
+docker build -f docker/kernel.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  -t "$KERNEL_IMAGE" . >"$log" 2>&1 || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
 echo "build-images: $KERNEL_IMAGE is $(docker image inspect -f '{{.Id}}' "$KERNEL_IMAGE")"

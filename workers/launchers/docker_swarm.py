@@ -10,8 +10,10 @@ docs/swarm.md.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import time
 from typing import Any
 
 from workers.launchers.docker_builders import (KERNEL_LABEL, SwarmOptions, build_service_spec,
@@ -102,23 +104,19 @@ class SwarmLauncher(EngineLauncher):
                 service.remove()
             except docker.errors.NotFound:
                 pass
-        # Tasks end after the service: wait for this engine's containers of the kernel, so a
-        # stop is complete when it returns (on other nodes, Swarm removes them the same way).
-        import time
-
-        deadline = time.monotonic() + grace + 15
+        # Swarm ends the tasks of a removed service seconds later, and reaps their containers
+        # seconds after that: this engine's containers of the kernel are ended and removed here,
+        # so a stop is complete when it returns (other nodes' are left to Swarm).
         label = {"label": f"{KERNEL_LABEL}={kernel_id}"}
-        while self.client.containers.list(all=True, filters=label):
-            if time.monotonic() > deadline:
-                for c in self.client.containers.list(all=True, filters=label):
-                    log.warning("Kernel %s: container %s outlived its service; removing it",
-                                kernel_id, c.name)
-                    try:
-                        c.remove(force=True)
-                    except docker.errors.NotFound:
-                        pass
-                break
-            time.sleep(0.2)
+        deadline = time.monotonic() + grace
+        for c in self.client.containers.list(filters=label):
+            with contextlib.suppress(docker.errors.APIError):
+                c.kill(signal="SIGTERM")
+        while self.client.containers.list(filters=label) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for c in self.client.containers.list(all=True, filters=label):
+            with contextlib.suppress(docker.errors.APIError):  # gone or being removed already
+                c.remove(force=True)
         return len(found)
 
     def logs(self, handle: KernelHandle) -> str:
