@@ -226,3 +226,17 @@ def test_kernel_environment_has_no_registry_or_broker_secret(docker_stack: Stack
             assert secret not in names, names
     finally:
         gw.shutdown(kid)
+
+
+def test_resources_no_node_has_fail_at_the_launch_timeout_with_the_engines_reason(
+        docker_stack: Stack) -> None:
+    t0 = time.monotonic()
+    r = docker_stack.gw.post("/api/kernels", json={"name": "py-swarm", "env": {
+        "KERNEL_MEMORY": "4096Gi", "KERNEL_LAUNCH_TIMEOUT": "8"}})
+    took = time.monotonic() - t0
+    assert r.status_code in (500, 503), r.text
+    msg = r.json()["message"]
+    assert "insufficient resources" in msg, msg
+    assert 5 < took < 8 + 2, f"took {took:.0f}s for a launch timeout of 8s"
+    print(msg)
+    assert docker_stack.live_kernels() == []

@@ -138,7 +138,7 @@ class EngineLauncher(Launcher):
 
     def launch(self, req: LaunchRequest,
                previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
-        deadline = time.monotonic() + req.launch_timeout
+        deadline = self._deadline(req)
         where = f"kernel {req.kernel_id}"
         with engine_errors(where):
             left = self.remove_labelled(req.kernel_id, grace=0)  # a redelivery's, a restart's
@@ -176,6 +176,17 @@ class EngineLauncher(Launcher):
                                connection=reply.connection, data=data)
         finally:
             self.replies.cancel(exp)
+
+    def _deadline(self, req: LaunchRequest, margin: float = 1.5) -> float:
+        """When the launch gives up: a little before the gateway's own timeout, counted from
+        the launch's creation, so the client gets the engine's reason rather than only "did
+        not finish starting" (a pending Swarm task says which resource no node has)."""
+        deadline = time.monotonic() + req.launch_timeout
+        rec = self.registry.get(req.kernel_id) if self.registry is not None else None
+        if rec is not None and rec.created:
+            left = rec.created + req.launch_timeout - margin - time.time()
+            deadline = min(deadline, time.monotonic() + max(left, 1.0))
+        return deadline
 
     # -- supervise ----------------------------------------------------------------------------
 
