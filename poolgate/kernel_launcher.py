@@ -151,8 +151,9 @@ class Kernel:
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         out = getattr(sys.stdout, "buffer", None)
-        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        for chunk in iter(lambda: os.read(fd, 4096), b""):
             if out is not None:
                 out.write(chunk)
                 out.flush()

@@ -14,13 +14,16 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
 from workers.launchers.docker_builders import KERNEL_LABEL, DockerOptions
 from workers.launchers.reply import Expectation, ReplyListener, send_command
 from workers.protocol import KernelHandle, LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class EngineLauncher(Launcher):
     Options = DockerOptions
     kind = "container"
 
-    def __init__(self, pool, options, runtime_dir):  # type: ignore[no-untyped-def]
+    def __init__(self, pool: PoolConfig, options: DockerOptions, runtime_dir: str) -> None:
         super().__init__(pool, options, runtime_dir)
         self.options: DockerOptions = options
         self._client: Any = None

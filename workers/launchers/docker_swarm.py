@@ -14,13 +14,16 @@ import contextlib
 import logging
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.launchers.docker_builders import (KERNEL_LABEL, SwarmOptions, build_service_spec,
                                                choose_image, resource_name)
 from workers.launchers.docker_common import EngineLauncher, docker_module
 from workers.launchers.reply import Expectation
 from workers.protocol import KernelHandle, LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class SwarmLauncher(EngineLauncher):
     Options = SwarmOptions
     kind = "service"
 
-    def __init__(self, pool, options, runtime_dir):  # type: ignore[no-untyped-def]
+    def __init__(self, pool: PoolConfig, options: SwarmOptions, runtime_dir: str) -> None:
         super().__init__(pool, options, runtime_dir)
         self.options: SwarmOptions = options
 
