@@ -8,6 +8,8 @@
 # Images:
 #   poolgate/debian-base:<release>  a minimal Debian (debootstrap --variant=minbase, imported)
 #   poolgate/kernel:latest           python3 + ipykernel + cryptography + poolgate.kernel_launcher
+#   poolgate/poolgate:latest         gateway and workers (only with the argument "all"; for
+#                                    docker/compose.yaml): poolgate from a wheelhouse made here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -44,3 +46,16 @@ docker build -f docker/kernel.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "$KERNEL_IMAGE" . >"$log" 2>&1 || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
 rm -f "$log"
 echo "build-images: $KERNEL_IMAGE is $(docker image inspect -f '{{.Id}}' "$KERNEL_IMAGE")"
+
+[ "${1:-}" = all ] || exit 0
+echo "build-images: wheelhouse docker/wheels (the host's pip and indexes; no index in the build)"
+rm -rf docker/wheels && mkdir -p docker/wheels
+log=$(mktemp)
+# async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
+python3 -m pip wheel -q -w docker/wheels '.[docker,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
+  || { grep -v "^WARNING: Location" "$log" | tail -30 >&2; rm -f "$log"; exit 1; }
+docker build -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  -t "${POOLGATE_IMAGE:-poolgate/poolgate:latest}" . >"$log" 2>&1 \
+  || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
+echo "build-images: ${POOLGATE_IMAGE:-poolgate/poolgate:latest} built"
