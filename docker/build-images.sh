@@ -42,7 +42,7 @@ fi
 echo "build-images: building $KERNEL_IMAGE from $BASE_IMAGE"
 log=$(mktemp)
 # the legacy builder (docker.io has no buildx) warns on every build: show its output on failure
-docker build -f docker/kernel.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+docker build --force-rm -f docker/kernel.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "$KERNEL_IMAGE" . >"$log" 2>&1 || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
 rm -f "$log"
 echo "build-images: $KERNEL_IMAGE is $(docker image inspect -f '{{.Id}}' "$KERNEL_IMAGE")"
@@ -54,7 +54,7 @@ log=$(mktemp)
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
 python3 -m pip wheel -q -w docker/wheels '.[docker,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
   || { grep -v "^WARNING: Location" "$log" | tail -30 >&2; rm -f "$log"; exit 1; }
-docker build -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+docker build --force-rm -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "${POOLGATE_IMAGE:-poolgate/poolgate:latest}" . >"$log" 2>&1 \
   || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
 rm -f "$log"
