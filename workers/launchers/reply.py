@@ -70,7 +70,7 @@ class ReplyListener:
 
     def __init__(self, bind_ip: str = "0.0.0.0", port: int = 0, advertise: str = "",
                  max_bytes: int = MAX_REPLY, read_timeout: float = 5.0,
-                 max_age: float = 900.0) -> None:
+                 max_age: float = 900.0, max_open: int = 64) -> None:
         self.bind_ip, self.port, self.advertise = bind_ip, port, advertise
         self.max_bytes, self.read_timeout, self.max_age = max_bytes, read_timeout, max_age
         self.pending: dict[str, Expectation] = {}
@@ -78,6 +78,7 @@ class ReplyListener:
         self.refused: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._open = threading.BoundedSemaphore(max_open)  # connections read at once
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -172,10 +173,22 @@ class ReplyListener:
                 conn, peer = self._sock.accept()
             except OSError:
                 return
+            if not self._open.acquire(blocking=False):  # a flood: refuse, do not queue
+                self.refused["busy"] += 1
+                log.warning("Refused a kernel launcher reply from %s: busy: too many open "
+                            "connections", peer[0])
+                conn.close()
+                continue
             threading.Thread(target=self._take, args=(conn, peer[0]), daemon=True,
                              name="launcher-reply").start()
 
     def _take(self, conn: socket.socket, peer: str) -> None:
+        try:
+            self._read(conn, peer)
+        finally:
+            self._open.release()
+
+    def _read(self, conn: socket.socket, peer: str) -> None:
         with conn:
             try:
                 line = read_line(conn, self.max_bytes, time.monotonic() + self.read_timeout)

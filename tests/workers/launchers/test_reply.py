@@ -175,3 +175,19 @@ def test_kernel_does_not_see_the_response_secrets(listener: ReplyListener,
     seen = json.loads(out.read_text())
     assert seen["POOLGATE_KERNEL_ID"] == "kid-env"
     assert not {k for k in seen if k in kl.SECRET_ENV}
+
+
+def test_a_flood_of_connections_is_refused_without_blocking_the_launch() -> None:
+    rl = ReplyListener("127.0.0.1", read_timeout=2.0, max_open=2).start()
+    idle = [socket.create_connection(("127.0.0.1", rl.port)) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        exp = rl.expect("kid-flood", "127.0.0.1")
+        assert send(rl, kl.reply_line(exp.launch_id, exp.key, good(exp))) in ("", "reset")
+        assert rl.refused["busy"] >= 1
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert send(rl, kl.reply_line(exp.launch_id, exp.key, good(exp))) == "ok"
+    finally:
+        rl.close()
