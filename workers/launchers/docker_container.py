@@ -13,7 +13,7 @@ from typing import Any
 
 from workers.errors import LaunchRejected
 from workers.launchers.docker_builders import (KERNEL_LABEL, DockerOptions,
-                                               build_container_spec, resource_name)
+                                               build_container_spec)
 from workers.launchers.docker_common import EngineLauncher, docker_module
 from workers.launchers.reply import Expectation
 from workers.protocol import KernelHandle, LaunchRequest
@@ -48,12 +48,18 @@ class DockerLauncher(EngineLauncher):
         return {"container": container.id, "name": spec["name"], "image": spec["image"]}
 
     def _container(self, handle: KernelHandle) -> Any:
+        """The kernel's container: by the id in its handle, else by its label (a handle from
+        before the container was made, or from another worker's launch)."""
         docker = docker_module()
-        ref = str(handle.data.get("container") or resource_name(handle.kernel_id))
-        try:
-            return self.client.containers.get(ref)
-        except docker.errors.NotFound:
-            return None
+        ref = str(handle.data.get("container") or "")
+        if ref:
+            try:
+                return self.client.containers.get(ref)
+            except docker.errors.NotFound:
+                return None
+        found = self.client.containers.list(
+            all=True, filters={"label": f"{KERNEL_LABEL}={handle.kernel_id}"})
+        return found[0] if found else None
 
     def state(self, handle: KernelHandle) -> tuple[str | None, str]:
         container = self._container(handle)

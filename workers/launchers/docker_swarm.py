@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from workers.launchers.docker_builders import (KERNEL_LABEL, SwarmOptions, build_service_spec,
-                                               choose_image, resource_name)
+                                               choose_image)
 from workers.launchers.docker_common import EngineLauncher, docker_module
 from workers.launchers.reply import Expectation
 from workers.protocol import KernelHandle, LaunchRequest
@@ -71,12 +71,17 @@ class SwarmLauncher(EngineLauncher):
         return {"service": service.id, "name": spec["name"], "image": image}
 
     def _service(self, handle: KernelHandle) -> Any:
+        """The kernel's service: by the id in its handle, else by its label."""
         docker = docker_module()
-        ref = str(handle.data.get("service") or resource_name(handle.kernel_id))
-        try:
-            return self.client.services.get(ref)
-        except docker.errors.NotFound:
-            return None
+        ref = str(handle.data.get("service") or "")
+        if ref:
+            try:
+                return self.client.services.get(ref)
+            except docker.errors.NotFound:
+                return None
+        found = self.client.services.list(
+            filters={"label": f"{KERNEL_LABEL}={handle.kernel_id}"})
+        return found[0] if found else None
 
     def _task(self, service: Any) -> dict[str, Any] | None:
         tasks = service.tasks()

@@ -212,6 +212,10 @@ def test_stop_is_idempotent_and_finds_by_label(
     lx, engine = launcher
     handle = list(lx.launch(request()))[-1]
     bare = KernelHandle(KID, "d")  # a handle that never got the container's id
+    lx._polled.clear()
+    assert lx.poll(bare) is None  # found by its label
+    lx.send_signal(bare, 2)
+    assert engine.containers[handle.data["container"]].signals == [2]
     lx.stop(bare)
     assert engine.containers == {}
     lx.stop(handle)
