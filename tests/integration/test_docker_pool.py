@@ -71,7 +71,9 @@ def docker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     url = f"redis://127.0.0.1:{server.port}"
     tag = f"t{RUN_ID}d"
     pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
-             "docker": pool("docker", f"{tag}-docker"),
+             "docker": pool("docker", f"{tag}-docker", allow_kernel_image=True,
+                            allowed_images=[IMAGE]),
+             "docker-host": pool("docker", f"{tag}-docker-host", network="host"),
              "swarm": pool("docker-swarm", f"{tag}-swarm")}
     stack = Stack(tmp, url, db=1, redis_url=url, pools=pools)
     specs = tmp / "specs"
@@ -79,6 +81,7 @@ def docker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for name, target, argv, image in (
             ("py-docker", "docker", KERNEL_ARGV, None),
             ("py-swarm", "swarm", KERNEL_ARGV, None),
+            ("py-docker-host", "docker-host", KERNEL_ARGV, None),
             ("broken-docker", "docker", ["python", "-c", "import sys; sys.stderr.write("
                                          "'boom: no module frobnicate\\n'); sys.exit(3)"], None),
             ("noimage-docker", "docker", KERNEL_ARGV, "poolgate/no-such-image:1"),
@@ -93,6 +96,7 @@ def docker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     redis.Redis.from_url(stack.registry_url).flushdb()
     try:
         stack.start_worker("docker")
+        stack.start_worker("docker-host")
         stack.start_worker("swarm")
         stack.start_gateway(stack.port)
     except BaseException:
@@ -239,4 +243,28 @@ def test_resources_no_node_has_fail_at_the_launch_timeout_with_the_engines_reaso
     assert "insufficient resources" in msg, msg
     assert 5 < took < 8 + 2, f"took {took:.0f}s for a launch timeout of 8s"
     print(msg)
+    assert docker_stack.live_kernels() == []
+
+
+def test_docker_pool_on_the_host_network(docker_stack: Stack) -> None:
+    gw = docker_stack.gw
+    kid = gw.start("py-docker-host")["id"]
+    try:
+        model = gw.get(f"/api/kernels/{kid}").json()
+        assert model["poolgate"]["host"] == "127.0.0.1"  # the host's ports, not a bridge IP
+        ch = gw.channel(kid)
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_kernel_image_only_from_the_pools_allow_list(docker_stack: Stack) -> None:
+    gw = docker_stack.gw
+    r = gw.post("/api/kernels", json={"name": "py-docker", "env": {"KERNEL_IMAGE": "evil:1"}})
+    assert r.status_code == 400 and "is not an image pool 'docker' allows" in r.text, r.text
+    r = gw.post("/api/kernels", json={"name": "py-swarm", "env": {"KERNEL_IMAGE": IMAGE}})
+    assert r.status_code == 400 and "does not let kernels pick" in r.text, r.text
+    kid = gw.start("py-docker", env={"KERNEL_IMAGE": IMAGE})["id"]
+    gw.shutdown(kid)
     assert docker_stack.live_kernels() == []
