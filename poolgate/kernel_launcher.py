@@ -262,7 +262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                             "to the poolgate worker that launched it.")
     p.add_argument("--ip", default="", help="the address reported to the worker (default: "
                    "this host's address on the route to the worker)")
-    p.add_argument("--bind-ip", default="0.0.0.0", help="where the kernel listens")
+    p.add_argument("--bind-ip", default="", help="where the kernel listens (default: the "
+                   "reported address when it is found here, else 0.0.0.0)")
     p.add_argument("--ports", default="", help="five ports (shell,iopub,stdin,control,hb) "
                    "instead of free ones; a sixth is the command port")
     p.add_argument("--command-port", type=int, default=0, help="the command port (0: free)")
@@ -307,8 +308,10 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         return fail(f"--ports {args.ports!r}: {exc}")
     if len(ports) == 6:
         args.command_port = ports.pop()
-    ports = ports or free_ports(args.bind_ip, 5)
     ip = args.ip or route_ip(address)
+    # Listening on the reported address only: with host networking, not on every interface.
+    args.bind_ip = args.bind_ip or ("0.0.0.0" if args.ip else ip)
+    ports = ports or free_ports(args.bind_ip, 5)
     conn_key = secrets.token_hex(16)
     cfile = args.connection_file or os.path.join(
         tempfile.mkdtemp(prefix="poolgate-"), f"kernel-{kernel_id or 'x'}.json")

@@ -116,8 +116,9 @@ def test_died_ends_the_wait(listener: ReplyListener) -> None:
 
 def run_launcher(exp: Expectation, argv: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, **exp.env(), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "poolgate.kernel_launcher", "--ip",
-                             "127.0.0.1", "--bind-ip", "127.0.0.1", "--", *argv], env=env,
+    # no --ip: the address on the route to the listener (127.0.0.1), where the kernel binds
+    return subprocess.Popen([sys.executable, "-m", "poolgate.kernel_launcher", "--", *argv],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -129,6 +130,7 @@ def test_real_launcher_starts_a_kernel_and_obeys_commands(listener: ReplyListene
         reply = listener.wait(exp, time.monotonic() + 60, died=lambda: (
             None if proc.poll() is None else f"launcher exited {proc.returncode}"))
         conn = reply.connection
+        assert conn.ip == "127.0.0.1"
         socket.create_connection((conn.ip, conn.shell_port), timeout=2).close()
         # a forged command is refused; a sealed one is obeyed
         assert send_command("127.0.0.1", reply.command_port, "wrong-key", "kid-real",
