@@ -30,7 +30,7 @@ EG_PROCESS_PROXIES = {
     "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy": "yarn",
     "enterprise_gateway.services.processproxies.k8s.KubernetesProcessProxy": "kubernetes",
     "enterprise_gateway.services.processproxies.docker_swarm.DockerSwarmProcessProxy": "docker-swarm",
-    "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker-swarm",
+    "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker",
 }
 
 
