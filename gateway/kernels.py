@@ -12,14 +12,14 @@ import time
 import uuid
 from typing import Any
 
-import zmq
 
 from gateway import access
 from gateway.auth import User
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
+from workers.kernel_socket import KernelSocket
 from workers import logs
-from workers import jmsg, resources
+from workers import resources
 from workers.config import Config, KernelSpec, PoolConfig
 from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
                             LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
@@ -313,17 +313,10 @@ class KernelService:
         conn = self.registry.connection(kid)
         if conn is None:
             raise KernelNotFound(f"kernel {kid} has no connection info")
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(conn.url("control"))
-            _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme), msg_type, {},
-                                   jmsg.session_id())
-            sock.send_multipart(frames)
-            if not sock.poll(int(self.config.gateway.control_timeout * 1000)):
+        with KernelSocket(conn, "control") as sock:
+            sock.send(msg_type)
+            if not sock.answered(self.config.gateway.control_timeout):
                 raise ControlTimeout(f"kernel {kid} did not answer {msg_type}")
-        finally:
-            sock.close()
 
     def restart(self, kid: str) -> dict[str, Any]:
         rec = self._running(kid, "restart")

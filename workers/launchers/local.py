@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import zmq
 
-from workers import jmsg
+from workers.kernel_socket import KernelSocket
 from workers.config import python_argv
 from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher, without_worker_secrets
@@ -152,24 +151,14 @@ def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
 
 def wait_ready(conn: ConnectionInfo, deadline: float, alive: Callable[[], bool]) -> None:
     """Block until the kernel answers a kernel_info_request on its shell channel."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.reconnect_ivl = 10  # ms: the kernel binds its ports a moment after it starts
-    try:
-        sock.connect(conn.url("shell"))
-        signer = jmsg.Signer(conn.key, conn.signature_scheme)
-        _, frames = jmsg.build(signer, "kernel_info_request", {}, jmsg.session_id())
-        sock.send_multipart(frames)
+    with KernelSocket(conn, reconnect_ivl=10) as sock:
+        sock.send("kernel_info_request")
         while time.monotonic() < deadline:
-            if sock.poll(50):
-                sock.recv_multipart()
+            if sock.answered(0.05):
                 return
             if not alive():
                 raise LaunchRejected("the kernel exited while starting")
         raise LaunchTimeout("the kernel did not answer kernel_info_request in time")
-    finally:
-        sock.close()
 
 
 class LocalLauncher(Launcher):
