@@ -1,7 +1,8 @@
 """The Flask front end: takes requests, never starts a kernel itself.
 
 ``create_app(settings)`` only wires things together: config, registry, dispatcher, event hub,
-the kernel service, the WebSocket bridge, the blueprints and the JSON error handler.
+the kernel service, the WebSocket bridge, authentication (first), the blueprints and the JSON
+error handler.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from typing import Any
 from flask import Flask, g, request
 from flask_sock import Sock
 
-from gateway import errors
+from gateway import auth, errors, framing
 from gateway import operating
 from gateway.channels import Bridge, NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from gateway.kernels import KernelService
 from workers.config import Config, load_config
-from workers.errors import Unauthorized
 from workers.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     """Build the gateway app. ``settings`` may hold ``CONFIG`` (a Config) or ``CONFIG_PATH``."""
     settings = dict(settings or {})
     app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20  # REST bodies are small JSON: 413 past 1 MiB
     app.config.update(settings)
     config: Config = settings.get("CONFIG") or load_config(settings.get("CONFIG_PATH"))
     if settings.get("GATEWAY_OVERRIDES"):  # command-line options win over queues.yaml
@@ -47,6 +48,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
+        "max_message_size": framing.MAX_MESSAGE_SIZE,  # both paths: 1009 past it
         "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -55,6 +57,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
 
     from gateway.api import kernels, kernelspecs, sessions, root
 
+    auth.install(app, config)  # first: authentication runs before any other before_request
     sock = Sock(app)
     for bp in (root.bp, kernelspecs.bp, kernels.bp, sessions.bp):
         app.register_blueprint(bp, url_prefix=base or None)
@@ -70,14 +73,6 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        token = config.gateway.auth_token
-        if token:
-            given = request.args.get("token", "")
-            auth = request.headers.get("Authorization", "")
-            if auth.lower().startswith(("token ", "bearer ")):
-                given = auth.split(None, 1)[1].strip()
-            if given != token:
-                raise Unauthorized("a valid token is required: send 'Authorization: token <T>'")
         g.poolgate = app.extensions["poolgate"]
 
     log.info("Gateway ready: %d pools, %d kernelspecs, registry %s", len(config.pools),

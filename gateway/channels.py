@@ -42,7 +42,7 @@ from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from gateway import framing, wire, zmtp
+from gateway import framing, tls, wire, zmtp
 from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
@@ -119,10 +119,11 @@ class Connection:
         self._lock = threading.RLock()
         self.stats = WsStats()  # written only by the pump thread
         self.plain = no_extensions(ws)  # frames written and read here (gateway/framing.py)
-        self.reader = framing.FrameReader() if self.plain else None
+        cap = getattr(ws, "max_message_size", None) or framing.MAX_MESSAGE_SIZE
+        self.reader = framing.FrameReader(cap) if self.plain else None
         self.pending: list[bytes | memoryview] = []  # written when the socket takes them
         self.on_flushed: list[Callable[[], None]] = []  # run when ``pending`` is all written
-        self.sock: socket.socket = getattr(ws.sock, "_sock", ws.sock)
+        self.sock: socket.socket = tls.for_pump(getattr(ws.sock, "_sock", ws.sock))
         self.sock.setblocking(False)
         ws.sock = ClientSocket(self, self.sock)
 
@@ -247,7 +248,8 @@ class Connection:
         except OSError:
             reader.close_code = reader.close_code or 1006
         if reader.close_code is not None:
-            if reader.close_code in (framing.PROTOCOL_ERROR, framing.INVALID_DATA):
+            if reader.close_code in (framing.PROTOCOL_ERROR, framing.INVALID_DATA,
+                                     framing.MESSAGE_TOO_BIG):
                 log.info("WebSocket: closing a client that broke the protocol: %s",
                          reader.close_reason)
             ws.close_reason, ws.close_message = reader.close_code, reader.close_reason

@@ -12,12 +12,14 @@ import time
 import uuid
 from typing import Any
 
-import zmq
 
+from gateway import access
+from gateway.auth import User
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
+from workers.kernel_socket import KernelSocket
 from workers import logs
-from workers import jmsg, resources
+from workers import resources
 from workers.config import Config, KernelSpec, PoolConfig
 from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
                             LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
@@ -46,10 +48,12 @@ def validate_env(raw: Any, allowlist: tuple[str, ...]) -> dict[str, str]:
         raise BadRequest("'env' must be an object of strings")
     env: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or not ENV_NAME.match(key):
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):  # no trailing newline
             raise BadRequest(f"env: {key!r} is not a valid variable name")
         if not isinstance(value, str):
             raise BadRequest(f"env.{key}: expected a string, got {type(value).__name__}")
+        if "\x00" in value:  # no process environment can hold it: a 400, not a failed launch
+            raise BadRequest(f"env.{key}: the value contains a NUL character")
         if len(value) > MAX_VALUE:
             raise BadRequest(f"env.{key}: the value is {len(value)} characters; "
                              f"at most {MAX_VALUE} are allowed")
@@ -70,7 +74,7 @@ def launch_timeout(env: dict[str, str], pool: PoolConfig) -> float:
         value = float(raw)
     except ValueError:
         raise BadRequest(f"env.KERNEL_LAUNCH_TIMEOUT: expected seconds, got {raw!r}") from None
-    if value <= 0:
+    if not value > 0:  # nan too (inf is capped below)
         raise BadRequest("env.KERNEL_LAUNCH_TIMEOUT: must be > 0")
     return min(value, pool.max_launch_timeout)
 
@@ -142,8 +146,10 @@ class KernelService:
         return {"id": rec.id, "name": rec.name, "last_activity": rec.last_activity,
                 "execution_state": state, "connections": rec.connections, "poolgate": extra}
 
-    def list(self) -> list[dict[str, Any]]:
-        live = (self.check_alive(r) for r in self.registry.all())
+    def list(self, user: User | None = None) -> list[dict[str, Any]]:
+        """The kernels ``user`` may see (all without one)."""
+        live = (self.check_alive(r) for r in self.registry.all()
+                if user is None or user.owns(r.user))
         return [self.model(r) for r in live if r is not None]
 
     def workers_of(self, pool: str) -> list[dict[str, Any]]:
@@ -157,10 +163,11 @@ class KernelService:
 
     # -- starting -------------------------------------------------------------------------
 
-    def start(self, body: dict[str, Any]) -> dict[str, Any]:
+    def start(self, body: dict[str, Any], caller: User | None = None) -> dict[str, Any]:
         spec = self.spec(body.get("name"))
         pool = self.config.pools[spec.pool]
         env = validate_env(body.get("env"), self.config.env_allowlist)
+        env = access.as_user(env, caller) if caller else env  # the caller owns it, not the body
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits
@@ -216,11 +223,9 @@ class KernelService:
         return kid
 
     def _admit(self, spec: KernelSpec, pool: PoolConfig, user: str) -> None:
-        if pool.kernelspecs and spec.name not in pool.kernelspecs:
-            raise Forbidden(f"pool {pool.name!r} does not serve kernelspec {spec.name!r}")
-        if pool.allowed_users and user not in pool.allowed_users:
-            raise Forbidden(f"pool {pool.name!r} does not serve user {user or '(none)'!r}; "
-                            f"set KERNEL_USERNAME to an allowed user")
+        why = access.refusal(spec, pool, user)  # gateway/access.py: allow and deny lists, root
+        if why:
+            raise Forbidden(why)
 
     @staticmethod
     def _refusal(refused: str, pool: PoolConfig, user: str) -> LimitExceeded:
@@ -308,17 +313,10 @@ class KernelService:
         conn = self.registry.connection(kid)
         if conn is None:
             raise KernelNotFound(f"kernel {kid} has no connection info")
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(conn.url("control"))
-            _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme), msg_type, {},
-                                   jmsg.session_id())
-            sock.send_multipart(frames)
-            if not sock.poll(int(self.config.gateway.control_timeout * 1000)):
+        with KernelSocket(conn, "control") as sock:
+            sock.send(msg_type)
+            if not sock.answered(self.config.gateway.control_timeout):
                 raise ControlTimeout(f"kernel {kid} did not answer {msg_type}")
-        finally:
-            sock.close()
 
     def restart(self, kid: str) -> dict[str, Any]:
         rec = self._running(kid, "restart")

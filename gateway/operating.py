@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, redirect, request, url_for
+from flask import Flask, g, redirect, request, url_for
 
 from gateway import dashboard, metrics
 from gateway.api import pools
@@ -33,6 +33,9 @@ def install(app: Flask, prefix: str | None) -> None:
 def _log_context() -> None:
     """Each request starts its log lines afresh (threads are reused), with its kernel id."""
     logs.clear()
+    user = g.get("user")  # set by gateway/auth.py, which runs first
+    if user is not None and user.name:
+        logs.bind(user=user.name)
     kid = (request.view_args or {}).get("kernel_id")
     if kid:
         logs.bind(kernel_id=str(kid))

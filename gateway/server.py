@@ -35,7 +35,8 @@ def raise_limits() -> int:
 class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code, serving ``create_app(settings)``."""
 
-    def __init__(self, settings: dict[str, Any], ip: str, port: int, threads: int) -> None:
+    def __init__(self, settings: dict[str, Any], ip: str, port: int, threads: int,
+                 tls: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.options = {
             "bind": f"{ip}:{port}",
@@ -48,6 +49,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "loglevel": "warning",
             "worker_connections": threads * 2,  # gthread keeps alive only beyond `threads`
+            **(tls or {}),  # certfile, keyfile, ca_certs + cert_reqs (poolgate/cli.py)
         }
         super().__init__()
 
@@ -62,5 +64,6 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings)
 
 
-def run(settings: dict[str, Any], ip: str, port: int, threads: int) -> None:
-    GatewayServer(settings, ip, port, threads).run()
+def run(settings: dict[str, Any], ip: str, port: int, threads: int,
+        tls: dict[str, Any] | None = None) -> None:
+    GatewayServer(settings, ip, port, threads, tls).run()

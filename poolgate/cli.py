@@ -3,6 +3,7 @@ operator's status, kernels, drain and flower."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -26,10 +27,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8888, help="port to listen on (default 8888)")
-    p.add_argument("--auth-token", default=None, help="require 'Authorization: token T'")
+    p.add_argument("--auth-token", default=os.environ.get("POOLGATE_AUTH_TOKEN"),
+                   help="require 'Authorization: token T' (default $POOLGATE_AUTH_TOKEN, which "
+                        "other local users cannot read in the process list)")
     p.add_argument("--base-url", default=None, help="prefix of every route, for reverse proxies")
     p.add_argument("--threads", type=int, default=None,
                    help="gateway threads: one per open WebSocket (default from queues.yaml)")
+    p.add_argument("--certfile", default=None, help="TLS: serve https/wss with this certificate "
+                                                    "chain (PEM)")
+    p.add_argument("--keyfile", default=None, help="TLS: the certificate's private key (PEM)")
+    p.add_argument("--client-ca", default=None,
+                   help="TLS: require client certificates signed by this CA (PEM)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,6 +129,30 @@ def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["auth_token"] = args.auth_token
     if args.base_url is not None:
         out["base_url"] = args.base_url
+    for key in ("certfile", "keyfile", "client_ca"):
+        if getattr(args, key, None):
+            out[key] = str(Path(getattr(args, key)).resolve())
+    return out
+
+
+def tls_options(gw: Any) -> dict[str, Any]:
+    """gunicorn's TLS settings from ``gateway.certfile``/``keyfile``/``client_ca``; checked
+    here, so a missing file is a configuration error and not a server that never starts."""
+    import ssl
+
+    for key in ("certfile", "keyfile", "client_ca"):
+        value = getattr(gw, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"gateway.{key} (--{key.replace('_', '-')}): {value} is not a file")
+    if (gw.keyfile or gw.client_ca) and not gw.certfile:
+        raise ConfigError("gateway.certfile (--certfile): TLS needs the gateway's certificate")
+    if not gw.certfile:
+        return {}
+    out: dict[str, Any] = {"certfile": gw.certfile}
+    if gw.keyfile:
+        out["keyfile"] = gw.keyfile
+    if gw.client_ca:
+        out.update(ca_certs=gw.client_ca, cert_reqs=ssl.CERT_REQUIRED)
     return out
 
 
@@ -130,14 +162,16 @@ def gateway(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     config = load_config(args.config)  # fail here, with the message, not inside gunicorn
+    overrides = gateway_overrides(args)
+    tls = tls_options(dataclasses.replace(config.gateway, **overrides))
     check_port(args.ip, args.port)
     check_registry(config.registry_url)
-    settings = {"CONFIG_PATH": str(find_config(args.config)),
-                "GATEWAY_OVERRIDES": gateway_overrides(args)}
+    settings = {"CONFIG_PATH": str(find_config(args.config)), "GATEWAY_OVERRIDES": overrides}
     threads = args.threads or config.gateway.threads
-    logging.getLogger("poolgate.gateway").info("poolgate gateway listening on http://%s:%d",
-                                               args.ip, args.port)
-    run(settings, args.ip, args.port, threads)
+    scheme = "https" if tls else "http"
+    logging.getLogger("poolgate.gateway").info("poolgate gateway listening on %s://%s:%d",
+                                               scheme, args.ip, args.port)
+    run(settings, args.ip, args.port, threads, tls)
     return 0
 
 

@@ -10,9 +10,11 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -210,14 +212,19 @@ def serve(args: argparse.Namespace) -> int:
                                           "--log-level", "warning"], env)
         gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
               "--log-level", args.log_level]
+        gw_env = dict(env)
         for key, value in gateway_overrides(args).items():
+            if key == "auth_token":  # in the environment: a command line is visible to all users
+                gw_env["POOLGATE_AUTH_TOKEN"] = value
+                continue
             gw += [f"--{key.replace('_', '-')}", value]
         if args.threads:
             gw += ["--threads", str(args.threads)]
-        unit.spawn("gateway", gw, env)
+        unit.spawn("gateway", gw, gw_env)
         registry = Registry(url)
         base = "/" + (args.base_url or config.gateway.base_url).strip("/")
-        api = f"http://{args.ip}:{args.port}{base.rstrip('/')}/api"
+        scheme = "https" if (args.certfile or config.gateway.certfile) else "http"
+        api = f"{scheme}://{args.ip}:{args.port}{base.rstrip('/')}/api"
         ready = False
         while not stopping:
             problem = unit.dead()
@@ -228,7 +235,7 @@ def serve(args: argparse.Namespace) -> int:
                 live = {p for w in registry.workers() for p in w.get("pools", ())}
                 if set(pools) <= live and _answers(api, args.auth_token):
                     ready = True
-                    say(f"poolgate is ready at http://{args.ip}:{args.port}{base.rstrip('/')}/ "
+                    say(f"poolgate is ready at {scheme}://{args.ip}:{args.port}{base.rstrip('/')}/ "
                         f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
                         f"Press Ctrl-C to stop.")
             time.sleep(0.1 if not ready else 0.5)
@@ -241,9 +248,20 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _answers(url: str, token: str | None) -> bool:
+    """Does the gateway answer? A 401 or 403 is an answer (it authenticates users some other
+    way, or wants a client certificate); this only asks whether it is up."""
     req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # our own gateway, on our own address
     try:
-        with urllib.request.urlopen(req, timeout=1) as resp:
+        with urllib.request.urlopen(req, timeout=1, context=context) as resp:
             return bool(resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)
+    except urllib.error.URLError as exc:  # TLS refused without a client certificate: it is up
+        return isinstance(exc.reason, (ssl.SSLError, ConnectionResetError))
+    except (ssl.SSLError, ConnectionResetError):
+        return True
     except OSError:
         return False

@@ -40,11 +40,14 @@ class Channel:
     """One WebSocket on /api/kernels/<id>/channels."""
 
     def __init__(self, base: str, kid: str, session: str | None = None, token: str = "",
-                 subprotocol: str | None = None, timeout: float = 30) -> None:
+                 subprotocol: str | None = None, timeout: float = 30,
+                 headers: dict[str, str] | None = None, sslopt: dict[str, Any] | None = None
+                 ) -> None:
         self.session = session or uuid.uuid4().hex
         url = base.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels?session_id={self.session}"
-        headers = [f"Authorization: token {token}"] if token else []
-        self.ws = websocket.create_connection(url, timeout=timeout, header=headers,
+        sent = [f"Authorization: token {token}"] if token else []
+        sent += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.ws = websocket.create_connection(url, timeout=timeout, header=sent, sslopt=sslopt,
                                               subprotocols=[subprotocol] if subprotocol else None)
         self.other: list[dict[str, Any]] = []
 
@@ -129,11 +132,25 @@ class Channel:
 class Gateway:
     """REST calls against one gateway."""
 
-    def __init__(self, base: str, token: str = "") -> None:
+    def __init__(self, base: str, token: str = "", headers: dict[str, str] | None = None,
+                 ca: str | None = None, cert: tuple[str, str] | None = None) -> None:
+        """``headers`` go with every request and WebSocket (a proxy's user header); ``ca``
+        verifies an https gateway, ``cert`` is a client certificate and its key."""
         self.base = base.rstrip("/")
         self.s = requests.Session()
         if token:
             self.s.headers["Authorization"] = f"token {token}"
+        self.headers = dict(headers or {})
+        self.s.headers.update(self.headers)
+        if ca:  # the session's own: REQUESTS_CA_BUNDLE would win over Session.verify
+            self.s.verify = ca
+            self.s.trust_env = False
+        if cert:
+            self.s.cert = cert
+        self.sslopt: dict[str, Any] | None = None
+        if ca or cert:
+            self.sslopt = {"ca_certs": ca, **({"certfile": cert[0], "keyfile": cert[1]}
+                                              if cert else {})}
         self.token = token
 
     def get(self, path: str, **kw: Any) -> requests.Response:
@@ -160,7 +177,8 @@ class Gateway:
         assert r.status_code in (204, 404), r.text
 
     def channel(self, kid: str, **kw: Any) -> Channel:
-        return Channel(self.base, kid, token=self.token, **kw)
+        return Channel(self.base, kid, token=self.token, headers=self.headers,
+                       sslopt=self.sslopt, **kw)
 
     def wait_state(self, kid: str, state: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -26,11 +26,11 @@ import yaml
 from tests.client import Gateway
 
 RUN_ID = uuid.uuid4().hex[:8]
-# Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3. Runs that share
-# one Redis at the same time pick different bases (a stock Redis has DBs 0-15 only), or a Redis
-# of their own with POOLGATE_TEST_REDIS.
-DB_BASE = int(os.environ.get("POOLGATE_TEST_DB_BASE", "10"))
-REDIS = os.environ.get("POOLGATE_TEST_REDIS", "redis://127.0.0.1:6379")
+# Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3, on a redis-server
+# of this test run's own (pytest_configure), so that two runs on one machine never empty each
+# other's databases. POOLGATE_TEST_REDIS names a server to use instead (its DBs get emptied).
+DB_BASE = 10
+REDIS = os.environ.get("POOLGATE_TEST_REDIS", "")
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 HERE = Path(__file__).parent
 STACKS: list[Stack] = []
@@ -46,7 +46,8 @@ def need_redis() -> None:
     try:
         redis.Redis.from_url(REDIS).ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is not running at {REDIS} ({exc}); .ci/run starts 127.0.0.1:6379")
+        pytest.fail(f"the test run's Redis does not answer at {REDIS} ({exc}); the tests start "
+                    f"it from the redis-server on PATH (.ci/run installs it)")
 
 
 def need_rabbitmq() -> None:
@@ -90,11 +91,16 @@ class Stack:
     """A gateway and workers on one broker, each a real process, sharing one Redis DB."""
 
     def __init__(self, tmp: Path, broker: str, db: int, slots: int = 4, ttl: float = 3.0,
-                 redis_url: str = REDIS,
+                 redis_url: str = "",
                  pools: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
-                 specs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                 specs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 gateway_args: list[str] | None = None,
+                 client: dict[str, Any] | None = None) -> None:
+        """``gateway_args`` are added to ``poolgate gateway`` (TLS files); ``client`` are the
+        test client's options (tests/client.py Gateway: headers, ca, cert)."""
         self.tmp = tmp
         self.db = db
+        redis_url = redis_url or REDIS
         self.registry_url = f"{redis_url}/{db}"
         self.broker = broker if broker.startswith("amqp") else f"{redis_url}/{db}"
         tag = self.tag = f"t{RUN_ID}{db}"
@@ -115,7 +121,10 @@ class Stack:
         self.env.pop("POOLGATE_BROKER_URL", None)
         self.env.pop("POOLGATE_REGISTRY_URL", None)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.gateway_args = gateway_args or []
+        self.client = client or {}
+        self.scheme = "https" if "--certfile" in self.gateway_args else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.gateways: list[subprocess.Popen[bytes]] = []
         self.logs = tmp / "logs"
@@ -162,14 +171,15 @@ class Stack:
         raise AssertionError(f"worker for {pool} did not start:\n{self.log(f'worker-{pool}')}")
 
     def start_gateway(self, port: int) -> Gateway:
-        args = ["gateway", "--config", str(self.config), "--port", str(port), "--log-level", "info"]
+        args = ["gateway", "--config", str(self.config), "--port", str(port), "--log-level", "info",
+                *self.gateway_args]
         proc = self._spawn(f"gateway-{port}", args)
         self.gateways.append(proc)
-        gw = Gateway(f"http://127.0.0.1:{port}", self.token)
+        gw = Gateway(f"{self.scheme}://127.0.0.1:{port}", self.token, **self.client)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                if gw.get("/api", timeout=1).status_code == 200:
+            try:  # up: it answers (401 where this client is not a user)
+                if gw.get("/api", timeout=1).status_code in (200, 401):
                     return gw
             except OSError:
                 pass
@@ -184,7 +194,7 @@ class Stack:
 
     @property
     def gw(self) -> Gateway:
-        return Gateway(self.url, self.token)
+        return Gateway(self.url, self.token, **self.client)
 
     def kill_worker(self, pool: str) -> None:
         proc = self.workers[pool]
@@ -275,6 +285,26 @@ def kernel_processes() -> list[psutil.Process]:
     return found
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The test run's own Redis (the machine's redis-server binary, on a free port)."""
+    global REDIS
+    if REDIS:
+        return
+    import tempfile
+
+    server = PrivateRedis(Path(tempfile.mkdtemp(prefix="poolgate-test-redis-")))
+    server.start()
+    REDIS = f"redis://127.0.0.1:{server.port}"
+    config.stash[_RUN_REDIS] = server
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_RUN_REDIS, None)
+    if server is not None and server.proc is not None:
+        server.kill()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No kernel process started by these tests may outlive them."""
     time.sleep(0.5)
@@ -292,6 +322,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+_RUN_REDIS = pytest.StashKey["PrivateRedis"]()
+
+
 def requires(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
@@ -301,6 +334,8 @@ def requires(binary: str) -> str:
 
 class PrivateRedis:
     """A redis-server of the test's own, which it may kill and restart (empty)."""
+
+    proc: subprocess.Popen[bytes] | None
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()

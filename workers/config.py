@@ -30,7 +30,7 @@ EG_PROCESS_PROXIES = {
     "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy": "yarn",
     "enterprise_gateway.services.processproxies.k8s.KubernetesProcessProxy": "kubernetes",
     "enterprise_gateway.services.processproxies.docker_swarm.DockerSwarmProcessProxy": "docker-swarm",
-    "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker-swarm",
+    "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker",
 }
 
 
@@ -47,6 +47,7 @@ class PoolConfig:
     max_kernels: int = 0
     kernelspecs: tuple[str, ...] = ()
     allowed_users: tuple[str, ...] = ()
+    denied_users: tuple[str, ...] = ()  # refused even when allowed_users would let them in
     max_restarts: int = 5
     heartbeat_ttl: float = 15.0
     max_kernels_per_user: int = 0      # live kernels of one KERNEL_USERNAME in this pool
@@ -62,6 +63,45 @@ class PoolConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+AUTH_KINDS = ("token", "header", "jupyterhub")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``gateway.auth``: who may call the gateway (gateway/auth.py reads it)."""
+
+    kind: str = "token"                      # token | header | jupyterhub
+    admin_users: tuple[str, ...] = ()        # see and drive every kernel, and /api/pools
+    metrics_token: str = ""                  # also opens /metrics, /api/pools and /pools
+    user_header: str = "X-Forwarded-User"    # header: the proxy's header naming the user
+    trusted_proxies: tuple[str, ...] = ()    # header: addresses or networks of the proxy
+    hub_api_url: str = ""                    # jupyterhub: e.g. http://hub:8081/hub/api
+    hub_scopes: tuple[str, ...] = ()         # jupyterhub: scopes a token must carry
+    cache_seconds: float = 30.0              # jupyterhub: how long the Hub's answer is kept
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        if self.kind not in AUTH_KINDS:
+            close = difflib.get_close_matches(self.kind, AUTH_KINDS, 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"kind: expected one of {', '.join(AUTH_KINDS)}, got "
+                             f"{self.kind!r}{hint}")
+        if self.kind == "header" and not self.trusted_proxies:
+            raise ValueError("trusted_proxies: the header authenticator needs the addresses of "
+                             "the proxy that sets the header (anyone else could set it)")
+        for net in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {net!r} is not an address or network") from None
+        if self.kind == "jupyterhub" and not self.hub_api_url.startswith(("http://", "https://")):
+            raise ValueError(f"hub_api_url: the jupyterhub authenticator needs the Hub API's "
+                             f"URL (http(s)://hub:8081/hub/api), got {self.hub_api_url!r}")
+        if self.cache_seconds < 0:
+            raise ValueError(f"cache_seconds: expected a number >= 0, got {self.cache_seconds}")
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Settings of the HTTP front end."""
@@ -69,6 +109,11 @@ class GatewayConfig:
     base_url: str = "/"
     ws_ping_interval: float = 30.0
     auth_token: str = ""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    allow_origin: str = ""  # CORS and the WebSocket Origin check: "*", or origins, space-separated
+    certfile: str = ""      # TLS: the gateway's certificate chain (PEM)
+    keyfile: str = ""       # TLS: its private key
+    client_ca: str = ""     # TLS: require client certificates signed by this CA
     control_timeout: float = 20.0
     threads: int = 1024
     session_buffer_seconds: float = 300.0
@@ -107,6 +152,11 @@ class KernelSpec:
     def resources(self) -> dict[str, Any]:
         meta = self.metadata.get("poolgate") or {}
         return dict(meta.get("resources") or {}) if isinstance(meta, dict) else {}
+
+    def users(self, which: str) -> tuple[str, ...]:
+        """``metadata.poolgate.allowed_users`` or ``denied_users`` (checked at load)."""
+        meta = self.metadata.get("poolgate") or {}
+        return tuple(meta.get(which) or ()) if isinstance(meta, dict) else ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +205,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a nested section
+        return build(tp, value, path)
     elif origin is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         if isinstance(value, list):  # a list of mappings, e.g. an ssh pool's hosts
             item = typing.get_args(tp)[0]
@@ -247,6 +299,7 @@ def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
                 raw = json.loads(path.read_text())
             except ValueError as exc:
                 raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            _check_users(raw, f"{path}: metadata.poolgate")
             argv = raw.get("argv")
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
                 raise ConfigError(f"{path}: 'argv' must be a non-empty list of strings")
@@ -262,6 +315,17 @@ def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
                 pool=_route(sub.name, raw, pools, proxy_map, default_pool),
             )
     return specs
+
+
+def _check_users(raw: dict[str, Any], where: str) -> None:
+    meta = raw.get("metadata") or {}
+    pg = meta.get("poolgate") if isinstance(meta, dict) else None
+    for key in ("allowed_users", "denied_users"):
+        value = pg.get(key) if isinstance(pg, dict) else None
+        if value is not None and not (isinstance(value, list)
+                                      and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}.{key}: expected a list of user names, got "
+                              f"{json.dumps(value)}")
 
 
 # -- queues.yaml ----------------------------------------------------------------------------

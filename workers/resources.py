@@ -163,6 +163,9 @@ def requested(pool: PoolConfig, spec_resources: Mapping[str, Any],
         error = BadRequest if from_env else ConfigError
         if name == "image":
             out[name] = str(raw)
+            problem = image_refused(pool, out[name]) if from_env else ""
+            if problem:
+                raise BadRequest(f"{where}: {problem}")
             continue
         try:
             out[name] = _PARSERS[name](raw, where)
@@ -175,6 +178,22 @@ def requested(pool: PoolConfig, spec_resources: Mapping[str, Any],
         if problem:
             raise error(f"{where}: {problem}")
     return out
+
+
+def image_refused(pool: PoolConfig, image: str) -> str:
+    """Why ``pool`` does not run KERNEL_IMAGE=``image``, for a launcher with an image allow-list
+    (docker, docker-swarm: options ``allow_kernel_image`` and ``allowed_images``); else ''."""
+    from workers.launchers import resolve
+
+    names = {f.name for f in dataclasses.fields(resolve(pool.launcher).Options)}
+    if "allowed_images" not in names:
+        return ""
+    if not pool.options.get("allow_kernel_image"):
+        return f"pool {pool.name!r} does not let kernels pick their image"
+    allowed = [str(i) for i in pool.options.get("allowed_images") or []]
+    if image not in allowed:
+        return f"{image!r} is not an image pool {pool.name!r} allows ({', '.join(allowed)})"
+    return ""
 
 
 def admit(pool: PoolConfig, spec: KernelSpec, env: Mapping[str, str]) -> dict[str, Any]:

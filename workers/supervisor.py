@@ -24,6 +24,7 @@ import zmq
 
 from workers import jmsg
 from workers.errors import GatewayError, LaunchRejected
+from workers.kernel_socket import KernelSocket
 from workers.protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
 from workers.registry import KernelRecord, now_iso
 from workers.warm import hand_over
@@ -189,22 +190,15 @@ class Supervisor:
         """Ask for kernel_info until iopub answers: an adopted kernel's state is unknown, and
         what it publishes before the subscription is live is lost to us."""
         assert self.iopub is not None
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(conn.url("shell"))
-            signer = jmsg.Signer(conn.key, conn.signature_scheme)
+        with KernelSocket(conn) as sock:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                sock.send_multipart(jmsg.build(signer, "kernel_info_request", {},
-                                               jmsg.session_id())[1])
+                sock.send("kernel_info_request")
                 if self.iopub.poll(200):
                     time.sleep(0.05)  # let the reply's idle follow its busy
                     self._drain_iopub(self.iopub)
                     self._record_state(time.monotonic())
                     return
-        finally:
-            sock.close()
 
     def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
@@ -532,16 +526,9 @@ class Supervisor:
         conn = self.handle.connection if self.handle else None
         if conn is None or self.launcher.poll(self.handle) is not None:  # type: ignore[arg-type]
             return
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(conn.url("control"))
-            _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme),
-                                   "shutdown_request", {"restart": restart}, jmsg.session_id())
-            sock.send_multipart(frames)
-            sock.poll(1000)
-        finally:
-            sock.close()
+        with KernelSocket(conn, "control") as sock:
+            sock.send("shutdown_request", {"restart": restart})
+            sock.answered(1.0)
 
     def _finish(self, status: KernelStatus, reason: str, code: str = "") -> None:
         if status is S.FAILED and not self.started_at and self._target() == "STOPPED":

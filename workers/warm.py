@@ -21,9 +21,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-import zmq
 
-from workers import jmsg
+from workers.kernel_socket import KernelSocket
 from workers.errors import LaunchRejected
 from workers.protocol import KernelHandle, LaunchRequest
 
@@ -48,24 +47,16 @@ def hand_over(handle: KernelHandle, req: LaunchRequest, timeout: float = 10.0) -
     """Make a warm kernel the request's kernel: its env and working directory."""
     conn = handle.connection
     assert conn is not None
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(conn.url("shell"))
+    with KernelSocket(conn) as sock:
         env = {**req.env, "KERNEL_ID": req.kernel_id}
-        content = {"code": handover_code(env, req.working_dir), "silent": True,
-                   "store_history": False, "user_expressions": {}, "allow_stdin": False,
-                   "stop_on_error": True}
-        _, frames = jmsg.build(jmsg.Signer(conn.key, conn.signature_scheme), "execute_request",
-                               content, jmsg.session_id())
-        sock.send_multipart(frames)
-        if not sock.poll(int(timeout * 1000)):
+        sock.send("execute_request", {"code": handover_code(env, req.working_dir),
+                                      "silent": True, "store_history": False,
+                                      "user_expressions": {}, "allow_stdin": False,
+                                      "stop_on_error": True})
+        if not sock.answered(timeout):
             raise LaunchRejected("the warm kernel did not answer its handover")
-        parts, _ = jmsg.split(sock.recv_multipart())
-        if json.loads(parts[3]).get("status") != "ok":
+        if json.loads(sock.recv()[3]).get("status") != "ok":
             raise LaunchRejected("the warm kernel refused its handover")
-    finally:
-        sock.close()
 
 
 class WarmSet:

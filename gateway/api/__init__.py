@@ -5,6 +5,7 @@ from typing import Any
 
 from flask import g, request
 
+from gateway.auth import User, current_user
 from workers.errors import BadRequest
 
 
@@ -26,3 +27,17 @@ def json_body() -> dict[str, Any]:
 
 def ctx() -> dict[str, Any]:
     return g.poolgate  # type: ignore[no-any-return]
+
+
+def user() -> User:
+    """The authenticated caller (gateway/auth.py)."""
+    return current_user()
+
+
+def owned(kid: str) -> None:
+    """404, as for an unknown kernel, when kernel ``kid`` is another user's (gateway/access.py)."""
+    from gateway.access import check_owner
+
+    caller = current_user()
+    if not caller.admin:  # admins (and the shared token's anonymous user) own every kernel
+        check_owner(ctx()["service"].registry.get(kid), kid, caller)

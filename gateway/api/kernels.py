@@ -7,14 +7,14 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from flask_sock import Sock
 
-from gateway.api import ctx, json_body
+from gateway.api import ctx, json_body, owned, user
 
 bp = Blueprint("kernels", __name__)
 
 
 @bp.get("/api/kernels")
 def list_kernels() -> Any:
-    return jsonify(ctx()["service"].list())
+    return jsonify(ctx()["service"].list(user()))
 
 
 @bp.post("/api/kernels")
@@ -22,7 +22,7 @@ def start_kernel() -> Any:
     body = json_body()
     if request.args.get("wait") in ("0", "false", "no"):
         body["wait"] = False
-    model = ctx()["service"].start(body)
+    model = ctx()["service"].start(body, user())
     resp = jsonify(model)
     resp.status_code = 201 if model["poolgate"]["status"] == "RUNNING" else 202
     resp.headers["Location"] = request.script_root + request.path.rstrip("/") + "/" + model["id"]
@@ -31,12 +31,14 @@ def start_kernel() -> Any:
 
 @bp.get("/api/kernels/<kernel_id>")
 def get_kernel(kernel_id: str) -> Any:
+    owned(kernel_id)
     service = ctx()["service"]
     return jsonify(service.model(service.record(kernel_id)))
 
 
 @bp.delete("/api/kernels/<kernel_id>")
 def delete_kernel(kernel_id: str) -> Any:
+    owned(kernel_id)
     ctx()["service"].shutdown(kernel_id)
     ctx()["bridge"].close_kernel(kernel_id)
     return Response(status=204)
@@ -44,12 +46,14 @@ def delete_kernel(kernel_id: str) -> Any:
 
 @bp.post("/api/kernels/<kernel_id>/interrupt")
 def interrupt_kernel(kernel_id: str) -> Any:
+    owned(kernel_id)
     ctx()["service"].interrupt(kernel_id)
     return Response(status=204)
 
 
 @bp.post("/api/kernels/<kernel_id>/restart")
 def restart_kernel(kernel_id: str) -> Any:
+    owned(kernel_id)
     bridge = ctx()["bridge"]
     service = ctx()["service"]
     service.record(kernel_id)  # 404 before anything is held
@@ -61,7 +65,9 @@ def restart_kernel(kernel_id: str) -> Any:
 
 
 def register_channels(sock: Sock, base: str) -> None:
-    """The WebSocket route; an unknown kernel is a 404 before the handshake."""
+    """The WebSocket route; an unknown kernel (or another user's) is a 404 before the handshake.
+    Its lookup runs after authentication (gateway/auth.py is the app's first before_request),
+    so a caller without credentials cannot tell a live kernel id from an unknown one."""
     path = base + "/api/kernels/<kernel_id>/channels"
 
     @sock.route(path, endpoint="kernel_channels")
@@ -84,4 +90,5 @@ def register_channels(sock: Sock, base: str) -> None:
                 # behaviour). simple-websocket accepts any offer it sees in the headers.
                 request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
             kid = (request.view_args or {}).get("kernel_id", "")
+            owned(kid)
             ctx()["service"].record(kid)

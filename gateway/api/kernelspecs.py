@@ -7,30 +7,38 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request, send_file
 
-from gateway.api import ctx
+from gateway.access import refusal
+from gateway.api import ctx, user
 from workers.errors import UnknownKernelSpec
 
 bp = Blueprint("kernelspecs", __name__)
 
 
-def _visible(user: str) -> dict[str, Any]:
+def _visible(name: str) -> dict[str, Any]:
+    """The kernelspecs ``name`` may start (gateway/access.py); all for the anonymous user
+    without ``?user=``, as before users existed."""
     config = ctx()["config"]
     out = {}
-    for name, spec in sorted(config.kernelspecs.items()):
+    for spec_name, spec in sorted(config.kernelspecs.items()):
         pool = config.pools[spec.pool]
-        if pool.kernelspecs and name not in pool.kernelspecs:
+        if pool.kernelspecs and spec_name not in pool.kernelspecs:
             continue
-        if user and pool.allowed_users and user not in pool.allowed_users:
+        if (name or not user().admin) and refusal(spec, pool, name):
             continue
-        out[name] = spec
+        out[spec_name] = spec
     return out
+
+
+def _caller() -> str:
+    """Whose kernelspecs to list: the authenticated user, or ``?user=`` for the anonymous one."""
+    return user().name or request.args.get("user", "")
 
 
 @bp.get("/api/kernelspecs")
 def list_specs() -> Any:
     config = ctx()["config"]
     service = ctx()["service"]
-    specs = _visible(request.args.get("user", ""))
+    specs = _visible(_caller())
     # A spec whose pool no worker serves (one `poolgate serve` could not start here, say)
     # cannot start: it is not offered, unless its pool waits for workers.
     served = {p for w in service.registry.workers() for p in w.get("pools", ())}
@@ -43,7 +51,7 @@ def list_specs() -> Any:
 
 @bp.get("/api/kernelspecs/<name>")
 def get_spec(name: str) -> Any:
-    spec = ctx()["config"].kernelspecs.get(name)
+    spec = _visible(_caller()).get(name)
     if spec is None:
         raise UnknownKernelSpec(f"no kernelspec named {name!r}")
     return jsonify(spec.to_model())
@@ -51,7 +59,7 @@ def get_spec(name: str) -> Any:
 
 @bp.get("/kernelspecs/<name>/<path:filename>")
 def spec_file(name: str, filename: str) -> Any:
-    spec = ctx()["config"].kernelspecs.get(name)
+    spec = _visible(_caller()).get(name)
     if spec is None:
         raise UnknownKernelSpec(f"no kernelspec named {name!r}")
     base = Path(spec.resource_dir).resolve()

@@ -6,7 +6,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from gateway.api import ctx, json_body
+from gateway.access import session_visible
+from gateway.api import ctx, json_body, owned, user
 from workers.errors import BadRequest, KernelNotFound, SessionNotFound
 
 bp = Blueprint("sessions", __name__)
@@ -24,14 +25,14 @@ def _model(sess: dict[str, Any]) -> dict[str, Any]:
 
 def _get(sid: str) -> dict[str, Any]:
     sess = ctx()["registry"].session(sid)
-    if sess is None:
+    if sess is None or not session_visible(sess, user()):  # another user's is unknown too
         raise SessionNotFound(f"session {sid} not found")
     return sess
 
 
 @bp.get("/api/sessions")
 def list_sessions() -> Any:
-    return jsonify([_model(s) for s in ctx()["registry"].sessions()])
+    return jsonify([_model(s) for s in ctx()["registry"].sessions() if session_visible(s, user())])
 
 
 @bp.post("/api/sessions")
@@ -45,11 +46,12 @@ def create_session() -> Any:
         raise BadRequest("'kernel' must be an object")
     service = ctx()["service"]
     if kernel.get("id"):
+        owned(str(kernel["id"]))
         kid = service.record(str(kernel["id"])).id
     else:
-        kid = service.start({"name": kernel.get("name"), "env": body.get("env")})["id"]
+        kid = service.start({"name": kernel.get("name"), "env": body.get("env")}, user())["id"]
     sess = {"id": str(uuid.uuid4()), "path": path, "name": str(body.get("name") or ""),
-            "type": str(body.get("type") or "notebook"), "kernel_id": kid}
+            "type": str(body.get("type") or "notebook"), "kernel_id": kid, "user": user().name}
     ctx()["registry"].save_session(sess["id"], sess)
     resp = jsonify(_model(sess))
     resp.status_code = 201
@@ -74,10 +76,11 @@ def update_session(sid: str) -> Any:
     kernel = body.get("kernel")
     if isinstance(kernel, dict):
         if kernel.get("id"):
+            owned(str(kernel["id"]))
             sess["kernel_id"] = ctx()["service"].record(str(kernel["id"])).id
         elif kernel.get("name"):
             old = sess["kernel_id"]
-            sess["kernel_id"] = ctx()["service"].start({"name": kernel["name"]})["id"]
+            sess["kernel_id"] = ctx()["service"].start({"name": kernel["name"]}, user())["id"]
             try:
                 ctx()["service"].shutdown(old)
             except KernelNotFound:

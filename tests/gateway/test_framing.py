@@ -3,6 +3,7 @@ real client library (wsproto, as a client: masked) writes."""
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -112,3 +113,64 @@ def test_unmask_is_its_own_inverse() -> None:
     masked = framing.unmask(data, b"\x01\x80\xff\x10")
     assert masked != data and framing.unmask(masked, b"\x01\x80\xff\x10") == data
     assert [masked[i] ^ data[i] for i in range(8)] == [1, 0x80, 0xFF, 0x10] * 2
+
+
+def test_control_and_close_frames_stay_within_125_bytes_and_whole_characters() -> None:
+    """A long payload is cut before its length is written; a long reason at a character
+    boundary (a client would fail a close whose reason is not UTF-8, with 1007)."""
+    client, _ = client_pair()
+    client.receive_data(framing.control_frame(framing.OP_PING, b"p" * 300)
+                        + framing.close_frame(1011, "é" * 100))
+    ping, close = client.events()
+    assert isinstance(ping, Ping) and ping.payload == b"p" * 125
+    assert isinstance(close, CloseConnection) and (close.code, close.reason) == (1011, "é" * 61)
+
+
+def test_nothing_fed_after_a_close_is_kept() -> None:
+    client, _ = client_pair()
+    reader = FrameReader()
+    late = client.send(Message(data="late")) * 1000
+    reader.feed(client.send(CloseConnection(code=1000)))
+    assert reader.feed(late) == ([], []) and not reader.buf
+
+
+def test_send_some_stays_importable_from_framing() -> None:
+    from gateway import sockio
+    assert framing.send_some is sockio.send_some
+
+
+def test_connection_closes_a_client_whose_message_is_over_the_cap() -> None:
+    """Connection.read on the plain path: a header announcing a message over FrameReader's
+    default cap ends the connection with 1009 before any of its payload is read."""
+    from gateway.channels import Connection
+
+    client, server = client_pair()
+    a, b = socket.socketpair()
+    conn = Connection(FakeWs(a, server))
+    b.sendall(client.send(Message(data="first"))
+              + struct.pack("!BBQ", 0x82, 0xFF, framing.MAX_MESSAGE_SIZE + 1) + b"mask")
+    assert conn.read() == ["first"] and conn.closed and conn.ws.close_reason == 1009
+    client.receive_data(b.recv(65536))
+    assert [e.code for e in client.events() if isinstance(e, CloseConnection)] == [1009]
+    a.close()
+    b.close()
+
+
+def test_a_message_over_the_limit_closes_with_1009_before_its_bytes_arrive() -> None:
+    client, _ = client_pair()
+    reader = FrameReader(1000)
+    ok = client.send(Message(data=b"x" * 1000))
+    big = client.send(Message(data=b"y" * 5000))
+    messages, replies = reader.feed(ok + big[:20])  # only the big one's header has come
+    assert messages == [b"x" * 1000] and reader.close_code == framing.MESSAGE_TOO_BIG
+    assert replies and replies[0][0] == 0x88 and replies[0][2:4] == (1009).to_bytes(2, "big")
+    reader = FrameReader(1000)  # fragments count together; a ping between them not
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Ping(b"p" * 100))
+            + client.send(Message(data=b"b" * 300, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [b"a" * 600 + b"b" * 300] and reader.close_code is None
+    data = (client.send(Message(data=b"a" * 600, message_finished=False))
+            + client.send(Message(data=b"b" * 600, message_finished=True)))
+    messages, _ = reader.feed(data)
+    assert messages == [] and reader.close_code == framing.MESSAGE_TOO_BIG

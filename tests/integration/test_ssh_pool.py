@@ -379,9 +379,10 @@ def test_lost_host_is_skipped_and_its_kernels_are_reported_dead(ssh_stack: Stack
         ch = gw.channel(on["a"])
         assert ch.execute("1+1").result == "2"
         ch.close()
-        # a is full now (2 of 2) and b is down: the launch fails, naming both hosts.
+        # a is full now (2 of 2) and b is down: the launch fails at once (503: no host can
+        # take it), naming both hosts.
         r = gw.post("/api/kernels", json={"name": "python3-ssh"})
-        assert r.status_code == 500, r.text
+        assert r.status_code == 503 and r.json()["reason"] == "backend_unavailable", r.text
         msg = r.json()["message"]
         assert "a: full (2 of 2 kernels)" in msg and ("b: down" in msg or "host b (" in msg), msg
     finally:

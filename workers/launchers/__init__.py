@@ -20,6 +20,8 @@ LAUNCHERS: dict[str, str] = {
     "local": "workers.launchers.local:LocalLauncher",
     "gpu": "workers.launchers.gpu:GPULauncher",
     "ssh": "workers.launchers.ssh:SSHLauncher",
+    "docker": "workers.launchers.docker_container:DockerLauncher",
+    "docker-swarm": "workers.launchers.docker_swarm:SwarmLauncher",
 }
 
 

@@ -9,6 +9,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from workers.protocol import KernelHandle, LaunchRequest
 
 PORT_IN_USE = "Address already in use"  # what a kernel that could not bind a port prints
+#: The worker's own credentials: kernels run users' code and never get them (DESIGN.md).
+WORKER_SECRETS = ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL", "POOLGATE_REGISTRY_SECRET",
+                  "POOLGATE_AUTH_TOKEN", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+
+
+def without_worker_secrets(env: dict[str, str]) -> dict[str, str]:
+    """``env`` (a worker's environment) less what would give a kernel the broker or registry."""
+    return {k: v for k, v in env.items() if k not in WORKER_SECRETS}
 
 if TYPE_CHECKING:
     from workers.config import PoolConfig

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from workers.launchers.base import without_worker_secrets
+
 log = logging.getLogger(__name__)
 SCRIPT = str(Path(__file__).with_name("forkserver.py"))
 ROOM_ENV = "POOLGATE_FORKSERVER_ROOM"
@@ -103,7 +105,7 @@ class ForkServer:
     def __init__(self, python: str, log_path: Path) -> None:
         self.python = python
         self.log_path = log_path
-        self.env = dict(os.environ)
+        self.env = without_worker_secrets(dict(os.environ))  # its memory becomes the kernels'
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None

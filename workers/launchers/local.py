@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import zmq
 
-from workers import jmsg
+from workers.kernel_socket import KernelSocket
 from workers.config import python_argv
 from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
-from workers.launchers.base import Launcher
+from workers.launchers.base import Launcher, without_worker_secrets
 from workers.launchers.forking import UNKNOWN, Forked, ForkServer, why_not
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
@@ -137,8 +136,9 @@ def build_command(argv: tuple[str, ...], connection_file: str, resource_dir: str
 
 
 def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
-    """The kernel's environment: the worker's, the spec's, the request's, and KERNEL_ID."""
-    env = dict(base)
+    """The kernel's environment: the worker's (less its credentials), the spec's, the
+    request's, and KERNEL_ID."""
+    env = without_worker_secrets(base)
     env.update(req.spec_env)
     env.update(req.env)
     env["KERNEL_ID"] = req.kernel_id
@@ -151,24 +151,14 @@ def build_env(base: dict[str, str], req: LaunchRequest) -> dict[str, str]:
 
 def wait_ready(conn: ConnectionInfo, deadline: float, alive: Callable[[], bool]) -> None:
     """Block until the kernel answers a kernel_info_request on its shell channel."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.reconnect_ivl = 10  # ms: the kernel binds its ports a moment after it starts
-    try:
-        sock.connect(conn.url("shell"))
-        signer = jmsg.Signer(conn.key, conn.signature_scheme)
-        _, frames = jmsg.build(signer, "kernel_info_request", {}, jmsg.session_id())
-        sock.send_multipart(frames)
+    with KernelSocket(conn, reconnect_ivl=10) as sock:
+        sock.send("kernel_info_request")
         while time.monotonic() < deadline:
-            if sock.poll(50):
-                sock.recv_multipart()
+            if sock.answered(0.05):
                 return
             if not alive():
                 raise LaunchRejected("the kernel exited while starting")
         raise LaunchTimeout("the kernel did not answer kernel_info_request in time")
-    finally:
-        sock.close()
 
 
 class LocalLauncher(Launcher):

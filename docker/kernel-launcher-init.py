@@ -1,0 +1,1 @@
+"""poolgate in a kernel image: only the kernel launcher."""

@@ -1,0 +1,239 @@
+"""What the docker and docker-swarm launchers share: the engine client, the reply listener,
+engine errors mapped into poolgate's, and the launch that waits for the kernel launcher.
+
+The rule of this module: every resource a kernel gets carries the label ``poolgate.kernel_id``,
+and stop() removes whatever carries it, so a half-finished launch, a redelivered one, or one
+a worker that restarted since started, leaves nothing behind. Subclasses only create, inspect
+and remove their own kind of resource (a container, a service).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
+from workers.launchers.base import Launcher
+from workers.launchers.docker_builders import KERNEL_LABEL, DockerOptions
+from workers.launchers.reply import Expectation, ReplyListener, send_command
+from workers.protocol import KernelHandle, LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
+
+log = logging.getLogger(__name__)
+
+
+def docker_module() -> Any:
+    """The docker SDK, or an ImportError that names the extra to install."""
+    try:
+        import docker
+    except ImportError as exc:
+        raise ImportError("the docker and docker-swarm launchers need the docker SDK: "
+                          "pip install 'poolgate[docker]'") from exc
+    return docker
+
+
+@contextlib.contextmanager
+def engine_errors(what: str) -> Iterator[None]:
+    """Map the SDK's errors into poolgate's, with the engine's own reason."""
+    docker = docker_module()
+    import requests
+
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise LaunchRejected(f"{what}: the engine has no such image ({exc.explanation or exc})"
+                             ) from exc
+    except docker.errors.APIError as exc:
+        raise LaunchRejected(f"{what}: the docker engine refused: "
+                             f"{exc.explanation or exc}") from exc
+    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+        raise BackendUnavailable(f"{what}: the docker engine is unreachable ({exc})") from exc
+
+
+class EngineLauncher(Launcher):
+    """A kernel per engine resource, reporting through the kernel launcher's reply."""
+
+    Options = DockerOptions
+    kind = "container"
+
+    def __init__(self, pool: PoolConfig, options: DockerOptions, runtime_dir: str) -> None:
+        super().__init__(pool, options, runtime_dir)
+        self.options: DockerOptions = options
+        self._client: Any = None
+        self._replies: ReplyListener | None = None
+        self._lock = threading.Lock()
+        self._polled: dict[str, tuple[float, str | None]] = {}
+        self._explained: set[str] = set()  # launches whose error carries the kernel's output
+
+    @classmethod
+    def runs_here(cls, options: DockerOptions) -> str | None:
+        try:
+            docker = docker_module()
+            client = docker.DockerClient(base_url=options.docker_url, timeout=5) \
+                if options.docker_url else docker.from_env(timeout=5)
+            client.ping()
+            client.close()
+        except ImportError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"no docker engine answers ({exc})"
+        return None
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                docker = docker_module()
+                with engine_errors(f"pool {self.pool.name}"):
+                    self._client = (docker.DockerClient(base_url=self.options.docker_url,
+                                                        timeout=int(self.options.api_timeout))
+                                    if self.options.docker_url else
+                                    docker.from_env(timeout=int(self.options.api_timeout)))
+            return self._client
+
+    @property
+    def replies(self) -> ReplyListener:
+        with self._lock:
+            if self._replies is None:
+                self._replies = ReplyListener(self.options.response_bind,
+                                              self.options.response_port).start()
+            return self._replies
+
+    def prepare(self) -> None:
+        self.replies  # noqa: B018 - open the listener now: a port clash shows at start-up
+
+    def close(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        if self._client is not None:
+            self._client.close()
+
+    # -- what subclasses provide -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def response_host(self) -> str:
+        """Where kernel launchers reach this worker (options.response_address, or found)."""
+
+    @abc.abstractmethod
+    def create(self, req: LaunchRequest, exp: Expectation) -> dict[str, Any]:
+        """Create the kernel's resource; the handle data that finds it again."""
+
+    @abc.abstractmethod
+    def state(self, handle: KernelHandle) -> tuple[str | None, str]:
+        """(why the kernel's resource ended or None while it lives, the engine's latest
+        word on it: a pending task's reason)."""
+
+    @abc.abstractmethod
+    def remove_labelled(self, kernel_id: str, grace: float) -> int:
+        """Remove every resource labelled with ``kernel_id``; how many there were."""
+
+    @abc.abstractmethod
+    def logs(self, handle: KernelHandle) -> str:
+        """The tail of the resource's output (the kernel launcher echoes the kernel's)."""
+
+    # -- launch -----------------------------------------------------------------------------
+
+    def launch(self, req: LaunchRequest,
+               previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
+        deadline = self._deadline(req)
+        where = f"kernel {req.kernel_id}"
+        with engine_errors(where):
+            left = self.remove_labelled(req.kernel_id, grace=0)  # a redelivery's, a restart's
+        if left:
+            log.info("Kernel %s: removed %d %s(s) an earlier launch left", req.kernel_id, left,
+                     self.kind)
+        exp = self.replies.expect(req.kernel_id, self.response_host())
+        try:
+            with engine_errors(where):
+                data = self.create(req, exp)
+            handle = KernelHandle(req.kernel_id, req.pool, host="", data=data)
+            log.info("Kernel %s: %s %s created on pool %s", req.kernel_id, self.kind,
+                     data.get("name"), self.pool.name)
+            yield handle
+            last = [""]
+
+            def died() -> str | None:
+                with engine_errors(where):
+                    why, last[0] = self.state(handle)
+                return why
+
+            try:
+                reply = self.replies.wait(exp, deadline, died)
+            except LaunchRejected as exc:
+                if "--- kernel output" in exc.message:
+                    self._explained.add(req.kernel_id)
+                raise
+            except LaunchTimeout as exc:
+                raise LaunchTimeout(f"{exc.message}; the engine says: {last[0]}" if last[0]
+                                    else exc.message) from exc
+            data = {**data, "pid": reply.pid, "command_port": reply.command_port}
+            log.info("Kernel %s: listening at %s (%s %s)", req.kernel_id, reply.connection.ip,
+                     self.kind, data.get("name"))
+            yield KernelHandle(req.kernel_id, req.pool, host=reply.connection.ip,
+                               connection=reply.connection, data=data)
+        finally:
+            self.replies.cancel(exp)
+
+    def _deadline(self, req: LaunchRequest, margin: float = 1.5) -> float:
+        """When the launch gives up: a little before the gateway's own timeout, counted from
+        the launch's creation, so the client gets the engine's reason rather than only "did
+        not finish starting" (a pending Swarm task says which resource no node has)."""
+        deadline = time.monotonic() + req.launch_timeout
+        rec = self.registry.get(req.kernel_id) if self.registry is not None else None
+        if rec is not None and rec.created:
+            left = rec.created + req.launch_timeout - margin - time.time()
+            deadline = min(deadline, time.monotonic() + max(left, 1.0))
+        return deadline
+
+    # -- supervise ----------------------------------------------------------------------------
+
+    def poll(self, handle: KernelHandle) -> str | None:
+        now = time.monotonic()
+        at, why = self._polled.get(handle.kernel_id, (0.0, None))
+        if now - at < self.options.poll_interval and why is None:
+            return None
+        try:
+            with engine_errors(f"kernel {handle.kernel_id}"):
+                why = self.state(handle)[0]
+        except BackendUnavailable as exc:  # the engine is down, not the kernel: ask again
+            log.warning("Kernel %s: %s", handle.kernel_id, exc.message)
+            why = None
+        except LaunchError as exc:
+            why = exc.message
+        self._polled[handle.kernel_id] = (now, why)
+        return why
+
+    def send_signal(self, handle: KernelHandle, signum: int) -> None:
+        """Through the kernel launcher's command port: works wherever the kernel's node is."""
+        conn, port = handle.connection, int(handle.data.get("command_port") or 0)
+        if conn is None or not port:
+            return
+        answer = send_command(conn.ip, port, conn.key, handle.kernel_id, signum)
+        if answer != "ok":
+            log.warning("Kernel %s: signal %d not delivered by its kernel launcher (%s)",
+                        handle.kernel_id, signum, answer)
+
+    def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
+        self._polled.pop(handle.kernel_id, None)
+        with engine_errors(f"kernel {handle.kernel_id}"):
+            count = self.remove_labelled(handle.kernel_id, grace)
+        log.info("Kernel %s: removed %d %s(s)", handle.kernel_id, count, self.kind)
+
+    def failure_detail(self, handle: KernelHandle) -> str:
+        if handle.kernel_id in self._explained:
+            self._explained.discard(handle.kernel_id)
+            return ""
+        try:
+            with engine_errors(f"kernel {handle.kernel_id}"):
+                return self.logs(handle).strip()[-2000:]
+        except LaunchError:
+            return ""
+
+    def port_taken(self, handle: KernelHandle) -> bool:
+        return False  # the kernel launcher picks free ports and reports a clash itself
