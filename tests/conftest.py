@@ -301,6 +301,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     server = config.stash.get(_RUN_REDIS, None)
     if server is not None and server.proc is not None:
+        import logging
+
+        logging.disable(logging.CRITICAL)  # the in-process apps' threads lose their registry now
         server.kill()
         shutil.rmtree(server.folder, ignore_errors=True)
 
@@ -345,6 +348,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen([requires("redis-server"), "--port", str(self.port),
                                       "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                      "--databases", "64",
                                       "--dir", str(self.folder)], stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         for _ in range(100):
