@@ -474,6 +474,11 @@ class Bridge:
         with self._lock:
             targets = [s for (k, _), s in self.sessions.items() if k == kid]
         for sess in targets:
+            if event.get("status") == "RESTARTING" and self._drop(sess, detached_only=True):
+                # Kept channels without a client must not reconnect to the new kernel: their
+                # ZMQ identity is the session's on every replica, and the kernel (its ROUTER's
+                # hand-over) would send the replies of the replica the client now uses here.
+                continue
             sess.events.append(event)
             sess.wake()
 
@@ -529,16 +534,21 @@ class Bridge:
             except Exception:
                 log.debug("cannot update connection count", exc_info=True)
 
-    def _drop(self, sess: KernelSession) -> None:
+    def _drop(self, sess: KernelSession, detached_only: bool = False) -> bool:
+        """Forget a session and close its channels; with ``detached_only``, only if no client
+        holds it (checked under the lock that attach takes). True when it was dropped."""
         with self._lock:
+            if detached_only and sess.owner is not None:
+                return False
             if self.sessions.get((sess.kid, sess.session_id)) is sess:
                 del self.sessions[(sess.kid, sess.session_id)]
             last = not any(k == sess.kid for k, _ in self.sessions)
+            sess.gone = True
         if last:
             self.service.events.remove(sess.kid, self._on_event)
-        sess.gone = True
         with sess.keep_lock:
             sess.close()
+        return True
 
     def _reap(self) -> None:
         while True:
@@ -557,8 +567,9 @@ class Bridge:
             for sess in detached:
                 if sess.owner is None and (  # nobody took it back meanwhile
                         sess.gone or now - (sess.detached_at or now) > self.buffer_seconds
-                        or sess.kid not in live and self._gone_for_good(sess.kid)):
-                    self._drop(sess)
+                        or sess.kid not in live and self._gone_for_good(sess.kid)
+                        or self._served_elsewhere(sess)):
+                    self._drop(sess, detached_only=True)
 
     def _keep(self) -> None:
         """Read the channels of sessions that have no client, as libzmq's I/O thread did.
@@ -607,6 +618,16 @@ class Bridge:
                     peer.handle(ev)
                 for peer in sess.sockets.values():
                     peer.tick(now)
+
+    def _served_elsewhere(self, sess: KernelSession) -> bool:
+        """The session's client came back through another replica: these channels would share
+        its ZMQ identity (and take its replies on the next reconnect)."""
+        try:
+            conns = self.registry.connection_ids(sess.kid)
+        except redis.RedisError:
+            return False
+        mine = f"{self.instance}:{sess.session_id}"
+        return any(c.endswith(":" + sess.session_id) and c != mine for c in conns)
 
     def _gone_for_good(self, kid: str) -> bool:
         """A kernel the registry does not have: deleted (its tombstone says so), or not yet

@@ -25,7 +25,7 @@ from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTime
                             LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
 from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
 from workers.reconcile import settle
-from workers.registry import KernelRecord, Registry, now_iso
+from workers.registry import WORKER_TTL, KernelRecord, Registry, now_iso
 
 log = logging.getLogger(__name__)
 S = KernelStatus
@@ -159,7 +159,13 @@ class KernelService:
     def served(self, pool: PoolConfig) -> bool:
         """Whether a launch on ``pool`` can be taken: it has a live worker, or it waits for
         one (``wait_for_workers``)."""
-        return pool.wait_for_workers or bool(self.workers_of(pool.name))
+        if pool.wait_for_workers or self.workers_of(pool.name):
+            return True
+        # A registry that lost its data (a Redis restarted empty) less than a heartbeat ago has
+        # not heard every worker again yet: queue rather than refuse.
+        epoch = self.registry.epoch()
+        return epoch is None or bool(epoch.get("rebuilt")) and \
+            time.time() - float(epoch["time"]) < WORKER_TTL
 
     # -- starting -------------------------------------------------------------------------
 

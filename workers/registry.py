@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "pg:"
 FAILED_RETENTION = 3600  # seconds a FAILED record stays readable (status: dead)
+WORKER_TTL = 10.0  # seconds a worker's heartbeat (pg:w:<name>) lives; workers beat every third
 REBUILD_GRACE = 5.0  # after a rebuild, a missing kernel is "not yet" (503) for this long
 
 _TRANSITION = """
@@ -477,6 +478,10 @@ class Registry:
 
     def connection_count(self, kid: str) -> int:
         return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
+
+    def connection_ids(self, kid: str) -> list[str]:
+        """The open WebSockets of a kernel, as ``<gateway instance>:<session id>``."""
+        return [c.decode() for c in self.r.hkeys(PREFIX + "c:" + kid)]  # type: ignore[union-attr]
 
     def add_connection(self, kid: str, conn_id: str) -> None:
         self.r.hset(PREFIX + "c:" + kid, conn_id, str(time.time()))

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from workers import launchers
 from workers.config import Config
-from workers.registry import Registry
+from workers.registry import WORKER_TTL, Registry
 
 if TYPE_CHECKING:
     from workers.launchers.base import Launcher
     from workers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-WORKER_TTL = 10.0
 
 
 class Runtime:
