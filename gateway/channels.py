@@ -115,6 +115,7 @@ class Connection:
         self.protocol = ws.subprotocol if ws.subprotocol == wire.V1 else None
         self.closed = False
         self.evicted = False
+        self.moved = False  # a newer socket of the session is on another gateway
         self.next_ping = 0.0
         self._lock = threading.RLock()
         self.stats = WsStats()  # written only by the pump thread
@@ -609,25 +610,31 @@ class Bridge:
         for fd, ev in poller.poll(100):
             sess, peer = by_fd[fd]
             fired.setdefault(sess, []).append((peer, ev))
-        now = time.monotonic()
         for sess in kept:
             with sess.keep_lock:
                 if sess.owner is not None or sess.gone:  # a client came back: its pump reads
                     continue
                 for peer, ev in fired.get(sess, ()):
                     peer.handle(ev)
-                for peer in sess.sockets.values():
-                    peer.tick(now)
+                lost = any(p.retry_at is not None for p in sess.sockets.values())
+            if lost:
+                # No reconnect without a client: the kernel restarted, or another replica took
+                # the session's identity (its client moved there); the supervisor's replay
+                # buffer still serves a client that comes back here.
+                self._drop(sess, detached_only=True)
 
     def _served_elsewhere(self, sess: KernelSession) -> bool:
-        """The session's client came back through another replica: these channels would share
-        its ZMQ identity (and take its replies on the next reconnect)."""
+        """The session's client came (back) through another replica after it came here: these
+        channels share its ZMQ identity, and the kernel's ROUTER gives the replies to whichever
+        connected last, so they must not reconnect."""
         try:
-            conns = self.registry.connection_ids(sess.kid)
+            conns = self.registry.connections(sess.kid)
         except redis.RedisError:
             return False
         mine = f"{self.instance}:{sess.session_id}"
-        return any(c.endswith(":" + sess.session_id) and c != mine for c in conns)
+        since = conns.get(mine, 0.0)
+        return any(c.endswith(":" + sess.session_id) and c != mine and t >= since
+                   for c, t in conns.items())
 
     def _gone_for_good(self, kid: str) -> bool:
         """A kernel the registry does not have: deleted (its tombstone says so), or not yet
@@ -682,7 +689,8 @@ class Bridge:
             self.metrics.ws_closed(conn.stats)
         if not conn.closed:
             try:
-                conn.ws.close(reason=1000, message="kernel shut down")
+                conn.ws.close(reason=1000, message="session moved to another gateway"
+                              if conn.moved else "kernel shut down")
             except Exception:
                 pass
             conn.drain(5.0)  # what is pending, then the close frame
@@ -748,7 +756,7 @@ class Bridge:
         except redis.RedisError as exc:  # the loop tries again while there are no sockets
             log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
-        while not (conn.closed or conn.evicted or sess.gone):
+        while not (conn.closed or conn.evicted or conn.moved or sess.gone):
             # What to poll: a channel's socket changes when it reconnects, and asks for
             # POLLOUT while it has bytes to write; so does the client's socket.
             peers = list(sess.sockets.values())
@@ -791,7 +799,12 @@ class Bridge:
             due = self._read_kernel(conn, sess, due)
             now = time.monotonic()
             for p in peers:
-                if p.retry_at is not None:
+                if p.retry_at is not None and now >= p.retry_at:
+                    if self._served_elsewhere(sess):  # a newer socket of this session elsewhere
+                        log.info("Kernel %s: session %s moved to another gateway; closing this "
+                                 "socket", sess.kid, sess.session_id)
+                        conn.moved = True
+                        break
                     p.tick(now)
             conn.ping(now)
             if sess.nudge_due(now):

@@ -479,9 +479,10 @@ class Registry:
     def connection_count(self, kid: str) -> int:
         return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
 
-    def connection_ids(self, kid: str) -> list[str]:
-        """The open WebSockets of a kernel, as ``<gateway instance>:<session id>``."""
-        return [c.decode() for c in self.r.hkeys(PREFIX + "c:" + kid)]  # type: ignore[union-attr]
+    def connections(self, kid: str) -> dict[str, float]:
+        """The open WebSockets of a kernel, ``<gateway instance>:<session id>`` -> since when."""
+        raw: dict[bytes, bytes] = self.r.hgetall(PREFIX + "c:" + kid)  # type: ignore[assignment]
+        return {k.decode(): float(v) for k, v in raw.items()}
 
     def add_connection(self, kid: str, conn_id: str) -> None:
         self.r.hset(PREFIX + "c:" + kid, conn_id, str(time.time()))
