@@ -308,9 +308,9 @@ def _route(name: str, raw: dict[str, Any], pools: Mapping[str, PoolConfig],
         return default_pool, ""
     if target in pools:
         return target, ""
-    for pool in pools.values():  # a launcher type maps to the first pool using it
-        if pool.launcher == target:
-            return pool.name, ""
+    for candidate in pools.values():  # a launcher type maps to the first pool using it
+        if candidate.launcher == target:
+            return candidate.name, ""
     if target in RUNS_ANYWHERE:
         return default_pool, ""
     kind = f"a pool with launcher {target!r}" if target else "a pool for it"
