@@ -162,3 +162,15 @@ def test_bad_kernelspec_json(tmp_path: Path) -> None:
     (folder / "kernel.json").write_text("{nope")
     with pytest.raises(ConfigError, match="kernel.json: not valid JSON"):
         load_config(write(tmp_path, {**BASE, "kernelspec_dirs": [str(tmp_path / "specs")]}), environ={})
+
+
+def test_yarn_spec_goes_to_the_first_yarn_pool(tmp_path: Path) -> None:
+    specs = {"eg-yarn": {"argv": ARGV, "metadata": {"process_proxy": {
+        "class_name": EG + "yarn.YarnClusterProcessProxy"}}},
+             "gp-yarn": {"argv": ARGV, "metadata": {"kernel_provisioner": {
+                 "provisioner_name": "yarn-provisioner"}}}}
+    data = {"pools": {"local": {"launcher": "local"},
+                      "hadoop": {"launcher": "yarn", "options": {"rm_address": "http://rm:8088"}}}}
+    cfg = load_config(write(tmp_path, data, specs), environ={})
+    for name in specs:
+        assert cfg.kernelspecs[name].pool == "hadoop" and not cfg.kernelspecs[name].unserved
