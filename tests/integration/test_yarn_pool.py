@@ -37,7 +37,7 @@ def pool(celery_queue: str, rm: str, alternate: str, timeout: float, **options: 
                 "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
                 "python": sys.executable, "poll_interval": 0.5,
                 "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher",
-                "env": {"PYTHONPATH": ROOT}, **options}}
+                "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID}, **options}}
 
 
 @pytest.fixture(scope="module")

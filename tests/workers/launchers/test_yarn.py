@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.conftest import RUN_ID
 from tests.yarn_rm import FakeResourceManager
 from workers.config import PoolConfig, build
 from workers.errors import BackendUnavailable, ConfigError, LaunchRejected, LaunchTimeout
@@ -34,7 +35,8 @@ def rm(tmp_path: Path) -> Iterator[FakeResourceManager]:
 def launcher(rm_url: str, tmp_path: Path, **kw: Any) -> YarnLauncher:
     opts = {"rm_address": rm_url, "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
             "python": sys.executable, "kernel_launcher": f"{sys.executable} -m "
-            "poolgate.kernel_launcher", "env": {"PYTHONPATH": ROOT}, "poll_interval": 0.2, **kw}
+            "poolgate.kernel_launcher", "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID},
+            "poll_interval": 0.2, **kw}
     pool = PoolConfig(name="yarn", launcher="yarn", options=opts)
     return YarnLauncher(pool, build(YarnOptions, opts, "pools.yarn.options"), str(tmp_path))
 
