@@ -8,6 +8,7 @@ that no application is left alive.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from tests.yarn_rm import FakeResourceManager
 ROOT = str(Path(__file__).resolve().parents[2])
 ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 EG = "enterprise_gateway.services.processproxies."
+#: Debian's r-cran-irkernel kernelspec (/usr/share/jupyter/kernels/ir/kernel.json)
+R_ARGV = ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
 
 
 class YarnStack:
@@ -68,13 +71,17 @@ def yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[YarnStack]:
              ["python", "-c", "import sys; sys.stderr.write('boom: no module frobnicate\\n'); "
               "sys.exit(3)"]),
             ("py-k8s", {"process_proxy": {"class_name": EG + "k8s.KubernetesProcessProxy"}},
-             ARGV)):
+             ARGV),
+            ("ir-yarn", {"poolgate": {"pool": "yarn"}}, R_ARGV),
+            ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV)):
         (specs / name).mkdir()
         (specs / name / "kernel.json").write_text(json.dumps({
-            "argv": argv, "display_name": name, "language": "python", "metadata": meta}))
+            "argv": argv, "display_name": name, "metadata": meta,
+            "language": "R" if argv is R_ARGV else "python"}))
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
     try:
+        stack.start_worker("local")
         stack.start_worker("yarn")
         stack.start_worker("yarn-full")
         stack.start_gateway(stack.port)
@@ -209,5 +216,40 @@ def test_restarted_worker_adopts_its_application(yarn: YarnStack) -> None:
         ch.close()
         assert "adopted by worker" in yarn.stack.log("worker-yarn")
         assert [a.state for a in apps_of(yarn, kid)] == ["RUNNING"]
+    finally:
+        gw.shutdown(kid)
+
+
+def shown(res: Any) -> str:
+    """What a cell showed as text (IRkernel sends display_data where ipykernel sends
+    execute_result)."""
+    for m in res.messages:
+        if m["msg_type"] in ("execute_result", "display_data"):
+            return str(m["content"]["data"].get("text/plain", ""))
+    return ""
+
+
+@pytest.mark.parametrize("pool_name", ["local", "yarn"])
+def test_r_kernel(yarn: YarnStack, pool_name: str) -> None:
+    if shutil.which("R") is None:
+        pytest.fail("R is not installed; .ci/run installs r-cran-irkernel")
+    gw = yarn.stack.gw
+    kid = gw.start(f"ir-{pool_name}", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        ch = gw.channel(kid)
+        assert shown(ch.execute("6 * 7", timeout=60)) == "[1] 42"
+        res = ch.execute("for (i in 1:3) cat('tick', i, '\\n')")
+        assert res.stdout.split() == ["tick", "1", "tick", "2", "tick", "3"]
+        mid = ch.send("execute_request", {"code": "Sys.sleep(60)", "silent": False})
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        ch.collect(mid, timeout=20)
+        assert time.monotonic() - t0 < 20
+        assert shown(ch.execute("x <- 5; x")) == "[1] 5"
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200, r.text
+        assert shown(ch.execute("exists('x')", timeout=60)) == "[1] FALSE"
+        ch.close()
     finally:
         gw.shutdown(kid)
