@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,6 +94,7 @@ class RMClient:
         requests = requests_module()
         self.options = options
         self.addresses = list(options.rm_addresses)
+        self._lock = threading.Lock()  # launches and polls of one worker share this client
         self.session = requests.Session()
         if options.auth == "kerberos":
             self.session.auth = spnego_auth()
@@ -108,7 +110,9 @@ class RMClient:
         requests' ConnectionError when no RM is reachable or active."""
         requests = requests_module()
         problems: list[str] = []
-        for address in list(self.addresses):
+        with self._lock:
+            order = list(self.addresses)
+        for address in order:
             try:
                 resp = self.session.request(method, address + path, params=params, json=body,
                                             timeout=self.options.api_timeout,
@@ -116,16 +120,16 @@ class RMClient:
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
                 problems.append(f"{address}: {exc.__class__.__name__}")
                 log.warning("ResourceManager %s unreachable (%s)%s", address, exc,
-                            "; trying the next one" if address != self.addresses[-1] else "")
+                            "; trying the next one" if address != order[-1] else "")
                 continue
             if resp.is_redirect:  # a standby RM points at the active one
                 problems.append(f"{address}: standby (redirects to "
                                 f"{resp.headers.get('Location', '?')})")
                 log.info("ResourceManager %s is a standby; trying the next one", address)
                 continue
-            if address != self.addresses[0]:  # ask the active one first from now on
-                self.addresses.remove(address)
-                self.addresses.insert(0, address)
+            if address != order[0]:  # ask the active one first from now on
+                with self._lock:
+                    self.addresses = [address, *(a for a in self.addresses if a != address)]
                 log.warning("ResourceManager %s is the active one now", address)
             if resp.status_code not in ok:
                 raise remote_exception(resp)
