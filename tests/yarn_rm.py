@@ -17,7 +17,7 @@ What it serves, as Hadoop's RM does (``/ws/v1/cluster``, JSON only):
 Applications go NEW → NEW_SAVING → SUBMITTED → ACCEPTED; an ACCEPTED application whose queue
 has room gets its AM container: the command is REALLY run, with bash, as a local process in
 its own session, with the container's environment (the submitted one plus what a NodeManager
-sets: CONTAINER_ID, LOG_DIRS, PWD, USER, and PATH/LANG from its whitelist) and ``<LOG_DIR>``
+sets: CONTAINER_ID, LOG_DIRS, LOCAL_DIRS, PWD, USER, and PATH/LANG from its whitelist) and ``<LOG_DIR>``
 replaced by the container's log folder. The application is RUNNING while that process lives
 (a simplification: a real RM waits for the AM to register). When it exits the application
 FAILS with the exit code in its diagnostics (the AM never unregistered); a kill sends SIGTERM
@@ -190,6 +190,7 @@ class FakeResourceManager:
         env = {k: os.environ[k] for k in ALWAYS_ENV if k in os.environ}
         env.update(app.env)
         env.update({"CONTAINER_ID": cid, "LOG_DIRS": str(log_dir), "PWD": str(work),
+                    "LOCAL_DIRS": str(work.parent), "HADOOP_USER_NAME": app.user,
                     "USER": app.user, "LOGNAME": app.user, "NM_HOST": "127.0.0.1",
                     "APPLICATION_WEB_PROXY_BASE": f"/proxy/{app.id}"})
         command = app.command.replace("<LOG_DIR>", str(log_dir))

@@ -25,6 +25,10 @@ ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 EG = "enterprise_gateway.services.processproxies."
 #: Debian's r-cran-irkernel kernelspec (/usr/share/jupyter/kernels/ir/kernel.json)
 R_ARGV = ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
+#: a Spark kernel: ipykernel with pyspark (PyPI) on Debian's JRE, Spark in local mode
+SPARK_ENV = {"PYSPARK_SUBMIT_ARGS": "--master local[2] --conf spark.ui.enabled=false "
+                                    "--driver-memory 512m pyspark-shell",
+             "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
 
 
 class YarnStack:
@@ -73,11 +77,13 @@ def yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[YarnStack]:
             ("py-k8s", {"process_proxy": {"class_name": EG + "k8s.KubernetesProcessProxy"}},
              ARGV),
             ("ir-yarn", {"poolgate": {"pool": "yarn"}}, R_ARGV),
-            ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV)):
+            ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV),
+            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, ARGV)):
         (specs / name).mkdir()
         (specs / name / "kernel.json").write_text(json.dumps({
             "argv": argv, "display_name": name, "metadata": meta,
-            "language": "R" if argv is R_ARGV else "python"}))
+            "language": "R" if argv is R_ARGV else "python",
+            "env": SPARK_ENV if name.startswith("spark") else {}}))
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
     try:
@@ -250,6 +256,26 @@ def test_r_kernel(yarn: YarnStack, pool_name: str) -> None:
         r = gw.post(f"/api/kernels/{kid}/restart")
         assert r.status_code == 200, r.text
         assert shown(ch.execute("exists('x')", timeout=60)) == "[1] FALSE"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_spark_kernel_runs_a_job(yarn: YarnStack) -> None:
+    if shutil.which("java") is None:
+        pytest.fail("java is not installed; .ci/run installs default-jre-headless")
+    gw = yarn.stack.gw
+    kid = gw.start("spark-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        ch = gw.channel(kid)
+        res = ch.execute("from pyspark.sql import SparkSession\n"
+                         "spark = SparkSession.builder.appName('poolgate-test').getOrCreate()\n"
+                         "sc = spark.sparkContext\n"
+                         "print(sc.master, sc.parallelize(range(1000), 4).map(lambda x: x * x)"
+                         ".sum(), spark.range(1000).selectExpr('sum(id)').first()[0])",
+                         timeout=120)
+        assert res.status == "ok", (res.error or {}).get("evalue", "")[:3000]
+        assert res.stdout.split() == ["local[2]", "332833500", "499500"], res.stdout
         ch.close()
     finally:
         gw.shutdown(kid)
