@@ -228,6 +228,20 @@ class FakeResourceManager:
                 self._signal(app, signal.SIGKILL)
         threading.Thread(target=hard, daemon=True).start()
 
+    def expire(self, app_id: str) -> None:
+        """What the RM does to an AM that stopped heartbeating (``yarn.am.liveness-monitor.
+        expiry-interval-ms``): fail the application and kill its container, SIGTERM then
+        SIGKILL as a NodeManager does."""
+        with self.lock:
+            app = self.apps[app_id]
+            self._signal(app, signal.SIGTERM)
+            threading.Timer(self.kill_delay, self._signal, (app, signal.SIGKILL)).start()
+            attempt = app.id.replace("application", "appattempt") + "_000001"
+            self._end(app, "FAILED", "FAILED", (
+                f"Application {app.id} failed 1 times (global limit =2; local limit is =1) due "
+                f"to ApplicationMaster for attempt {attempt} timed out. Failing the "
+                "application."))
+
     # -- HTTP ---------------------------------------------------------------------------------
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -226,6 +226,30 @@ def test_restarted_worker_adopts_its_application(yarn: YarnStack) -> None:
         gw.shutdown(kid)
 
 
+def test_application_that_ends_is_restarted_then_dead(yarn: YarnStack) -> None:
+    """The RM gives up on a kernel's AM (or loses its node): the supervisor sees the
+    application FAILED, starts the kernel again in a new application (max_restarts: 1), and
+    the second time marks it dead with the RM's diagnostics."""
+    gw = yarn.stack.gw
+    kid = gw.start("py-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        (first,) = apps_of(yarn, kid)
+        yarn.active.expire(first.id)
+        deadline = time.monotonic() + 30
+        while len(apps_of(yarn, kid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = max(apps_of(yarn, kid), key=lambda a: a.id)
+        ch = gw.channel(kid)
+        assert ch.execute("6*7", timeout=30).result == "42"  # the same kernel id, a new app
+        ch.close()
+        yarn.active.expire(second.id)
+        gw.wait_state(kid, "dead", timeout=30)
+        assert "timed out. Failing the application" in yarn.stack.log("worker-yarn")
+        assert [a.state for a in apps_of(yarn, kid)] == ["FAILED", "FAILED"]
+    finally:
+        gw.shutdown(kid)
+
+
 def shown(res: Any) -> str:
     """What a cell showed as text (IRkernel sends display_data where ipykernel sends
     execute_result)."""
