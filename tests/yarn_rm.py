@@ -17,12 +17,14 @@ What it serves, as Hadoop's RM does (``/ws/v1/cluster``, JSON only):
 Applications go NEW → NEW_SAVING → SUBMITTED → ACCEPTED; an ACCEPTED application whose queue
 has room gets its AM container: the command is REALLY run, with bash, as a local process in
 its own session, with the container's environment (the submitted one plus what a NodeManager
-sets: CONTAINER_ID, LOG_DIRS, LOCAL_DIRS, PWD, USER, and PATH/LANG from its whitelist) and ``<LOG_DIR>``
-replaced by the container's log folder. The application is RUNNING while that process lives
-(a simplification: a real RM waits for the AM to register). When it exits the application
-FAILS with the exit code in its diagnostics (the AM never unregistered); a kill sends SIGTERM
-to the container's process group, then SIGKILL after ``kill_delay``. A queue of capacity 0
-keeps its applications ACCEPTED, with the CapacityScheduler's diagnostics.
+sets: CONTAINER_ID, LOG_DIRS, LOCAL_DIRS, PWD, USER, and PATH/LANG from its whitelist) and
+``<LOG_DIR>`` replaced by the container's log folder. The application is RUNNING while that
+process lives (a simplification: a real RM waits for the AM to register, see docs/yarn.md).
+When it exits the application FAILS with the exit code in its diagnostics (the AM never
+unregistered); a kill sends SIGTERM to the container's process group, then SIGKILL after
+``kill_delay``. A queue of capacity 0
+keeps its applications ACCEPTED, with the CapacityScheduler's diagnostics. :meth:`expire`
+does what the RM does to an AM that stopped heartbeating.
 """
 from __future__ import annotations
 

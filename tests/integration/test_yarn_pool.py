@@ -37,7 +37,8 @@ class YarnStack:
         self.stack, self.active, self.standby = stack, active, standby
 
 
-def pool(celery_queue: str, rm: str, alternate: str, timeout: float, **options: Any) -> dict[str, Any]:
+def pool(celery_queue: str, rm: str, alternate: str, timeout: float,
+         **options: Any) -> dict[str, Any]:
     return {"launcher": "yarn", "queue": celery_queue, "heartbeat_ttl": 3.0, "slots": 4,
             "launch_timeout": timeout, "max_restarts": 1, "options": {
                 "rm_address": rm, "alternate_rm_address": alternate,
