@@ -189,3 +189,26 @@ def test_kerberos_uses_spnego(monkeypatch: pytest.MonkeyPatch) -> None:
     client = RMClient(build(YarnOptions, {"rm_address": "http://rm:8088", "auth": "kerberos",
                                           "impersonation": True}, "o"))
     assert isinstance(client.session.auth, HTTPSPNEGOAuth) and client.session.auth.mutual == 2
+
+
+def test_redelivered_launch_kills_what_the_first_left(rm: FakeResourceManager,
+                                                      tmp_path: Path) -> None:
+    """A second launch of one kernel id (a redelivered task, another worker) finds the first's
+    application by its tag and kills it, so one kernel never has two applications."""
+    yl = launcher(rm.url, tmp_path)
+    other = launcher(rm.url, tmp_path)  # a worker that knows nothing of the first launch
+    try:
+        req = request()
+        first, _ = run(yl, req)
+        second, _ = run(other, req)
+        apps = {a.id: a for a in rm.apps.values()}
+        deadline = time.monotonic() + 5  # the kill is asked for, not waited on, at launch
+        while apps[first.data["app_id"]].state != "KILLED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert apps[first.data["app_id"]].state == "KILLED"
+        assert apps[second.data["app_id"]].state == "RUNNING"
+        other.stop(KernelHandle(req.kernel_id, "yarn"))  # no app id: found by the tag
+        assert rm.live() == []
+    finally:
+        yl.close()
+        other.close()
