@@ -22,6 +22,7 @@ from workers import logs
 from workers import resources
 from workers.config import Config, KernelSpec, PoolConfig
 from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
+                            KernelSpecUnserved,
                             LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
 from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
 from workers.reconcile import settle
@@ -171,6 +172,8 @@ class KernelService:
 
     def start(self, body: dict[str, Any], caller: User | None = None) -> dict[str, Any]:
         spec = self.spec(body.get("name"))
+        if spec.unserved:
+            raise KernelSpecUnserved(spec.unserved)
         pool = self.config.pools[spec.pool]
         env = validate_env(body.get("env"), self.config.env_allowlist)
         env = access.as_user(env, caller) if caller else env  # the caller owns it, not the body

@@ -31,7 +31,23 @@ EG_PROCESS_PROXIES = {
     "enterprise_gateway.services.processproxies.k8s.KubernetesProcessProxy": "kubernetes",
     "enterprise_gateway.services.processproxies.docker_swarm.DockerSwarmProcessProxy": "docker-swarm",
     "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy": "docker",
+    "enterprise_gateway.services.processproxies.conductor.ConductorClusterProcessProxy":
+        "conductor",
+    "enterprise_gateway.services.processproxies.spark_operator.SparkOperatorProcessProxy":
+        "spark-operator",
+    "enterprise_gateway.services.processproxies.crd.CustomResourceProcessProxy": "crd",
 }
+#: gateway_provisioners' kernel provisioners (``metadata.kernel_provisioner.provisioner_name``).
+PROVISIONERS = {
+    "local-provisioner": "local",
+    "distributed-provisioner": "ssh",
+    "yarn-provisioner": "yarn",
+    "kubernetes-provisioner": "kubernetes",
+    "docker-swarm-provisioner": "docker-swarm",
+    "docker-provisioner": "docker",
+}
+#: Where a spec asks for these, any pool will do: they only say "start it here".
+RUNS_ANYWHERE = ("local",)
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class KernelSpec:
     metadata: Mapping[str, Any]
     interrupt_mode: str
     pool: str
+    unserved: str = ""  # why no pool can start it (an EG process proxy with no pool); "" if one can
 
     def to_model(self) -> dict[str, Any]:
         """The spec as ``GET /api/kernelspecs`` shows it."""
@@ -262,9 +279,12 @@ def _positive(value: float, path: str, minimum: float = 0, strict: bool = True) 
 
 
 def _route(name: str, raw: dict[str, Any], pools: Mapping[str, PoolConfig],
-           proxy_map: Mapping[str, str], default_pool: str) -> str:
-    """Pick a spec's pool: metadata.poolgate.pool, else its EG process proxy, else the default."""
+           proxy_map: Mapping[str, str], default_pool: str) -> tuple[str, str]:
+    """Pick a spec's pool: metadata.poolgate.pool, else its EG process proxy (or kernel
+    provisioner), else the default. Returns (pool, why it cannot run): a spec whose process
+    proxy no pool serves is routed nowhere, so a launch is refused rather than run elsewhere."""
     meta = raw.get("metadata") or {}
+    meta = meta if isinstance(meta, dict) else {}
     pg = meta.get("poolgate") or {}
     if isinstance(pg, dict) and pg.get("pool"):
         pool = str(pg["pool"])
@@ -272,16 +292,31 @@ def _route(name: str, raw: dict[str, Any], pools: Mapping[str, PoolConfig],
             close = difflib.get_close_matches(pool, list(pools), 1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"kernelspecs.{name}.metadata.poolgate.pool: no pool {pool!r}{hint}")
-        return pool
-    proxy = (meta.get("process_proxy") or {}).get("class_name") if isinstance(meta, dict) else None
+        return pool, ""
+    proxy = meta.get("process_proxy") or {}
+    proxy = str(proxy.get("class_name") or "") if isinstance(proxy, dict) else ""
+    prov = meta.get("kernel_provisioner") or {}
+    prov = str(prov.get("provisioner_name") or "") if isinstance(prov, dict) else ""
+    asked, target = "", ""
     if proxy:
-        target = proxy_map.get(proxy) or EG_PROCESS_PROXIES.get(proxy)
-        if target in pools:
-            return str(target)
-        for pool in pools.values():  # a launcher type maps to the first pool using it
-            if pool.launcher == target:
-                return pool.name
-    return default_pool
+        asked, target = f"process proxy {proxy}", proxy_map.get(proxy) or \
+            EG_PROCESS_PROXIES.get(proxy, "")
+    elif prov:
+        asked, target = f"kernel provisioner {prov}", proxy_map.get(prov) or \
+            PROVISIONERS.get(prov, "")
+    if not asked:
+        return default_pool, ""
+    if target in pools:
+        return target, ""
+    for candidate in pools.values():  # a launcher type maps to the first pool using it
+        if candidate.launcher == target:
+            return candidate.name, ""
+    if target in RUNS_ANYWHERE:
+        return default_pool, ""
+    kind = f"a pool with launcher {target!r}" if target else "a pool for it"
+    return default_pool, (
+        f"kernelspec {name!r} asks for {asked}, and no pool of this gateway serves it: add "
+        f"{kind} to queues.yaml, or map the class to a pool in process_proxy_map")
 
 
 def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
@@ -303,6 +338,7 @@ def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
             argv = raw.get("argv")
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
                 raise ConfigError(f"{path}: 'argv' must be a non-empty list of strings")
+            pool, unserved = _route(sub.name, raw, pools, proxy_map, default_pool)
             specs[sub.name] = KernelSpec(
                 name=sub.name,
                 resource_dir=str(sub),
@@ -312,7 +348,8 @@ def load_kernelspecs(dirs: list[Path], pools: Mapping[str, PoolConfig],
                 env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
                 metadata=dict(raw.get("metadata") or {}),
                 interrupt_mode=str(raw.get("interrupt_mode", "signal")),
-                pool=_route(sub.name, raw, pools, proxy_map, default_pool),
+                pool=pool,
+                unserved=unserved,
             )
     return specs
 
@@ -418,6 +455,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if default_spec not in specs:
         raise ConfigError(f"default_kernelspec: no kernelspec {default_spec!r} "
                           f"(found: {', '.join(sorted(specs)) or 'none'})")
+    if specs[default_spec].unserved:
+        raise ConfigError(f"default_kernelspec: {specs[default_spec].unserved}")
     for pool in pools.values():
         for spec in pool.kernelspecs:
             if spec not in specs:
@@ -425,7 +464,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     for pool in pools.values():
         for spec, count in pool.warm.items():
             where = f"pools.{pool.name}.warm.{spec}"
-            if spec not in specs or specs[spec].pool != pool.name:
+            if spec not in specs or specs[spec].pool != pool.name or specs[spec].unserved:
                 raise ConfigError(f"{where}: no kernelspec {spec!r} routed to this pool")
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ConfigError(f"{where}: expected an integer >= 0, got {count!r}")

@@ -9,6 +9,7 @@
     │  ├─ Unauthorized        401: a missing or wrong token
     │  ├─ Forbidden           403: a pool that refuses the spec or user
     │  ├─ UnknownKernelSpec   404
+    │  ├─ KernelSpecUnserved  400: its process proxy (YARN, Kubernetes...) has no pool here
     │  ├─ KernelNotFound      404
     │  ├─ SessionNotFound     404
     │  ├─ UnknownPool         404
@@ -63,6 +64,14 @@ class Forbidden(RequestError):
 class UnknownKernelSpec(RequestError):
     code = "unknown_kernelspec"
     status = 404
+
+
+class KernelSpecUnserved(RequestError):
+    """A kernelspec whose Enterprise Gateway process proxy no pool serves (a YARN spec with no
+    yarn pool): refused rather than run somewhere it was not written for."""
+
+    code = "kernelspec_unserved"
+    status = 400
 
 
 class KernelNotFound(RequestError):

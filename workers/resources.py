@@ -53,7 +53,7 @@ ENV = {"gpus": "KERNEL_GPUS", "cpus": "KERNEL_CPUS", "memory": "KERNEL_MEMORY",
 LIMIT_KEYS = {"gpus": "max_gpus_per_kernel", "cpus": "max_cpus_per_kernel",
               "memory": "max_memory_per_kernel"}
 #: Launchers known to host no GPUs: asking them for one is refused at admission.
-NO_GPU_LAUNCHERS = frozenset({"local"})
+NO_GPU_LAUNCHERS = frozenset({"local", "yarn"})
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]i?)?b?\s*$", re.IGNORECASE)

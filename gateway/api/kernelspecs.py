@@ -42,8 +42,8 @@ def list_specs() -> Any:
     # A spec whose pool no worker serves (one `poolgate serve` could not start here, say)
     # cannot start: it is not offered, unless its pool waits for workers.
     served = {p for w in service.registry.workers() for p in w.get("pools", ())}
-    specs = {n: s for n, s in specs.items()
-             if s.pool in served or config.pools[s.pool].wait_for_workers}
+    specs = {n: s for n, s in specs.items() if not s.unserved
+             and (s.pool in served or config.pools[s.pool].wait_for_workers)}
     default = config.default_kernelspec if config.default_kernelspec in specs else next(iter(specs), "")
     return jsonify({"default": default,
                     "kernelspecs": {n: s.to_model() for n, s in specs.items()}})

@@ -89,7 +89,64 @@ def test_routing_rules(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, data, specs), environ={})
     pools = {n: s.pool for n, s in cfg.kernelspecs.items()}
     assert pools["by-meta"] == "big" and pools["custom"] == "big" and pools["eg-k8s"] == "big"
-    assert pools["plain"] == "local" and pools["eg-yarn"] == "local"  # no yarn pool: default
+    assert pools["plain"] == "local"
+    assert cfg.kernelspecs["eg-yarn"].unserved  # no yarn pool: refused, never run on the default
+    assert not any(cfg.kernelspecs[n].unserved for n in ("by-meta", "custom", "eg-k8s", "plain"))
+
+
+EG = "enterprise_gateway.services.processproxies."
+
+
+def test_process_proxies_route_to_their_launcher_or_are_refused(tmp_path: Path) -> None:
+    proxies = {
+        "yarn": EG + "yarn.YarnClusterProcessProxy",
+        "k8s": EG + "k8s.KubernetesProcessProxy",
+        "dist": EG + "distributed.DistributedProcessProxy",
+        "conductor": EG + "conductor.ConductorClusterProcessProxy",
+        "spark-op": EG + "spark_operator.SparkOperatorProcessProxy",
+        "crd": EG + "crd.CustomResourceProcessProxy",
+        "swarm": EG + "docker_swarm.DockerSwarmProcessProxy",
+        "eg-local": EG + "processproxy.LocalProcessProxy",
+        "unknown": "my.own.Proxy",
+    }
+    specs = {n: {"argv": ARGV, "metadata": {"process_proxy": {"class_name": c}}}
+             for n, c in proxies.items()}
+    specs["gp-yarn"] = {"argv": ARGV, "metadata": {"kernel_provisioner": {
+        "provisioner_name": "yarn-provisioner"}}}
+    specs["gp-k8s"] = {"argv": ARGV, "metadata": {"kernel_provisioner": {
+        "provisioner_name": "kubernetes-provisioner"}}}
+    data = {"pools": {"local": {"launcher": "local"}, "hadoop": {"launcher": "local"}},
+            "default_pool": "local", "process_proxy_map": {"yarn-provisioner": "hadoop",
+                                                          proxies["yarn"]: "hadoop"}}
+    cfg = load_config(write(tmp_path, data, specs), environ={})
+    ks = cfg.kernelspecs
+    assert ks["yarn"].pool == "hadoop" and not ks["yarn"].unserved
+    assert ks["gp-yarn"].pool == "hadoop" and not ks["gp-yarn"].unserved
+    assert ks["eg-local"].pool == "local" and not ks["eg-local"].unserved  # any pool runs it
+    for name in ("k8s", "dist", "conductor", "spark-op", "crd", "swarm", "unknown", "gp-k8s"):
+        assert ks[name].unserved, name
+    assert ks["k8s"].unserved == (
+        f"kernelspec 'k8s' asks for process proxy {proxies['k8s']}, and no pool of this gateway "
+        "serves it: add a pool with launcher 'kubernetes' to queues.yaml, or map the class to a pool in "
+        "process_proxy_map")
+    assert "add a pool for it to queues.yaml" in ks["unknown"].unserved
+    assert "add a pool with launcher 'ssh'" in ks["dist"].unserved
+    assert "kernel provisioner kubernetes-provisioner" in ks["gp-k8s"].unserved
+
+
+def test_yarn_spec_refused_without_a_yarn_pool_is_no_default(tmp_path: Path) -> None:
+    specs = {"eg-yarn": {"argv": ARGV, "metadata": {"process_proxy": {
+        "class_name": EG + "yarn.YarnClusterProcessProxy"}}}}
+    cfg = load_config(write(tmp_path, BASE, specs), environ={})
+    dirs = {"kernelspec_dirs": [str(tmp_path / "specs")]}
+    assert cfg.kernelspecs["eg-yarn"].unserved.startswith("kernelspec 'eg-yarn' asks for process"
+                                                         " proxy " + EG + "yarn.")
+    assert "add a pool with launcher 'yarn'" in cfg.kernelspecs["eg-yarn"].unserved
+    with pytest.raises(ConfigError, match="default_kernelspec: kernelspec 'eg-yarn' asks"):
+        load_config(write(tmp_path, {**BASE, "default_kernelspec": "eg-yarn", **dirs}), environ={})
+    with pytest.raises(ConfigError, match="warm.eg-yarn: no kernelspec 'eg-yarn' routed"):
+        load_config(write(tmp_path, {"pools": {"local": {"launcher": "local", "warm": {
+            "eg-yarn": 1}}}, **dirs}), environ={})
 
 
 def test_spec_routed_to_missing_pool_is_an_error(tmp_path: Path) -> None:
@@ -105,3 +162,15 @@ def test_bad_kernelspec_json(tmp_path: Path) -> None:
     (folder / "kernel.json").write_text("{nope")
     with pytest.raises(ConfigError, match="kernel.json: not valid JSON"):
         load_config(write(tmp_path, {**BASE, "kernelspec_dirs": [str(tmp_path / "specs")]}), environ={})
+
+
+def test_yarn_spec_goes_to_the_first_yarn_pool(tmp_path: Path) -> None:
+    specs = {"eg-yarn": {"argv": ARGV, "metadata": {"process_proxy": {
+        "class_name": EG + "yarn.YarnClusterProcessProxy"}}},
+             "gp-yarn": {"argv": ARGV, "metadata": {"kernel_provisioner": {
+                 "provisioner_name": "yarn-provisioner"}}}}
+    data = {"pools": {"local": {"launcher": "local"},
+                      "hadoop": {"launcher": "yarn", "options": {"rm_address": "http://rm:8088"}}}}
+    cfg = load_config(write(tmp_path, data, specs), environ={})
+    for name in specs:
+        assert cfg.kernelspecs[name].pool == "hadoop" and not cfg.kernelspecs[name].unserved

@@ -1,0 +1,306 @@
+"""yarn pools through the gateway's REST and WebSocket API, against tests/yarn_rm.py.
+
+No ResourceManager can run here: two FakeResourceManagers (an active one and a standby that
+redirects to it) stand in, and really run each application's AM command, so a kernel really
+starts, reports back through the kernel launcher, runs code, and is killed. Each test checks
+that no application is left alive.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RUN_ID, STACKS, PrivateRedis, Stack, free_port
+from tests.yarn_rm import FakeResourceManager
+
+ROOT = str(Path(__file__).resolve().parents[2])
+ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+EG = "enterprise_gateway.services.processproxies."
+#: Debian's r-cran-irkernel kernelspec (/usr/share/jupyter/kernels/ir/kernel.json)
+R_ARGV = ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
+#: a Spark kernel: ipykernel with pyspark (PyPI) on Debian's JRE, Spark in local mode
+SPARK_ENV = {"PYSPARK_SUBMIT_ARGS": "--master local[2] --conf spark.ui.enabled=false "
+                                    "--driver-memory 512m pyspark-shell",
+             "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+
+
+class YarnStack:
+    def __init__(self, stack: Stack, active: FakeResourceManager,
+                 standby: FakeResourceManager) -> None:
+        self.stack, self.active, self.standby = stack, active, standby
+
+
+def pool(celery_queue: str, rm: str, alternate: str, timeout: float,
+         **options: Any) -> dict[str, Any]:
+    return {"launcher": "yarn", "queue": celery_queue, "heartbeat_ttl": 3.0, "slots": 4,
+            "launch_timeout": timeout, "max_restarts": 1, "options": {
+                "rm_address": rm, "alternate_rm_address": alternate,
+                "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
+                "python": sys.executable, "poll_interval": 0.5,
+                "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher",
+                "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID}, **options}}
+
+
+@pytest.fixture(scope="module")
+def yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[YarnStack]:
+    """A private Redis, a gateway, and a worker each for two yarn pools: ``yarn`` lists the
+    standby RM first (every call it makes first meets a 307), ``yarn-full`` an address
+    nothing listens on; both have the active RM as the alternate."""
+    tmp = tmp_path_factory.mktemp("yarn-stack")
+    active = FakeResourceManager(tmp / "rm1", queues={"default": 8, "full": 0}).start()
+    standby = FakeResourceManager(tmp / "rm2", active=active).start()
+    server = PrivateRedis(tmp)
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}"
+    tag = f"t{RUN_ID}y"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
+             "yarn": pool(f"{tag}-yarn", standby.url, active.url, 30, auth="simple",
+                          user="poolgate", impersonation=True),
+             "yarn-full": pool(f"{tag}-yarn-full", nowhere, active.url, 6, queue="full")}
+    stack = Stack(tmp, url, db=1, redis_url=url, pools=pools)
+    specs = tmp / "specs"
+    for name, meta, argv in (
+            ("py-yarn", {"process_proxy": {"class_name": EG + "yarn.YarnClusterProcessProxy"}},
+             ARGV),
+            ("py-yarn-full", {"poolgate": {"pool": "yarn-full"}}, ARGV),
+            ("dies-yarn", {"poolgate": {"pool": "yarn"}}, ["bash", "-c", "kill -9 $PPID"]),
+            ("broken-yarn", {"poolgate": {"pool": "yarn"}},
+             ["python", "-c", "import sys; sys.stderr.write('boom: no module frobnicate\\n'); "
+              "sys.exit(3)"]),
+            ("py-k8s", {"process_proxy": {"class_name": EG + "k8s.KubernetesProcessProxy"}},
+             ARGV),
+            ("ir-yarn", {"poolgate": {"pool": "yarn"}}, R_ARGV),
+            ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV),
+            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, ARGV)):
+        (specs / name).mkdir()
+        (specs / name / "kernel.json").write_text(json.dumps({
+            "argv": argv, "display_name": name, "metadata": meta,
+            "language": "R" if argv is R_ARGV else "python",
+            "env": SPARK_ENV if name.startswith("spark") else {}}))
+    (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
+    (specs / "tiny-py").rmdir()
+    try:
+        stack.start_worker("local")
+        stack.start_worker("yarn")
+        stack.start_worker("yarn-full")
+        stack.start_gateway(stack.port)
+    except BaseException:
+        stack.stop()
+        server.kill()
+        active.close()
+        standby.close()
+        raise
+    STACKS.append(stack)
+    yield YarnStack(stack, active, standby)
+    stack.stop()
+    STACKS.remove(stack)
+    server.kill()
+    active.close()
+    standby.close()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(yarn: YarnStack) -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 20
+    while yarn.active.live() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [(a.id, a.state) for a in yarn.active.live()]
+    assert not left, f"applications left alive: {left}"
+
+
+def apps_of(yarn: YarnStack, kid: str) -> list[Any]:
+    return [a for a in yarn.active.apps.values() if f"poolgate.kernel_id:{kid}" in a.tags]
+
+
+def test_launch_run_interrupt_restart_shutdown(yarn: YarnStack) -> None:
+    gw = yarn.stack.gw
+    t0 = time.monotonic()
+    model = gw.start("py-yarn", env={"KERNEL_USERNAME": "alice"})
+    launched = time.monotonic() - t0
+    kid = model["id"]
+    try:
+        assert model["poolgate"]["pool"] == "yarn"  # routed by its EG process proxy
+        (app,) = apps_of(yarn, kid)
+        assert app.state == "RUNNING" and app.user == "alice" and app.queue == "default"
+        ch = gw.channel(kid)
+        res = ch.execute("import os\nfor i in range(3): print('tick', i, flush=True)\n"
+                         "print(os.environ['CONTAINER_ID'])")
+        assert res.stdout.split()[:6] == ["tick", "0", "tick", "1", "tick", "2"]
+        assert res.stdout.split()[6].startswith("container_")  # it runs in the AM container
+        names = ch.execute("import os; print(sorted(os.environ))").stdout
+        for secret in ("POOLGATE_RESPONSE_KEY", "POOLGATE_RESPONSE_TOKEN", "REDIS", "BROKER"):
+            assert secret not in names
+        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
+                                          "time.sleep(0.1)", "silent": False})
+        time.sleep(1.0)
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        res = ch.collect(mid, timeout=20)
+        assert res.error and res.error["ename"] == "KeyboardInterrupt"
+        assert ch.execute("x = 5; x").result == "5"
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200, r.text
+        assert ch.execute("'x' in dir()", timeout=30).result == "False"
+        ch.close()
+        first, second = sorted(apps_of(yarn, kid), key=lambda a: a.id)
+        assert first.state == "KILLED" and second.state == "RUNNING"
+    finally:
+        gw.shutdown(kid)
+    deadline = time.monotonic() + 20
+    while any(a.state not in ("KILLED", "FAILED") for a in apps_of(yarn, kid)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [a.state for a in apps_of(yarn, kid)] == ["KILLED", "KILLED"]
+    assert ("GET", "/ws/v1/cluster/info") not in yarn.standby.requests
+    assert any(p.startswith("/ws/v1/cluster/apps") for _, p in yarn.standby.requests)
+    print(f"yarn: launched in {launched:.1f}s")
+
+
+def test_never_accepted_app_is_killed_at_the_launch_timeout(yarn: YarnStack) -> None:
+    t0 = time.monotonic()
+    r = yarn.stack.gw.post("/api/kernels", json={"name": "py-yarn-full"})
+    took = time.monotonic() - t0
+    assert r.status_code == 503, r.text
+    msg = r.json()["message"]
+    assert "which was ACCEPTED" in msg and "Queue's AM resource limit exceeded" in msg, msg
+    assert took < 6 + 3, f"took {took:.0f}s for a launch timeout of 6s"
+    assert [a.state for a in yarn.active.apps.values() if a.queue == "full"] == ["KILLED"]
+    # the first RM address refuses connections: the worker said so, and used the alternate
+    assert "unreachable" in yarn.stack.log("worker-yarn-full")
+    assert yarn.stack.live_kernels() == []
+
+
+def test_app_that_ends_early_fails_with_its_diagnostics(yarn: YarnStack) -> None:
+    t0 = time.monotonic()
+    r = yarn.stack.gw.post("/api/kernels", json={"name": "dies-yarn",
+                                                 "env": {"KERNEL_USERNAME": "bob"}})
+    assert r.status_code == 500, r.text
+    msg = r.json()["message"]
+    assert "ended FAILED (final status FAILED)" in msg and "exitCode: 137" in msg, msg
+    assert time.monotonic() - t0 < 30
+    r = yarn.stack.gw.post("/api/kernels", json={"name": "broken-yarn",
+                                                 "env": {"KERNEL_USERNAME": "bob"}})
+    assert r.status_code == 500, r.text
+    msg = r.json()["message"]
+    assert "boom: no module frobnicate" in msg and "exited with status 3" in msg, msg
+    assert yarn.stack.live_kernels() == []
+
+
+def test_impersonation_needs_a_user(yarn: YarnStack) -> None:
+    r = yarn.stack.gw.post("/api/kernels", json={"name": "py-yarn"})
+    assert r.status_code == 500, r.text
+    assert "has no KERNEL_USERNAME" in r.json()["message"]
+
+
+def test_spec_whose_process_proxy_has_no_pool_is_refused(yarn: YarnStack) -> None:
+    gw = yarn.stack.gw
+    r = gw.post("/api/kernels", json={"name": "py-k8s"})
+    assert r.status_code == 400, r.text
+    assert r.json()["reason"] == "kernelspec_unserved"
+    assert "KubernetesProcessProxy" in r.json()["message"] and "process_proxy_map" in \
+        r.json()["message"]
+    specs = gw.get("/api/kernelspecs").json()["kernelspecs"]
+    assert "py-k8s" not in specs and "py-yarn" in specs
+    assert yarn.stack.live_kernels() == []
+
+
+def test_restarted_worker_adopts_its_application(yarn: YarnStack) -> None:
+    gw = yarn.stack.gw
+    kid = gw.start("py-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        yarn.stack.kill_worker("yarn")
+        yarn.stack.start_worker("yarn")
+        ch = gw.channel(kid)
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+        assert "adopted by worker" in yarn.stack.log("worker-yarn")
+        assert [a.state for a in apps_of(yarn, kid)] == ["RUNNING"]
+    finally:
+        gw.shutdown(kid)
+
+
+def test_application_that_ends_is_restarted_then_dead(yarn: YarnStack) -> None:
+    """The RM gives up on a kernel's AM (or loses its node): the supervisor sees the
+    application FAILED, starts the kernel again in a new application (max_restarts: 1), and
+    the second time marks it dead with the RM's diagnostics."""
+    gw = yarn.stack.gw
+    kid = gw.start("py-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        (first,) = apps_of(yarn, kid)
+        yarn.active.expire(first.id)
+        deadline = time.monotonic() + 30
+        while len(apps_of(yarn, kid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = max(apps_of(yarn, kid), key=lambda a: a.id)
+        ch = gw.channel(kid)
+        assert ch.execute("6*7", timeout=30).result == "42"  # the same kernel id, a new app
+        ch.close()
+        yarn.active.expire(second.id)
+        gw.wait_state(kid, "dead", timeout=30)
+        assert "timed out. Failing the application" in yarn.stack.log("worker-yarn")
+        assert [a.state for a in apps_of(yarn, kid)] == ["FAILED", "FAILED"]
+    finally:
+        gw.shutdown(kid)
+
+
+def shown(res: Any) -> str:
+    """What a cell showed as text (IRkernel sends display_data where ipykernel sends
+    execute_result)."""
+    for m in res.messages:
+        if m["msg_type"] in ("execute_result", "display_data"):
+            return str(m["content"]["data"].get("text/plain", ""))
+    return ""
+
+
+@pytest.mark.parametrize("pool_name", ["local", "yarn"])
+def test_r_kernel(yarn: YarnStack, pool_name: str) -> None:
+    if shutil.which("R") is None:
+        pytest.fail("R is not installed; .ci/run installs r-cran-irkernel")
+    gw = yarn.stack.gw
+    kid = gw.start(f"ir-{pool_name}", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        ch = gw.channel(kid)
+        assert shown(ch.execute("6 * 7", timeout=60)) == "[1] 42"
+        res = ch.execute("for (i in 1:3) cat('tick', i, '\\n')")
+        assert res.stdout.split() == ["tick", "1", "tick", "2", "tick", "3"]
+        mid = ch.send("execute_request", {"code": "Sys.sleep(60)", "silent": False})
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        ch.collect(mid, timeout=20)
+        assert time.monotonic() - t0 < 20
+        assert shown(ch.execute("x <- 5; x")) == "[1] 5"
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200, r.text
+        assert shown(ch.execute("exists('x')", timeout=60)) == "[1] FALSE"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_spark_kernel_runs_a_job(yarn: YarnStack) -> None:
+    if shutil.which("java") is None:
+        pytest.fail("java is not installed; .ci/run installs default-jre-headless")
+    gw = yarn.stack.gw
+    kid = gw.start("spark-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    try:
+        ch = gw.channel(kid)
+        res = ch.execute("from pyspark.sql import SparkSession\n"
+                         "spark = SparkSession.builder.appName('poolgate-test').getOrCreate()\n"
+                         "sc = spark.sparkContext\n"
+                         "print(sc.master, sc.parallelize(range(1000), 4).map(lambda x: x * x)"
+                         ".sum(), spark.range(1000).selectExpr('sum(id)').first()[0])",
+                         timeout=120)
+        assert res.status == "ok", (res.error or {}).get("evalue", "")[:3000]
+        assert res.stdout.split() == ["local[2]", "332833500", "499500"], res.stdout
+        ch.close()
+    finally:
+        gw.shutdown(kid)

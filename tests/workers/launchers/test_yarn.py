@@ -1,0 +1,214 @@
+"""The yarn launcher against tests/yarn_rm.py's ResourceManager: real kernels, no gateway."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import RUN_ID
+from tests.yarn_rm import FakeResourceManager
+from workers.config import PoolConfig, build
+from workers.errors import BackendUnavailable, ConfigError, LaunchRejected, LaunchTimeout
+from workers.launchers.yarn import YarnLauncher
+from workers.launchers.yarn_builders import YarnOptions
+from workers.launchers.yarn_client import RMClient, rm_errors
+from workers.protocol import KernelHandle, LaunchRequest
+
+ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+ROOT = str(Path(__file__).resolve().parents[3])
+
+
+@pytest.fixture
+def rm(tmp_path: Path) -> Iterator[FakeResourceManager]:
+    server = FakeResourceManager(tmp_path / "rm", queues={"default": 4, "full": 0}).start()
+    yield server
+    server.close()
+
+
+def launcher(rm_url: str, tmp_path: Path, **kw: Any) -> YarnLauncher:
+    opts = {"rm_address": rm_url, "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
+            "python": sys.executable, "kernel_launcher": f"{sys.executable} -m "
+            "poolgate.kernel_launcher", "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID},
+            "poll_interval": 0.2, **kw}
+    pool = PoolConfig(name="yarn", launcher="yarn", options=opts)
+    return YarnLauncher(pool, build(YarnOptions, opts, "pools.yarn.options"), str(tmp_path))
+
+
+def request(argv: tuple[str, ...] = ARGV, timeout: float = 30.0) -> LaunchRequest:
+    return LaunchRequest(kernel_id=str(uuid.uuid4()), pool="yarn", spec_name="py", argv=argv,
+                         env={"KERNEL_USERNAME": "alice"}, user="alice", launch_timeout=timeout)
+
+
+def run(yl: YarnLauncher, req: LaunchRequest) -> tuple[KernelHandle, list[KernelHandle]]:
+    seen: list[KernelHandle] = []
+    try:
+        for h in yl.launch(req):
+            seen.append(h)
+    except BaseException:
+        if seen:
+            yl.stop(seen[-1], grace=2)
+        raise
+    return seen[-1], seen
+
+
+def test_launch_signal_stop(rm: FakeResourceManager, tmp_path: Path) -> None:
+    yl = launcher(rm.url, tmp_path)
+    try:
+        handle, seen = run(yl, request())
+        app = rm.apps[handle.data["app_id"]]
+        assert seen[0].data["app_id"] == app.id and handle.connection is not None
+        assert app.history[:5] == ["NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED", "RUNNING"]
+        assert app.tags == ["poolgate", f"poolgate.kernel_id:{handle.kernel_id}",
+                            "poolgate.pool:yarn"]
+        assert app.user == "dr.who" and app.app_type == "POOLGATE"
+        assert app.env["KERNEL_USERNAME"] == "alice"
+        assert yl.poll(handle) is None
+        kernel = psutil.Process(handle.data["pid"])
+        yl.send_signal(handle, signal.SIGINT)  # ipykernel survives an interrupt
+        time.sleep(0.5)
+        assert kernel.is_running() and yl.poll(handle) is None
+        yl.stop(handle, grace=5)
+        assert app.state == "KILLED" and app.final_status == "KILLED"
+        assert not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE
+        assert rm.live() == []
+        yl.stop(handle)  # idempotent
+    finally:
+        yl.close()
+
+
+def test_queue_without_room_is_killed_at_the_timeout_with_diagnostics(
+        rm: FakeResourceManager, tmp_path: Path) -> None:
+    yl = launcher(rm.url, tmp_path, queue="full")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LaunchTimeout) as info:
+            run(yl, request(timeout=3))
+        assert time.monotonic() - t0 < 8
+        assert "which was ACCEPTED: [" in info.value.message
+        assert "Queue's AM resource limit exceeded" in info.value.message
+        assert [a.state for a in rm.apps.values()] == ["KILLED"]
+    finally:
+        yl.close()
+
+
+def test_an_am_that_dies_fails_with_its_final_status(rm: FakeResourceManager,
+                                                     tmp_path: Path) -> None:
+    yl = launcher(rm.url, tmp_path)
+    try:  # the "kernel" kills its kernel launcher: nobody replies, the container exits 137
+        with pytest.raises(LaunchRejected) as info:
+            run(yl, request(argv=("bash", "-c", "kill -9 $PPID; sleep 30")))
+        msg = info.value.message
+        assert "ended FAILED (final status FAILED)" in msg and "exitCode: 137" in msg
+        with pytest.raises(LaunchRejected, match="the kernel launcher reports"):
+            run(yl, request(argv=("bash", "-c", "echo no such module >&2; exit 3")))
+        with pytest.raises(LaunchRejected, match="unknown queue: nope"):
+            yl2 = launcher(rm.url, tmp_path, queue="nope")
+            try:
+                run(yl2, request())
+            finally:
+                yl2.close()
+        assert rm.live() == []
+    finally:
+        yl.close()
+
+
+def test_standby_and_unreachable_rms_fail_over(rm: FakeResourceManager, tmp_path: Path) -> None:
+    standby = FakeResourceManager(tmp_path / "rm2", active=rm).start()
+    dead = FakeResourceManager(tmp_path / "rm3")  # never started: its port refuses
+    dead.server.server_close()
+    try:
+        for first in (standby.url, dead.url):
+            yl = launcher(first, tmp_path, alternate_rm_address=rm.url)
+            try:
+                handle, _ = run(yl, request())
+                assert handle.data["app_id"] in rm.apps and yl.rm.addresses[0] == rm.url
+                yl.stop(handle)
+            finally:
+                yl.close()
+        assert standby.requests and all(m != "GET" or "apps" in p for m, p in standby.requests)
+        assert not standby.apps and rm.live() == []
+        yl = launcher(dead.url, tmp_path, alternate_rm_address=standby.url)
+        with pytest.raises(BackendUnavailable, match="no active ResourceManager: .*ConnectionError"
+                                                      ".*standby \\(redirects to http"):
+            run(yl, request())
+        yl.close()
+    finally:
+        standby.close()
+
+
+def test_rm_errors_map_remote_exceptions(rm: FakeResourceManager) -> None:
+    client = RMClient(build(YarnOptions, {"rm_address": rm.url}, "o"))
+    app_id = client.new_application({})["application-id"]
+    with pytest.raises(LaunchRejected, match="the ResourceManager refused \\(BadRequestException:"
+                                             " .*bad submission"):
+        with rm_errors("kernel x"):
+            client.submit({"nope": 1}, {})
+    client.submit({"application-id": app_id, "am-container-spec": {"commands": {
+        "command": "sleep 30"}}, "resource": {"memory": 1, "vCores": 1}}, {})
+    with pytest.raises(LaunchRejected, match="BadRequestException: Only 'KILLED' is allowed"):
+        with rm_errors("kernel x"):
+            client.call("PUT", f"/ws/v1/cluster/apps/{app_id}/state", {}, {"state": "RUNNING"})
+    with pytest.raises(LaunchRejected, match="is already present! Cannot add a duplicate!"):
+        with rm_errors("kernel x"):
+            client.submit({"application-id": app_id, "am-container-spec": {"commands": {
+                "command": "true"}}, "resource": {"memory": 1, "vCores": 1}}, {})
+    assert client.app("application_1_0001", {}) is None  # a 404 NotFoundException
+    assert client.kill("application_1_0001", {}) == ""
+    deadline = time.monotonic() + 10
+    while client.kill(app_id, {}) != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rm.apps[app_id].history[-2:] == ["RUNNING", "KILLED"]
+    client.close()
+
+
+def test_kerberos_without_its_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "requests_gssapi", None)
+    monkeypatch.setitem(sys.modules, "requests_kerberos", None)
+    with pytest.raises(ConfigError, match="pip install 'poolgate\\[yarn-kerberos\\]'"):
+        RMClient(build(YarnOptions, {"rm_address": "http://rm:8088", "auth": "kerberos"}, "o"))
+
+
+def test_kerberos_uses_spnego(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    fake = types.ModuleType("requests_gssapi")
+
+    class HTTPSPNEGOAuth:
+        def __init__(self, mutual_authentication: int) -> None:
+            self.mutual = mutual_authentication
+
+    fake.HTTPSPNEGOAuth, fake.OPTIONAL = HTTPSPNEGOAuth, 2  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "requests_gssapi", fake)
+    client = RMClient(build(YarnOptions, {"rm_address": "http://rm:8088", "auth": "kerberos",
+                                          "impersonation": True}, "o"))
+    assert isinstance(client.session.auth, HTTPSPNEGOAuth) and client.session.auth.mutual == 2
+
+
+def test_redelivered_launch_kills_what_the_first_left(rm: FakeResourceManager,
+                                                      tmp_path: Path) -> None:
+    """A second launch of one kernel id (a redelivered task, another worker) finds the first's
+    application by its tag and kills it, so one kernel never has two applications."""
+    yl = launcher(rm.url, tmp_path)
+    other = launcher(rm.url, tmp_path)  # a worker that knows nothing of the first launch
+    try:
+        req = request()
+        first, _ = run(yl, req)
+        second, _ = run(other, req)
+        apps = {a.id: a for a in rm.apps.values()}
+        deadline = time.monotonic() + 5  # the kill is asked for, not waited on, at launch
+        while apps[first.data["app_id"]].state != "KILLED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert apps[first.data["app_id"]].state == "KILLED"
+        assert apps[second.data["app_id"]].state == "RUNNING"
+        other.stop(KernelHandle(req.kernel_id, "yarn"))  # no app id: found by the tag
+        assert rm.live() == []
+    finally:
+        yl.close()
+        other.close()

@@ -1,0 +1,237 @@
+"""yarn: each kernel is a YARN application, submitted through the ResourceManager's REST API.
+
+The application's AM container runs the kernel launcher (poolgate/kernel_launcher.py), which
+reports host, ports and key back through the one-shot sealed reply (workers/launchers/reply.py);
+this module only submits the application (yarn_builders.build_yarn_app), watches its state, and
+kills it. Interrupts go through the kernel launcher's command port, as docker-swarm's do: the
+worker cannot signal a process on a NodeManager.
+
+The rule of this module: every application carries the tag ``poolgate.kernel_id:<id>``, and
+stop() kills whatever live application carries it, so a half-finished launch, a redelivered
+one, or one a worker that restarted since submitted, leaves nothing running. An application
+still ACCEPTED (waiting for room in its queue) when the launch times out is killed, and the
+error carries the RM's diagnostics; one that ends before its kernel reports fails with its
+final status and diagnostics.
+
+Not tested against a real cluster (see README "YARN pool"): a real RM expects the AM to
+register within ``yarn.am.liveness-monitor.expiry-interval-ms`` (10 minutes by default), which
+the kernel launcher does not do.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from workers.errors import BackendUnavailable, LaunchError, LaunchTimeout
+from workers.launchers.base import Launcher
+from workers.launchers.reply import ReplyListener, send_command
+from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
+                                             submitting_user)
+from workers.launchers.yarn_client import FINAL, RMClient, rm_errors
+from workers.protocol import KernelHandle, LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
+
+log = logging.getLogger(__name__)
+
+
+def describe(app: dict[str, Any] | None, app_id: str) -> tuple[str | None, str]:
+    """(why the application ended, or None while it lives; the RM's latest word on it)."""
+    if app is None:
+        return f"its YARN application {app_id} is unknown to the ResourceManager", ""
+    state, diag = str(app.get("state", "")), str(app.get("diagnostics") or "").strip()
+    said = f"{state}: {diag}" if diag else state
+    if state not in FINAL:
+        return None, said
+    final = str(app.get("finalStatus") or "UNDEFINED")
+    why = f"its YARN application {app_id} ended {state} (final status {final})"
+    return (f"{why}: {diag}" if diag else why), said
+
+
+class YarnLauncher(Launcher):
+    """Starts each kernel as a one-attempt YARN application on the pool's queue."""
+
+    Options = YarnOptions
+
+    def __init__(self, pool: PoolConfig, options: YarnOptions, runtime_dir: str) -> None:
+        super().__init__(pool, options, runtime_dir)
+        self.options: YarnOptions = options
+        self.rm = RMClient(options)  # kerberos without its library: a ConfigError at start-up
+        self._replies: ReplyListener | None = None
+        self._lock = threading.Lock()
+        self._polled: dict[str, tuple[float, str | None]] = {}
+
+    @property
+    def replies(self) -> ReplyListener:
+        with self._lock:
+            if self._replies is None:
+                self._replies = ReplyListener(self.options.response_bind,
+                                              self.options.response_port).start()
+            return self._replies
+
+    def prepare(self) -> None:
+        self.replies  # noqa: B018 - open the listener now: a port clash shows at start-up
+
+    def close(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        self.rm.close()
+
+    def response_host(self) -> str:
+        """Where kernel launchers reach this worker: options.response_address, else this
+        host's address on the route to the ResourceManager (NodeManagers are beside it)."""
+        if self.options.response_address:
+            return self.options.response_address
+        from urllib.parse import urlsplit
+
+        rm = urlsplit(self.options.rm_address)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((rm.hostname or "127.0.0.1", rm.port or 8088))
+                return str(s.getsockname()[0])
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+    def params(self, handle_or_req: KernelHandle | LaunchRequest) -> dict[str, str]:
+        user = handle_or_req.data.get("user", "") if isinstance(handle_or_req, KernelHandle) \
+            else submitting_user(handle_or_req, self.options)
+        return rm_params(self.options, str(user))
+
+    # -- launch -------------------------------------------------------------------------------
+
+    def launch(self, req: LaunchRequest,
+               previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
+        deadline = self._deadline(req)
+        where = f"kernel {req.kernel_id}"
+        user = submitting_user(req, self.options)
+        params = rm_params(self.options, user)
+        with rm_errors(where):
+            left = self.kill_tagged(req.kernel_id, params)  # a redelivery's, a restart's
+        if left:
+            log.info("Kernel %s: killed %d application(s) an earlier launch left",
+                     req.kernel_id, left)
+        exp = self.replies.expect(req.kernel_id, self.response_host())
+        try:
+            with rm_errors(where):
+                new_app = self.rm.new_application(params)
+                body = build_yarn_app(req, new_app, self.options, exp.env(), user)
+                self.rm.submit(body, params)
+            app_id = body["application-id"]
+            data: dict[str, Any] = {"app_id": app_id, "name": body["application-name"],
+                                    "user": user, "queue": body["queue"]}
+            handle = KernelHandle(req.kernel_id, req.pool, host="", data=data)
+            log.info("Kernel %s: application %s submitted to queue %s on pool %s",
+                     req.kernel_id, app_id, body["queue"], self.pool.name)
+            yield handle
+            last = [""]
+
+            def died() -> str | None:
+                try:
+                    with rm_errors(where):
+                        why, last[0] = describe(self.rm.app(app_id, params), app_id)
+                except BackendUnavailable as exc:  # the RM, not the kernel: ask again
+                    log.warning("Kernel %s: %s", req.kernel_id, exc.message)
+                    return None
+                return why
+
+            try:
+                reply = self.replies.wait(exp, deadline, died)
+            except LaunchTimeout as exc:
+                self._kill(handle, grace=0)
+                raise LaunchTimeout(f"{exc.message}; killed its YARN application {app_id}, "
+                                    f"which was {last[0] or 'not reported'}") from exc
+            data = {**data, "pid": reply.pid, "command_port": reply.command_port}
+            log.info("Kernel %s: listening at %s (application %s)", req.kernel_id,
+                     reply.connection.ip, app_id)
+            yield KernelHandle(req.kernel_id, req.pool, host=reply.connection.ip,
+                               connection=reply.connection, data=data)
+        finally:
+            self.replies.cancel(exp)
+
+    def _deadline(self, req: LaunchRequest, margin: float = 1.5) -> float:
+        """A little before the gateway's own timeout, counted from the launch's creation, so
+        the client gets the RM's diagnostics rather than only "did not finish starting"."""
+        deadline = time.monotonic() + req.launch_timeout
+        rec = self.registry.get(req.kernel_id) if self.registry is not None else None
+        if rec is not None and rec.created:
+            left = rec.created + req.launch_timeout - margin - time.time()
+            deadline = min(deadline, time.monotonic() + max(left, 1.0))
+        return deadline
+
+    # -- supervise ------------------------------------------------------------------------------
+
+    def poll(self, handle: KernelHandle) -> str | None:
+        now = time.monotonic()
+        at, why = self._polled.get(handle.kernel_id, (0.0, None))
+        if now - at < self.options.poll_interval and why is None:
+            return None
+        app_id = str(handle.data.get("app_id") or "")
+        try:
+            with rm_errors(f"kernel {handle.kernel_id}"):
+                why = describe(self.rm.app(app_id, self.params(handle)), app_id)[0]
+        except BackendUnavailable as exc:  # the RM is down, not the kernel: ask again
+            log.warning("Kernel %s: %s", handle.kernel_id, exc.message)
+            why = None
+        except LaunchError as exc:
+            why = exc.message
+        self._polled[handle.kernel_id] = (now, why)
+        return why
+
+    def send_signal(self, handle: KernelHandle, signum: int) -> None:
+        """Through the kernel launcher's command port: works wherever its NodeManager is."""
+        conn, port = handle.connection, int(handle.data.get("command_port") or 0)
+        if conn is None or not port:
+            return
+        answer = send_command(conn.ip, port, conn.key, handle.kernel_id, signum)
+        if answer != "ok":
+            log.warning("Kernel %s: signal %d not delivered by its kernel launcher (%s)",
+                        handle.kernel_id, signum, answer)
+
+    def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
+        self._polled.pop(handle.kernel_id, None)
+        with rm_errors(f"kernel {handle.kernel_id}"):
+            count = self._kill(handle, grace)
+        log.info("Kernel %s: killed %d YARN application(s)", handle.kernel_id, count)
+
+    def _kill(self, handle: KernelHandle, grace: float) -> int:
+        """Kill the handle's application and any other live one tagged with its kernel id;
+        wait up to ``grace`` seconds for the RM to report them ended."""
+        params = self.params(handle)
+        ids = {str(handle.data["app_id"])} if handle.data.get("app_id") else set()
+        ids |= {str(a["id"]) for a in self.rm.tagged(kernel_tag(handle.kernel_id), params)}
+        killing = [i for i in sorted(ids) if self.rm.kill(i, params) not in ("", *FINAL)]
+        deadline = time.monotonic() + max(grace, self.options.stop_grace)
+        while killing and time.monotonic() < deadline:
+            time.sleep(0.2)
+            killing = [i for i in killing
+                       if str((self.rm.app(i, params) or {}).get("state", "KILLED")) not in FINAL]
+        if killing:
+            log.warning("Kernel %s: application(s) %s not ended %.0fs after the kill",
+                        handle.kernel_id, ", ".join(killing), grace)
+        return len(ids)
+
+    def kill_tagged(self, kernel_id: str, params: dict[str, str]) -> int:
+        """Kill live applications tagged with ``kernel_id`` (an earlier launch's)."""
+        found = self.rm.tagged(kernel_tag(kernel_id), params)
+        for app in found:
+            self.rm.kill(str(app["id"]), params)
+        return len(found)
+
+    def failure_detail(self, handle: KernelHandle) -> str:
+        app_id = str(handle.data.get("app_id") or "")
+        if not app_id:
+            return ""
+        try:
+            with rm_errors(f"kernel {handle.kernel_id}"):
+                app = self.rm.app(app_id, self.params(handle))
+        except LaunchError:
+            return ""
+        return str((app or {}).get("diagnostics") or "").strip()[-2000:]
+
+    def port_taken(self, handle: KernelHandle) -> bool:
+        return False  # the kernel launcher picks free ports and reports a clash itself
