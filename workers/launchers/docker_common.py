@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
 from workers.launchers.docker_builders import KERNEL_LABEL, DockerOptions
-from workers.launchers.reply import Expectation, ReplyListener, send_command
+from workers.launchers.remote import PollCache, signal_through_launcher
+from workers.launchers.reply import Expectation, ReplyListener
 from workers.protocol import KernelHandle, LaunchRequest
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class EngineLauncher(Launcher):
         self._client: Any = None
         self._replies: ReplyListener | None = None
         self._lock = threading.Lock()
-        self._polled: dict[str, tuple[float, str | None]] = {}
+        self.polls = PollCache(self.options.poll_interval)
         self._explained: set[str] = set()  # launches whose error carries the kernel's output
 
     @classmethod
@@ -194,33 +195,18 @@ class EngineLauncher(Launcher):
     # -- supervise ----------------------------------------------------------------------------
 
     def poll(self, handle: KernelHandle) -> str | None:
-        now = time.monotonic()
-        at, why = self._polled.get(handle.kernel_id, (0.0, None))
-        if now - at < self.options.poll_interval and why is None:
-            return None
-        try:
+        def ask() -> str | None:
             with engine_errors(f"kernel {handle.kernel_id}"):
-                why = self.state(handle)[0]
-        except BackendUnavailable as exc:  # the engine is down, not the kernel: ask again
-            log.warning("Kernel %s: %s", handle.kernel_id, exc.message)
-            why = None
-        except LaunchError as exc:
-            why = exc.message
-        self._polled[handle.kernel_id] = (now, why)
-        return why
+                return self.state(handle)[0]
+
+        return self.polls.poll(handle.kernel_id, ask)
 
     def send_signal(self, handle: KernelHandle, signum: int) -> None:
         """Through the kernel launcher's command port: works wherever the kernel's node is."""
-        conn, port = handle.connection, int(handle.data.get("command_port") or 0)
-        if conn is None or not port:
-            return
-        answer = send_command(conn.ip, port, conn.key, handle.kernel_id, signum)
-        if answer != "ok":
-            log.warning("Kernel %s: signal %d not delivered by its kernel launcher (%s)",
-                        handle.kernel_id, signum, answer)
+        signal_through_launcher(handle, signum)
 
     def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
-        self._polled.pop(handle.kernel_id, None)
+        self.polls.forget(handle.kernel_id)
         with engine_errors(f"kernel {handle.kernel_id}"):
             count = self.remove_labelled(handle.kernel_id, grace)
         log.info("Kernel %s: removed %d %s(s)", handle.kernel_id, count, self.kind)

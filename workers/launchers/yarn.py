@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchTimeout
 from workers.launchers.base import Launcher
-from workers.launchers.reply import ReplyListener, send_command
+from workers.launchers.remote import PollCache, signal_through_launcher
+from workers.launchers.reply import ReplyListener
 from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
                                              submitting_user)
 from workers.launchers.yarn_client import FINAL, RMClient, rm_errors
@@ -64,7 +65,7 @@ class YarnLauncher(Launcher):
         self.rm = RMClient(options)  # kerberos without its library: a ConfigError at start-up
         self._replies: ReplyListener | None = None
         self._lock = threading.Lock()
-        self._polled: dict[str, tuple[float, str | None]] = {}
+        self.polls = PollCache(self.options.poll_interval)
 
     @property
     def replies(self) -> ReplyListener:
@@ -166,34 +167,20 @@ class YarnLauncher(Launcher):
     # -- supervise ------------------------------------------------------------------------------
 
     def poll(self, handle: KernelHandle) -> str | None:
-        now = time.monotonic()
-        at, why = self._polled.get(handle.kernel_id, (0.0, None))
-        if now - at < self.options.poll_interval and why is None:
-            return None
         app_id = str(handle.data.get("app_id") or "")
-        try:
+
+        def ask() -> str | None:
             with rm_errors(f"kernel {handle.kernel_id}"):
-                why = describe(self.rm.app(app_id, self.params(handle)), app_id)[0]
-        except BackendUnavailable as exc:  # the RM is down, not the kernel: ask again
-            log.warning("Kernel %s: %s", handle.kernel_id, exc.message)
-            why = None
-        except LaunchError as exc:
-            why = exc.message
-        self._polled[handle.kernel_id] = (now, why)
-        return why
+                return describe(self.rm.app(app_id, self.params(handle)), app_id)[0]
+
+        return self.polls.poll(handle.kernel_id, ask)
 
     def send_signal(self, handle: KernelHandle, signum: int) -> None:
         """Through the kernel launcher's command port: works wherever its NodeManager is."""
-        conn, port = handle.connection, int(handle.data.get("command_port") or 0)
-        if conn is None or not port:
-            return
-        answer = send_command(conn.ip, port, conn.key, handle.kernel_id, signum)
-        if answer != "ok":
-            log.warning("Kernel %s: signal %d not delivered by its kernel launcher (%s)",
-                        handle.kernel_id, signum, answer)
+        signal_through_launcher(handle, signum)
 
     def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
-        self._polled.pop(handle.kernel_id, None)
+        self.polls.forget(handle.kernel_id)
         with rm_errors(f"kernel {handle.kernel_id}"):
             count = self._kill(handle, grace)
         log.info("Kernel %s: killed %d YARN application(s)", handle.kernel_id, count)

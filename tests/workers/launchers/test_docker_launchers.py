@@ -189,11 +189,11 @@ def test_an_engine_that_does_not_answer_is_not_a_dead_kernel(
     lx, engine = launcher
     handle = list(lx.launch(request()))[-1]
     engine.down = True
-    lx._polled.clear()
+    lx.polls.forget(handle.kernel_id)
     assert lx.poll(handle) is None
     engine.down = False
     engine.containers[handle.data["container"]].exit(137)
-    lx._polled.clear()
+    lx.polls.forget(handle.kernel_id)
     assert lx.poll(handle) == "its container exited with status 137"
     lx.stop(handle)
 
@@ -212,7 +212,7 @@ def test_stop_is_idempotent_and_finds_by_label(
     lx, engine = launcher
     handle = list(lx.launch(request()))[-1]
     bare = KernelHandle(KID, "d")  # a handle that never got the container's id
-    lx._polled.clear()
+    lx.polls.forget(handle.kernel_id)
     assert lx.poll(bare) is None  # found by its label
     lx.send_signal(bare, 2)
     assert engine.containers[handle.data["container"]].signals == [2]
