@@ -196,6 +196,7 @@ def worker(args: argparse.Namespace) -> int:
     from workers.config import load_config
 
     config = load_config(args.config)
+    quiet_root()
     for name in args.pool:
         if name not in config.pools:
             raise ConfigError(f"--pool: no pool {name!r} in {config.source} "
@@ -226,6 +227,7 @@ def maintenance(args: argparse.Namespace) -> int:
     from workers.logs import for_worker
 
     config = load_config(args.config)
+    quiet_root()
     data = Path(os.environ.get("POOLGATE_DATA_DIR") or Path.home() / ".local/share/poolgate")
     data.mkdir(parents=True, exist_ok=True)
     app = make_celery(config, slots=1)
@@ -238,6 +240,17 @@ def maintenance(args: argparse.Namespace) -> int:
                      args.schedule or str(data / "beat-schedule"), "--without-gossip",
                      "--without-mingle", "-l", args.log_level.upper()])
     return 0
+
+
+def quiet_root() -> None:
+    """Under ``poolgate serve``, which said once that it runs as root, each worker does not
+    print Celery's warning about it again."""
+    if os.environ.get("POOLGATE_ROOT_SAID"):
+        import warnings
+
+        from celery.exceptions import SecurityWarning
+
+        warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
 def quiet(args: argparse.Namespace) -> list[str]:
