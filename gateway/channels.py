@@ -115,7 +115,6 @@ class Connection:
         self.protocol = ws.subprotocol if ws.subprotocol == wire.V1 else None
         self.closed = False
         self.evicted = False
-        self.moved = False  # a newer socket of the session is on another gateway
         self.next_ping = 0.0
         self._lock = threading.RLock()
         self.stats = WsStats()  # written only by the pump thread
@@ -290,9 +289,10 @@ class Connection:
 class KernelSession:
     """The kernel side of one client session on one kernel: its channels (gateway/zmtp.py)."""
 
-    def __init__(self, kid: str, session_id: str) -> None:
+    def __init__(self, kid: str, session_id: str, gateway: str = "") -> None:
         self.kid = kid
         self.session_id = session_id
+        self.gateway = gateway  # this gateway's instance id: part of the ZMQ identity
         self.sockets: dict[str, zmtp.Peer] = {}
         self.epoch = 0  # counts changes of ``sockets``: the pump polls a new set
         self.conn_info: ConnectionInfo | None = None
@@ -317,6 +317,9 @@ class KernelSession:
         self.gone = False
         self.resume: dict[str, Any] | None = None  # what another gateway delivered, to replay
         self.replayed: set[str] = set()
+        # Cells a lost gateway sent for this session whose reply went to it: rebuilt from their
+        # iopub here (execute_request id -> parent header, execution_count, error).
+        self.orphans: dict[str, dict[str, Any]] = {}
         self.last_iopub: str | None = None
         # Requests whose reply the client got and whose status idle it did not yet: all a replay
         # needs (an idle it got lies before the replay's start); usually one or none.
@@ -344,9 +347,12 @@ class KernelSession:
 
     def connect(self, info: ConnectionInfo, generation: int) -> None:
         self.close_sockets()
-        # Stable per client session: after a gateway dies, the next one connects with the same
-        # identity and the kernel (ROUTER_HANDOVER) routes the pending replies to it.
-        ident = hashlib.sha1(f"{self.kid}:{self.session_id}".encode()).hexdigest().encode()
+        # One per gateway and session: two replicas holding one session (a client that moved, a
+        # socket Jupyter Server left open) must not share an identity, or the kernel's ROUTER
+        # hands it to the last to connect and the other's requests go unanswered. Replies a lost
+        # gateway's requests get are rebuilt from iopub (``orphans``).
+        ident = hashlib.sha1(f"{self.kid}:{self.session_id}:{self.gateway}".encode()
+                             ).hexdigest().encode()
         for ch in DEALERS:
             self.sockets[ch] = zmtp.Peer(info.url(ch), b"DEALER", ident, ch)
         self.sockets["iopub"] = zmtp.Peer(info.url("iopub"), b"SUB", name="iopub")
@@ -476,10 +482,7 @@ class Bridge:
             targets = [s for (k, _), s in self.sessions.items() if k == kid]
         for sess in targets:
             if event.get("status") == "RESTARTING" and self._drop(sess, detached_only=True):
-                # Kept channels without a client must not reconnect to the new kernel: their
-                # ZMQ identity is the session's on every replica, and the kernel (its ROUTER's
-                # hand-over) would send the replies of the replica the client now uses here.
-                continue
+                continue  # kept channels without a client do not follow a restart
             sess.events.append(event)
             sess.wake()
 
@@ -493,7 +496,7 @@ class Bridge:
             with self._lock:
                 sess = self.sessions.get((kid, session_id))
                 if sess is None or sess.gone:
-                    sess = KernelSession(kid, session_id)
+                    sess = KernelSession(kid, session_id, self.instance)
                     sess.resume = self.registry.seen(kid, session_id)  # served by a lost gateway?
                     if not any(k == kid for k, _ in self.sessions):
                         self.service.events.add(kid, self._on_event)
@@ -618,15 +621,13 @@ class Bridge:
                     peer.handle(ev)
                 lost = any(p.retry_at is not None for p in sess.sockets.values())
             if lost:
-                # No reconnect without a client: the kernel restarted, or another replica took
-                # the session's identity (its client moved there); the supervisor's replay
+                # No reconnect without a client (the kernel restarted): the supervisor's replay
                 # buffer still serves a client that comes back here.
                 self._drop(sess, detached_only=True)
 
     def _served_elsewhere(self, sess: KernelSession) -> bool:
-        """The session's client came (back) through another replica after it came here: these
-        channels share its ZMQ identity, and the kernel's ROUTER gives the replies to whichever
-        connected last, so they must not reconnect."""
+        """The session's client came (back) through another replica after it came here: what
+        these kept channels hold is not for a client here any more."""
         try:
             conns = self.registry.connections(sess.kid)
         except redis.RedisError:
@@ -689,8 +690,7 @@ class Bridge:
             self.metrics.ws_closed(conn.stats)
         if not conn.closed:
             try:
-                conn.ws.close(reason=1000, message="session moved to another gateway"
-                              if conn.moved else "kernel shut down")
+                conn.ws.close(reason=1000, message="kernel shut down")
             except Exception:
                 pass
             conn.drain(5.0)  # what is pending, then the close frame
@@ -756,7 +756,7 @@ class Bridge:
         except redis.RedisError as exc:  # the loop tries again while there are no sockets
             log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
         self._handle_inbox(conn, sess)  # frames that came while the session was being attached
-        while not (conn.closed or conn.evicted or conn.moved or sess.gone):
+        while not (conn.closed or conn.evicted or sess.gone):
             # What to poll: a channel's socket changes when it reconnects, and asks for
             # POLLOUT while it has bytes to write; so does the client's socket.
             peers = list(sess.sockets.values())
@@ -799,12 +799,7 @@ class Bridge:
             due = self._read_kernel(conn, sess, due)
             now = time.monotonic()
             for p in peers:
-                if p.retry_at is not None and now >= p.retry_at:
-                    if self._served_elsewhere(sess):  # a newer socket of this session elsewhere
-                        log.info("Kernel %s: session %s moved to another gateway; closing this "
-                                 "socket", sess.kid, sess.session_id)
-                        conn.moved = True
-                        break
+                if p.retry_at is not None:
                     p.tick(now)
             conn.ping(now)
             if sess.nudge_due(now):
@@ -935,6 +930,8 @@ class Bridge:
                 self._became_ready(conn, sess)
             head = wire.header_of(parts)
             pid = ""
+            if sess.orphans:
+                self._orphan(conn, sess, channel, parts, head, out)
             if channel == "iopub":
                 if sess.replayed and head.get("msg_id") in sess.replayed:
                     sess.replayed.discard(head.get("msg_id"))  # already sent from the buffer
@@ -960,6 +957,28 @@ class Bridge:
             to.stats.add("kernel_to_client", channel, len(frame))
             if channel == "iopub" and sess.parked:
                 self._to_parked(sess, parts, buffers, head)
+
+    def _orphan(self, conn: Connection, sess: KernelSession, channel: str, parts: list[bytes],
+                head: dict[str, Any], out: Outbox) -> None:
+        """Follow a cell a lost gateway sent: its count and error from iopub, and at its idle
+        the execute_reply the kernel sent to that gateway, rebuilt (before the idle)."""
+        parent = _parent(parts)
+        cell = sess.orphans.get(str(parent.get("msg_id", "")))
+        if cell is None:
+            return
+        pid = str(parent.get("msg_id", ""))
+        kind = head.get("msg_type")
+        if channel != "iopub":  # its real reply came after all
+            del sess.orphans[pid]
+        elif kind == "execute_input":
+            cell["count"] = json.loads(parts[3]).get("execution_count", 0)
+        elif kind == "error":
+            cell["error"] = json.loads(parts[3])
+        elif kind == "status" and json.loads(parts[3]).get("execution_state") == "idle":
+            del sess.orphans[pid]
+            reply, bufs = _rebuilt_reply(cell["parent"], cell["count"], cell["error"])
+            out.add(wire.to_client("shell", reply, bufs, conn.protocol), "shell",
+                    wire.header_of(reply), pid)
 
     def _to_parked(self, sess: KernelSession, parts: list[bytes], buffers: list[bytes],
                    head: dict[str, Any]) -> None:
@@ -1049,6 +1068,8 @@ class Bridge:
         replied = set(seen.get("replied") or ())
         counts: dict[str, int] = {}
         errors: dict[str, dict[str, Any]] = {}
+        started: dict[str, dict[str, Any]] = {}  # this session's cells, by request id
+        ended: set[str] = set()
         for i, (parts, head) in enumerate(zip(msgs, heads)):
             kind, parent = head.get("msg_type"), _parent(parts)
             pid = parent.get("msg_id", "")
@@ -1057,8 +1078,12 @@ class Bridge:
             # (JupyterLab numbers the cell from it).
             if kind == "execute_input":
                 counts[pid] = json.loads(parts[3]).get("execution_count", 0)
+                if parent.get("session") == sess.session_id:
+                    started[pid] = parent
             elif kind == "error":
                 errors[pid] = json.loads(parts[3])
+            elif kind == "status" and json.loads(parts[3]).get("execution_state") == "idle":
+                ended.add(pid)
             if i < start:
                 continue
             parts, buffers = parts[:4], parts[4:]
@@ -1069,6 +1094,10 @@ class Bridge:
                   and parent.get("session") == sess.session_id):
                 conn.send(wire.to_client("shell", *_rebuilt_reply(parent, counts.get(pid, 0),
                                                                   errors.get(pid)), conn.protocol))
+        for pid, parent in started.items():
+            if pid not in ended and pid not in replied:
+                sess.orphans[pid] = {"parent": parent, "count": counts.get(pid, 0),
+                                     "error": errors.get(pid)}
         sess.last_iopub = heads[-1].get("msg_id") if heads else sess.last_iopub
         log.info("Kernel %s: replayed %d messages to session %s", sess.kid,
                  len(msgs) - start, sess.session_id)

@@ -449,12 +449,6 @@ class RoundRobinProxy:
                 s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open bug (issue 18): behind two replicas without sticky sessions, the first cell after "
-    "'Reconnect to Kernel' to the other replica gets no execute_reply (Jupyter Server opens a "
-    "second gateway WebSocket for the refused v1 handshake and never closes it, so the session "
-    "is open on both replicas with one ZMQ identity); the same flow with poolgate's own client "
-    "passes (tests/integration/test_two_gateways.py)"))
 def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
                                         tmp_path: Path) -> None:
     """Two poolgate gateways on one registry behind a round-robin proxy: open, run, restart,
