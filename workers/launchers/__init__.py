@@ -22,6 +22,7 @@ LAUNCHERS: dict[str, str] = {
     "ssh": "workers.launchers.ssh:SSHLauncher",
     "docker": "workers.launchers.docker_container:DockerLauncher",
     "docker-swarm": "workers.launchers.docker_swarm:SwarmLauncher",
+    "kubernetes": "workers.launchers.kubernetes:KubernetesLauncher",
 }
 
 
