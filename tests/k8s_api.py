@@ -32,6 +32,8 @@ import subprocess
 import threading
 import time
 import uuid
+
+import psutil
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: F401
 from pathlib import Path
@@ -83,10 +85,22 @@ def selected(obj: Mapping[str, Any], labels: str, fields: str) -> bool:
 
 
 class Pod:
-    """The kubelet's half of one pod: its process."""
+    """The kubelet's half of one pod: its process, and how to find all of its container's
+    (HOSTNAME is the pod's name, as the kubelet sets it; the kernel launcher's kernel runs in a
+    process group of its own, so the container's end is a sweep, as a PID namespace's is)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc, self.log = proc, log
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, name: str) -> None:
+        self.proc, self.log, self.name, self.started = proc, log, name, time.time() - 1
+
+    def sweep(self) -> None:
+        """Kill whatever of the container is left (its PID 1 has ended, or is killed)."""
+        for p in psutil.process_iter(["environ", "create_time"]):
+            try:
+                if (p.info["environ"] or {}).get("HOSTNAME") == self.name and \
+                        p.info["create_time"] >= self.started:
+                    p.kill()
+            except psutil.Error:
+                continue
 
 
 class FakeKubernetes:
@@ -127,6 +141,7 @@ class FakeKubernetes:
         with self.lock:
             for pod in self.kubelet.values():
                 self._kill(pod, signal.SIGKILL)
+                pod.sweep()
             for q, *_ in self.watches:
                 q.put(None)
 
@@ -375,24 +390,24 @@ class FakeKubernetes:
                 proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                         cwd=c.get("workingDir") or self.folder,
                                         start_new_session=True)
-            pod = self.kubelet[(ns, name)] = Pod(proc, log)
+            pod = self.kubelet[(ns, name)] = Pod(proc, log, name)
             self._event(obj, "Normal", "Started", "Started container " + c["name"])
             running = {"running": {"startedAt": now()}}
             self._update(ns, name, phase="Running", podIP=ip, podIPs=[{"ip": ip}],
                          startTime=now(), containerStatuses=self._container_status(
                              c, running, ready=True))
         code = proc.wait()
+        pod.sweep()
         term = {"terminated": {"exitCode": code if code >= 0 else 128 - code,
                                "reason": "Completed" if code == 0 else "Error",
                                "startedAt": running["running"]["startedAt"],
                                "finishedAt": now(), "containerID": f"fake://{proc.pid}"}}
         self._update(ns, name, phase="Succeeded" if code == 0 else "Failed",
                      containerStatuses=self._container_status(c, term))
-        del pod
 
     def _env(self, obj: dict[str, Any], c: dict[str, Any], ip: str) -> dict[str, str]:
         """The container's environment: the image's, then the pod's (fieldRef, secretKeyRef)."""
-        env = dict(self.images[c["image"]])
+        env = {**self.images[c["image"]], "HOSTNAME": obj["metadata"]["name"]}
         fields = {"status.podIP": ip, "metadata.name": obj["metadata"]["name"],
                   "metadata.namespace": obj["metadata"]["namespace"], "spec.nodeName": NODE}
         for e in c.get("env") or []:
@@ -422,7 +437,7 @@ class FakeKubernetes:
         except subprocess.TimeoutExpired:
             self._kill(pod, signal.SIGKILL)
             pod.proc.wait()
-        self._kill(pod, signal.SIGKILL)  # what is left of its session
+        pod.sweep()
         time.sleep(0.05)
         with self.lock:
             self.kubelet.pop((ns, name), None)
