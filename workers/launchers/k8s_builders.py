@@ -183,9 +183,9 @@ class KubernetesOptions:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         if self.run_as_user == 0 and not self.allow_root:
             raise ValueError("run_as_user: 0 is root; set allow_root: true too")
-        names = [v.name for v in self.volumes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"volumes: names must be unique, got {names}")
+        volume_names = [v.name for v in self.volumes]
+        if len(set(volume_names)) != len(volume_names):
+            raise ValueError(f"volumes: names must be unique, got {volume_names}")
 
 
 # -- names ----------------------------------------------------------------------------------
