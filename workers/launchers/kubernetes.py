@@ -250,13 +250,27 @@ class KubernetesLauncher(EngineLauncher):
         return self.options.namespace, False
 
     def _ensure_namespace(self, name: str, req: LaunchRequest) -> None:
+        """Create the user's namespace; one being deleted (its last kernel just stopped) is
+        waited out first, since nothing can be created in a Terminating namespace."""
         k8s = kubernetes_module()
-        try:
-            self.client.create_namespace(build_namespace(name, req))
-            log.info("Kernel %s: namespace %s created", req.kernel_id, name)
-        except k8s.client.ApiException as exc:
-            if not is_status(exc, 409):
+        deadline = time.monotonic() + self.options.api_timeout
+        while True:
+            try:
+                self.client.create_namespace(build_namespace(name, req))
+                log.info("Kernel %s: namespace %s created", req.kernel_id, name)
+                return
+            except k8s.client.ApiException as exc:
+                if not is_status(exc, 409):
+                    raise
+            try:
+                phase = self.client.read_namespace(name).status.phase
+            except k8s.client.ApiException as exc:
+                if is_status(exc, 404):
+                    continue  # deleted in between: create it
                 raise
+            if phase != "Terminating" or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
     # -- EngineLauncher's hooks -------------------------------------------------------------
 
