@@ -23,6 +23,7 @@ LAUNCHERS: dict[str, str] = {
     "docker": "workers.launchers.docker_container:DockerLauncher",
     "docker-swarm": "workers.launchers.docker_swarm:SwarmLauncher",
     "yarn": "workers.launchers.yarn:YarnLauncher",
+    "kubernetes": "workers.launchers.kubernetes:KubernetesLauncher",
 }
 
 

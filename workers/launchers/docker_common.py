@@ -62,6 +62,7 @@ class EngineLauncher(Launcher):
 
     Options = DockerOptions
     kind = "container"
+    backend = "the engine"  # who "says" why a launch timed out
 
     def __init__(self, pool: PoolConfig, options: DockerOptions, runtime_dir: str) -> None:
         super().__init__(pool, options, runtime_dir)
@@ -91,7 +92,7 @@ class EngineLauncher(Launcher):
         with self._lock:
             if self._client is None:
                 docker = docker_module()
-                with engine_errors(f"pool {self.pool.name}"):
+                with self.errors(f"pool {self.pool.name}"):
                     self._client = (docker.DockerClient(base_url=self.options.docker_url,
                                                         timeout=int(self.options.api_timeout))
                                     if self.options.docker_url else
@@ -116,6 +117,15 @@ class EngineLauncher(Launcher):
             self._client.close()
 
     # -- what subclasses provide -------------------------------------------------------------
+
+    def errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """The context manager that maps the backend client's errors into poolgate's."""
+        return engine_errors(what)
+
+    def timeout_reason(self, handle: KernelHandle, last: str) -> str:
+        """Called when a launch times out: the backend's word on why (``last`` is the latest
+        that state() gave; a subclass may add the backend's events)."""
+        return last
 
     @abc.abstractmethod
     def response_host(self) -> str:
@@ -144,14 +154,14 @@ class EngineLauncher(Launcher):
                previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
         deadline = self._deadline(req)
         where = f"kernel {req.kernel_id}"
-        with engine_errors(where):
+        with self.errors(where):
             left = self.remove_labelled(req.kernel_id, grace=0)  # a redelivery's, a restart's
         if left:
             log.info("Kernel %s: removed %d %s(s) an earlier launch left", req.kernel_id, left,
                      self.kind)
         exp = self.replies.expect(req.kernel_id, self.response_host())
         try:
-            with engine_errors(where):
+            with self.errors(where):
                 data = self.create(req, exp)
             handle = KernelHandle(req.kernel_id, req.pool, host="", data=data)
             log.info("Kernel %s: %s %s created on pool %s", req.kernel_id, self.kind,
@@ -160,7 +170,7 @@ class EngineLauncher(Launcher):
             last = [""]
 
             def died() -> str | None:
-                with engine_errors(where):
+                with self.errors(where):
                     why, last[0] = self.state(handle)
                 return why
 
@@ -171,8 +181,10 @@ class EngineLauncher(Launcher):
                     self._explained.add(req.kernel_id)
                 raise
             except LaunchTimeout as exc:
-                raise LaunchTimeout(f"{exc.message}; the engine says: {last[0]}" if last[0]
-                                    else exc.message) from exc
+                with contextlib.suppress(LaunchError):
+                    last[0] = self.timeout_reason(handle, last[0])
+                raise LaunchTimeout(f"{exc.message}; {self.backend} says: {last[0]}"
+                                    if last[0] else exc.message) from exc
             data = {**data, "pid": reply.pid, "command_port": reply.command_port}
             log.info("Kernel %s: listening at %s (%s %s)", req.kernel_id, reply.connection.ip,
                      self.kind, data.get("name"))
@@ -196,7 +208,7 @@ class EngineLauncher(Launcher):
 
     def poll(self, handle: KernelHandle) -> str | None:
         def ask() -> str | None:
-            with engine_errors(f"kernel {handle.kernel_id}"):
+            with self.errors(f"kernel {handle.kernel_id}"):
                 return self.state(handle)[0]
 
         return self.polls.poll(handle.kernel_id, ask)
@@ -207,7 +219,7 @@ class EngineLauncher(Launcher):
 
     def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
         self.polls.forget(handle.kernel_id)
-        with engine_errors(f"kernel {handle.kernel_id}"):
+        with self.errors(f"kernel {handle.kernel_id}"):
             count = self.remove_labelled(handle.kernel_id, grace)
         log.info("Kernel %s: removed %d %s(s)", handle.kernel_id, count, self.kind)
 
@@ -216,7 +228,7 @@ class EngineLauncher(Launcher):
             self._explained.discard(handle.kernel_id)
             return ""
         try:
-            with engine_errors(f"kernel {handle.kernel_id}"):
+            with self.errors(f"kernel {handle.kernel_id}"):
                 return self.logs(handle).strip()[-2000:]
         except LaunchError:
             return ""

@@ -1,0 +1,243 @@
+"""kubernetes pools through the gateway's REST and WebSocket API, against tests/k8s_api.py.
+
+No Kubernetes API server can run on the project's machines, so the worker's official kubernetes
+client talks to FakeKubernetes, started here: its pods' commands run as local processes with
+loopback pod IPs, so each kernel really starts through the kernel launcher, reports back,
+runs code and is removed. Each test checks that no pod, secret or per-user namespace is left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.client import Gateway
+from tests.conftest import RUN_ID, STACKS, PrivateRedis, Stack
+from tests.k8s_api import FakeKubernetes
+
+IMAGE = "poolgate/kernel:latest"
+KERNEL_ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+ROOT = Path(__file__).resolve().parents[2]
+TEST_LABEL = f"poolgate.test_run={RUN_ID}"
+
+
+def pool(queue: str, kubeconfig: Path, timeout: float = 60, **options: Any) -> dict[str, Any]:
+    return {"launcher": "kubernetes", "queue": queue, "heartbeat_ttl": 3.0, "slots": 4,
+            "launch_timeout": timeout, "max_restarts": 1,
+            "options": {"image": IMAGE, "labels": {"poolgate.test_run": RUN_ID},
+                        "kubeconfig": str(kubeconfig), "response_address": "127.0.0.1",
+                        "response_bind": "127.0.0.1", "poll_interval": 1, "watch_timeout": 5,
+                        **options}}
+
+
+class K8sStack(Stack):
+    api: FakeKubernetes
+
+
+@pytest.fixture(scope="module")
+def k8s_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
+    """A private Redis, FakeKubernetes, a gateway, and workers for two kubernetes pools."""
+    tmp = tmp_path_factory.mktemp("k8s-stack")
+    (tmp / "kubelet").mkdir()
+    image_env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+                 "PYTHONPATH": str(ROOT), "HOME": str(tmp), "POOLGATE_TEST_RUN": RUN_ID}
+    api = FakeKubernetes(tmp / "kubelet", {IMAGE: image_env}, cpu="4", memory="16Gi").start()
+    kubeconfig = api.kubeconfig(tmp / "kubeconfig")
+    server = PrivateRedis(tmp)
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}"
+    tag = f"t{RUN_ID}k"
+    pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
+             "k8s": pool(f"{tag}-k8s", kubeconfig, namespace="kernels"),
+             "k8s-user": pool(f"{tag}-k8s-user", kubeconfig, per_user_namespace=True)}
+    api.create("namespaces", "", {"metadata": {"name": "kernels"}})
+    stack = K8sStack(tmp, url, db=1, redis_url=url, pools=pools)
+    stack.api = api
+    specs = tmp / "specs"
+    for name, target, argv, image in (
+            ("py-k8s", "k8s", KERNEL_ARGV, None),
+            ("py-k8s-user", "k8s-user", KERNEL_ARGV, None),
+            ("noimage-k8s", "k8s", KERNEL_ARGV, "poolgate/no-such-image:1")):
+        (specs / name).mkdir()
+        resources = {"image": image} if image else {}
+        (specs / name / "kernel.json").write_text(json.dumps({
+            "argv": argv, "display_name": name, "language": "python",
+            "metadata": {"poolgate": {"pool": target, "resources": resources}}}))
+    (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
+    (specs / "tiny-py").rmdir()
+    redis.Redis.from_url(stack.registry_url).flushdb()
+    try:
+        stack.start_worker("k8s")
+        stack.start_worker("k8s-user")
+        stack.start_gateway(stack.port)
+    except BaseException:
+        stack.stop()
+        server.kill()
+        api.stop()
+        raise
+    STACKS.append(stack)
+    yield stack
+    stack.stop()
+    STACKS.remove(stack)
+    server.kill()
+    api.stop()
+
+
+def left(api: FakeKubernetes) -> list[str]:
+    """This run's pods, secrets and per-user namespaces still there."""
+    out = [f"{o['kind'] if 'kind' in o else kind}/{o['metadata'].get('namespace', '')}/"
+           f"{o['metadata']['name']}" for kind in ("pods", "secrets")
+           for o in api.list(kind, labels=TEST_LABEL)]
+    return out + [f"namespace/{o['metadata']['name']}" for o in
+                  api.list("namespaces", labels="poolgate.managed=true")]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(k8s_stack: K8sStack) -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 20
+    while left(k8s_stack.api) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(k8s_stack.api), "left behind"
+
+
+def pid_of(gw: Gateway, kid: str) -> str:
+    ch = gw.channel(kid)
+    try:
+        res = ch.execute("import os; print(os.getpid(), os.environ['KERNEL_ID'])")
+        assert res.status == "ok", res
+        return res.stdout.split()[0]
+    finally:
+        ch.close()
+
+
+def test_launch_run_interrupt_restart_shutdown(k8s_stack: K8sStack) -> None:
+    gw, api = k8s_stack.gw, k8s_stack.api
+    t0 = time.monotonic()
+    kid = gw.start("py-k8s")["id"]
+    launched = time.monotonic() - t0
+    try:
+        pods = api.list("pods", "kernels", f"poolgate.kernel_id={kid}")
+        assert [p["status"]["phase"] for p in pods] == ["Running"]
+        model = gw.get(f"/api/kernels/{kid}").json()
+        assert model["poolgate"]["host"] == pods[0]["status"]["podIP"]  # the pod's own IP
+        assert api.list("secrets", "kernels", f"poolgate.kernel_id={kid}")
+        ch = gw.channel(kid)
+        res = ch.execute("import time\nfor i in range(3):\n    print('tick', i, flush=True)\n"
+                         "    time.sleep(0.3)")
+        assert res.stdout.split() == ["tick", "0", "tick", "1", "tick", "2"]
+        names = ch.execute("import os; print(sorted(os.environ))").stdout
+        for secret in ("POOLGATE_RESPONSE_KEY", "POOLGATE_RESPONSE_TOKEN", "REDIS", "BROKER"):
+            assert secret not in names, names
+        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
+                                          "time.sleep(0.1)", "silent": False})
+        time.sleep(1.0)
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        res = ch.collect(mid, timeout=20)
+        assert res.error and res.error["ename"] == "KeyboardInterrupt"
+        assert ch.execute("x = 5; x").result == "5"
+        ch.close()
+        before = pid_of(gw, kid), pods[0]["metadata"]["uid"]
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200, r.text
+        ch = gw.channel(kid)
+        assert ch.execute("'x' in dir()", timeout=30).result == "False"
+        ch.close()
+        pods = api.list("pods", "kernels", f"poolgate.kernel_id={kid}")
+        assert len(pods) == 1 and pods[0]["metadata"]["uid"] != before[1]  # a new pod
+    finally:
+        gw.shutdown(kid)
+    deadline = time.monotonic() + 20
+    while left(api) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(api)
+    print(f"launched in {launched:.1f}s")
+
+
+def test_per_user_namespace_is_created_and_removed(k8s_stack: K8sStack) -> None:
+    gw, api = k8s_stack.gw, k8s_stack.api
+    kids = [gw.start("py-k8s-user", env={"KERNEL_USERNAME": "alice"})["id"] for _ in range(2)]
+    try:
+        assert [p["metadata"]["namespace"] for p in api.list("pods", labels=TEST_LABEL)] == \
+            ["poolgate-alice"] * 2
+        ch = gw.channel(kids[0])
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+        gw.shutdown(kids[0])
+        assert [n["metadata"]["name"] for n in api.list(
+            "namespaces", labels="poolgate.managed=true")] == ["poolgate-alice"]  # one kernel left
+    finally:
+        for kid in kids:
+            gw.shutdown(kid)
+
+
+def test_unschedulable_pod_fails_at_the_launch_timeout_with_the_events_reason(
+        k8s_stack: K8sStack) -> None:
+    t0 = time.monotonic()
+    r = k8s_stack.gw.post("/api/kernels", json={"name": "py-k8s", "env": {
+        "KERNEL_MEMORY": "4096Gi", "KERNEL_LAUNCH_TIMEOUT": "8"}})
+    took = time.monotonic() - t0
+    assert r.status_code in (500, 503), r.text
+    msg = r.json()["message"]
+    assert "FailedScheduling" in msg and "Insufficient memory" in msg, msg
+    assert 5 < took < 8 + 2, f"took {took:.0f}s for a launch timeout of 8s"
+    assert k8s_stack.live_kernels() == []
+
+
+def test_missing_image_fails_at_once_with_the_pull_error(k8s_stack: K8sStack) -> None:
+    t0 = time.monotonic()
+    r = k8s_stack.gw.post("/api/kernels", json={"name": "noimage-k8s"})
+    assert r.status_code in (500, 503), r.text
+    msg = r.json()["message"]
+    assert "ErrImagePull" in msg and "poolgate/no-such-image:1" in msg, msg
+    assert time.monotonic() - t0 < 20
+    assert k8s_stack.live_kernels() == []
+
+
+def test_expired_watch_is_listed_again_and_followed(k8s_stack: K8sStack) -> None:
+    gw, api = k8s_stack.gw, k8s_stack.api
+    kid = gw.start("py-k8s")["id"]
+    try:
+        deadline = time.monotonic() + 10
+        while not api.expire_watches() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the worker's watch may be between two requests
+        deadline = time.monotonic() + 10
+        while "listing pods again" not in k8s_stack.log("worker-k8s") and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "watch expired (410 Gone); listing pods again" in k8s_stack.log("worker-k8s")
+        # the kernel's pod dies behind the worker's back: the renewed watch tells it
+        pod = api.kubelet[("kernels", f"poolgate-{kid}")]
+        os.killpg(pod.proc.pid, 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rec = gw.get(f"/api/kernels/{kid}").json()
+            if rec["execution_state"] in ("dead", "restarting") or \
+                    rec.get("poolgate", {}).get("restarts"):
+                break
+            time.sleep(0.2)
+        assert "its pod ended (Failed)" in k8s_stack.log("worker-k8s")
+    finally:
+        gw.shutdown(kid)
+
+
+def test_restarted_worker_adopts_its_kernels(k8s_stack: K8sStack) -> None:
+    gw = k8s_stack.gw
+    kid = gw.start("py-k8s")["id"]
+    try:
+        k8s_stack.kill_worker("k8s")
+        k8s_stack.start_worker("k8s")
+        ch = gw.channel(kid)
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+        assert k8s_stack.api.list("pods", "kernels", f"poolgate.kernel_id={kid}")
+        assert "adopted by worker" in k8s_stack.log("worker-k8s")
+    finally:
+        gw.shutdown(kid)
