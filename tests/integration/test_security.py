@@ -113,7 +113,7 @@ def test_routes_list_is_every_route_of_the_app(token_stack: Stack) -> None:
     """ROUTES covers every rule the app has, so a route added later is tested above too; and
     every rule, with any method, answers 401 to a client without the token (Flask's test
     client on the same app, same config)."""
-    from gateway import create_app
+    from gateway.app import create_app
 
     app = create_app({"CONFIG_PATH": str(token_stack.config)})
     rules = {(m, r.rule.replace("<kernel_id>", "{kid}").replace("<sid>", "{sid}")
