@@ -1,9 +1,10 @@
 """poolgate (embedded `poolgate serve`) and poolgate-redis (worker + gateway on a Redis).
 
 Both use the `poolgate` console script of the bench's own environment, as a user would.
-Readiness: GET /api answers 200, and a log line containing "ready" was printed (by
-`poolgate serve`, or by the worker for poolgate-redis); without such a line the bench goes
-on after READY_LINE_GRACE seconds of /api answering.
+Readiness: GET /api answers 200, and the ready line was printed: `poolgate serve`'s "poolgate is
+ready at" (its gateway's own "Gateway ready" comes before the worker is up, and a launch on a pool
+with no live worker fails at once), or the worker's "ready." for poolgate-redis; without it the
+bench goes on after READY_LINE_GRACE seconds of /api answering.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def find_poolgate() -> Path:
                             "(pip install -e . ?)")
 
 
-def has_ready_line(proc: ManagedProcess) -> bool:
-    return any("ready" in line.lower() for line in proc.log_text().splitlines())
+def has_ready_line(proc: ManagedProcess, marker: str) -> bool:
+    return any(marker in line for line in proc.log_text().splitlines())
 
 
 class _PoolgateBase(GatewayTarget):
@@ -54,11 +55,11 @@ class _PoolgateBase(GatewayTarget):
         exe = find_poolgate()
         return gateway_env(self.ctx.kernelspec_dir, exe.parent, workdir / "runtime")
 
-    async def wait_for(self, ready_line_from: ManagedProcess) -> None:
+    async def wait_for(self, ready_line_from: ManagedProcess, marker: str) -> None:
         """/api must answer; then wait up to READY_LINE_GRACE s for the ready line."""
         await self.wait_ready()
         api_up = time.monotonic()
-        while not has_ready_line(ready_line_from):
+        while not has_ready_line(ready_line_from, marker):
             if time.monotonic() - api_up > READY_LINE_GRACE:
                 say(f"{self.name}: no 'ready' line from {ready_line_from.name}; going on "
                     "because /api answers")
@@ -84,7 +85,7 @@ class PoolgateTarget(_PoolgateBase):
                               workdir / "serve.log", cwd=workdir)
         self.procs.append(proc)
         proc.start()
-        await self.wait_for(proc)
+        await self.wait_for(proc, "poolgate is ready at")
 
 
 class PoolgateWarmTarget(PoolgateTarget):
@@ -149,7 +150,7 @@ class PoolgateRedisTarget(_PoolgateBase):
         self.procs += [worker, gateway]
         worker.start()
         gateway.start()
-        await self.wait_for(worker)
+        await self.wait_for(worker, " ready.")
 
 
 def flush_redis(url: str) -> None:
