@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher
-from workers.launchers.docker_builders import KERNEL_LABEL, DockerOptions
-from workers.launchers.remote import PollCache, signal_through_launcher
+from workers.launchers.docker_builders import DockerOptions
+from workers.launchers.remote import PollCache, SharedReplies, signal_through_launcher
 from workers.launchers.reply import Expectation, ReplyListener
 from workers.protocol import KernelHandle, LaunchRequest
 
@@ -68,7 +68,7 @@ class EngineLauncher(Launcher):
         super().__init__(pool, options, runtime_dir)
         self.options: DockerOptions = options
         self._client: Any = None
-        self._replies: ReplyListener | None = None
+        self._replies = SharedReplies(options.response_bind, options.response_port)
         self._lock = threading.Lock()
         self.polls = PollCache(self.options.poll_interval)
         self._explained: set[str] = set()  # launches whose error carries the kernel's output
@@ -101,18 +101,13 @@ class EngineLauncher(Launcher):
 
     @property
     def replies(self) -> ReplyListener:
-        with self._lock:
-            if self._replies is None:
-                self._replies = ReplyListener(self.options.response_bind,
-                                              self.options.response_port).start()
-            return self._replies
+        return self._replies.get()
 
     def prepare(self) -> None:
         self.replies  # noqa: B018 - open the listener now: a port clash shows at start-up
 
     def close(self) -> None:
-        if self._replies is not None:
-            self._replies.close()
+        self._replies.close()
         if self._client is not None:
             self._client.close()
 
@@ -152,7 +147,7 @@ class EngineLauncher(Launcher):
 
     def launch(self, req: LaunchRequest,
                previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
-        deadline = self._deadline(req)
+        deadline = time.monotonic() + req.launch_timeout  # left since queued (supervisor)
         where = f"kernel {req.kernel_id}"
         with self.errors(where):
             left = self.remove_labelled(req.kernel_id, grace=0)  # a redelivery's, a restart's
@@ -193,16 +188,6 @@ class EngineLauncher(Launcher):
         finally:
             self.replies.cancel(exp)
 
-    def _deadline(self, req: LaunchRequest, margin: float = 1.5) -> float:
-        """When the launch gives up: a little before the gateway's own timeout, counted from
-        the launch's creation, so the client gets the engine's reason rather than only "did
-        not finish starting" (a pending Swarm task says which resource no node has)."""
-        deadline = time.monotonic() + req.launch_timeout
-        rec = self.registry.get(req.kernel_id) if self.registry is not None else None
-        if rec is not None and rec.created:
-            left = rec.created + req.launch_timeout - margin - time.time()
-            deadline = min(deadline, time.monotonic() + max(left, 1.0))
-        return deadline
 
     # -- supervise ----------------------------------------------------------------------------
 

@@ -214,8 +214,7 @@ class KubernetesLauncher(EngineLauncher):
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
-        if self._replies is not None:
-            self._replies.close()
+        self._replies.close()
         if self._client is not None:
             self._client.api_client.close()
 

@@ -1,5 +1,5 @@
-"""What the launchers of remote kernels (docker, docker-swarm, yarn, …) share beyond the kernel
-launcher's reply: a poll that asks the backend at most every few seconds, and signals sent
+"""What the launchers of remote kernels (docker, docker-swarm, kubernetes, yarn) share: one reply
+listener per pool, a poll that asks the backend at most every few seconds, and signals sent
 through the kernel launcher's command port.
 
 Rule: nothing here knows a backend; each launcher passes a function that asks its own.
@@ -7,14 +7,35 @@ Rule: nothing here knows a backend; each launcher passes a function that asks it
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 from workers.errors import BackendUnavailable, LaunchError
-from workers.launchers.reply import send_command
+from workers.launchers.reply import ReplyListener, send_command
 from workers.protocol import KernelHandle
 
 log = logging.getLogger(__name__)
+
+
+class SharedReplies:
+    """The worker's one reply listener for a pool's kernel launchers, opened on first use (or
+    by the launcher's prepare(), so that a port clash shows at start-up)."""
+
+    def __init__(self, bind: str, port: int) -> None:
+        self.bind, self.port = bind, port
+        self._listener: ReplyListener | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ReplyListener:
+        with self._lock:
+            if self._listener is None:
+                self._listener = ReplyListener(self.bind, self.port).start()
+            return self._listener
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
 
 
 class PollCache:

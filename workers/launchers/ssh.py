@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendUnavailable, LaunchError, LaunchTimeout
 from workers.launchers.base import Launcher
-from workers.launchers.remote import PollCache, signal_through_launcher
+from workers.launchers.remote import PollCache, SharedReplies, signal_through_launcher
 from workers.launchers.reply import ReplyListener
 from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
                                              submitting_user)
@@ -63,24 +62,18 @@ class YarnLauncher(Launcher):
         super().__init__(pool, options, runtime_dir)
         self.options: YarnOptions = options
         self.rm = RMClient(options)  # kerberos without its library: a ConfigError at start-up
-        self._replies: ReplyListener | None = None
-        self._lock = threading.Lock()
+        self._replies = SharedReplies(options.response_bind, options.response_port)
         self.polls = PollCache(self.options.poll_interval)
 
     @property
     def replies(self) -> ReplyListener:
-        with self._lock:
-            if self._replies is None:
-                self._replies = ReplyListener(self.options.response_bind,
-                                              self.options.response_port).start()
-            return self._replies
+        return self._replies.get()
 
     def prepare(self) -> None:
         self.replies  # noqa: B018 - open the listener now: a port clash shows at start-up
 
     def close(self) -> None:
-        if self._replies is not None:
-            self._replies.close()
+        self._replies.close()
         self.rm.close()
 
     def response_host(self) -> str:
@@ -107,7 +100,7 @@ class YarnLauncher(Launcher):
 
     def launch(self, req: LaunchRequest,
                previous: KernelHandle | None = None) -> Iterator[KernelHandle]:
-        deadline = self._deadline(req)
+        deadline = time.monotonic() + req.launch_timeout  # left since queued (supervisor)
         where = f"kernel {req.kernel_id}"
         user = submitting_user(req, self.options)
         params = rm_params(self.options, user)
@@ -154,15 +147,6 @@ class YarnLauncher(Launcher):
         finally:
             self.replies.cancel(exp)
 
-    def _deadline(self, req: LaunchRequest, margin: float = 1.5) -> float:
-        """A little before the gateway's own timeout, counted from the launch's creation, so
-        the client gets the RM's diagnostics rather than only "did not finish starting"."""
-        deadline = time.monotonic() + req.launch_timeout
-        rec = self.registry.get(req.kernel_id) if self.registry is not None else None
-        if rec is not None and rec.created:
-            left = rec.created + req.launch_timeout - margin - time.time()
-            deadline = min(deadline, time.monotonic() + max(left, 1.0))
-        return deadline
 
     # -- supervise ------------------------------------------------------------------------------
 
