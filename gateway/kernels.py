@@ -18,6 +18,7 @@ from gateway.auth import User
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from workers.kernel_socket import KernelSocket
+from workers.launchers import k8s_builders
 from workers import logs
 from workers import resources
 from workers.config import Config, KernelSpec, PoolConfig
@@ -180,6 +181,10 @@ class KernelService:
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits
+        if pool.launcher == "kubernetes":  # a namespace it may not have: 400, not a failed pod
+            why = k8s_builders.admit(pool, env, user)
+            if why:
+                raise BadRequest(f"env.{why}" if why.startswith("KERNEL_") else why)
         if not self.served(pool):
             raise BackendUnavailable(
                 f"no worker serves pool {pool.name!r} (queue {pool.queue!r}): start one with "

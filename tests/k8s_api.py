@@ -2,8 +2,10 @@
 
 What it serves (core/v1 only, JSON only, as the official Python client calls it): pods (create,
 409 AlreadyExists, get, list by labelSelector, watch from a resourceVersion with bookmarks and
-timeoutSeconds, delete with a grace period, 404, logs), namespaces (create, get, list, delete:
-Terminating, then gone with everything in it), secrets and events. Errors are ``Status`` objects
+timeoutSeconds, delete with a grace period, 404, logs), namespaces (create, 409 AlreadyExists, get, list,
+merge-patch of labels and annotations, delete with preconditions: Terminating, during which
+creating anything in it is 403 Forbidden (NamespaceTerminating) and another delete is 409, then
+gone with everything in it), secrets and events. Errors are ``Status`` objects
 with the API's reasons (NotFound, AlreadyExists, Forbidden, Expired, Unauthorized); every object
 carries uid, resourceVersion and creationTimestamp; a list carries its resourceVersion.
 
@@ -122,6 +124,7 @@ class FakeKubernetes:
         self.lock = threading.RLock()
         self.ips = (random.randint(10, 250), random.randint(0, 250), 2)
         self.requests: list[str] = []
+        self.namespace_linger = 0.0  # seconds a deleted namespace stays Terminating when empty
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -237,7 +240,10 @@ class FakeKubernetes:
                 if space["status"]["phase"] == "Terminating":
                     raise ApiError(403, "Forbidden", f"{kind} \"{name}\" is forbidden: unable "
                                    f"to create new content in namespace {ns} because it is "
-                                   "being terminated", name=name, kind=kind)
+                                   "being terminated", name=name, kind=kind, causes=[{
+                                       "reason": "NamespaceTerminating", "field":
+                                       "metadata.namespace", "message":
+                                       f"namespace {ns} is being terminated"}])
             if (kind, ns, name) in self.objects:
                 raise ApiError(409, "AlreadyExists", f'{kind} "{name}" already exists',
                                name=name, kind=kind)
@@ -253,9 +259,45 @@ class FakeKubernetes:
             threading.Thread(target=self._schedule, args=(ns, name), daemon=True).start()
         return out
 
-    def delete(self, kind: str, ns: str, name: str, grace: int | None) -> dict[str, Any]:
+    def patch(self, kind: str, ns: str, name: str, body: Any) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386) of metadata labels and annotations, as
+        ``application/merge-patch+json``; a change gives a new resourceVersion, a no-op none."""
+        if not isinstance(body, dict) or set(body) - {"metadata"} or \
+                set(body.get("metadata") or {}) - {"labels", "annotations"}:
+            raise ApiError(422, "Invalid", "this fake API server patches only "
+                           "metadata.labels and metadata.annotations")
         with self.lock:
             obj = self._get(kind, ns, name)
+            meta, changed = obj["metadata"], False
+            for field_, values in body["metadata"].items():
+                have = dict(meta.get(field_) or {})
+                for key, value in (values or {}).items():
+                    if have.get(key) != value:
+                        changed = True
+                        if value is None:
+                            have.pop(key, None)
+                        else:
+                            have[key] = str(value)
+                meta[field_] = have
+            return self._store(kind, ns, obj) if changed else copy.deepcopy(obj)
+
+    def delete(self, kind: str, ns: str, name: str, grace: int | None,
+               preconditions: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        with self.lock:
+            obj = self._get(kind, ns, name)
+            for field_, key in (("resourceVersion", "resourceVersion"), ("uid", "uid")):
+                want = (preconditions or {}).get(field_)
+                if want is not None and want != obj["metadata"][key]:
+                    raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {kind} '
+                                   f'"{name}": Precondition failed: {key[0].upper() + key[1:]} '
+                                   f'in precondition: {want}, {key[0].upper() + key[1:]} in '
+                                   f'object meta: {obj["metadata"][key]}', name=name, kind=kind)
+            if kind == "namespaces" and obj["status"]["phase"] == "Terminating":
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on namespaces '
+                               f'"{name}": The system is ensuring all content is removed from '
+                               'this namespace.  Upon completion, this namespace will '
+                               'automatically be purged by the system.', name=name,
+                               kind="namespaces")
             if kind == "namespaces":
                 obj["status"]["phase"] = "Terminating"
                 obj["metadata"]["deletionTimestamp"] = now()
@@ -283,6 +325,9 @@ class FakeKubernetes:
         return copy.deepcopy(obj)
 
     def _finalize_namespace(self, name: str) -> None:
+        """The namespace controller: delete every pod (they end as pods do), wait for them to
+        go, linger ``namespace_linger`` seconds more (a real cluster's controller takes a few
+        seconds), then remove the rest and the namespace."""
         for (kind, ns, obj_name) in list(self.objects):
             if ns == name and kind == "pods":
                 self.delete(kind, ns, obj_name, 0)
@@ -290,6 +335,7 @@ class FakeKubernetes:
         while any(k[1] == name for k in self.objects if k[0] == "pods") and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(self.namespace_linger)
         with self.lock:
             for key in [k for k in self.objects if k[1] == name]:
                 self._remove(*key)

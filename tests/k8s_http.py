@@ -84,10 +84,20 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                 elif self.command == "POST" and not name:
                     obj = api.create(kind, ns, self._body())
                     self._send(201, {"kind": KINDS[kind], "apiVersion": "v1", **obj})
+                elif self.command == "PATCH" and name:
+                    ctype = self.headers.get("Content-Type", "")
+                    body = self._body()
+                    if ctype != "application/merge-patch+json":
+                        raise ApiError(415, "UnsupportedMediaType", f"the body of the request "
+                                       f"was in an unknown format: {ctype} (this fake API "
+                                       "server takes application/merge-patch+json)")
+                    obj = api.patch(kind, ns, name, body)
+                    self._send(200, {"kind": KINDS[kind], "apiVersion": "v1", **obj})
                 elif self.command == "DELETE" and name:
                     body = self._body()
                     grace = q.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
-                    out = api.delete(kind, ns, name, None if grace is None else int(grace))
+                    out = api.delete(kind, ns, name, None if grace is None else int(grace),
+                                     body.get("preconditions"))
                     self._send(200, out if out.get("kind") == "Status" else
                                {"kind": KINDS[kind], "apiVersion": "v1", **out})
                 else:

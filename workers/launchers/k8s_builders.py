@@ -17,12 +17,15 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.errors import LaunchRejected
 from workers.launchers.docker_builders import (KERNEL_LABEL, UID, build_command, choose_image,
                                                resource_name)
 from workers.protocol import LaunchRequest
+
+if TYPE_CHECKING:
+    from workers.config import PoolConfig
 
 MANAGED_LABEL = "poolgate.managed"
 POOL_LABEL = "poolgate.pool"
@@ -215,6 +218,40 @@ def kernel_user(req: LaunchRequest) -> str:
     return req.user or req.env.get("KERNEL_USERNAME", "")
 
 
+def namespace_refusal(pool: str, options: KubernetesOptions, env: Mapping[str, str],
+                      user: str) -> str:
+    """Why a launch on ``pool`` cannot run in the namespace it would get; '' where it can.
+
+    The gateway asks first (:func:`admit`: a 400 before anything is queued); the worker asks
+    again in :func:`choose_namespace`, for launches queued by an older gateway.
+    """
+    asked = env.get("KERNEL_NAMESPACE", "")
+    if asked:
+        if not DNS_LABEL.match(asked) or len(asked) > 63:
+            return (f"KERNEL_NAMESPACE={asked!r} is not a namespace name: expected a DNS-1123 "
+                    "label (up to 63 of a-z, 0-9 and '-', starting and ending with a letter or "
+                    "digit)")
+        if not options.allow_kernel_namespace:
+            return (f"KERNEL_NAMESPACE={asked!r}: pool {pool!r} does not let kernels pick "
+                    "their namespace")
+        if asked not in options.allowed_namespaces:
+            return (f"KERNEL_NAMESPACE={asked!r} is not a namespace pool {pool!r} allows "
+                    f"({', '.join(options.allowed_namespaces)})")
+    elif options.per_user_namespace and not user:
+        return (f"pool {pool!r} runs each user's kernels in a namespace of their own, and this "
+                "launch names no user")
+    return ""
+
+
+def admit(pool: PoolConfig, env: Mapping[str, str], user: str) -> str:
+    """Called by the gateway before a launch on a kubernetes pool is queued: why it is refused
+    (a namespace it may not have), or ''. Pure: imports no Kubernetes client."""
+    from workers.config import build
+
+    options = build(KubernetesOptions, dict(pool.options), f"pools.{pool.name}.options")
+    return namespace_refusal(pool.name, options, env, user)
+
+
 def choose_namespace(req: LaunchRequest, options: KubernetesOptions) -> tuple[str, bool]:
     """(the kernel's namespace, whether poolgate creates it and removes it when empty).
 
@@ -222,20 +259,14 @@ def choose_namespace(req: LaunchRequest, options: KubernetesOptions) -> tuple[st
     created or removed); else ``<namespace_prefix><slug(user)>`` with per_user_namespace (as
     Enterprise Gateway's per-kernel namespaces, but one per user); else the pool's namespace.
     """
+    why = namespace_refusal(req.pool, options, req.env, kernel_user(req))
+    if why:
+        raise LaunchRejected(why)
     asked = req.env.get("KERNEL_NAMESPACE", "")
     if asked:
-        if not options.allow_kernel_namespace:
-            raise LaunchRejected(f"KERNEL_NAMESPACE={asked!r}: pool {req.pool!r} does not let "
-                                 "kernels pick their namespace")
-        if asked not in options.allowed_namespaces:
-            raise LaunchRejected(f"KERNEL_NAMESPACE={asked!r} is not a namespace pool "
-                                 f"{req.pool!r} allows ({', '.join(options.allowed_namespaces)})")
         return asked, False
     if options.per_user_namespace:
         user = kernel_user(req)
-        if not user:
-            raise LaunchRejected(f"pool {req.pool!r} runs each user's kernels in a namespace "
-                                 "of their own, and this launch names no user")
         return options.namespace_prefix + slug(user, 63 - len(options.namespace_prefix)), True
     return options.namespace, False
 

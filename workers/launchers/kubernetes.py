@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The annotation a launch sets on a per-user namespace (a new resourceVersion: see _claim).
+CLAIM_ANNOTATION = "poolgate.last-launch"
+
 #: Container waiting reasons that do not pass by themselves: the launch fails at once.
 CANNOT_START = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                           "CreateContainerConfigError", "CreateContainerError",
@@ -248,11 +251,21 @@ class KubernetesLauncher(EngineLauncher):
                 self.options.per_user_namespace
         return self.options.namespace, False
 
-    def _ensure_namespace(self, name: str, req: LaunchRequest) -> None:
-        """Create the user's namespace; one being deleted (its last kernel just stopped) is
-        waited out first, since nothing can be created in a Terminating namespace."""
+    def _phase(self, name: str) -> str:
+        """A namespace's phase: Active, Terminating, or Gone (404)."""
+        try:
+            got = self.client.read_namespace(name)
+        except kubernetes_module().client.ApiException as exc:
+            if is_status(exc, 404):
+                return "Gone"
+            raise
+        return "Terminating" if got.metadata.deletion_timestamp else \
+            str(got.status.phase or "Active")
+
+    def _ensure_namespace(self, name: str, req: LaunchRequest, deadline: float) -> None:
+        """Create the user's namespace, or find it Active. One being deleted (its last kernel
+        just stopped) is waited out first: nothing can be created in a Terminating namespace."""
         k8s = kubernetes_module()
-        deadline = time.monotonic() + self.options.api_timeout
         while True:
             try:
                 self.client.create_namespace(build_namespace(name, req))
@@ -261,26 +274,99 @@ class KubernetesLauncher(EngineLauncher):
             except k8s.client.ApiException as exc:
                 if not is_status(exc, 409):
                     raise
-            try:
-                phase = self.client.read_namespace(name).status.phase
-            except k8s.client.ApiException as exc:
-                if is_status(exc, 404):
-                    continue  # deleted in between: create it
-                raise
-            if phase != "Terminating" or time.monotonic() > deadline:
+            phase = self._phase(name)
+            if phase == "Active":
                 return
-            time.sleep(0.2)
+            if phase == "Terminating":
+                self._wait_out(name, req, deadline)
+
+    def _wait_out(self, name: str, req: LaunchRequest, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise LaunchRejected(f"namespace {name} is still being deleted after "
+                                 f"{self.options.api_timeout:.0f}s (api_timeout); its kernel "
+                                 "cannot start there until it is gone")
+        log.info("Kernel %s: namespace %s is being deleted; waiting to make it again",
+                 req.kernel_id, name)
+        time.sleep(0.2)
+
+    def _claim(self, name: str, req: LaunchRequest) -> bool:
+        """Mark the user's namespace as getting a kernel; False where it is being deleted.
+
+        The patch gives the namespace a new resourceVersion, so a cleanup that found it empty
+        before and deletes it only if unchanged (:meth:`_remove_namespace_if_empty`) is refused.
+        """
+        body = {"metadata": {"annotations": {CLAIM_ANNOTATION: f"{time.time():.6f} "
+                                                               f"{req.kernel_id}"}}}
+        got = self.client.patch_namespace(name, body,
+                                          _content_type="application/merge-patch+json")
+        return not got.metadata.deletion_timestamp
+
+    def _create_in_user_namespace(self, name: str, req: LaunchRequest, secret: dict[str, Any],
+                                  pod: dict[str, Any]) -> None:
+        """The kernel's Secret, a claim, then its pod, in a namespace poolgate removes once
+        empty, which may be going away at this moment.
+
+        The Secret comes first, so a cleanup that looks for kernels after it sees one; the
+        claim comes next, so a cleanup that looked before it is refused its delete. Where the
+        namespace went Terminating anyway (403 Forbidden on create, or the claim says so), it is
+        waited out, made again, and the steps repeated, until ``api_timeout``.
+        """
+        k8s = kubernetes_module()
+        deadline = time.monotonic() + self.options.api_timeout
+        while True:
+            self._ensure_namespace(name, req, deadline)
+            try:
+                self.client.create_namespaced_secret(name, secret)
+                if self._claim(name, req):
+                    self.client.create_namespaced_pod(name, pod)
+                    return
+            except k8s.client.ApiException as exc:
+                if not is_status(exc, 403, 404) or self._phase(name) == "Active":
+                    raise  # RBAC, not a namespace going away
+            self._wait_out(name, req, deadline)
+
+    def _remove_namespace_if_empty(self, name: str) -> None:
+        """Delete a per-user namespace poolgate made once no kernel's pod or Secret is in it,
+        on the condition that it is unchanged since it was found empty (a launch's claim
+        changes it: the delete then fails its precondition with 409, and the namespace stays)."""
+        k8s = kubernetes_module()
+        try:
+            found = self.client.read_namespace(name)
+        except k8s.client.ApiException as exc:
+            if is_status(exc, 404):
+                return
+            raise
+        if found.metadata.deletion_timestamp:
+            return
+        selector = f"{MANAGED_LABEL}=true"
+        if self.client.list_namespaced_pod(name, label_selector=selector).items or \
+                self.client.list_namespaced_secret(name, label_selector=selector).items:
+            return
+        unchanged = k8s.client.V1DeleteOptions(preconditions=k8s.client.V1Preconditions(
+            resource_version=found.metadata.resource_version))
+        try:
+            self.client.delete_namespace(name, body=unchanged)
+        except k8s.client.ApiException as exc:
+            if is_status(exc, 409):
+                log.info("Namespace %s: a kernel is being launched into it; kept", name)
+                return
+            if is_status(exc, 404):
+                return
+            raise
+        log.info("Namespace %s: no kernel left, deleted", name)
 
     # -- EngineLauncher's hooks -------------------------------------------------------------
 
     def create(self, req: LaunchRequest, exp: Expectation) -> dict[str, Any]:
         ns, ours = self._namespaces.get(req.kernel_id) or choose_namespace(req, self.options)
-        if ours:
-            self._ensure_namespace(ns, req)
         reply = exp.env()
         pod = build_pod_manifest(req, self.options, ns, reply)
-        self.client.create_namespaced_secret(ns, build_secret(req, self.options, ns, reply))
-        self.client.create_namespaced_pod(ns, pod)
+        secret = build_secret(req, self.options, ns, reply)
+        if ours:
+            self._create_in_user_namespace(ns, req, secret, pod)
+        else:
+            self.client.create_namespaced_secret(ns, secret)
+            self.client.create_namespaced_pod(ns, pod)
         return {"pod": pod["metadata"]["name"], "name": pod["metadata"]["name"],
                 "namespace": ns, "owned": ours, "image": pod["spec"]["containers"][0]["image"]}
 
@@ -336,7 +422,7 @@ class KubernetesLauncher(EngineLauncher):
 
     def remove_labelled(self, kernel_id: str, grace: float) -> int:
         k8s = kubernetes_module()
-        ns, ours = self._where(kernel_id)
+        ns = self._where(kernel_id)[0]
         selector = f"{KERNEL_LABEL}={kernel_id}"
         pods = self.client.list_namespaced_pod(ns, label_selector=selector).items
         for pod in pods:
@@ -353,23 +439,19 @@ class KubernetesLauncher(EngineLauncher):
                 log.warning("Kernel %s: its pod in %s outlived its grace period", kernel_id, ns)
                 break
             time.sleep(0.2)
-        if ours:
-            self._remove_namespace_if_empty(ns)
         return len(pods)
 
-    def _remove_namespace_if_empty(self, ns: str) -> None:
-        """Delete a per-user namespace poolgate made once no kernel pod is left in it."""
-        k8s = kubernetes_module()
-        if self.client.list_namespaced_pod(ns, label_selector=f"{MANAGED_LABEL}=true").items:
-            return
-        with contextlib.suppress(k8s.client.ApiException):
-            self.client.delete_namespace(ns)
-            log.info("Namespace %s: no kernel left, deleted", ns)
-
     def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
-        self._namespace(handle)
+        """Remove the kernel's pod and Secret, then (per_user_namespace) its namespace if no
+        other kernel is in it or being launched into it. Not on a launch's own clean-up of an
+        earlier try (remove_labelled), which would delete the namespace it is about to use."""
+        ns = self._namespace(handle)
+        ours = self._where(handle.kernel_id)[1]
         try:
             super().stop(handle, grace)
+            if ours:
+                with self.errors(f"kernel {handle.kernel_id}"):
+                    self._remove_namespace_if_empty(ns)
         finally:
             self._namespaces.pop(handle.kernel_id, None)
 
