@@ -9,7 +9,7 @@
 #   poolgate/debian-base:<release>  a minimal Debian (debootstrap --variant=minbase, imported)
 #   poolgate/kernel:latest           python3 + ipykernel + cryptography + poolgate.kernel_launcher
 #   poolgate/poolgate:latest         gateway and workers (only with the argument "all"; for
-#                                    docker/compose.yaml): poolgate from a wheelhouse made here
+#                                    docker/compose.yaml and docker/kubernetes/): poolgate from a wheelhouse made here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -52,7 +52,7 @@ echo "build-images: wheelhouse docker/wheels (the host's pip and indexes; no ind
 rm -rf docker/wheels && mkdir -p docker/wheels
 log=$(mktemp)
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
-python3 -m pip wheel -q -w docker/wheels '.[docker,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
+python3 -m pip wheel -q -w docker/wheels '.[docker,kubernetes,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
   || { grep -v "^WARNING: Location" "$log" | tail -30 >&2; rm -f "$log"; exit 1; }
 docker build --force-rm -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "${POOLGATE_IMAGE:-poolgate/poolgate:latest}" . >"$log" 2>&1 \

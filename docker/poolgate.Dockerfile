@@ -14,7 +14,7 @@ RUN apt-get update -qq && \
 COPY docker/wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/poolgate && \
     /opt/poolgate/bin/pip install -q --no-index --find-links /tmp/wheels \
-        'poolgate[docker,flower]' && \
+        'poolgate[docker,kubernetes,flower]' && \
     rm -rf /tmp/wheels && \
     useradd -m -u 1001 -s /bin/sh poolgate
 ENV PATH=/opt/poolgate/bin:$PATH PYTHONUNBUFFERED=1
