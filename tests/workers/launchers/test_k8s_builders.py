@@ -5,12 +5,12 @@ from typing import Any
 
 import pytest
 
-from workers.config import build
+from workers.config import PoolConfig, build
 from workers.errors import ConfigError, LaunchRejected
 from workers.launchers import resolve
-from workers.launchers.k8s_builders import (KubernetesOptions, build_namespace,
+from workers.launchers.k8s_builders import (KubernetesOptions, admit, build_namespace,
                                             build_pod_manifest, build_secret, choose_namespace,
-                                            label_value, slug)
+                                            label_value, namespace_refusal, slug)
 from workers.protocol import LaunchRequest
 
 KID = "3f2a9c1e-8b7d-4e6f-a5b4-c3d2e1f0a9b8"
@@ -134,6 +134,33 @@ def test_kernel_namespace_only_from_the_allow_list() -> None:
         choose_namespace(request({"KERNEL_NAMESPACE": "kube-system"}), opts)
     with pytest.raises(LaunchRejected, match="does not let kernels pick their namespace"):
         choose_namespace(request({"KERNEL_NAMESPACE": "team-a"}), options())
+
+
+@pytest.mark.parametrize("asked", ["Team-A", "team_a", "-team", "team-", "a" * 64, "a.b", "a b"])
+def test_kernel_namespace_must_be_a_dns_label(asked: str) -> None:
+    opts = options(allow_kernel_namespace=True, allowed_namespaces=["team-a"])
+    why = namespace_refusal("k8s", opts, {"KERNEL_NAMESPACE": asked}, "alice")
+    assert why.startswith(f"KERNEL_NAMESPACE={asked!r} is not a namespace name: expected a "
+                          "DNS-1123 label")
+    with pytest.raises(LaunchRejected, match="DNS-1123"):  # the worker refuses it too
+        choose_namespace(request({"KERNEL_NAMESPACE": asked}), opts)
+
+
+def test_gateway_admission_gives_the_workers_reasons_from_the_pools_options() -> None:
+    """k8s_builders.admit: what the gateway calls (a 400) before queuing a launch."""
+    pool = PoolConfig(name="k8s", launcher="kubernetes", options={
+        "image": "img", "allow_kernel_namespace": True, "allowed_namespaces": ["team-a"]})
+    assert admit(pool, {"KERNEL_NAMESPACE": "team-a"}, "alice") == ""
+    assert "is not a namespace pool 'k8s' allows (team-a)" in admit(
+        pool, {"KERNEL_NAMESPACE": "kube-system"}, "alice")
+    assert "not a namespace name" in admit(pool, {"KERNEL_NAMESPACE": "Team A"}, "alice")
+    closed = PoolConfig(name="k8s", launcher="kubernetes", options={"image": "img"})
+    assert "does not let kernels pick their namespace" in admit(
+        closed, {"KERNEL_NAMESPACE": "team-a"}, "alice")
+    per_user = PoolConfig(name="k8s", launcher="kubernetes", options={
+        "image": "img", "per_user_namespace": True})
+    assert "names no user" in admit(per_user, {}, "")
+    assert admit(per_user, {}, "alice") == ""
 
 
 def test_secret_holds_the_reply_key_and_token() -> None:
