@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import redis
+import yaml
 
 from tests.client import Gateway
 from tests.conftest import RUN_ID, STACKS, PrivateRedis, Stack
@@ -241,3 +244,105 @@ def test_restarted_worker_adopts_its_kernels(k8s_stack: K8sStack) -> None:
         assert "adopted by worker" in k8s_stack.log("worker-k8s")
     finally:
         gw.shutdown(kid)
+
+
+def test_bad_kernel_namespace_is_refused_by_the_gateway(k8s_stack: K8sStack) -> None:
+    """Refused with a 400 and the reason before anything is queued: no pod, no record."""
+    gw, api = k8s_stack.gw, k8s_stack.api
+    before = len(api.requests)
+    for asked, reason in (("Team_A", "is not a namespace name: expected a DNS-1123 label"),
+                          ("kube-system", "pool 'k8s' does not let kernels pick their namespace")):
+        r = gw.post("/api/kernels", json={"name": "py-k8s", "env": {"KERNEL_NAMESPACE": asked}})
+        assert r.status_code == 400, r.text
+        message = r.json()["message"]
+        assert message.startswith(f"env.KERNEL_NAMESPACE={asked!r}") and reason in message
+    assert not [r for r in api.requests[before:] if r.startswith("POST")]
+    assert gw.kernels() == [] and k8s_stack.live_kernels() == []
+
+
+def test_a_users_kernel_starts_while_their_last_one_stops(k8s_stack: K8sStack) -> None:
+    """The last kernel's stop deletes the user's namespace while the next one is launched into
+    it: the new kernel still starts (in the namespace kept, or made again) and runs code."""
+    gw, api = k8s_stack.gw, k8s_stack.api
+    api.namespace_linger = 1.0  # Terminating lasts a while, as on a real cluster
+    try:
+        kid = gw.start("py-k8s-user", env={"KERNEL_USERNAME": "carol"})["id"]
+        for _ in range(2):
+            stopping = threading.Thread(target=gw.shutdown, args=(kid,))
+            stopping.start()
+            try:
+                kid = gw.start("py-k8s-user", env={"KERNEL_USERNAME": "carol"})["id"]
+            finally:
+                stopping.join()
+            ch = gw.channel(kid)
+            assert ch.execute("6*7").result == "42"
+            ch.close()
+            pods = api.list("pods", "poolgate-carol", f"poolgate.kernel_id={kid}")
+            assert [p["status"]["phase"] for p in pods] == ["Running"]
+        gw.shutdown(kid)
+    finally:
+        api.namespace_linger = 0.0
+
+
+# -- RBAC: what the workers really call, against docker/kubernetes/rbac.yaml -----------------
+
+
+def api_call(line: str) -> tuple[str, str, str]:
+    """(verb, resource, namespace) of one request the fake API server logged."""
+    method, url = line.split(" ", 1)
+    parts, query = urlparse(url).path.split("/")[3:], parse_qs(urlparse(url).query)
+    ns = ""
+    if parts[0] == "namespaces" and len(parts) > 2:
+        ns, parts = parts[1], parts[2:]
+    resource = parts[0] + ("/" + parts[2] if len(parts) > 2 else "")
+    named = len(parts) > 1
+    verb = {"POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update"}.get(method)
+    if verb is None:
+        verb = "get" if named else "watch" if query.get("watch") in (["true"], ["True"],
+                                                                      ["1"]) else "list"
+    return verb, resource, ns
+
+
+def rules(kind: str, name: str) -> set[tuple[str, str]]:
+    docs = yaml.safe_load_all((ROOT / "docker" / "kubernetes" / "rbac.yaml").read_text())
+    [role] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return {(v, r) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_rbac_grants_what_the_workers_call(k8s_stack: K8sStack) -> None:
+    """Pool k8s (one namespace, a Role there) and pool k8s-user (namespaces per user, a
+    ClusterRole): every call their workers make during launches, interrupt, restart, failed
+    launches and shutdowns is granted, and what is granted is called. The one grant a run may
+    not show is ``get pods``: the launcher reads a pod only when its watch has not seen it yet."""
+    gw, api = k8s_stack.gw, k8s_stack.api
+    before = len(api.requests)
+    kid = gw.start("py-k8s")["id"]
+    try:
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        assert gw.post(f"/api/kernels/{kid}/restart").status_code == 200
+    finally:
+        gw.shutdown(kid)
+    user_kid = gw.start("py-k8s-user", env={"KERNEL_USERNAME": "dave"})["id"]
+    gw.shutdown(user_kid)
+    r = gw.post("/api/kernels", json={"name": "noimage-k8s"})  # reads the pod's log
+    assert r.status_code in (500, 503) and "ErrImagePull" in r.text, r.text
+    r = gw.post("/api/kernels", json={"name": "py-k8s", "env": {  # lists the pod's events
+        "KERNEL_MEMORY": "4096Gi", "KERNEL_LAUNCH_TIMEOUT": "3"}})
+    assert r.status_code in (500, 503) and "FailedScheduling" in r.text, r.text
+    deadline = time.monotonic() + 20
+    while left(api) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the failed launches' clean-up is part of what is called
+    calls = {api_call(line) for line in api.requests[before:]}
+    pool_ns = k8s_stack.pools["k8s"]["options"]["namespace"]
+    in_pool_ns = {(v, r) for v, r, ns in calls if ns == pool_ns}
+    elsewhere = {(v, r) for v, r, ns in calls if ns != pool_ns}
+    role = rules("Role", "poolgate-worker-k8s")
+    cluster_role = rules("ClusterRole", "poolgate-worker-k8s-user")
+    assert in_pool_ns <= role, in_pool_ns - role
+    assert role - in_pool_ns <= {("get", "pods")}, role - in_pool_ns
+    assert elsewhere <= cluster_role, elsewhere - cluster_role
+    assert {(v, r) for v, r, ns in calls if ns.startswith("poolgate-dave") or r == "namespaces"}
+    assert cluster_role - (elsewhere | in_pool_ns) <= {("get", "pods")}
+    assert ("watch", "pods", "") in calls  # the per-user pool watches every namespace
+    assert all(ns for v, r, ns in calls if r != "namespaces" and (v, r) != ("list", "pods")
+               and (v, r) != ("watch", "pods"))  # nothing else cluster-wide
