@@ -5,7 +5,8 @@
   ignored by a real API server) and every required field present.
 - Config: the ConfigMap's queues.yaml and kernelspecs load with poolgate's own loader; every
   pool has one worker Deployment; every image is one docker/build-images.sh builds.
-- RBAC: the Role and ClusterRole grant exactly the calls workers/launchers/kubernetes.py makes
+- RBAC: the Role and ClusterRole grant exactly the calls the launcher makes (kubernetes.py and
+  k8s_namespaces.py in workers/launchers/)
   (what it is seen to call at run time: tests/integration/test_kubernetes_pool.py).
 - NetworkPolicy: its selectors pick the labels the launcher puts on kernel pods and the labels
   of the gateway and worker pods, and no other poolgate pod.
@@ -27,7 +28,7 @@ from workers.protocol import LaunchRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "docker" / "kubernetes"
-LAUNCHER = ROOT / "workers" / "launchers" / "kubernetes.py"
+LAUNCHER = [ROOT / "workers" / "launchers" / f for f in ("kubernetes.py", "k8s_namespaces.py")]
 SECRET_KEYS = {"auth-token", "registry-secret", "redis-password"}
 
 #: CoreV1Api methods the launcher calls -> (verb, resource, needs a cluster-wide grant)
@@ -112,7 +113,7 @@ def test_kustomization_lists_every_manifest() -> None:
                          ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in documents()])
 def test_every_document_is_its_kinds_model(where: str, doc: dict[str, Any]) -> None:
     group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
-    assert group in ("", "apps", "rbac.authorization.k8s.io", "networking.k8s.io"), doc["apiVersion"]
+    assert group in ("", "apps", "rbac.authorization.k8s.io", "networking.k8s.io"), group
     assert doc["apiVersion"].endswith("/v1") or doc["apiVersion"] == "v1"
     name = "V1" + doc["kind"]
     assert list(unknown_fields(doc, name, f"{where}:{doc['kind']}")) == []
@@ -252,7 +253,7 @@ def test_secrets_come_from_one_documented_secret_and_only_workers_get_api_tokens
 
 def launcher_calls() -> set[tuple[str, str]]:
     """(verb, resource) of every Kubernetes API call in the launcher's source."""
-    source = LAUNCHER.read_text()
+    source = "\n".join(path.read_text() for path in LAUNCHER)
     methods = set(re.findall(r"\b(?:client|api)\.(\w+)\(?", source)) & set(dir(
         model("CoreV1Api")))
     unknown = {m for m in methods if not m.startswith(("api_client",)) and m not in CALLS}

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from workers.errors import BackendUnavailable, LaunchRejected
 from workers.launchers.docker_builders import KERNEL_LABEL, resource_name
 from workers.launchers.docker_common import EngineLauncher
-from workers.launchers.k8s_builders import (MANAGED_LABEL, POOL_LABEL, KubernetesOptions,
-                                            build_namespace, build_pod_manifest, build_secret,
-                                            choose_namespace, label_value)
+from workers.launchers.k8s_builders import (POOL_LABEL, KubernetesOptions, build_pod_manifest,
+                                            build_secret, choose_namespace, label_value)
+from workers.launchers.k8s_namespaces import UserNamespaces, is_status
 from workers.launchers.reply import Expectation
 from workers.protocol import KernelHandle, LaunchRequest
 
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from workers.config import PoolConfig
 
 log = logging.getLogger(__name__)
-
-#: The annotation a launch sets on a per-user namespace (a new resourceVersion: see _claim).
-CLAIM_ANNOTATION = "poolgate.last-launch"
 
 #: Container waiting reasons that do not pass by themselves: the launch fails at once.
 CANNOT_START = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
@@ -84,10 +81,6 @@ def api_errors(what: str) -> Iterator[None]:
         raise BackendUnavailable(f"{what}: the Kubernetes API is unreachable ({exc})") from exc
     except k8s.config.ConfigException as exc:
         raise BackendUnavailable(f"{what}: no Kubernetes configuration ({exc})") from exc
-
-
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return int(getattr(exc, "status", 0) or 0) in codes
 
 
 class PodWatcher:
@@ -167,7 +160,7 @@ class PodWatcher:
                     return
 
 
-class KubernetesLauncher(EngineLauncher):
+class KubernetesLauncher(UserNamespaces, EngineLauncher):
     """Starts each kernel as a pod that the kubelet never restarts."""
 
     Options = KubernetesOptions  # type: ignore[assignment]
@@ -250,110 +243,6 @@ class KubernetesLauncher(EngineLauncher):
             return ns, ns.startswith(self.options.namespace_prefix) and \
                 self.options.per_user_namespace
         return self.options.namespace, False
-
-    def _phase(self, name: str) -> str:
-        """A namespace's phase: Active, Terminating, or Gone (404)."""
-        try:
-            got = self.client.read_namespace(name)
-        except kubernetes_module().client.ApiException as exc:
-            if is_status(exc, 404):
-                return "Gone"
-            raise
-        return "Terminating" if got.metadata.deletion_timestamp else \
-            str(got.status.phase or "Active")
-
-    def _ensure_namespace(self, name: str, req: LaunchRequest, deadline: float) -> None:
-        """Create the user's namespace, or find it Active. One being deleted (its last kernel
-        just stopped) is waited out first: nothing can be created in a Terminating namespace."""
-        k8s = kubernetes_module()
-        while True:
-            try:
-                self.client.create_namespace(build_namespace(name, req))
-                log.info("Kernel %s: namespace %s created", req.kernel_id, name)
-                return
-            except k8s.client.ApiException as exc:
-                if not is_status(exc, 409):
-                    raise
-            phase = self._phase(name)
-            if phase == "Active":
-                return
-            if phase == "Terminating":
-                self._wait_out(name, req, deadline)
-
-    def _wait_out(self, name: str, req: LaunchRequest, deadline: float) -> None:
-        if time.monotonic() > deadline:
-            raise LaunchRejected(f"namespace {name} is still being deleted after "
-                                 f"{self.options.api_timeout:.0f}s (api_timeout); its kernel "
-                                 "cannot start there until it is gone")
-        log.info("Kernel %s: namespace %s is being deleted; waiting to make it again",
-                 req.kernel_id, name)
-        time.sleep(0.2)
-
-    def _claim(self, name: str, req: LaunchRequest) -> bool:
-        """Mark the user's namespace as getting a kernel; False where it is being deleted.
-
-        The patch gives the namespace a new resourceVersion, so a cleanup that found it empty
-        before and deletes it only if unchanged (:meth:`_remove_namespace_if_empty`) is refused.
-        """
-        body = {"metadata": {"annotations": {CLAIM_ANNOTATION: f"{time.time():.6f} "
-                                                               f"{req.kernel_id}"}}}
-        got = self.client.patch_namespace(name, body,
-                                          _content_type="application/merge-patch+json")
-        return not got.metadata.deletion_timestamp
-
-    def _create_in_user_namespace(self, name: str, req: LaunchRequest, secret: dict[str, Any],
-                                  pod: dict[str, Any]) -> None:
-        """The kernel's Secret, a claim, then its pod, in a namespace poolgate removes once
-        empty, which may be going away at this moment.
-
-        The Secret comes first, so a cleanup that looks for kernels after it sees one; the
-        claim comes next, so a cleanup that looked before it is refused its delete. Where the
-        namespace went Terminating anyway (403 Forbidden on create, or the claim says so), it is
-        waited out, made again, and the steps repeated, until ``api_timeout``.
-        """
-        k8s = kubernetes_module()
-        deadline = time.monotonic() + self.options.api_timeout
-        while True:
-            self._ensure_namespace(name, req, deadline)
-            try:
-                self.client.create_namespaced_secret(name, secret)
-                if self._claim(name, req):
-                    self.client.create_namespaced_pod(name, pod)
-                    return
-            except k8s.client.ApiException as exc:
-                if not is_status(exc, 403, 404) or self._phase(name) == "Active":
-                    raise  # RBAC, not a namespace going away
-            self._wait_out(name, req, deadline)
-
-    def _remove_namespace_if_empty(self, name: str) -> None:
-        """Delete a per-user namespace poolgate made once no kernel's pod or Secret is in it,
-        on the condition that it is unchanged since it was found empty (a launch's claim
-        changes it: the delete then fails its precondition with 409, and the namespace stays)."""
-        k8s = kubernetes_module()
-        try:
-            found = self.client.read_namespace(name)
-        except k8s.client.ApiException as exc:
-            if is_status(exc, 404):
-                return
-            raise
-        if found.metadata.deletion_timestamp:
-            return
-        selector = f"{MANAGED_LABEL}=true"
-        if self.client.list_namespaced_pod(name, label_selector=selector).items or \
-                self.client.list_namespaced_secret(name, label_selector=selector).items:
-            return
-        unchanged = k8s.client.V1DeleteOptions(preconditions=k8s.client.V1Preconditions(
-            resource_version=found.metadata.resource_version))
-        try:
-            self.client.delete_namespace(name, body=unchanged)
-        except k8s.client.ApiException as exc:
-            if is_status(exc, 409):
-                log.info("Namespace %s: a kernel is being launched into it; kept", name)
-                return
-            if is_status(exc, 404):
-                return
-            raise
-        log.info("Namespace %s: no kernel left, deleted", name)
 
     # -- EngineLauncher's hooks -------------------------------------------------------------
 
