@@ -251,11 +251,20 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
         reply = exp.env()
         pod = build_pod_manifest(req, self.options, ns, reply)
         secret = build_secret(req, self.options, ns, reply)
-        if ours:
-            self._create_in_user_namespace(ns, req, secret, pod)
-        else:
-            self.client.create_namespaced_secret(ns, secret)
-            self.client.create_namespaced_pod(ns, pod)
+        try:
+            if ours:
+                self._create_in_user_namespace(ns, req, secret, pod)
+            else:
+                self.client.create_namespaced_secret(ns, secret)
+                self.client.create_namespaced_pod(ns, pod)
+        except BaseException:
+            # no handle was yielded, so no stop() follows: remove the Secret (and the user's
+            # namespace, if it is now empty) here
+            with contextlib.suppress(Exception):
+                self.remove_labelled(req.kernel_id, grace=0)
+                if ours:
+                    self._remove_namespace_if_empty(ns)
+            raise
         return {"pod": pod["metadata"]["name"], "name": pod["metadata"]["name"],
                 "namespace": ns, "owned": ours, "image": pod["spec"]["containers"][0]["image"]}
 

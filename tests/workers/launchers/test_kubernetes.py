@@ -111,7 +111,7 @@ USER_NS = "poolgate-alice"
 def per_user(api: FakeKubernetes, tmp_path: Path) -> Iterator[KubernetesLauncher]:
     opts = build(KubernetesOptions, {"kubeconfig": str(api.kubeconfig(tmp_path / "kc2")),
                                      "watch_timeout": 2, "per_user_namespace": True,
-                                     "api_timeout": 20}, "pools.k8s.options")
+                                     "image": "img:1", "api_timeout": 20}, "pools.k8s.options")
     lau = KubernetesLauncher(PoolConfig(name="k8s", launcher="kubernetes"), opts, str(tmp_path))
     yield lau
     lau.close()
@@ -249,5 +249,34 @@ def test_fake_api_server_models_a_terminating_namespace(api: FakeKubernetes,
     with pytest.raises(ApiException) as exc:
         client.delete_namespace(USER_NS)
     assert exc.value.status == 409 and "ensuring all content is removed" in exc.value.body
+    wait(lambda: namespace(api) is None)
+    assert namespace(api) is None
+
+
+class FakeExpectation:
+    """What create() reads from a reply expectation: the kernel launcher's env."""
+
+    def env(self) -> dict[str, str]:
+        return {"POOLGATE_RESPONSE_KEY": "k", "POOLGATE_RESPONSE_TOKEN": "t",
+                "POOLGATE_RESPONSE_ADDRESS": "127.0.0.1:1"}
+
+
+def test_a_refused_pod_leaves_no_secret_and_no_namespace(
+        api: FakeKubernetes, per_user: KubernetesLauncher,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """create() fails after the namespace and Secret exist; no handle was yielded, so no stop()
+    will come: create() removes them itself."""
+    import kubernetes
+
+    def refused(ns: str, body: Any) -> Any:
+        raise kubernetes.client.ApiException(status=422, reason="Unprocessable Entity")
+
+    monkeypatch.setattr(per_user.client, "create_namespaced_pod", refused)
+    req = LaunchRequest(kernel_id="k1", pool="k8s", spec_name="py", argv=("python3", "-c", "1"),
+                        user="alice")
+    per_user._namespaces["k1"] = (USER_NS, True)
+    with pytest.raises(kubernetes.client.ApiException):
+        per_user.create(req, FakeExpectation())  # type: ignore[arg-type]
+    assert api.list("secrets") == []
     wait(lambda: namespace(api) is None)
     assert namespace(api) is None
