@@ -2,10 +2,10 @@
 
 What it serves (core/v1 only, JSON only, as the official Python client calls it): pods (create,
 409 AlreadyExists, get, list by labelSelector, watch from a resourceVersion with bookmarks and
-timeoutSeconds, delete with a grace period, 404, logs), namespaces (create, 409 AlreadyExists, get, list,
-merge-patch of labels and annotations, delete with preconditions: Terminating, during which
-creating anything in it is 403 Forbidden (NamespaceTerminating) and another delete is 409, then
-gone with everything in it), secrets and events. Errors are ``Status`` objects
+timeoutSeconds, delete with a grace period, 404, logs), namespaces (create, 409 AlreadyExists,
+get, list, merge-patch of labels and annotations, delete with preconditions: Terminating, during
+which creating anything in it is 403 Forbidden (NamespaceTerminating) and another delete is 409,
+then gone with everything in it), secrets and events. Errors are ``Status`` objects
 with the API's reasons (NotFound, AlreadyExists, Forbidden, Expired, Unauthorized); every object
 carries uid, resourceVersion and creationTimestamp; a list carries its resourceVersion.
 
