@@ -63,6 +63,7 @@ class UserNamespaces:
         """Create the user's namespace, or find it Active. One being deleted (its last kernel
         just stopped) is waited out first: nothing can be created in a Terminating namespace."""
         k8s = client_package()
+        waited = False
         while True:
             try:
                 self.client.create_namespace(build_namespace(name, req))
@@ -75,15 +76,18 @@ class UserNamespaces:
             if phase == "Active":
                 return
             if phase == "Terminating":
-                self._wait_out(name, req, deadline)
+                if not waited:
+                    log.info("Kernel %s: namespace %s is being deleted; waiting to make it "
+                             "again", req.kernel_id, name)
+                waited = True
+                self._wait_out(name, deadline)
 
-    def _wait_out(self, name: str, req: LaunchRequest, deadline: float) -> None:
+    def _wait_out(self, name: str, deadline: float) -> None:
+        """Wait a moment for a namespace being deleted, or give up at ``deadline``."""
         if time.monotonic() > deadline:
             raise LaunchRejected(f"namespace {name} is still being deleted after "
                                  f"{self.options.api_timeout:.0f}s (api_timeout); its kernel "
                                  "cannot start there until it is gone")
-        log.info("Kernel %s: namespace %s is being deleted; waiting to make it again",
-                 req.kernel_id, name)
         time.sleep(0.2)
 
     def _claim(self, name: str, req: LaunchRequest) -> bool:
@@ -120,7 +124,9 @@ class UserNamespaces:
             except k8s.client.ApiException as exc:
                 if not is_status(exc, 403, 404) or self._phase(name) == "Active":
                     raise  # RBAC, not a namespace going away
-            self._wait_out(name, req, deadline)
+            log.info("Kernel %s: namespace %s was deleted during the launch; making it again",
+                     req.kernel_id, name)
+            self._wait_out(name, deadline)
 
     def _remove_namespace_if_empty(self, name: str) -> None:
         """Delete a per-user namespace poolgate made once no kernel's pod or Secret is in it,
