@@ -1,11 +1,12 @@
 """FakeKubernetes: a small, API-faithful Kubernetes API server for the kubernetes launcher's tests.
 
-What it serves (core/v1 only, JSON only, as the official Python client calls it): pods (create,
-409 AlreadyExists, get, list by labelSelector, watch from a resourceVersion with bookmarks and
-timeoutSeconds, delete with a grace period, 404, logs), namespaces (create, 409 AlreadyExists,
-get, list, merge-patch of labels and annotations, delete with preconditions: Terminating, during
-which creating anything in it is 403 Forbidden (NamespaceTerminating) and another delete is 409,
-then gone with everything in it), secrets and events. Errors are ``Status`` objects
+What it serves (core/v1, plus networking.k8s.io/v1 NetworkPolicies stored but not enforced; JSON
+only, as the official Python client calls it): pods (create, 409 AlreadyExists, get, list by
+labelSelector, watch from a resourceVersion with bookmarks and timeoutSeconds, delete with a grace
+period, 404, logs), namespaces (create, 409 AlreadyExists, get, list, merge-patch of labels and
+annotations, delete with preconditions: Terminating, during which creating anything in it is 403
+Forbidden (NamespaceTerminating) and another delete is 409, then gone with everything in it),
+secrets and events. Errors are ``Status`` objects
 with the API's reasons (NotFound, AlreadyExists, Forbidden, Expired, Unauthorized); every object
 carries uid, resourceVersion and creationTimestamp; a list carries its resourceVersion.
 
@@ -43,7 +44,14 @@ from typing import Any
 
 from workers.resources import parse_cpus, parse_memory
 
-KINDS = {"pods": "Pod", "secrets": "Secret", "events": "Event", "namespaces": "Namespace"}
+KINDS = {"pods": "Pod", "secrets": "Secret", "events": "Event", "namespaces": "Namespace",
+         "networkpolicies": "NetworkPolicy"}
+VERSIONS = {"networkpolicies": "networking.k8s.io/v1"}  # else core "v1"
+
+
+def typed(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` (as stored) with its kind and apiVersion, as the API returns it."""
+    return {"kind": KINDS[kind], "apiVersion": VERSIONS.get(kind, "v1"), **obj}
 NODE = "fake-node"
 
 
@@ -175,7 +183,7 @@ class FakeKubernetes:
     # -- the store --------------------------------------------------------------------------
 
     def _emit(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
-        snap = {"kind": KINDS[kind], "apiVersion": "v1", **copy.deepcopy(obj)}
+        snap = typed(kind, copy.deepcopy(obj))
         self.history.append((self.rv, type_, snap))
         for q, k, ns, labels, fields in list(self.watches):
             if k == kind and (not ns or ns == obj["metadata"].get("namespace", "")) and \

@@ -14,12 +14,14 @@ if TYPE_CHECKING:
     from tests.k8s_api import FakeKubernetes
 
 ROUTE = re.compile(r"^/api/v1(?:/namespaces/(?P<ns>[^/]+))?/(?P<kind>pods|secrets|events|"
-                   r"namespaces)(?:/(?P<name>[^/]+))?(?P<log>/log)?$")
+                   r"namespaces)(?:/(?P<name>[^/]+))?(?P<log>/log)?$|"
+                   r"^/apis/networking\.k8s\.io/v1(?:/namespaces/(?P<nns>[^/]+))?/"
+                   r"(?P<nkind>networkpolicies)(?:/(?P<nname>[^/]+))?$")
 NAMESPACE = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+))?$")
 
 
 def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
-    from tests.k8s_api import KINDS, ApiError, selected, status
+    from tests.k8s_api import KINDS, VERSIONS, ApiError, selected, status, typed
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -54,6 +56,8 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
             if not m or m["kind"] == "namespaces":
                 raise ApiError(404, "NotFound", "the server could not find the requested "
                                "resource")
+            if m["nkind"]:
+                return m["nkind"], m["nns"] or "", m["nname"] or "", False, q
             return m["kind"], m["ns"] or "", m["name"] or "", bool(m["log"]), q
 
         def _handle(self) -> None:
@@ -69,7 +73,7 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                 elif self.command == "GET" and name:
                     with api.lock:
                         obj = api._get(kind, ns, name)
-                        self._send(200, {"kind": KINDS[kind], "apiVersion": "v1", **obj})
+                        self._send(200, typed(kind, obj))
                 elif self.command == "GET" and q.get("watch") in ("true", "1"):
                     self._watch(kind, ns, q)
                 elif self.command == "GET":
@@ -78,12 +82,13 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                                  (not ns or n == ns) and
                                  selected(o, q.get("labelSelector", ""),
                                           q.get("fieldSelector", ""))]
-                        self._send(200, {"kind": KINDS[kind] + "List", "apiVersion": "v1",
+                        self._send(200, {"kind": KINDS[kind] + "List", "apiVersion":
+                                         VERSIONS.get(kind, "v1"),
                                          "metadata": {"resourceVersion": str(api.rv)},
                                          "items": items})
                 elif self.command == "POST" and not name:
                     obj = api.create(kind, ns, self._body())
-                    self._send(201, {"kind": KINDS[kind], "apiVersion": "v1", **obj})
+                    self._send(201, typed(kind, obj))
                 elif self.command == "PATCH" and name:
                     ctype = self.headers.get("Content-Type", "")
                     body = self._body()
@@ -92,14 +97,14 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                                        f"was in an unknown format: {ctype} (this fake API "
                                        "server takes application/merge-patch+json)")
                     obj = api.patch(kind, ns, name, body)
-                    self._send(200, {"kind": KINDS[kind], "apiVersion": "v1", **obj})
+                    self._send(200, typed(kind, obj))
                 elif self.command == "DELETE" and name:
                     body = self._body()
                     grace = q.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
                     out = api.delete(kind, ns, name, None if grace is None else int(grace),
                                      body.get("preconditions"))
                     self._send(200, out if out.get("kind") == "Status" else
-                               {"kind": KINDS[kind], "apiVersion": "v1", **out})
+                               typed(kind, out))
                 else:
                     raise ApiError(405, "MethodNotAllowed", f"{self.command} is not supported")
             except ApiError as exc:
@@ -121,8 +126,7 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                     first: list[Any] = [{"type": "ERROR", "object": status(
                         410, "Expired", f"too old resource version: {since} ({api.rv})")}]
                 elif since in ("", "0"):
-                    first = [{"type": "ADDED", "object": {"kind": KINDS[kind], "apiVersion": "v1",
-                                                          **o}}
+                    first = [{"type": "ADDED", "object": typed(kind, o)}
                              for (k, n, _), o in api.objects.items()
                              if k == kind and (not ns or n == ns) and selected(o, labels, fields)]
                 else:
@@ -152,7 +156,7 @@ def make_handler(api: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                             version = str(api.rv) if events.empty() else ""
                         if bookmarks and version:
                             self._chunk({"type": "BOOKMARK", "object": {
-                                "kind": KINDS[kind], "apiVersion": "v1",
+                                "kind": KINDS[kind], "apiVersion": VERSIONS.get(kind, "v1"),
                                 "metadata": {"resourceVersion": version}}})
                         continue
                     if event is None:

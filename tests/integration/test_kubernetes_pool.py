@@ -59,7 +59,8 @@ def k8s_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
     tag = f"t{RUN_ID}k"
     pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
              "k8s": pool(f"{tag}-k8s", kubeconfig, namespace="kernels"),
-             "k8s-user": pool(f"{tag}-k8s-user", kubeconfig, per_user_namespace=True)}
+             "k8s-user": pool(f"{tag}-k8s-user", kubeconfig, per_user_namespace=True,
+                              network_policy_namespace="poolgate")}
     api.create("namespaces", "", {"metadata": {"name": "kernels"}})
     stack = K8sStack(tmp, url, db=1, redis_url=url, pools=pools)
     stack.api = api
@@ -170,6 +171,9 @@ def test_per_user_namespace_is_created_and_removed(k8s_stack: K8sStack) -> None:
     try:
         assert [p["metadata"]["namespace"] for p in api.list("pods", labels=TEST_LABEL)] == \
             ["poolgate-alice"] * 2
+        [policy] = api.list("networkpolicies", "poolgate-alice")  # made with the namespace
+        assert policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": "poolgate"}}
         ch = gw.channel(kids[0])
         assert ch.execute("6*7").result == "42"
         ch.close()
@@ -290,7 +294,8 @@ def test_a_users_kernel_starts_while_their_last_one_stops(k8s_stack: K8sStack) -
 def api_call(line: str) -> tuple[str, str, str]:
     """(verb, resource, namespace) of one request the fake API server logged."""
     method, url = line.split(" ", 1)
-    parts, query = urlparse(url).path.split("/")[3:], parse_qs(urlparse(url).query)
+    path, query = urlparse(url).path, parse_qs(urlparse(url).query)
+    parts = path.split("/")[4 if path.startswith("/apis/") else 3:]  # after the group/version
     ns = ""
     if parts[0] == "namespaces" and len(parts) > 2:
         ns, parts = parts[1], parts[2:]

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from workers.config import load_config
-from workers.launchers.k8s_builders import KubernetesOptions, build_pod_manifest
+from workers.launchers.k8s_builders import (KubernetesOptions, build_network_policy,
+                                            build_pod_manifest)
 from workers.protocol import LaunchRequest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,9 @@ CALLS: dict[str, tuple[str, str]] = {
     "read_namespace": ("get", "namespaces"),
     "patch_namespace": ("patch", "namespaces"),
     "delete_namespace": ("delete", "namespaces"),
+    "create_namespaced_network_policy": ("create", "networkpolicies"),  # networking.k8s.io
 }
+GROUPS = {"networkpolicies": "networking.k8s.io"}  # else core ""
 
 
 @functools.lru_cache(maxsize=1)
@@ -254,8 +257,8 @@ def test_secrets_come_from_one_documented_secret_and_only_workers_get_api_tokens
 def launcher_calls() -> set[tuple[str, str]]:
     """(verb, resource) of every Kubernetes API call in the launcher's source."""
     source = "\n".join(path.read_text() for path in LAUNCHER)
-    methods = set(re.findall(r"\b(?:client|api)\.(\w+)\(?", source)) & set(dir(
-        model("CoreV1Api")))
+    methods = set(re.findall(r"\b(?:client|api|networking)\.(\w+)\(?", source)) & (
+        set(dir(model("CoreV1Api"))) | set(dir(model("NetworkingV1Api"))))
     unknown = {m for m in methods if not m.startswith(("api_client",)) and m not in CALLS}
     assert not unknown, f"add {unknown} to CALLS and the Role in docker/kubernetes/rbac.yaml"
     used = {CALLS[m] for m in methods if m in CALLS}
@@ -266,7 +269,9 @@ def launcher_calls() -> set[tuple[str, str]]:
 def granted(role: Mapping[str, Any]) -> set[tuple[str, str]]:
     out = set()
     for rule in role["rules"]:
-        assert rule["apiGroups"] == [""] and "resourceNames" not in rule
+        assert "resourceNames" not in rule
+        for r in rule["resources"]:
+            assert rule["apiGroups"] == [GROUPS.get(r, "")], rule
         out |= {(v, r) for r in rule["resources"] for v in rule["verbs"]}
     assert "*" not in {v for v, _ in out} | {r for _, r in out}
     return out
@@ -274,7 +279,7 @@ def granted(role: Mapping[str, Any]) -> set[tuple[str, str]]:
 
 def test_the_roles_grant_exactly_what_the_launcher_calls() -> None:
     used = launcher_calls()
-    namespaced = {c for c in used if c[1] != "namespaces"}
+    namespaced = {c for c in used if c[1] not in ("namespaces", "networkpolicies")}
     assert granted(one("Role", "poolgate-worker-k8s")) == namespaced
     assert granted(one("ClusterRole", "poolgate-worker-k8s-user")) == used
 
@@ -361,3 +366,17 @@ def test_redis_policy_admits_poolgate_only_and_never_kernels() -> None:
                 if matches(peer["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
     assert admitted == set(deployments()) - {"poolgate-redis"}
     assert not matches(peer["podSelector"], kernel_pod_labels("k8s"))
+
+
+def test_each_user_namespace_gets_the_kernel_namespaces_policy() -> None:
+    """What the k8s-user worker creates in each namespace it makes is the policy applied to
+    poolgate-kernels: the same selectors, so the same pods admitted."""
+    pools = yaml.safe_load(config_map()["queues.yaml"])["pools"]
+    options = pools["k8s-user"]["options"]
+    assert options["network_policy_namespace"] == "poolgate"
+    opts = KubernetesOptions(per_user_namespace=True,
+                             network_policy_namespace=options["network_policy_namespace"])
+    made = build_network_policy("pg-user-alice", opts)
+    assert list(unknown_fields(made, "V1NetworkPolicy", "made")) == []
+    assert made["spec"] == one("NetworkPolicy", "poolgate-kernels")["spec"]
+    assert matches(made["spec"]["podSelector"], kernel_pod_labels("k8s-user"))

@@ -122,6 +122,8 @@ class KubernetesOptions:
     namespace: str = "default"        # where kernels run, unless per_user_namespace
     per_user_namespace: bool = False  # one namespace per user, created and removed when empty
     namespace_prefix: str = "poolgate-"
+    network_policy_namespace: str = ""  # per_user_namespace: where poolgate's gateways and
+    # workers run; each user's namespace then gets a NetworkPolicy admitting only them ("": none)
     allow_kernel_namespace: bool = False  # KERNEL_NAMESPACE may pick an existing namespace...
     allowed_namespaces: tuple[str, ...] = ()  # ...among these only
     image: str = ""                   # default image; kernelspec resources.image wins
@@ -165,7 +167,12 @@ class KubernetesOptions:
             if bool(getattr(self, flag)) != bool(getattr(self, names)):
                 raise ValueError(f"{names}: set both {flag}: true and {names} (the values "
                                  "a kernel may ask for), or neither")
-        for ns in (self.namespace, *self.allowed_namespaces):
+        if self.network_policy_namespace and not self.per_user_namespace:
+            raise ValueError("network_policy_namespace: only with per_user_namespace: true (for "
+                             "the pool's own namespace, apply docker/kubernetes/"
+                             "network-policies.yaml)")
+        for ns in (self.namespace, *self.allowed_namespaces,
+                   *filter(None, [self.network_policy_namespace])):
             if not DNS_LABEL.match(ns) or len(ns) > 63:
                 raise ValueError(f"namespace: expected a DNS label (a-z, 0-9, '-'), got {ns!r}")
         if not re.match(r"^[a-z0-9][-a-z0-9]{0,20}$", self.namespace_prefix):
@@ -286,6 +293,23 @@ def build_namespace(name: str, req: LaunchRequest) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": {MANAGED_LABEL: "true",
                                                   USER_LABEL: label_value(kernel_user(req))}}}
+
+
+def build_network_policy(namespace: str, options: KubernetesOptions) -> dict[str, Any]:
+    """The NetworkPolicy of a per-user namespace: its kernel pods accept connections only from
+    poolgate's gateway and worker pods in ``options.network_policy_namespace`` (the spec of
+    docker/kubernetes/network-policies.yaml's ``poolgate-kernels``, for the pool namespace)."""
+    peer = {"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": options.network_policy_namespace}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "poolgate"},
+                            "matchExpressions": [{"key": "app.kubernetes.io/component",
+                                                  "operator": "In",
+                                                  "values": ["gateway", "worker"]}]}}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "poolgate-kernels", "namespace": namespace,
+                         "labels": {MANAGED_LABEL: "true"}},
+            "spec": {"podSelector": {"matchLabels": {MANAGED_LABEL: "true"}},
+                     "policyTypes": ["Ingress"], "ingress": [{"from": [peer]}]}}
 
 
 def build_secret(req: LaunchRequest, options: KubernetesOptions, namespace: str,

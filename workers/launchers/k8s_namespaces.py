@@ -17,7 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import LaunchRejected
-from workers.launchers.k8s_builders import MANAGED_LABEL, build_namespace
+from workers.launchers.k8s_builders import (MANAGED_LABEL, build_namespace,
+                                            build_network_policy)
 from workers.protocol import LaunchRequest
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class UserNamespaces:
             try:
                 self.client.create_namespace(build_namespace(name, req))
                 log.info("Kernel %s: namespace %s created", req.kernel_id, name)
+                self._protect(name)
                 return
             except k8s.client.ApiException as exc:
                 if not is_status(exc, 409):
@@ -81,6 +83,15 @@ class UserNamespaces:
                              "again", req.kernel_id, name)
                 waited = True
                 self._wait_out(name, deadline)
+
+    def _protect(self, name: str) -> None:
+        """Give a namespace just made its NetworkPolicy (``network_policy_namespace``): only
+        poolgate's gateways and workers may connect to its kernel pods."""
+        if not self.options.network_policy_namespace:
+            return
+        networking = client_package().client.NetworkingV1Api(self.client.api_client)
+        networking.create_namespaced_network_policy(
+            name, build_network_policy(name, self.options))
 
     def _wait_out(self, name: str, deadline: float) -> None:
         """Wait a moment for a namespace being deleted, or give up at ``deadline``."""
