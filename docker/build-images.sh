@@ -52,8 +52,11 @@ echo "build-images: wheelhouse docker/wheels (the host's pip and indexes; no ind
 rm -rf docker/wheels && mkdir -p docker/wheels
 log=$(mktemp)
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
-python3 -m pip wheel -q -w docker/wheels '.[docker,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
+python3 -m pip wheel -q -w docker/wheels/deps '.[docker,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
   || { grep -v "^WARNING: Location" "$log" | tail -30 >&2; rm -f "$log"; exit 1; }
+# poolgate's own wheel apart: the image installs it last, so a change to poolgate leaves the
+# dependencies' layer cached
+mkdir -p docker/wheels/app && mv docker/wheels/deps/poolgate-*.whl docker/wheels/app/
 docker build --force-rm -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "${POOLGATE_IMAGE:-poolgate/poolgate:latest}" . >"$log" 2>&1 \
   || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
