@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,11 +47,13 @@ class Cluster:
     def __init__(self) -> None:
         self.project = f"pgcompose{RUN_ID}"
         self.port = free_port()
+        self.token = uuid.uuid4().hex
         self.env = {**os.environ, "POOLGATE_PORT": str(self.port),
+                    "POOLGATE_AUTH_TOKEN": self.token,
                     "POOLGATE_REDIS_PORT": str(free_port()),
                     "POOLGATE_FLOWER_PORT": str(free_port())}
         self.base = [*compose_command(), "-p", self.project, "-f", str(COMPOSE_FILE)]
-        self.gw = Gateway(f"http://127.0.0.1:{self.port}")
+        self.gw = Gateway(f"http://127.0.0.1:{self.port}", token=self.token)
         self.kernels: list[str] = []  # ids of the kernels started, for the clean-up
 
     def run(self, *args: str, timeout: float = 90) -> str:
@@ -120,9 +123,11 @@ def test_compose_cluster_serves_kernels_scales_and_goes_away(cluster: Cluster) -
     assert local_worker["name"].endswith(f"-{cid}"), local_worker  # host networking: by id
 
     gw = cluster.gw
+    anonymous = requests.get(f"{gw.base}/api/kernels", timeout=30)  # POOLGATE_AUTH_TOKEN holds
+    assert anonymous.status_code == 401, anonymous.text
     specs = ("python3", "python3-swarm")  # the local pool's and the swarm pool's, at once
     with ThreadPoolExecutor(len(specs)) as launches:
-        ids = list(launches.map(lambda spec: Gateway(gw.base).start(spec)["id"], specs))
+        ids = list(launches.map(lambda spec: Gateway(gw.base, token=gw.token).start(spec)["id"], specs))
     kernels = dict(zip(specs, ids))
     cluster.kernels += ids
     for spec in specs:
