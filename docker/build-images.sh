@@ -10,6 +10,8 @@
 #   poolgate/kernel:latest           python3 + ipykernel + cryptography + poolgate.kernel_launcher
 #   poolgate/poolgate:latest         gateway and workers (only with the argument "all"; for
 #                                    docker/compose.yaml): poolgate from a wheelhouse made here
+#   poolgate/rabbitmq:latest         Debian's rabbitmq-server (only with "all"; for
+#                                    docker/compose.rabbitmq.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -62,3 +64,11 @@ docker build --force-rm -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$B
   || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
 rm -f "$log"
 echo "build-images: ${POOLGATE_IMAGE:-poolgate/poolgate:latest} built"
+
+echo "build-images: building ${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest} from $BASE_IMAGE"
+log=$(mktemp)
+docker build --force-rm -f docker/rabbitmq.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  -t "${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest}" . >"$log" 2>&1 \
+  || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
+echo "build-images: ${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest} built"

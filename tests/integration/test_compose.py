@@ -1,5 +1,7 @@
 """docker/compose.yaml brings up a whole cluster that serves kernels to a client outside it, and
-scaling a pool's workers shows in /api/pools; `down` leaves nothing behind.
+scaling a pool's workers shows in /api/pools; `down` leaves nothing behind. Its second gateway
+(profile gateway-2) drives a kernel that the first started; docker/compose.rabbitmq.yaml puts the
+broker on a RabbitMQ of the cluster's own.
 
 Runs the compose command this machine has (Debian's docker-compose 1.29, else the v2 plugin) on
 the images docker/build-images.sh builds (`all`: .ci/run does), under a project name and ports of
@@ -12,19 +14,20 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from kombu import Connection
 
 from tests.client import Gateway
 from tests.conftest import RUN_ID, free_port
 
-COMPOSE_FILE = Path(__file__).parents[2] / "docker" / "compose.yaml"
-IMAGES = ("poolgate/poolgate:latest", "poolgate/kernel:latest")
+DOCKER_DIR = Path(__file__).parents[2] / "docker"
+IMAGES = ("poolgate/poolgate:latest", "poolgate/kernel:latest", "poolgate/rabbitmq:latest")
 
 
 def compose_command() -> list[str]:
@@ -42,18 +45,28 @@ def docker(*args: str) -> list[str]:
 
 
 class Cluster:
-    """One compose project: docker/compose.yaml under a name and ports of its own."""
+    """One compose project: docker/compose.yaml (and override files, profiles) under a name and
+    ports of its own."""
 
-    def __init__(self) -> None:
-        self.project = f"pgcompose{RUN_ID}"
-        self.port = free_port()
+    def __init__(self, name: str, files: tuple[str, ...] = (), profiles: tuple[str, ...] = ()) -> None:
+        self.project = f"pg{name}{RUN_ID}"
+        self.port, self.port_2, self.rabbitmq_port = free_port(), free_port(), free_port()
         self.token = uuid.uuid4().hex
         self.env = {**os.environ, "POOLGATE_PORT": str(self.port),
+                    "POOLGATE_PORT_2": str(self.port_2),
                     "POOLGATE_AUTH_TOKEN": self.token,
                     "POOLGATE_REDIS_PORT": str(free_port()),
-                    "POOLGATE_FLOWER_PORT": str(free_port())}
-        self.base = [*compose_command(), "-p", self.project, "-f", str(COMPOSE_FILE)]
+                    "POOLGATE_FLOWER_PORT": str(free_port()),
+                    "POOLGATE_RABBITMQ_PORT": str(self.rabbitmq_port),
+                    "POOLGATE_RABBITMQ_DIST_PORT": str(free_port()),
+                    "POOLGATE_RABBITMQ_EPMD_PORT": str(free_port())}
+        self.base = [*compose_command(), "-p", self.project]
+        for f in ("compose.yaml", *files):
+            self.base += ["-f", str(DOCKER_DIR / f)]
+        for profile in profiles:
+            self.base += ["--profile", profile]
         self.gw = Gateway(f"http://127.0.0.1:{self.port}", token=self.token)
+        self.gw_2 = Gateway(f"http://127.0.0.1:{self.port_2}", token=self.token)
         self.kernels: list[str] = []  # ids of the kernels started, for the clean-up
 
     def run(self, *args: str, timeout: float = 90) -> str:
@@ -73,6 +86,17 @@ class Cluster:
         r = self.gw.get("/api/pools", timeout=30)
         assert r.status_code == 200, r.text
         return {p["name"]: p for p in r.json()}
+
+    def wait_gateway(self, gw: Gateway, path: str, timeout: float = 60) -> requests.Response:
+        """GET ``path`` from ``gw`` once it listens (a gateway starting has no port yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return gw.get(path, timeout=30)
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def wait_workers(self, want: dict[str, int], timeout: float = 60) -> dict[str, Any]:
         """Poll /api/pools until each named pool has exactly that many live workers."""
@@ -94,7 +118,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
+def make_cluster() -> Iterator[Callable[..., Cluster]]:
     for image in IMAGES:
         if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
             pytest.fail(f"image {image} is missing; run docker/build-images.sh all")
@@ -102,20 +126,39 @@ def cluster() -> Iterator[Cluster]:
                            capture_output=True, text=True, timeout=30)
     if state.returncode != 0 or state.stdout.strip() != "active":
         pytest.fail(f"no docker engine in a swarm ({state.stderr.strip()}); .ci/run starts both")
-    c = Cluster()
+    made: list[Cluster] = []
+
+    def make(*args: Any, **kwargs: Any) -> Cluster:
+        made.append(Cluster(*args, **kwargs))
+        return made[-1]
+
     try:
-        yield c
+        yield make
     finally:
-        subprocess.run([*c.base, "down", "--remove-orphans", "-t", "5"], env=c.env,
-                       capture_output=True, timeout=120)
-        for kid in c.kernels:  # what a failed test left: services and containers of its kernels
-            for ref in docker("service", "ls", "-q", "--filter", f"label=poolgate.kernel_id={kid}"):
-                docker("service", "rm", ref)
-            for ref in docker("ps", "-aq", "--filter", f"label=poolgate.kernel_id={kid}"):
-                docker("rm", "-f", ref)
+        for c in made:
+            subprocess.run([*c.base, "down", "--remove-orphans", "-t", "5"], env=c.env,
+                           capture_output=True, timeout=120)
+            for kid in c.kernels:  # what a failed test left: its kernels' services, containers
+                for ref in docker("service", "ls", "-q", "--filter", f"label=poolgate.kernel_id={kid}"):
+                    docker("service", "rm", ref)
+                for ref in docker("ps", "-aq", "--filter", f"label=poolgate.kernel_id={kid}"):
+                    docker("rm", "-f", ref)
 
 
-def test_compose_cluster_serves_kernels_scales_and_goes_away(cluster: Cluster) -> None:
+def run_cell(gw: Gateway, kid: str) -> None:
+    """Run a cell in kernel ``kid`` over ``gw``'s WebSocket; it prints what only that kernel knows."""
+    ch = gw.channel(kid)
+    try:
+        res = ch.execute("import os; print(6 * 7, os.environ['KERNEL_ID'])")
+    finally:
+        ch.close()
+    assert res.status == "ok", res
+    assert res.stdout == f"42 {kid}\n"
+
+
+def test_compose_cluster_serves_kernels_scales_and_goes_away(
+        make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster("compose", profiles=("gateway-2",))
     cluster.run("up", "-d")
     pools = cluster.wait_workers({"local": 1, "swarm": 1})
     [local_worker] = pools["local"]["worker_list"]
@@ -131,13 +174,13 @@ def test_compose_cluster_serves_kernels_scales_and_goes_away(cluster: Cluster) -
     kernels = dict(zip(specs, ids))
     cluster.kernels += ids
     for spec in specs:
-        ch = gw.channel(kernels[spec])
-        try:
-            res = ch.execute("import os; print(6 * 7, os.environ['KERNEL_ID'])")
-        finally:
-            ch.close()
-        assert res.status == "ok", res
-        assert res.stdout == f"42 {kernels[spec]}\n"
+        run_cell(gw, kernels[spec])
+    # the second gateway (its own service and port) drives the kernels the first one started
+    listed = cluster.wait_gateway(cluster.gw_2, "/api/kernels")
+    assert listed.status_code == 200, listed.text
+    assert sorted(k["id"] for k in listed.json()) == sorted(ids)
+    for spec in specs:
+        run_cell(cluster.gw_2, kernels[spec])
     [hosted] = cluster.pools()["local"]["kernels"]
     assert (hosted["id"], hosted["worker"]) == (kernels["python3"], local_worker["name"])
     swarm_kid = kernels["python3-swarm"]
@@ -156,3 +199,23 @@ def test_compose_cluster_serves_kernels_scales_and_goes_away(cluster: Cluster) -
     for kid in kernels.values():
         assert docker("service", "ls", "-q", "--filter", f"label=poolgate.kernel_id={kid}") == []
         assert docker("ps", "-aq", "--filter", f"label=poolgate.kernel_id={kid}") == []
+
+
+def test_compose_cluster_on_rabbitmq(make_cluster: Callable[..., Cluster]) -> None:
+    """With docker/compose.rabbitmq.yaml the broker is the cluster's own RabbitMQ, on ports of
+    its own beside the host's RabbitMQ: the local pool's worker consumes its queue there, and a
+    kernel launched through the gateway runs code."""
+    cluster = make_cluster("rabbit", files=("compose.rabbitmq.yaml",))
+    cluster.run("up", "-d", "gateway", "worker-local")  # with redis and rabbitmq, its dependencies
+    cluster.wait_workers({"local": 1}, timeout=120)  # the worker retries until RabbitMQ is up
+    with Connection(f"amqp://guest:guest@127.0.0.1:{cluster.rabbitmq_port}//",
+                    connect_timeout=10) as conn:
+        _, _, consumers = conn.default_channel.queue_declare("local", passive=True)
+    assert consumers == 1  # the worker, through this broker
+
+    kid = cluster.gw.start("python3")["id"]
+    cluster.kernels.append(kid)
+    run_cell(cluster.gw, kid)
+
+    cluster.run("down", timeout=120)
+    assert cluster.containers() == []
