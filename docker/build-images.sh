@@ -10,6 +10,8 @@
 #   poolgate/kernel:latest           python3 + ipykernel + cryptography + poolgate.kernel_launcher
 #   poolgate/poolgate:latest         gateway and workers (only with the argument "all"; for
 #                                    docker/compose.yaml and docker/kubernetes/): poolgate from a wheelhouse made here
+#   poolgate/rabbitmq:latest         Debian's rabbitmq-server (only with "all"; for
+#                                    docker/compose.rabbitmq.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -52,10 +54,21 @@ echo "build-images: wheelhouse docker/wheels (the host's pip and indexes; no ind
 rm -rf docker/wheels && mkdir -p docker/wheels
 log=$(mktemp)
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
-python3 -m pip wheel -q -w docker/wheels '.[docker,kubernetes,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
+python3 -m pip wheel -q -w docker/wheels/deps '.[docker,kubernetes,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \
   || { grep -v "^WARNING: Location" "$log" | tail -30 >&2; rm -f "$log"; exit 1; }
+# poolgate's own wheel apart: the image installs it last, so a change to poolgate leaves the
+# dependencies' layer cached
+mkdir -p docker/wheels/app && mv docker/wheels/deps/poolgate-*.whl docker/wheels/app/
 docker build --force-rm -f docker/poolgate.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   -t "${POOLGATE_IMAGE:-poolgate/poolgate:latest}" . >"$log" 2>&1 \
   || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
 rm -f "$log"
 echo "build-images: ${POOLGATE_IMAGE:-poolgate/poolgate:latest} built"
+
+echo "build-images: building ${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest} from $BASE_IMAGE"
+log=$(mktemp)
+docker build --force-rm -f docker/rabbitmq.Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  -t "${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest}" . >"$log" 2>&1 \
+  || { tail -30 "$log" >&2; rm -f "$log"; exit 1; }
+rm -f "$log"
+echo "build-images: ${RABBITMQ_IMAGE:-poolgate/rabbitmq:latest} built"

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     _common(wk)
     wk.add_argument("--pool", action="append", required=True, help="pool to serve (repeatable)")
     wk.add_argument("--slots", type=int, default=None, help="kernels this worker hosts at once")
-    wk.add_argument("--name", default=None, help="worker name (default <pool>-<index>@<host>)")
+    wk.add_argument("--name", default=None, help="worker name (default <pool>-<index>@<host>, plus "
+                    "-<container id> in a container named after its host)")
     wk.add_argument("--index", type=int, default=1, help="the n in <pool>-<n>@<host>")
     wk.add_argument("--runtime-dir", default=None, help="folder for kernels' connection files")
     mt = sub.add_parser("maintenance", help="the maintenance worker with Celery beat: "
@@ -190,6 +192,35 @@ def refuse_empty(pools: list[Any]) -> None:
                               f"start")
 
 
+# A container's /etc/hostname is a bind mount of a file in its engine's folder for it:
+# docker's .../containers/<id>/hostname, podman's .../overlay-containers/<id>/userdata/hostname.
+_CONTAINER_ID = re.compile(r"containers/([0-9a-f]{64})/(?:userdata/)?hostname /etc/hostname ")
+
+
+def container_id(mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The id of the Docker or Podman container this process runs in; "" outside one."""
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return ""
+    found = _CONTAINER_ID.search(text)
+    return found.group(1) if found else ""
+
+
+def default_worker_name(pools: list[str], index: int, hostname: str | None = None,
+                        mountinfo: str = "/proc/self/mountinfo") -> str:
+    """``<pools>-<index>@%h`` (Celery puts in the host name), and ``-<container id>`` after it
+    in a container that is not named after its own id: with host networking every replica of a
+    compose service has the host's name, and two workers of one name are one worker to Celery
+    and /api/pools. The id, unlike a random part, stays the same when the container restarts,
+    so the worker adopts its kernels again."""
+    name = f"{'+'.join(pools)}-{index}@%h"
+    cid = container_id(mountinfo)[:12]
+    if cid and (hostname or socket.gethostname()) != cid:
+        name += f"-{cid}"
+    return name
+
+
 def worker(args: argparse.Namespace) -> int:
     from workers import launchers
     from workers.celery_app import make_celery
@@ -206,7 +237,7 @@ def worker(args: argparse.Namespace) -> int:
     slots = args.slots or launchers.default_slots(pools[0]) or pools[0].slots
     if slots < 1:
         raise ConfigError("--slots: expected an integer >= 1")
-    name = args.name or f"{'+'.join(args.pool)}-{args.index}@%h"
+    name = args.name or default_worker_name(args.pool, args.index)
     runtime_dir = args.runtime_dir or str(Path(os.environ.get("POOLGATE_DATA_DIR") or
                                                Path.home() / ".local/share/poolgate") / "kernels")
     app = make_celery(config, slots=slots, runtime_dir=runtime_dir)
