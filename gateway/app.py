@@ -55,11 +55,11 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     base = "/" + config.gateway.base_url.strip("/")
     base = "" if base == "/" else base
 
-    from gateway.api import kernels, kernelspecs, sessions, root
+    from gateway.api import kernels, kernelspecs, sessions, root, swagger
 
     auth.install(app, config)  # first: authentication runs before any other before_request
     sock = Sock(app)
-    for bp in (root.bp, kernelspecs.bp, kernels.bp, sessions.bp):
+    for bp in (root.bp, swagger.bp, kernelspecs.bp, kernels.bp, sessions.bp):
         app.register_blueprint(bp, url_prefix=base or None)
     kernels.register_channels(sock, base)
     errors.install(app)
