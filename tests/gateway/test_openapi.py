@@ -11,7 +11,7 @@ import yaml
 from flask import Flask
 
 from gateway.api import swagger
-from tests.conftest import REDIS, need_redis
+from tests.conftest import DB_BASE, REDIS, need_redis
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -22,7 +22,7 @@ def _app(tmp_path: Path, base: str = "") -> Flask:
     need_redis()
     cfg = tmp_path / "queues.yaml"
     cfg.write_text(yaml.safe_dump({
-        "broker_url": "memory://", "registry_url": f"{REDIS}/9",
+        "broker_url": "memory://", "registry_url": f"{REDIS}/{DB_BASE + 29}",
         "gateway": {"auth_token": "t", "base_url": base},
         "pools": {"local": {"launcher": "local", "slots": 1}}}))
     return create_app({"CONFIG_PATH": str(cfg)})
