@@ -106,7 +106,10 @@ class KernelService:
 
     # -- reading --------------------------------------------------------------------------
 
-    def spec(self, name: str | None) -> KernelSpec:
+    def spec(self, name: object) -> KernelSpec:
+        if name is not None and not isinstance(name, str):  # a body's "name": [..] is a 400
+            raise BadRequest(f"'name' must be a kernelspec's name (a string), got "
+                             f"{type(name).__name__}")
         name = name or self.config.default_kernelspec
         spec = self.config.kernelspecs.get(name)
         if spec is None:
