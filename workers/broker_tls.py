@@ -25,7 +25,8 @@ def split_amqps(url: str) -> tuple[str, dict[str, Any] | None]:
     parts = urlsplit(url)
     if parts.scheme != "amqps" or not parts.query:
         return url, None
-    keep, opts = [], {}
+    keep: list[tuple[str, str]] = []
+    opts: dict[str, Any] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name not in NAMES:
             keep.append((name, value))
