@@ -38,6 +38,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
             config.gateway, **settings["GATEWAY_OVERRIDES"]))
     registry = Registry(config.registry_url, config.registry_secret)
     registry.mark_epoch()
+    registry.check_keys()  # an ERROR in the log when this gateway's secret is not the others'
     events = EventHub(registry)
     events.start()
     service = KernelService(config, registry, Dispatcher(config), events)

@@ -72,8 +72,17 @@ def is_local(url: str) -> bool:
         "localhost", "127.0.0.1", "::1", "")
 
 
-def keyring(configured: Iterable[str], registry_url: str) -> MultiFernet:
-    """The MultiFernet of the configured secrets, or of the data folder's generated one."""
+def fingerprint(secret: str) -> str:
+    """What the registry keeps to tell whether processes share a secret (not the secret)."""
+    return hashlib.sha256(b"poolgate registry secret:" + secret.encode()).hexdigest()[:24]
+
+
+def fernet(secrets: Iterable[str]) -> MultiFernet:
+    return MultiFernet([_fernet(s) for s in secrets])
+
+
+def resolve(configured: Iterable[str], registry_url: str) -> tuple[str, ...]:
+    """The configured secrets, or the data folder's generated one."""
     chosen = tuple(configured)
     if not chosen:
         folder = data_dir()
@@ -90,4 +99,4 @@ def keyring(configured: Iterable[str], registry_url: str) -> MultiFernet:
                             "kernels started here. Give every process the same secret "
                             "(POOLGATE_REGISTRY_SECRET or registry_secret; README, Security)",
                             registry_url, folder / "secret")
-    return MultiFernet([_fernet(s) for s in chosen])
+    return chosen

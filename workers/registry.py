@@ -11,6 +11,7 @@ Keys (prefix ``pg:``)::
     pg:w:<name>        a worker's heartbeat and capacity (expires)
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<id>         pub/sub channel: the kernel's state changes
+    pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
 
 Every status change goes through :meth:`Registry.transition`, a Lua script that checks the
 lifecycle table of ``workers/protocol.py`` and publishes the change in one atomic step.
@@ -200,7 +201,8 @@ class Registry:
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
         self._admit = self.r.register_script(_ADMIT)
-        self._keys = keyring.keyring(keyring.parse(secret), url)
+        self._secrets = keyring.resolve(keyring.parse(secret), url)
+        self._keys = keyring.fernet(self._secrets)
 
     # -- records --------------------------------------------------------------------------
 
@@ -370,6 +372,21 @@ class Registry:
                     "list (README, Security)") from None
         return ConnectionInfo.from_dict(data)
 
+    def check_keys(self) -> bool:
+        """Whether this process holds the secret the registry's kernel keys are written with
+        (the first process to ask marks it); an ERROR saying what to do when it does not.
+        Gateways and workers call it at start."""
+        mine = [keyring.fingerprint(s) for s in self._secrets]
+        self.r.set(PREFIX + "keyring", mine[0], nx=True)
+        marked = (self.r.get(PREFIX + "keyring") or b"").decode()  # type: ignore[union-attr]
+        if marked in mine:
+            return True
+        log.error("This process's registry secret is not the one kernel keys in %s are encrypted "
+                  "with: it cannot connect to kernels that other gateways and workers start, "
+                  "nor they to its kernels. Give every gateway and worker the same secret "
+                  "(POOLGATE_REGISTRY_SECRET or registry_secret; README, Security)", self.url)
+        return False
+
     def rotate_keys(self) -> int:
         """Encrypt every stored connection key again with the first registry secret, so the
         older secrets can be dropped; returns how many keys were rewritten."""
@@ -384,6 +401,7 @@ class Registry:
                 self._keys.encrypt(key.encode())
             data["key"] = "enc:" + token.decode()
             count += bool(self.update(kid, conn=data))
+        self.r.set(PREFIX + "keyring", keyring.fingerprint(self._secrets[0]))
         return count
 
     # -- queue positions ------------------------------------------------------------------

@@ -63,5 +63,6 @@ def test_the_key_is_nowhere_in_clear(fresh_stack: Stack) -> None:
     assert key.encode() not in dump
     logs = "".join(p.read_text(errors="replace") for p in fresh_stack.logs.iterdir())
     assert kid in logs and key not in logs
+    assert "registry secret is not the one" not in logs  # gateway and worker share it
     secret = fresh_stack.tmp / "data" / "secret"  # no registry_secret: the generated one
     assert secret.stat().st_mode & 0o077 == 0

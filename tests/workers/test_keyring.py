@@ -96,10 +96,10 @@ def test_a_remote_registry_without_a_secret_is_warned_about(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("POOLGATE_DATA_DIR", str(tmp_path))
-    keyring.keyring([], "redis://:pw@redis.example.org:6379/0")
+    keyring.resolve([], "redis://:pw@redis.example.org:6379/0")
     assert any(r.levelname == "WARNING" and "same secret" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    keyring.keyring([], "redis://127.0.0.1:6379/0")
+    keyring.resolve([], "redis://127.0.0.1:6379/0")
     assert not any(r.levelname == "WARNING" for r in caplog.records)
 
 
@@ -122,3 +122,16 @@ def test_a_bad_setting_names_the_rule(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"registry_secret": {"a": 1}, "pools": {"local": {"launcher": "local"}}}))
     with pytest.raises(ConfigError, match="registry_secret: expected a string or a list"):
         load_config(path, environ={})
+
+
+def test_a_process_with_another_secret_is_told_at_start(kid: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    assert _registry("s1").check_keys()  # the first to start marks the registry
+    assert _registry(["s1"]).check_keys() and _registry(["s2", "s1"]).check_keys()
+    caplog.clear()
+    assert not _registry("s2").check_keys()
+    assert any(r.levelname == "ERROR" and "same secret" in r.getMessage() for r in caplog.records)
+    assert "s1" not in str(_registry("s1").r.get(PREFIX + "keyring"))  # a fingerprint only
+    rotating = _registry(["s2", "s1"])
+    rotating.rotate_keys()  # the keys, and the mark, are now s2's
+    assert _registry("s2").check_keys() and not _registry("s1").check_keys()
