@@ -38,6 +38,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
             config.gateway, **settings["GATEWAY_OVERRIDES"]))
     registry = Registry(config.registry_url, config.registry_secret)
     registry.mark_epoch()
+    registry.check_keys()  # an ERROR in the log when this gateway's secret is not the others'
     events = EventHub(registry)
     events.start()
     service = KernelService(config, registry, Dispatcher(config), events)
@@ -55,11 +56,11 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     base = "/" + config.gateway.base_url.strip("/")
     base = "" if base == "/" else base
 
-    from gateway.api import kernels, kernelspecs, sessions, root
+    from gateway.api import kernels, kernelspecs, sessions, root, swagger
 
     auth.install(app, config)  # first: authentication runs before any other before_request
     sock = Sock(app)
-    for bp in (root.bp, kernelspecs.bp, kernels.bp, sessions.bp):
+    for bp in (root.bp, swagger.bp, kernelspecs.bp, kernels.bp, sessions.bp):
         app.register_blueprint(bp, url_prefix=base or None)
     kernels.register_channels(sock, base)
     errors.install(app)

@@ -68,6 +68,20 @@ def validate_env(raw: Any, allowlist: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+#: Launchers whose remote side puts env values into a shell script: a newline there is refused
+#: (README, The API); YARN's NodeManager also turns {{NAME}} into $NAME before bash reads it.
+SCRIPTED_ENV = {"ssh": ("\n", "\r"), "yarn": ("\n", "\r", "{{", "}}")}
+
+
+def check_env_for(env: dict[str, str], pool: PoolConfig) -> None:
+    """400 for a value the pool's launcher cannot pass on as written (see SCRIPTED_ENV)."""
+    for key, value in env.items():
+        for bad in SCRIPTED_ENV.get(pool.launcher, ()):
+            if bad in value:
+                raise BadRequest(f"env.{key}: pool {pool.name!r} ({pool.launcher}) takes no "
+                                 f"{bad!r} in an env value")
+
+
 def launch_timeout(env: dict[str, str], pool: PoolConfig) -> float:
     raw = env.get("KERNEL_LAUNCH_TIMEOUT")
     if not raw:
@@ -93,7 +107,10 @@ class KernelService:
 
     # -- reading --------------------------------------------------------------------------
 
-    def spec(self, name: str | None) -> KernelSpec:
+    def spec(self, name: object) -> KernelSpec:
+        if name is not None and not isinstance(name, str):  # a body's "name": [..] is a 400
+            raise BadRequest(f"'name' must be a kernelspec's name (a string), got "
+                             f"{type(name).__name__}")
         name = name or self.config.default_kernelspec
         spec = self.config.kernelspecs.get(name)
         if spec is None:
@@ -178,6 +195,7 @@ class KernelService:
         pool = self.config.pools[spec.pool]
         env = validate_env(body.get("env"), self.config.env_allowlist)
         env = access.as_user(env, caller) if caller else env  # the caller owns it, not the body
+        check_env_for(env, pool)
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits

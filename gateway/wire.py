@@ -122,8 +122,8 @@ def from_client(frame: str | bytes, protocol: str | None) -> tuple[str, list[byt
         # no channel; Jupyter Server and Enterprise Gateway route such a message to shell.
         log.debug("No channel specified, assuming shell")
         channel = "shell"
-    if channel not in CHANNELS:
-        raise BadFrame(f"unknown channel {channel!r}")
+    if not isinstance(channel, str) or channel not in CHANNELS:  # a list is unhashable
+        raise BadFrame(f"unknown channel {channel!r}"[:200])
     head = msg.get("header")
     if not isinstance(head, dict) or not head.get("msg_type"):
         raise BadFrame("a message needs a header with msg_type")

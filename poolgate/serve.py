@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import signal
 import ssl
@@ -87,14 +86,6 @@ def lock(folder: Path) -> object:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
-
-
-def registry_secret(folder: Path) -> str:
-    path = folder / "secret"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
 
 
 class Unit:
@@ -185,9 +176,9 @@ def serve(args: argparse.Namespace) -> int:
             say("poolgate: running as root: kernels run as root too")
             env["POOLGATE_ROOT_SAID"] = "1"  # the workers leave out Celery's warning
         url = start_redis(unit, folder, env)
-        env.update(POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url,
-                   POOLGATE_REGISTRY_SECRET=registry_secret(folder),
-                   POOLGATE_DATA_DIR=str(folder))
+        # No registry secret configured: every process finds the data folder's generated
+        # one through POOLGATE_DATA_DIR (workers/keyring.py).
+        env.update(POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url, POOLGATE_DATA_DIR=str(folder))
         config = load_config(cfg_path, environ=env)
         import json
 

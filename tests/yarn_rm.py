@@ -190,15 +190,19 @@ class FakeResourceManager:
         log_dir.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         env = {k: os.environ[k] for k in ALWAYS_ENV if k in os.environ}
-        env.update(app.env)
-        env.update({"CONTAINER_ID": cid, "LOG_DIRS": str(log_dir), "PWD": str(work),
-                    "LOCAL_DIRS": str(work.parent), "HADOOP_USER_NAME": app.user,
-                    "USER": app.user, "LOGNAME": app.user, "NM_HOST": "127.0.0.1",
-                    "APPLICATION_WEB_PROXY_BASE": f"/proxy/{app.id}"})
+        nm = {"CONTAINER_ID": cid, "LOG_DIRS": str(log_dir), "PWD": str(work),
+              "LOCAL_DIRS": str(work.parent), "HADOOP_USER_NAME": app.user,
+              "USER": app.user, "LOGNAME": app.user, "NM_HOST": "127.0.0.1",
+              "APPLICATION_WEB_PROXY_BASE": f"/proxy/{app.id}"}
+        env.update(nm)
         command = app.command.replace("<LOG_DIR>", str(log_dir))
         command = re.sub(r"\{\{(\w+)\}\}", lambda m: env.get(m.group(1), ""), command)
+        # As a NodeManager's launch_container.sh: the submitted environment as
+        # export NAME="value" lines ({{NAME}} becoming $NAME), then the command, run by bash.
+        exports = "".join('export %s="%s"\n' % (k, re.sub(r"\{\{(\w+)\}\}", r"$\1", v))
+                          for k, v in app.env.items() if k not in nm)
         app.log_dir = str(log_dir)
-        app.proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=work,
+        app.proc = subprocess.Popen(["bash", "-c", exports + command], env=env, cwd=work,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         app.move("RUNNING")
         app.diagnostics = ""

@@ -16,6 +16,7 @@ from celery.signals import worker_shutting_down
 from celery.worker.control import control_command
 from kombu import Queue
 
+from workers.broker_tls import split_amqps
 from workers.config import Config
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,11 @@ def result_backend_url(registry_url: str) -> str:
 
 def make_celery(config: Config, slots: int | None = None, runtime_dir: str | None = None) -> Celery:
     """Build the Celery app for ``config``; workers and gateways both use it."""
-    app = Celery("poolgate", broker=config.broker_url,
+    broker, broker_ssl = split_amqps(config.broker_url)  # amqps:// with ssl_* parameters
+    app = Celery("poolgate", broker=broker,
                  backend=result_backend_url(config.registry_url), set_as_current=False)
+    if broker_ssl is not None:
+        app.conf.broker_use_ssl = broker_ssl
     is_redis = config.broker_url.startswith(("redis", "unix"))
     app.conf.update(
         task_serializer="json",

@@ -188,7 +188,7 @@ class Config:
     default_kernelspec: str
     env_allowlist: tuple[str, ...]
     gateway: GatewayConfig
-    registry_secret: str = ""
+    registry_secret: tuple[str, ...] = ()  # the first encrypts, all decrypt (workers/keyring.py)
     source: str = ""
     max_kernels: int = 0               # live kernels at most, all pools together
     max_kernels_per_user: int = 0      # live kernels of one KERNEL_USERNAME, all pools
@@ -493,11 +493,22 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         default_kernelspec=default_spec,
         env_allowlist=_coerce(raw.get("env_allowlist") or [], tuple[str, ...], "env_allowlist"),
         gateway=gateway,
-        registry_secret=env.get("POOLGATE_REGISTRY_SECRET") or str(raw.get("registry_secret") or ""),
+        registry_secret=_secrets(env.get("POOLGATE_REGISTRY_SECRET") or raw.get("registry_secret")),
         source=str(cfg_path),
         max_kernels=_limit(raw.get("max_kernels"), "max_kernels"),
         max_kernels_per_user=_limit(raw.get("max_kernels_per_user"), "max_kernels_per_user"),
     )
+
+
+def _secrets(value: Any) -> tuple[str, ...]:
+    """``registry_secret``: one string or a list of them (newest first)."""
+    from workers import keyring
+
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value) or \
+            not isinstance(value, (list, tuple, str, type(None))):
+        raise ConfigError("registry_secret: expected a string or a list of strings (the first "
+                          "encrypts, all decrypt)")
+    return keyring.parse(value)
 
 
 def _limit(value: Any, path: str) -> int:

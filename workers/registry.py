@@ -11,27 +11,29 @@ Keys (prefix ``pg:``)::
     pg:w:<name>        a worker's heartbeat and capacity (expires)
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<id>         pub/sub channel: the kernel's state changes
+    pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
 
 Every status change goes through :meth:`Registry.transition`, a Lua script that checks the
 lifecycle table of ``workers/protocol.py`` and publishes the change in one atomic step.
-The connection key is encrypted at rest when a registry secret is configured.
+The connection key is always encrypted at rest (``workers/keyring.py``: the configured registry
+secrets, or the data folder's generated one).
 """
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from cryptography.fernet import InvalidToken
 
-from workers.errors import BackendUnavailable
+from workers import keyring
+from workers.errors import BackendUnavailable, ConfigError
 from workers.protocol import ConnectionInfo, KernelStatus, sources_of
 
 log = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def _encode_fields(fields: dict[str, Any]) -> list[str]:
 class Registry:
     """Reads and writes kernel records; safe to share between threads."""
 
-    def __init__(self, url: str, secret: str = "") -> None:
+    def __init__(self, url: str, secret: str | Sequence[str] = ()) -> None:
         self.url = url
         # A blocking pool: redis-py's default pool holds 100 connections and fails the 101st
         # call at once; a gateway with 200 kernels' sockets and a worker with 200 supervisors
@@ -199,11 +201,8 @@ class Registry:
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
         self._admit = self.r.register_script(_ADMIT)
-        self._fernet = None
-        if secret:
-            from cryptography.fernet import Fernet
-
-            self._fernet = Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+        self._secrets = keyring.resolve(keyring.parse(secret), url)
+        self._keys = keyring.fernet(self._secrets)
 
     # -- records --------------------------------------------------------------------------
 
@@ -354,8 +353,7 @@ class Registry:
 
     def set_connection(self, kid: str, conn: ConnectionInfo, **fields: Any) -> bool:
         data = conn.to_dict()
-        if self._fernet is not None:
-            data["key"] = "enc:" + self._fernet.encrypt(conn.key.encode()).decode()
+        data["key"] = "enc:" + self._keys.encrypt(conn.key.encode()).decode()
         return self.update(kid, conn=data, **fields)
 
     def connection(self, kid: str) -> ConnectionInfo | None:
@@ -364,11 +362,47 @@ class Registry:
             return None
         data = json.loads(raw)
         key = str(data.get("key", ""))
-        if key.startswith("enc:"):
-            if self._fernet is None:
-                raise RuntimeError("the registry holds encrypted keys but no registry secret is set")
-            data["key"] = self._fernet.decrypt(key[4:].encode()).decode()
+        if key.startswith("enc:"):  # else a key written in clear by an older poolgate
+            try:
+                data["key"] = self._keys.decrypt(key[4:].encode()).decode()
+            except InvalidToken:
+                raise ConfigError(
+                    f"kernel {kid}: its key was encrypted with a registry secret this process "
+                    "does not have; give every gateway and worker the same registry_secret "
+                    "list (README, Security)") from None
         return ConnectionInfo.from_dict(data)
+
+    def check_keys(self) -> bool:
+        """Whether this process holds the secret the registry's kernel keys are written with
+        (the first process to ask marks it); an ERROR saying what to do when it does not.
+        Gateways and workers call it at start."""
+        mine = [keyring.fingerprint(s) for s in self._secrets]
+        self.r.set(PREFIX + "keyring", mine[0], nx=True)
+        marked = (self.r.get(PREFIX + "keyring") or b"").decode()  # type: ignore[union-attr]
+        if marked in mine:
+            return True
+        log.error("This process's registry secret is not the one kernel keys in %s are encrypted "
+                  "with: it cannot connect to kernels that other gateways and workers start, "
+                  "nor they to its kernels. Give every gateway and worker the same secret "
+                  "(POOLGATE_REGISTRY_SECRET or registry_secret; README, Security)", self.url)
+        return False
+
+    def rotate_keys(self) -> int:
+        """Encrypt every stored connection key again with the first registry secret, so the
+        older secrets can be dropped; returns how many keys were rewritten."""
+        count = 0
+        for kid in self.ids():
+            raw = self.get_field(kid, "conn")
+            data = json.loads(raw) if raw else {}
+            key = str(data.get("key", ""))
+            if not key:
+                continue
+            token = self._keys.rotate(key[4:].encode()) if key.startswith("enc:") else \
+                self._keys.encrypt(key.encode())
+            data["key"] = "enc:" + token.decode()
+            count += bool(self.update(kid, conn=data))
+        self.r.set(PREFIX + "keyring", keyring.fingerprint(self._secrets[0]))
+        return count
 
     # -- queue positions ------------------------------------------------------------------
 

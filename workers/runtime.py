@@ -120,6 +120,7 @@ class Runtime:
         from workers.supervisor import reap_orphans
 
         self.registry.mark_epoch()
+        self.registry.check_keys()
         from workers.warm import WarmSet, reap_warm
 
         for pool in self.pools:

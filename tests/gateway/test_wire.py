@@ -126,3 +126,12 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
     assert isinstance(got[0], TextMessage) and json.loads(got[0].data)["content"]["text"] == "héllo"
     assert isinstance(got[1], BytesMessage) and deserialize_binary_message(
         bytes(got[1].data))["buffers"] == [b"\x00buf"]
+
+
+@pytest.mark.parametrize("channel", [["shell"], {"a": 1}, 3, True])
+def test_a_channel_that_is_not_a_string_is_a_bad_frame(channel: object) -> None:
+    """Found by tests/integration/test_ws_fuzz.py: a list as channel raised TypeError
+    (unhashable) and ended the socket instead of being dropped."""
+    frame = json.dumps({"channel": channel, "header": {"msg_type": "kernel_info_request"}})
+    with pytest.raises(wire.BadFrame, match="unknown channel"):
+        wire.from_client(frame, None)

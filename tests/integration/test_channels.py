@@ -401,7 +401,8 @@ def test_sockets_follow_a_kernel_to_a_new_place(redis_stack: Stack) -> None:
 
     gw = redis_stack.gw
     first, second = gw.start()["id"], gw.start()["id"]
-    reg = Registry(redis_stack.registry_url)
+    # the stack's processes encrypt keys with their data folder's secret (workers/keyring.py)
+    reg = Registry(redis_stack.registry_url, (redis_stack.tmp / "data" / "secret").read_text())
     try:
         ch, other = gw.channel(first), gw.channel(second)
         assert ch.execute("where = 'first'").status == "ok"

@@ -35,6 +35,7 @@ ROUTES = [
     ("PATCH", "/api/sessions/{sid}"), ("DELETE", "/api/sessions/{sid}"), ("GET", "/api/pools"),
     ("GET", "/api/pools/local"), ("GET", "/metrics"), ("GET", "/pools"),
     ("GET", "/no/such/route"), ("GET", "/api/kernels/{kid}/channels"),
+    ("GET", "/api/swagger.yaml"), ("GET", "/api/swagger.json"),
 ]
 
 

@@ -152,11 +152,24 @@ def build_command(req: LaunchRequest, options: YarnOptions) -> str:
     return f"{cd}{shlex.join(words)} {LOG_REDIRECT}"
 
 
+def shell_inert(value: str) -> str:
+    """A request's env value as the NodeManager's launch script must get it to mean itself.
+
+    The NodeManager writes each entry as ``export NAME="value"`` into ``launch_container.sh``
+    and runs it with bash, so ``$(…)``, backticks, ``$VAR`` and quotes in a value would run or
+    expand there. A backslash before each of ``\\ " $ ` `` keeps them literal in double quotes;
+    newlines and ``{{``/``}}`` (which YARN turns into ``$``) are refused by the gateway
+    (gateway/kernels.py SCRIPTED_ENV). The pool's and the kernelspec's env, written by operators,
+    keep YARN's expansion.
+    """
+    return re.sub(r'([\\"$`])', r"\\\1", value)
+
+
 def build_env(req: LaunchRequest, options: YarnOptions,
               reply_env: Mapping[str, str], user: str) -> dict[str, str]:
     """The container's environment: pool, spec, request, then KERNEL_ID, the user and the
     reply's (these last cannot be overridden by a client)."""
-    env = {**dict(options.env), **req.spec_env, **req.env}
+    env = {**dict(options.env), **req.spec_env, **{k: shell_inert(v) for k, v in req.env.items()}}
     env["KERNEL_ID"] = req.kernel_id
     if user or req.user:
         env["KERNEL_USERNAME"] = user or req.user
