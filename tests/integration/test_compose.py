@@ -10,6 +10,7 @@ this test run's own. A missing piece fails the test, it does not skip it.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -55,6 +56,8 @@ class Cluster:
         self.env = {**os.environ, "POOLGATE_PORT": str(self.port),
                     "POOLGATE_PORT_2": str(self.port_2),
                     "POOLGATE_AUTH_TOKEN": self.token,
+                    # the cluster's containers must share the secret the kernel keys are sealed with
+                    "POOLGATE_REGISTRY_SECRET": secrets.token_urlsafe(32),
                     "POOLGATE_REDIS_PORT": str(free_port()),
                     "POOLGATE_FLOWER_PORT": str(free_port()),
                     "POOLGATE_RABBITMQ_PORT": str(self.rabbitmq_port),
