@@ -16,7 +16,8 @@ from flask_sock import Sock
 
 from gateway import auth, errors, framing
 from gateway import operating
-from gateway.channels import Bridge, NoReaderThread
+from gateway.channels.bridge import Bridge
+from gateway.channels.simple_ws import NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from gateway.kernels import KernelService
@@ -49,7 +50,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
         "max_message_size": framing.MAX_MESSAGE_SIZE,  # both paths: 1009 past it
-        "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
+        "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels/pump.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     base = "/" + config.gateway.base_url.strip("/")
