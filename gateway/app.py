@@ -11,16 +11,18 @@ import logging
 import socket
 from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, request
 from flask_sock import Sock
 
-from gateway import auth, errors, framing
+from gateway import auth, errors, framing, state
 from gateway import operating
+from gateway.api import kernels, kernelspecs, root, sessions
 from gateway.channels.bridge import Bridge
 from gateway.channels.simple_ws import NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from gateway.kernels import KernelService
+from gateway.state import AppState
 from workers.config import Config, load_config
 from workers.registry import Registry
 
@@ -43,8 +45,7 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     events.start()
     service = KernelService(config, registry, Dispatcher(config), events)
     bridge = Bridge(service, config.gateway.session_buffer_seconds)
-    app.extensions["poolgate"] = {"config": config, "service": service, "bridge": bridge,
-                                  "registry": registry}
+    state.install(app, AppState(config=config, registry=registry, service=service, bridge=bridge))
     app.config["SOCK_SERVER_OPTIONS"] = {
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
@@ -55,8 +56,6 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     base = "/" + config.gateway.base_url.strip("/")
     base = "" if base == "/" else base
-
-    from gateway.api import kernels, kernelspecs, sessions, root
 
     auth.install(app, config)  # first: authentication runs before any other before_request
     sock = Sock(app)
@@ -74,7 +73,6 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        g.poolgate = app.extensions["poolgate"]
 
     log.info("Gateway ready: %d pools, %d kernelspecs, registry %s", len(config.pools),
              len(config.kernelspecs), config.registry_url)

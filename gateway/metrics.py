@@ -24,13 +24,14 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.api.pools import build_pools, read_state
 from gateway.channels.hooks import Hooks, WsStats
+from gateway.state import AppState, state
 from gateway.tally import CULL_KINDS, FAILURE_KINDS
 from workers.config import Config
 from workers.protocol import KernelStatus
@@ -196,14 +197,14 @@ class WsCollector(Collector):
 
 @bp.get("/metrics")
 def metrics() -> Any:
-    m: GatewayMetrics = current_app.extensions["poolgate"]["metrics"]
+    m = state().metrics
+    assert isinstance(m, GatewayMetrics), "install() runs in create_app (gateway/operating.py)"
     return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
 
 
-def install(app: Any) -> GatewayMetrics:
+def install(shared: AppState) -> GatewayMetrics:
     """Create the app's metrics and connect the bridge to them."""
-    ext: dict[str, Any] = app.extensions["poolgate"]
-    m = GatewayMetrics(ext["config"], ext["registry"])
-    ext["metrics"] = m
-    ext["bridge"].metrics = m
+    m = GatewayMetrics(shared.config, shared.registry)
+    shared.metrics = m
+    shared.bridge.metrics = m
     return m
