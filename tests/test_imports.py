@@ -7,8 +7,9 @@ gateway process loads no worker back-end.
   and workers/resources.py do). Importing ``a.b.c`` also runs ``a`` and ``a.b``, so those count.
   ``importlib.import_module`` with a name from a table (the launcher registries) is not an
   import of the source and does not count: that is how a registry stays lazy.
-* ``import gateway.app`` and loading a queues.yaml with a pool of every launcher kind, in a
-  fresh interpreter, leaves out every launcher module and the back-end libraries behind them.
+* ``import gateway.app``, loading a queues.yaml with a pool of every launcher kind and building
+  the gateway's Celery app, in a fresh interpreter, leaves out every launcher module, the
+  worker's runtime and supervisor, and the back-end libraries behind the launchers.
 """
 from __future__ import annotations
 
@@ -113,11 +114,13 @@ def test_no_import_cycles() -> None:
 # psutil (local and gpu kernels' processes), requests (the docker SDK and the YARN client).
 # pyzmq is not here: the gateway itself sends interrupt_request with workers/kernel_socket.py.
 WORKER_ONLY = ("docker", "kubernetes", "paramiko", "psutil", "requests")
-# In workers/ the gateway may load: the pure modules and the launchers' *_builders.
+# In workers/ the gateway may load: the pure modules, the launchers' *_builders, and the Celery
+# app it sends tasks with (celery_app, and tasks, whose bodies import the supervisor when they run
+# in a worker).
 SHARED = {"workers", "workers.config", "workers.errors", "workers.protocol", "workers.jmsg",
           "workers.registry", "workers.resources", "workers.typed", "workers.launcher_options",
           "workers.gpus", "workers.kernel_socket", "workers.logs", "workers.reconcile",
-          "workers.launchers"}
+          "workers.launchers", "workers.celery_app", "workers.tasks"}
 
 QUEUES = """
 pools:
@@ -137,10 +140,12 @@ def test_gateway_and_config_load_no_worker_backend(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import json, sys
         import gateway.app
+        from gateway.dispatch import Dispatcher
         from workers import launchers
         from workers.config import load_config
         config = load_config({str(tmp_path / "queues.yaml")!r}, environ={{}})
         assert {{p.launcher for p in config.pools.values()}} == set(launchers.LAUNCHERS)
+        Dispatcher(config)  # create_app's Celery app, with its task definitions
         print(json.dumps(sorted(sys.modules)))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
