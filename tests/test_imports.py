@@ -25,7 +25,7 @@ PACKAGES = ("gateway", "workers", "poolgate")
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
+    out: dict[str, Path] = {}
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
@@ -36,7 +36,7 @@ def _modules() -> dict[str, Path]:
 def _imported(name: str, path: Path) -> set[str]:
     """Every dotted name ``name``'s source imports, wherever the import statement is."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -55,7 +55,7 @@ def import_graph() -> dict[str, set[str]]:
     mods = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
-        edges = set()
+        edges: set[str] = set()
         for target in _imported(name, path):
             while target and target not in mods:  # "from pkg import name": the module pkg
                 target = target.rpartition(".")[0]

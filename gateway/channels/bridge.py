@@ -324,7 +324,8 @@ class Bridge:
 
     def _record_seen(self) -> None:
         """Every SEEN_EVERY, tell other gateways what each client got (one pipeline for all
-        sessions), in case this gateway dies: they replay from there (gateway/channels/replay.py)."""
+        sessions), in case this gateway dies: they replay from there
+        (gateway/channels/replay.py)."""
         while True:
             time.sleep(SEEN_EVERY)
             with self._lock:

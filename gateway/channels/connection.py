@@ -56,7 +56,8 @@ class Connection:
         self.next_ping = 0.0
         self._lock = threading.RLock()
         self.stats = WsStats()  # written only by the pump thread
-        self.plain = simple_ws.no_extensions(ws)  # frames written and read here (gateway/framing.py)
+        # no extension: frames are written and read here (gateway/framing.py)
+        self.plain = simple_ws.no_extensions(ws)
         cap = getattr(ws, "max_message_size", None) or framing.MAX_MESSAGE_SIZE
         self.reader = framing.FrameReader(cap) if self.plain else None
         self.pending: list[bytes | memoryview] = []  # written when the socket takes them
@@ -87,7 +88,8 @@ class Connection:
                 if self.plain:
                     parts += (framing.ws_header(frame, text), frame)
                 else:  # wsproto frames str as text, bytes as binary
-                    parts.append(simple_ws.encode(ws, Message(data=frame.decode() if text else frame)))
+                    message = Message(data=frame.decode()) if text else Message(data=frame)
+                    parts.append(simple_ws.encode(ws, message))
             if done is not None:
                 self.on_flushed.append(done)
             if not self._flush_locked() and block:

@@ -18,9 +18,9 @@ def test_views_read_the_one_state(redis_stack: Stack) -> None:
     with app.app_context():
         assert state() is shared
     client = app.test_client()
-    pools = client.get("/api/pools")
-    assert pools.status_code == 200 and {p["name"] for p in pools.json} == set(shared.config.pools)
-    specs = client.get("/api/kernelspecs")
-    assert specs.status_code == 200 and specs.json["default"] == shared.config.default_kernelspec
+    r = client.get("/api/pools")
+    assert r.status_code == 200 and {p["name"] for p in r.get_json()} == set(shared.config.pools)
+    r = client.get("/api/kernelspecs")
+    assert r.status_code == 200 and r.get_json()["default"] == shared.config.default_kernelspec
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and b"poolgate_launch_queue_seconds" in metrics.data
