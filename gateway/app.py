@@ -11,15 +11,18 @@ import logging
 import socket
 from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, request
 from flask_sock import Sock
 
-from gateway import auth, errors, framing
+from gateway import auth, errors, framing, state
 from gateway import operating
-from gateway.channels import Bridge, NoReaderThread
+from gateway.api import kernels, kernelspecs, root, sessions, swagger
+from gateway.channels.bridge import Bridge
+from gateway.channels.simple_ws import NoReaderThread
 from gateway.dispatch import Dispatcher
 from gateway.events import EventHub
 from gateway.kernels import KernelService
+from gateway.state import AppState
 from workers.config import Config, load_config
 from workers.registry import Registry
 
@@ -43,20 +46,17 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
     events.start()
     service = KernelService(config, registry, Dispatcher(config), events)
     bridge = Bridge(service, config.gateway.session_buffer_seconds)
-    app.extensions["poolgate"] = {"config": config, "service": service, "bridge": bridge,
-                                  "registry": registry}
+    state.install(app, AppState(config=config, registry=registry, service=service, bridge=bridge))
     app.config["SOCK_SERVER_OPTIONS"] = {
         "ping_interval": config.gateway.ws_ping_interval or None,
         "subprotocols": ["v1.kernel.websocket.jupyter.org"],
         "receive_bytes": 65536,
         "max_message_size": framing.MAX_MESSAGE_SIZE,  # both paths: 1009 past it
-        "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels.py)
+        "thread_class": NoReaderThread,  # the session's pump reads (gateway/channels/pump.py)
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     base = "/" + config.gateway.base_url.strip("/")
     base = "" if base == "/" else base
-
-    from gateway.api import kernels, kernelspecs, sessions, root, swagger
 
     auth.install(app, config)  # first: authentication runs before any other before_request
     sock = Sock(app)
@@ -74,7 +74,6 @@ def create_app(settings: dict[str, Any] | None = None) -> Flask:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        g.poolgate = app.extensions["poolgate"]
 
     log.info("Gateway ready: %d pools, %d kernelspecs, registry %s", len(config.pools),
              len(config.kernelspecs), config.registry_url)

@@ -237,14 +237,14 @@ def authenticate() -> Any:
 
     if request.method == "OPTIONS":  # a CORS preflight carries no credentials, and gets no data
         return cors.preflight()
-    config: Config = current_app.extensions["poolgate"]["config"]
-    metrics_token = config.gateway.auth.metrics_token
+    authenticator: Authenticator = current_app.extensions["poolgate.auth"]
+    metrics_token = authenticator.cfg.metrics_token
     if (request.endpoint in OPERATOR_ENDPOINTS and metrics_token
             and same(given_token(request), metrics_token)):
         g.user = METRICS
         return None
     try:
-        g.user = current_app.extensions["poolgate.auth"].authenticate(request)
+        g.user = authenticator.authenticate(request)
     except Unauthorized as exc:  # one line per refusal, for audits and fail2ban
         log.info("Refused %s %s from %s: %s", request.method, request.path,
                  request.remote_addr, exc.message)

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, render_template, request
 
-from gateway.api import ctx
+from gateway.state import state
 from gateway.api.pools import snapshot
 
 bp = Blueprint("dashboard", __name__, template_folder="templates")
@@ -44,7 +44,7 @@ def _duration_filter(seconds: Any) -> str:
 
 @bp.get("/pools")
 def page() -> Any:
-    pools = snapshot(ctx()["config"], ctx()["registry"])
+    pools = snapshot(state().config, state().registry)
     template = "pools_fragment.html" if request.args.get("fragment") else "pools.html"
     return render_template(template, pools=pools, totals=totals(pools),
                            refresh=REFRESH_SECONDS)

@@ -13,8 +13,8 @@ Two kinds of series, and the rule for each:
   the connection it runs on (:class:`WsStats`, one writer thread each); the collector adds
   them up at scrape time.
 
-:class:`Hooks` is what the WebSocket ``Bridge`` and the tally listener call; the no-op base
-keeps them free of any dependency on metrics.
+:class:`GatewayMetrics` implements the ``Hooks`` that the WebSocket ``Bridge`` and the tally
+listener call (gateway/channels/hooks.py), which keeps them free of any dependency on metrics.
 """
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.api.pools import build_pools, read_state
+from gateway.channels.hooks import Hooks, WsStats
+from gateway.state import AppState, state
 from gateway.tally import CULL_KINDS, FAILURE_KINDS
 from workers.config import Config
 from workers.protocol import KernelStatus
@@ -41,36 +43,6 @@ bp = Blueprint("metrics", __name__)
 LAUNCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0,
                   120.0, 180.0, 300.0, 600.0, 1200.0, 1800.0)
 DIRECTIONS = ("client_to_kernel", "kernel_to_client")
-
-
-class WsStats:
-    """Messages and bytes of one WebSocket, per (direction, channel); one thread writes it."""
-
-    __slots__ = ("counts",)
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], list[int]] = {}
-
-    def add(self, direction: str, channel: str, nbytes: int) -> None:
-        c = self.counts.get((direction, channel))
-        if c is None:
-            self.counts[(direction, channel)] = [1, nbytes]
-        else:
-            c[0] += 1
-            c[1] += nbytes
-
-
-class Hooks:
-    """What the kernel service and the WebSocket bridge report; this base ignores it all."""
-
-    def launched(self, pool: str, timing: Mapping[str, Any]) -> None:
-        """Called once per launch in the cluster (gateway/tally.py) when it is RUNNING."""
-
-    def ws_opened(self, stats: WsStats) -> None:
-        """Called by the Bridge when a client WebSocket starts being served."""
-
-    def ws_closed(self, stats: WsStats) -> None:
-        """Called by the Bridge when that WebSocket ends."""
 
 
 def launch_durations(timing: Mapping[str, Any]) -> tuple[float, float] | None:
@@ -225,14 +197,14 @@ class WsCollector(Collector):
 
 @bp.get("/metrics")
 def metrics() -> Any:
-    m: GatewayMetrics = current_app.extensions["poolgate"]["metrics"]
+    m = state().metrics
+    assert isinstance(m, GatewayMetrics), "install() runs in create_app (gateway/operating.py)"
     return Response(m.render(), content_type=CONTENT_TYPE_LATEST)
 
 
-def install(app: Any) -> GatewayMetrics:
+def install(shared: AppState) -> GatewayMetrics:
     """Create the app's metrics and connect the bridge to them."""
-    ext: dict[str, Any] = app.extensions["poolgate"]
-    m = GatewayMetrics(ext["config"], ext["registry"])
-    ext["metrics"] = m
-    ext["bridge"].metrics = m
+    m = GatewayMetrics(shared.config, shared.registry)
+    shared.metrics = m
+    shared.bridge.metrics = m
     return m

@@ -5,26 +5,24 @@ Called once by ``create_app``; it also starts the thread that tallies failures a
 """
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Flask, g, redirect, request, url_for
 
 from gateway import dashboard, metrics
 from gateway.api import pools
+from gateway.state import state
 from gateway.tally import TallyListener
 from workers import logs
 
 
 def install(app: Flask, prefix: str | None) -> None:
     """Register the blueprints under ``prefix`` and connect the metrics hooks."""
-    ext: dict[str, Any] = app.extensions["poolgate"]
-    m = metrics.install(app)
+    shared = state(app)
+    m = metrics.install(shared)
     for bp in (pools.bp, metrics.bp, dashboard.bp):
         app.register_blueprint(bp, url_prefix=prefix)
     app.before_request(_log_context)
-    listener = TallyListener(ext["registry"], on_launch=m.launched)
-    listener.start()
-    ext["tally"] = listener
+    shared.tally = TallyListener(shared.registry, on_launch=m.launched)
+    shared.tally.start()
     root = (prefix or "") + "/"
     if not any(rule.rule == root for rule in app.url_map.iter_rules()):
         app.add_url_rule(root, "root_page", lambda: redirect(url_for("dashboard.page")))

@@ -1,4 +1,4 @@
-"""The client socket of a WebSocket served over TLS, as the pump (gateway/channels.py) uses it.
+"""The client socket of a WebSocket served over TLS, as the pump (gateway/channels/pump.py) uses it.
 
 The pump writes with ``sendmsg`` and reads a non-blocking socket when ``poll`` says it is
 readable. An ``ssl.SSLSocket`` has no ``sendmsg``, says "would block" with ``SSLWantReadError``

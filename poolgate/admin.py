@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from poolgate.serve import data_dir, running
 from workers.config import Config, load_config
 from workers.errors import BadRequest, GatewayError, UnknownPool
 
@@ -54,8 +55,6 @@ def find_registry(args: argparse.Namespace) -> tuple[Config, str]:
     """The configuration to read, and where its registry came from: a running ``poolgate
     serve``'s private Redis (its data folder) unless --config or POOLGATE_REGISTRY_URL says
     otherwise, or --data-dir names that folder."""
-    from poolgate.serve import data_dir, running
-
     explicit = args.config or os.environ.get("POOLGATE_REGISTRY_URL")
     if args.data_dir or not explicit:
         folder = data_dir(args.data_dir, create=False)

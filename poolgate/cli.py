@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from poolgate import admin
+from poolgate.gateway_options import check_port, gateway_overrides
 from workers.errors import BackendUnavailable, ConfigError, GatewayError
 
 
@@ -99,18 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def check_port(ip: str, port: int) -> None:
-    """Refuse a port another program listens on, before anything says "listening"."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((ip, port))
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot listen on {ip}:{port}: {exc.strerror or exc}; "
-                                     f"another program has it (pass --port)") from None
-
-
 def check_registry(url: str) -> None:
     """Refuse to start a gateway whose registry does not answer."""
     import redis
@@ -123,18 +112,6 @@ def check_registry(url: str) -> None:
     except (redis.RedisError, OSError) as exc:
         raise BackendUnavailable(f"cannot reach the registry at {mask(url)}: {exc}; start Redis "
                                  f"or set POOLGATE_REGISTRY_URL") from None
-
-
-def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.auth_token is not None:
-        out["auth_token"] = args.auth_token
-    if args.base_url is not None:
-        out["base_url"] = args.base_url
-    for key in ("certfile", "keyfile", "client_ca"):
-        if getattr(args, key, None):
-            out[key] = str(Path(getattr(args, key)).resolve())
-    return out
 
 
 def tls_options(gw: Any) -> dict[str, Any]:

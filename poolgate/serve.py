@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from poolgate.gateway_options import check_port, gateway_overrides
 from workers.errors import ConfigError
 
 
@@ -149,12 +150,9 @@ def start_redis(unit: Unit, folder: Path, env: dict[str, str]) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from poolgate.cli import gateway_overrides
     from workers import launchers
     from workers.config import find_config, load_config
     from workers.registry import Registry
-
-    from poolgate.cli import check_port
 
     cfg_path = find_config(args.config)
     load_config(cfg_path)  # validate before starting anything

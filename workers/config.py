@@ -11,17 +11,18 @@ import difflib
 import json
 import os
 import sys
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from workers.errors import ConfigError
-
-T = TypeVar("T")
+from workers.launcher_options import validate_options
+from workers.resources import check_config
+from workers.typed import _coerce
+from workers.typed import build as build  # launchers and tests build their options with it
 
 #: Enterprise Gateway process proxies and the launcher type they stand for.
 EG_PROCESS_PROXIES = {
@@ -197,78 +198,6 @@ class Config:
         return self.pools[self.kernelspecs[spec_name].pool]
 
 
-# -- generic typed loading ------------------------------------------------------------------
-
-
-def _describe(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp)
-    )
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a nested section
-        return build(tp, value, path)
-    elif origin is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-        if isinstance(value, list):  # a list of mappings, e.g. an ssh pool's hosts
-            item = typing.get_args(tp)[0]
-            return tuple(build(item, v, f"{path}[{i}]") for i, v in enumerate(value))
-        raise ConfigError(f"{path}: expected a list of mappings, got "
-                          f"{json.dumps(value, default=str)}")
-    elif origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-            return tuple(str(v) for v in value)
-        raise ConfigError(f"{path}: expected a list of strings, got {json.dumps(value)}")
-    elif origin in (dict, Mapping) or tp in (dict, Mapping):
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{path}: expected a mapping, got {json.dumps(value)}")
-    else:
-        return value
-    raise ConfigError(f"{path}: expected {_describe(tp)}, got {json.dumps(value, default=str)}")
-
-
-def build(cls: type[T], data: Any, path: str, **fixed: Any) -> T:
-    """Build dataclass ``cls`` from a YAML mapping; unknown keys and bad types are ConfigErrors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {json.dumps(data, default=str)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = dict(fixed)
-    for key, value in data.items():
-        if key not in fields or key in fixed:
-            close = difflib.get_close_matches(str(key), [f for f in fields if f not in fixed], 1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            allowed = ", ".join(f for f in fields if f not in fixed)
-            raise ConfigError(f"{path}.{key}: unknown key{hint} (allowed: {allowed})")
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    except ValueError as exc:  # from a __post_init__, as "field: rule"
-        raise ConfigError(f"{path}.{exc}") from exc
-
-
 def _positive(value: float, path: str, minimum: float = 0, strict: bool = True) -> None:
     if value < minimum or (strict and value == minimum):
         rule = f"> {minimum}" if strict else f">= {minimum}"
@@ -397,8 +326,6 @@ _TOP_KEYS = {
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Load and validate queues.yaml; ``environ`` supplies POOLGATE_* overrides."""
-    from workers.launchers import validate_options
-
     env = dict(os.environ if environ is None else environ)
     cfg_path = find_config(str(path) if path else None)
     try:
@@ -471,8 +398,6 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             if pool.launcher != "local":
                 raise ConfigError(f"{where}: warm kernels need launcher 'local' (resources "
                                   f"such as GPUs are given at process start)")
-    from workers.resources import check_config
-
     check_config(pools, specs)  # per-kernel limits parse; each spec's own request is within them
 
     default_url = "redis://127.0.0.1:6379/0"

@@ -39,12 +39,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from workers.errors import BadRequest, ConfigError, LaunchRejected
-
-if TYPE_CHECKING:
-    from workers.config import KernelSpec, PoolConfig
+from workers.launcher_options import options_class
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +55,29 @@ NO_GPU_LAUNCHERS = frozenset({"local", "yarn"})
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]i?)?b?\s*$", re.IGNORECASE)
+
+
+class PoolConfig(Protocol):
+    """What this module reads of a pool (workers.config.PoolConfig, which imports this module
+    to check a loaded queues.yaml)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def launcher(self) -> str: ...
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+
+class KernelSpec(Protocol):
+    """What this module reads of a kernelspec (workers.config.KernelSpec)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pool(self) -> str: ...
+    @property
+    def resources(self) -> Mapping[str, Any]: ...
 
 
 # -- quantities: pure parsers ----------------------------------------------------------------
@@ -106,9 +127,7 @@ _PARSERS = {"gpus": parse_gpus, "cpus": parse_cpus, "memory": parse_memory}
 @functools.lru_cache(maxsize=None)
 def limit_defaults(launcher: str) -> dict[str, Any]:
     """The per-kernel limits a launcher's Options dataclass sets by default (gpu: one GPU)."""
-    from workers.launchers import resolve
-
-    fields = {f.name: f.default for f in dataclasses.fields(resolve(launcher).Options)
+    fields = {f.name: f.default for f in dataclasses.fields(options_class(launcher))
               if f.default is not dataclasses.MISSING}
     return {k: fields[k] for k in LIMIT_KEYS.values() if k in fields}
 
@@ -183,9 +202,7 @@ def requested(pool: PoolConfig, spec_resources: Mapping[str, Any],
 def image_refused(pool: PoolConfig, image: str) -> str:
     """Why ``pool`` does not run KERNEL_IMAGE=``image``, for a launcher with an image allow-list
     (docker, docker-swarm: options ``allow_kernel_image`` and ``allowed_images``); else ''."""
-    from workers.launchers import resolve
-
-    names = {f.name for f in dataclasses.fields(resolve(pool.launcher).Options)}
+    names = {f.name for f in dataclasses.fields(options_class(pool.launcher))}
     if "allowed_images" not in names:
         return ""
     if not pool.options.get("allow_kernel_image"):

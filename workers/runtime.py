@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from workers import launchers
 from workers.config import Config
 from workers.registry import WORKER_TTL, Registry
+from workers.supervisor import Supervisor, reap_orphans
+from workers.warm import WarmSet, reap_warm
 
 if TYPE_CHECKING:
     from workers.launchers.base import Launcher
-    from workers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,8 @@ class Runtime:
             log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
 
     def start(self) -> None:
-        from workers.supervisor import reap_orphans
-
         self.registry.mark_epoch()
         self.registry.check_keys()
-        from workers.warm import WarmSet, reap_warm
-
         for pool in self.pools:
             self.launcher(pool).prepare()
         reap_warm(self)

@@ -24,6 +24,7 @@ import zmq
 
 from workers import jmsg
 from workers.errors import GatewayError, LaunchRejected
+from workers.hosting import WorkerHost
 from workers.kernel_socket import KernelSocket
 from workers.protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
 from workers.registry import KernelRecord, now_iso
@@ -31,7 +32,6 @@ from workers.warm import hand_over
 
 if TYPE_CHECKING:
     from workers.launchers.base import Launcher
-    from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 S = KernelStatus
@@ -108,7 +108,7 @@ class ReplayBuffer:
 class Supervisor:
     """Launches one kernel and looks after it until it ends."""
 
-    def __init__(self, runtime: Runtime, kernel_id: str, pool: str, task: Any = None) -> None:
+    def __init__(self, runtime: WorkerHost, kernel_id: str, pool: str, task: Any = None) -> None:
         self.rt = runtime
         self.reg = runtime.registry
         self.kid = kernel_id
@@ -564,7 +564,7 @@ def stored(handle: KernelHandle) -> dict[str, Any]:
     return data
 
 
-def reap_orphans(runtime: Runtime) -> int:
+def reap_orphans(runtime: WorkerHost) -> int:
     """Adopt or kill what is recorded under this worker's name from an earlier life of it.
 
     A kernel still RUNNING (the worker came back within the heartbeat TTL) and alive is

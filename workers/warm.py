@@ -19,15 +19,10 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
-
-
 from workers.kernel_socket import KernelSocket
 from workers.errors import LaunchRejected
+from workers.hosting import WorkerHost
 from workers.protocol import KernelHandle, LaunchRequest
-
-if TYPE_CHECKING:
-    from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +57,7 @@ def hand_over(handle: KernelHandle, req: LaunchRequest, timeout: float = 10.0) -
 class WarmSet:
     """The warm kernels of one worker process, refilled by a background thread."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: WorkerHost) -> None:
         self.rt = runtime
         self.ready: dict[str, list[KernelHandle]] = {}
         self._lock = threading.Lock()
@@ -144,7 +139,7 @@ class WarmSet:
                 self.rt.registry.forget_warm(self.rt.name, h.kernel_id)
 
 
-def reap_warm(runtime: Runtime) -> int:
+def reap_warm(runtime: WorkerHost) -> int:
     """Stop warm kernels an earlier life of this worker left behind."""
     left = runtime.registry.warm_of(runtime.name)
     for kid, data in left.items():

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import g, request
+from flask import request
 
+from gateway.access import check_owner
 from gateway.auth import User, current_user
+from gateway.state import state
 from workers.errors import BadRequest
 
 
@@ -25,10 +27,6 @@ def json_body() -> dict[str, Any]:
     return body
 
 
-def ctx() -> dict[str, Any]:
-    return g.poolgate  # type: ignore[no-any-return]
-
-
 def user() -> User:
     """The authenticated caller (gateway/auth.py)."""
     return current_user()
@@ -36,8 +34,6 @@ def user() -> User:
 
 def owned(kid: str) -> None:
     """404, as for an unknown kernel, when kernel ``kid`` is another user's (gateway/access.py)."""
-    from gateway.access import check_owner
-
     caller = current_user()
     if not caller.admin:  # admins (and the shared token's anonymous user) own every kernel
-        check_owner(ctx()["service"].registry.get(kid), kid, caller)
+        check_owner(state().service.registry.get(kid), kid, caller)

@@ -7,14 +7,15 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from flask_sock import Sock
 
-from gateway.api import ctx, json_body, owned, user
+from gateway.api import json_body, owned, user
+from gateway.state import state
 
 bp = Blueprint("kernels", __name__)
 
 
 @bp.get("/api/kernels")
 def list_kernels() -> Any:
-    return jsonify(ctx()["service"].list(user()))
+    return jsonify(state().service.list(user()))
 
 
 @bp.post("/api/kernels")
@@ -22,7 +23,7 @@ def start_kernel() -> Any:
     body = json_body()
     if request.args.get("wait") in ("0", "false", "no"):
         body["wait"] = False
-    model = ctx()["service"].start(body, user())
+    model = state().service.start(body, user())
     resp = jsonify(model)
     resp.status_code = 201 if model["poolgate"]["status"] == "RUNNING" else 202
     resp.headers["Location"] = request.script_root + request.path.rstrip("/") + "/" + model["id"]
@@ -32,30 +33,30 @@ def start_kernel() -> Any:
 @bp.get("/api/kernels/<kernel_id>")
 def get_kernel(kernel_id: str) -> Any:
     owned(kernel_id)
-    service = ctx()["service"]
+    service = state().service
     return jsonify(service.model(service.record(kernel_id)))
 
 
 @bp.delete("/api/kernels/<kernel_id>")
 def delete_kernel(kernel_id: str) -> Any:
     owned(kernel_id)
-    ctx()["service"].shutdown(kernel_id)
-    ctx()["bridge"].close_kernel(kernel_id)
+    state().service.shutdown(kernel_id)
+    state().bridge.close_kernel(kernel_id)
     return Response(status=204)
 
 
 @bp.post("/api/kernels/<kernel_id>/interrupt")
 def interrupt_kernel(kernel_id: str) -> Any:
     owned(kernel_id)
-    ctx()["service"].interrupt(kernel_id)
+    state().service.interrupt(kernel_id)
     return Response(status=204)
 
 
 @bp.post("/api/kernels/<kernel_id>/restart")
 def restart_kernel(kernel_id: str) -> Any:
     owned(kernel_id)
-    bridge = ctx()["bridge"]
-    service = ctx()["service"]
+    bridge = state().bridge
+    service = state().service
     service.record(kernel_id)  # 404 before anything is held
     bridge.restarting(kernel_id)
     try:
@@ -73,7 +74,7 @@ def register_channels(sock: Sock, base: str) -> None:
     @sock.route(path, endpoint="kernel_channels")
     def channels(ws: Any, kernel_id: str) -> None:
         session_id = request.args.get("session_id") or uuid.uuid4().hex
-        ctx()["bridge"].serve(ws, kernel_id, session_id)
+        state().bridge.serve(ws, kernel_id, session_id)
 
     app = sock.app
     assert app is not None
@@ -81,14 +82,11 @@ def register_channels(sock: Sock, base: str) -> None:
     @app.before_request
     def _known_kernel() -> None:
         if request.endpoint == "kernel_channels":
-            from flask import g
-
-            g.poolgate = app.extensions["poolgate"]
-            if not g.poolgate["config"].gateway.ws_compression:
+            if not state().config.gateway.ws_compression:
                 # Declined as Jupyter Server and Enterprise Gateway decline it by default:
                 # deflating every frame costs more CPU than a LAN saves (README, WebSocket
                 # behaviour). simple-websocket accepts any offer it sees in the headers.
                 request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
             kid = (request.view_args or {}).get("kernel_id", "")
             owned(kid)
-            ctx()["service"].record(kid)
+            state().service.record(kid)

@@ -8,7 +8,8 @@ from typing import Any
 from flask import Blueprint, jsonify, request, send_file
 
 from gateway.access import refusal
-from gateway.api import ctx, user
+from gateway.api import user
+from gateway.state import state
 from workers.errors import UnknownKernelSpec
 
 bp = Blueprint("kernelspecs", __name__)
@@ -17,7 +18,7 @@ bp = Blueprint("kernelspecs", __name__)
 def _visible(name: str) -> dict[str, Any]:
     """The kernelspecs ``name`` may start (gateway/access.py); all for the anonymous user
     without ``?user=``, as before users existed."""
-    config = ctx()["config"]
+    config = state().config
     out = {}
     for spec_name, spec in sorted(config.kernelspecs.items()):
         pool = config.pools[spec.pool]
@@ -36,8 +37,8 @@ def _caller() -> str:
 
 @bp.get("/api/kernelspecs")
 def list_specs() -> Any:
-    config = ctx()["config"]
-    service = ctx()["service"]
+    config = state().config
+    service = state().service
     specs = _visible(_caller())
     # A spec whose pool no worker serves (one `poolgate serve` could not start here, say)
     # cannot start: it is not offered, unless its pool waits for workers.

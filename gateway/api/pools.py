@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from gateway.api import ctx
+from gateway.state import state
 from gateway.tally import Tally
 from workers.config import Config, PoolConfig
 from workers.errors import UnknownPool
@@ -168,13 +168,14 @@ def snapshot(config: Config, registry: Registry) -> list[dict[str, Any]]:
 
 @bp.get("/api/pools")
 def list_pools() -> Any:
-    return jsonify(snapshot(ctx()["config"], ctx()["registry"]))
+    shared = state()
+    return jsonify(snapshot(shared.config, shared.registry))
 
 
 @bp.get("/api/pools/<name>")
 def get_pool(name: str) -> Any:
-    config: Config = ctx()["config"]
+    shared = state()
+    config = shared.config
     if name not in config.pools:
         raise UnknownPool(f"no pool named {name!r}; pools: {', '.join(config.pools)}")
-    state = read_state(config, ctx()["registry"])
-    return jsonify(build_pool(config.pools[name], state))
+    return jsonify(build_pool(config.pools[name], read_state(config, shared.registry)))

@@ -7,14 +7,15 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from gateway.access import session_visible
-from gateway.api import ctx, json_body, owned, user
+from gateway.api import json_body, owned, user
+from gateway.state import state
 from workers.errors import BadRequest, KernelNotFound, SessionNotFound
 
 bp = Blueprint("sessions", __name__)
 
 
 def _model(sess: dict[str, Any]) -> dict[str, Any]:
-    service = ctx()["service"]
+    service = state().service
     try:
         kernel = service.model(service.record(sess["kernel_id"]))
     except KernelNotFound:
@@ -24,7 +25,7 @@ def _model(sess: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get(sid: str) -> dict[str, Any]:
-    sess = ctx()["registry"].session(sid)
+    sess = state().registry.session(sid)
     if sess is None or not session_visible(sess, user()):  # another user's is unknown too
         raise SessionNotFound(f"session {sid} not found")
     return sess
@@ -32,7 +33,7 @@ def _get(sid: str) -> dict[str, Any]:
 
 @bp.get("/api/sessions")
 def list_sessions() -> Any:
-    return jsonify([_model(s) for s in ctx()["registry"].sessions() if session_visible(s, user())])
+    return jsonify([_model(s) for s in state().registry.sessions() if session_visible(s, user())])
 
 
 @bp.post("/api/sessions")
@@ -44,7 +45,7 @@ def create_session() -> Any:
     kernel = body.get("kernel") or {}
     if not isinstance(kernel, dict):
         raise BadRequest("'kernel' must be an object")
-    service = ctx()["service"]
+    service = state().service
     if kernel.get("id"):
         owned(str(kernel["id"]))
         kid = service.record(str(kernel["id"])).id
@@ -52,7 +53,7 @@ def create_session() -> Any:
         kid = service.start({"name": kernel.get("name"), "env": body.get("env")}, user())["id"]
     sess = {"id": str(uuid.uuid4()), "path": path, "name": str(body.get("name") or ""),
             "type": str(body.get("type") or "notebook"), "kernel_id": kid, "user": user().name}
-    ctx()["registry"].save_session(sess["id"], sess)
+    state().registry.save_session(sess["id"], sess)
     resp = jsonify(_model(sess))
     resp.status_code = 201
     resp.headers["Location"] = f"/api/sessions/{sess['id']}"
@@ -77,15 +78,15 @@ def update_session(sid: str) -> Any:
     if isinstance(kernel, dict):
         if kernel.get("id"):
             owned(str(kernel["id"]))
-            sess["kernel_id"] = ctx()["service"].record(str(kernel["id"])).id
+            sess["kernel_id"] = state().service.record(str(kernel["id"])).id
         elif kernel.get("name"):
             old = sess["kernel_id"]
-            sess["kernel_id"] = ctx()["service"].start({"name": kernel["name"]}, user())["id"]
+            sess["kernel_id"] = state().service.start({"name": kernel["name"]}, user())["id"]
             try:
-                ctx()["service"].shutdown(old)
+                state().service.shutdown(old)
             except KernelNotFound:
                 pass
-    ctx()["registry"].save_session(sid, sess)
+    state().registry.save_session(sid, sess)
     return jsonify(_model(sess))
 
 
@@ -93,9 +94,9 @@ def update_session(sid: str) -> Any:
 def delete_session(sid: str) -> Any:
     sess = _get(sid)
     try:
-        ctx()["service"].shutdown(sess["kernel_id"])
-        ctx()["bridge"].close_kernel(sess["kernel_id"])
+        state().service.shutdown(sess["kernel_id"])
+        state().bridge.close_kernel(sess["kernel_id"])
     except KernelNotFound:
         pass
-    ctx()["registry"].delete_session(sid)
+    state().registry.delete_session(sid)
     return Response(status=204)

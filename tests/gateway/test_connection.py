@@ -12,7 +12,7 @@ from wsproto import WSConnection
 from wsproto.events import BytesMessage, Message, Ping, Pong, TextMessage
 
 from gateway import wire
-from gateway.channels import Connection
+from gateway.channels.connection import Connection
 from tests.gateway.fakes import FakeWs, client_pair
 
 

@@ -87,7 +87,7 @@ def test_protocol_errors_fail_the_connection_with_the_rfcs_code(frame: bytes, co
 def test_connection_answers_a_ping_and_ends_on_close() -> None:
     """Connection.read on the plain path: what the client sent, pings answered on the socket,
     a protocol error or a close ends the connection."""
-    from gateway.channels import Connection
+    from gateway.channels.connection import Connection
 
     client, server = client_pair()
     a, b = socket.socketpair()
@@ -142,7 +142,7 @@ def test_send_some_stays_importable_from_framing() -> None:
 def test_connection_closes_a_client_whose_message_is_over_the_cap() -> None:
     """Connection.read on the plain path: a header announcing a message over FrameReader's
     default cap ends the connection with 1009 before any of its payload is read."""
-    from gateway.channels import Connection
+    from gateway.channels.connection import Connection
 
     client, server = client_pair()
     a, b = socket.socketpair()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.channels import NUDGE_EVERY, NUDGE_FIRST, KernelSession
+from gateway.channels.session import NUDGE_EVERY, NUDGE_FIRST, KernelSession
 from workers import jmsg
 
 

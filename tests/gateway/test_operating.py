@@ -7,7 +7,8 @@ import logging
 
 from gateway.api.pools import ClusterState, build_kernel, build_pool, build_worker
 from gateway.dashboard import duration, totals
-from gateway.metrics import WsStats, launch_durations
+from gateway.channels.hooks import WsStats
+from gateway.metrics import launch_durations
 from gateway.tally import Ending, classify
 from poolgate.admin import drain_targets, kernel_rows, render_status, table
 from workers.config import PoolConfig

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from simple_websocket import ConnectionClosed
 
-from gateway.channels import KernelSession, Outbox
+from gateway.channels.pump import Outbox
+from gateway.channels.session import KernelSession
 
 
 class Client:
@@ -35,7 +36,7 @@ def message(channel: str, msg_id: str, msg_type: str, parent: str,
 
 def add(out: Outbox, sess: KernelSession, channel: str, head: dict[str, Any],
         parts: list[bytes]) -> None:
-    """What Bridge._relay passes: the parent of a reply, or of an idle once replies wait."""
+    """What Pump._relay passes: the parent of a reply, or of an idle once replies wait."""
     idle = channel == "iopub" and head["msg_type"] == "status" and b"idle" in parts[3]
     pid = json.loads(parts[1])["msg_id"] if channel != "iopub" or idle else ""
     out.add(f"frame {head['msg_id']}", channel, head, pid)

@@ -105,7 +105,7 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
 
     from wsproto.events import BytesMessage, TextMessage
 
-    from gateway.channels import Connection
+    from gateway.channels.connection import Connection
     from tests.gateway.fakes import FakeWs, client_pair
 
     client, server = client_pair(deflate)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from workers.errors import ConfigError
+from workers.launcher_options import validate_options as validate_options  # for its callers
+from workers.typed import build
 
 if TYPE_CHECKING:
     from workers.config import PoolConfig
@@ -40,30 +41,14 @@ def resolve(name: str) -> type[Launcher]:
     return cls
 
 
-def validate_options(name: str, options: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    """Check a pool's ``options`` against its launcher's options dataclass."""
-    from workers.config import build
-
-    try:
-        cls = resolve(name)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}.launcher: {exc}") from None
-    build(cls.Options, options, f"{path}.options")
-    return dict(options)
-
-
 def default_slots(pool: PoolConfig) -> int | None:
     """What ``pool``'s launcher says a worker can host (Launcher.default_slots), or None."""
-    from workers.config import build
-
     cls = resolve(pool.launcher)
     return cls.default_slots(build(cls.Options, dict(pool.options), f"pools.{pool.name}.options"))
 
 
 def create(pool: PoolConfig, runtime_dir: str) -> Launcher:
     """A launcher for ``pool``, its options built into the launcher's dataclass."""
-    from workers.config import build
-
     cls = resolve(pool.launcher)
     return cls(pool, build(cls.Options, dict(pool.options), f"pools.{pool.name}.options"),
                runtime_dir)

@@ -19,6 +19,7 @@ from typing import Any
 
 from workers.errors import LaunchRejected
 from workers.protocol import LaunchRequest
+from workers.resources import parse_memory
 
 LABEL = "poolgate"                  # every label poolgate sets starts with "poolgate."
 KERNEL_LABEL = "poolgate.kernel_id"
@@ -169,8 +170,6 @@ def build_env(req: LaunchRequest, options: DockerOptions,
 
 def limits(req: LaunchRequest, options: DockerOptions) -> tuple[int, int]:
     """(nano cpus, memory bytes) of a kernel: what it asked for, else the pool's default."""
-    from workers.resources import parse_memory
-
     cpus = float(req.resources.get("cpus") or options.cpus or 0)
     memory = req.resources.get("memory") or (
         parse_memory(options.memory, "memory") if options.memory else 0)

@@ -23,6 +23,7 @@ from workers.errors import LaunchRejected
 from workers.launchers.docker_builders import (KERNEL_LABEL, UID, build_command, choose_image,
                                                resource_name)
 from workers.protocol import LaunchRequest
+from workers.resources import parse_memory
 
 if TYPE_CHECKING:
     from workers.config import PoolConfig
@@ -324,8 +325,6 @@ def build_secret(req: LaunchRequest, options: KubernetesOptions, namespace: str,
 
 def resources(req: LaunchRequest, options: KubernetesOptions) -> dict[str, str]:
     """The kernel's requests (= limits): cpu in millicores, memory in bytes, GPUs."""
-    from workers.resources import parse_memory
-
     out: dict[str, str] = {}
     cpus = float(req.resources.get("cpus") or options.cpus or 0)
     memory = int(req.resources.get("memory") or (

@@ -15,47 +15,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from workers.kernel_socket import KernelSocket
 from workers.config import python_argv
-from workers.errors import ConfigError, LaunchRejected, LaunchTimeout
+from workers.errors import LaunchRejected, LaunchTimeout
 from workers.launchers.base import Launcher, without_worker_secrets
 from workers.launchers.forking import UNKNOWN, Forked, ForkServer, why_not
+from workers.launchers.local_builders import (CHANNELS, LocalOptions, build_connection,
+                                              parse_port_range)
 from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 from workers.resources import Confinement, Confiner, Limits, cleanup
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalOptions:
-    """Options of a ``launcher: local`` pool."""
-
-    ip: str = "127.0.0.1"          # where kernels listen; the address gateways reach them at
-    port_range: str = ""           # "9000-9999": kernel ports come from this range
-    transport: str = "tcp"
-    max_cpus_per_kernel: float = 0.0   # most cpus a kernel may ask (KERNEL_CPUS); 0: no limit
-    max_memory_per_kernel: str = ""    # most memory a kernel may ask, e.g. "8Gi"; "": no limit
-    fork_kernels: bool = True      # ipykernel kernels forked from a process that imported it
-
-
-def parse_port_range(text: str) -> tuple[int, int] | None:
-    """``"9000-9999"`` → (9000, 9999); ``""`` → None (any free port)."""
-    if not text:
-        return None
-    try:
-        lo, hi = (int(p) for p in text.split("-", 1))
-    except ValueError:
-        raise ConfigError(f"port_range: expected 'LOW-HIGH', got {text!r}") from None
-    if not 1024 <= lo < hi <= 65535 or hi - lo < 5:
-        raise ConfigError(f"port_range: expected 1024 <= LOW < HIGH <= 65535 with at least "
-                          f"5 ports, got {text!r}")
-    return lo, hi
 
 
 _PORT_LOCK = threading.Lock()
@@ -118,14 +92,6 @@ def free_ports(ip: str, count: int = 5) -> list[int]:
                 s.close()
         _RECENT.extend(found)
     return found
-
-
-def build_connection(ip: str, key: str, ports: list[int] | None, transport: str) -> dict[str, object]:
-    """The connection file a local kernel starts from (ports 0: the kernel picks and writes them)."""
-    ports = ports or [0] * 5
-    data: dict[str, object] = {f"{c}_port": p for c, p in zip(CHANNELS, ports)}
-    data.update(ip=ip, key=key, transport=transport, signature_scheme="hmac-sha256")
-    return data
 
 
 def build_command(argv: tuple[str, ...], connection_file: str, resource_dir: str) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from workers.errors import ConfigError, LaunchRejected
-from workers.launchers.local import build_connection, parse_port_range
+from workers.launchers.local_builders import build_connection, parse_port_range
 from workers.protocol import LaunchRequest
 
 PLACEMENTS = ("round-robin", "least-loaded")

@@ -18,7 +18,8 @@ import pytest
 from workers.config import KernelSpec, PoolConfig, build
 from workers.errors import BadRequest, ConfigError, LaunchRejected
 from workers.gpus import GPU, GPUAllocator, discover, parse_nvidia_smi, parse_visible_devices
-from workers.launchers.gpu import GPULauncher, GPUOptions, build_gpu_env, slots_for
+from workers.launchers.gpu import GPULauncher
+from workers.launchers.gpu_builders import GPUOptions, build_gpu_env, slots_for
 from workers.protocol import KernelHandle, LaunchRequest
 from workers.resources import (Confiner, Limits, admit, build_cgroup_files, own_cgroup,
                                parse_cpus, parse_memory, shown)

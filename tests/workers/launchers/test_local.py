@@ -10,8 +10,8 @@ import pytest
 from workers import launchers
 from workers.config import PoolConfig
 from workers.errors import ConfigError
-from workers.launchers.local import (build_command, build_connection, build_env,
-                                     parse_port_range)
+from workers.launchers.local import build_command, build_env
+from workers.launchers.local_builders import build_connection, parse_port_range
 from workers.protocol import LaunchRequest
 
 

@@ -1,0 +1,50 @@
+"""Each launcher key's options dataclass, imported from the pure module beside its launcher.
+
+The rule of this module: loading queues.yaml (workers/config.py) checks a pool's ``options``
+here, without importing the launcher itself, so a gateway process never imports docker,
+kubernetes, paramiko, psutil or zmq. ``workers.launchers.LAUNCHERS`` names the launcher classes;
+each class's ``Options`` is the dataclass named here (tests/workers/launchers/test_registry.py).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from workers.errors import ConfigError
+from workers.typed import build
+
+OPTIONS: dict[str, str] = {
+    "local": "workers.launchers.local_builders:LocalOptions",
+    "gpu": "workers.launchers.gpu_builders:GPUOptions",
+    "ssh": "workers.launchers.ssh_builders:SSHOptions",
+    "docker": "workers.launchers.docker_builders:DockerOptions",
+    "docker-swarm": "workers.launchers.docker_builders:SwarmOptions",
+    "yarn": "workers.launchers.yarn_builders:YarnOptions",
+    "kubernetes": "workers.launchers.k8s_builders:KubernetesOptions",
+}
+
+
+def options_class(name: str) -> type[Any]:
+    """The options dataclass of launcher ``name``; an unknown name is a ConfigError with a
+    suggestion."""
+    try:
+        target = OPTIONS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(OPTIONS), 1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(OPTIONS)})") from None
+    module, _, attr = target.partition(":")
+    cls: type[Any] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def validate_options(name: str, options: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """Check a pool's ``options`` against its launcher's options dataclass."""
+    try:
+        cls = options_class(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}.launcher: {exc}") from None
+    build(cls, options, f"{path}.options")
+    return dict(options)
