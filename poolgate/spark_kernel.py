@@ -1,0 +1,154 @@
+"""A Spark kernel: ipykernel with ``spark`` and ``sc`` ready, as Enterprise Gateway's are.
+
+Run by a kernelspec as ``python -m poolgate.spark_kernel [--init-mode MODE] -f
+{connection_file}``. What the client's start request may set (both are ``KERNEL_*``, so the
+gateway passes them on):
+
+- ``KERNEL_SPARK_CONTEXT_INIT_MODE``: ``eager`` creates the SparkSession before the kernel
+  answers; ``lazy`` creates it the first time a cell touches ``spark`` or ``sc``; ``none``
+  defines neither. It overrides the spec's ``--init-mode`` (default ``lazy``).
+- ``KERNEL_EXTRA_SPARK_OPTS``: spark-submit options (``--conf k=v``, ``--driver-memory 1g``,
+  ...) added to ``PYSPARK_SUBMIT_ARGS`` before the JVM starts. Where the JVM already runs
+  (``spark-submit --deploy-mode cluster`` started this process, see
+  workers/launchers/spark_builders.py) they were on that command line instead.
+
+An interrupt cancels the Spark jobs the cell started (``SparkContext.cancelAllJobs``, from a
+thread of its own: the cell's thread is waiting on the JVM) and then raises KeyboardInterrupt,
+so the cell ends and the executors are free. ipykernel alone only raises KeyboardInterrupt,
+which leaves the job running in the JVM.
+
+The rule of this module: the standard library at import; ipykernel and pyspark only once the
+kernel starts, so it imports (and its pure parts test) anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+MODES = ("eager", "lazy", "none")
+SHELL = "pyspark-shell"
+
+
+def init_mode(env: Mapping[str, str], spec_default: str) -> str:
+    """The mode the client asked for (KERNEL_SPARK_CONTEXT_INIT_MODE), else the spec's."""
+    mode = (env.get("KERNEL_SPARK_CONTEXT_INIT_MODE") or spec_default).strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"KERNEL_SPARK_CONTEXT_INIT_MODE={mode!r}: expected one of "
+                         f"{', '.join(MODES)}")
+    return mode
+
+
+def submit_args(env: Mapping[str, str]) -> str:
+    """``PYSPARK_SUBMIT_ARGS`` with ``KERNEL_EXTRA_SPARK_OPTS`` added: pyspark hands these to
+    spark-submit when it starts the JVM, and wants ``pyspark-shell`` last."""
+    words = shlex.split(env.get("PYSPARK_SUBMIT_ARGS", ""))
+    if words[-1:] == [SHELL]:
+        words.pop()
+    words += shlex.split(env.get("KERNEL_EXTRA_SPARK_OPTS", ""))
+    return shlex.join([*words, SHELL])
+
+
+def app_name(env: Mapping[str, str]) -> str:
+    return env.get("KERNEL_ID") or "poolgate-spark"
+
+
+class LazySpark:
+    """Stands for ``spark`` (or ``sc``) until first used: then creates the SparkSession, puts
+    the real ``spark`` and ``sc`` in the user's namespace, and answers from the real one."""
+
+    def __init__(self, name: str, create: Callable[[], Any], ns: MutableMapping[str, Any]) -> None:
+        self._name, self._create, self._ns = name, create, ns
+
+    def _real(self) -> Any:
+        session = self._create()
+        self._ns["spark"], self._ns["sc"] = session, session.sparkContext
+        return self._ns[self._name]
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_ipython_canary"):  # IPython's display probe: not a use
+            raise AttributeError(attr)
+        return getattr(self._real(), attr)
+
+    def __repr__(self) -> str:
+        return repr(self._real())
+
+    def __dir__(self) -> list[str]:
+        return dir(self._real())
+
+
+def make_session(env: Mapping[str, str]) -> Any:
+    """The SparkSession (created, or the one the driver already has)."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    if "--name" not in shlex.split(env.get("PYSPARK_SUBMIT_ARGS", "")):
+        builder = builder.appName(app_name(env))
+    return builder.getOrCreate()
+
+
+def cancel_spark_jobs() -> None:
+    """Cancel every job of the live SparkContext, if there is one (called on interrupt)."""
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    if sc is not None:
+        threading.Thread(target=sc.cancelAllJobs, name="spark-cancel", daemon=True).start()
+
+
+def spark_kernel_class() -> type:
+    """IPythonKernel whose SIGINT handler also cancels the running Spark jobs."""
+    import signal
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    def interrupted(signum: int, frame: Any) -> None:
+        try:
+            cancel_spark_jobs()
+        finally:
+            raise KeyboardInterrupt
+
+    class SparkKernel(IPythonKernel):  # type: ignore[misc]
+        implementation = "poolgate-spark"
+
+        def pre_handler_hook(self) -> None:  # ipykernel: around each shell message
+            self.saved_sigint_handler = signal.signal(signal.SIGINT, interrupted)
+
+    return SparkKernel
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m poolgate.spark_kernel")
+    parser.add_argument("--init-mode", default="lazy", choices=MODES,
+                        help="the spec's default; KERNEL_SPARK_CONTEXT_INIT_MODE overrides it")
+    args, rest = parser.parse_known_args(argv)
+    env = os.environ
+    try:
+        mode = init_mode(env, args.init_mode)
+    except ValueError as exc:
+        print(f"poolgate.spark_kernel: {exc}", file=sys.stderr)
+        return 2
+    if "PYSPARK_GATEWAY_PORT" not in env:  # no JVM yet: pyspark will run spark-submit
+        env["PYSPARK_SUBMIT_ARGS"] = submit_args(env)
+    ns: dict[str, Any] = {}
+    if mode == "eager":
+        session = make_session(env)
+        ns.update(spark=session, sc=session.sparkContext)
+    elif mode == "lazy":
+        def create() -> Any:
+            return make_session(env)
+        ns.update(spark=LazySpark("spark", create, ns), sc=LazySpark("sc", create, ns))
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance(kernel_class=spark_kernel_class(), user_ns=ns)
+    app.initialize(rest)
+    app.start()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
