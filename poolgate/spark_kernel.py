@@ -112,7 +112,7 @@ def spark_kernel_class() -> type:
         finally:
             raise KeyboardInterrupt
 
-    class SparkKernel(IPythonKernel):  # type: ignore[misc]
+    class SparkKernel(IPythonKernel):
         implementation = "poolgate-spark"
 
         def pre_handler_hook(self) -> None:  # ipykernel: around each shell message
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from ipykernel.kernelapp import IPKernelApp
 
     app = IPKernelApp.instance(kernel_class=spark_kernel_class(), user_ns=ns)
-    app.initialize(rest)
-    app.start()
+    app.initialize(rest)  # type: ignore[no-untyped-call]
+    app.start()  # type: ignore[no-untyped-call]
     return 0
 
 
