@@ -47,7 +47,9 @@ def pool(celery_queue: str, rm: str, alternate: str, timeout: float,
                 "rm_address": rm, "alternate_rm_address": alternate,
                 "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
                 "python": sys.executable, "poll_interval": 0.5,
-                "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher",
+                # an eager Spark kernel on a busy machine needs more than the 120 s default
+                "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher "
+                                   "--ready-timeout 300",
                 "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID}, **options}}
 
 
@@ -335,7 +337,7 @@ def test_spark_kernel_runs_a_job(yarn: YarnStack, mode: str) -> None:
                          "sc.parallelize(range(1000), 4).map(lambda x: x * x).sum(), "
                          "sc.appName == KERNEL_ID, sc.getConf().get('spark.driver.memory'), "
                          "repr(sc.getConf().get('spark.poolgate.note')))".replace(
-                             "KERNEL_ID", repr(kid)), timeout=120)
+                             "KERNEL_ID", repr(kid)), timeout=300)
         assert res.status == "ok", (res.error or {}).get("evalue", "")[:3000]
         assert res.stdout.split() == ["499500", "local[2]", "332833500", "True", "512m",
                                       "'a", "b'"], res.stdout
@@ -359,7 +361,7 @@ def test_spark_interrupt_cancels_the_running_job(yarn: YarnStack) -> None:
             "threading.Thread(target=say_when_running).start()\n"
             "sc.setJobGroup('long', 'sleeps')\n"
             "sc.parallelize(range(2), 2).map(lambda x: time.sleep(300)).count()")})
-        res = stdout_until(ch, mid, "job running", timeout=60)
+        res = stdout_until(ch, mid, "job running", timeout=300)
         t0 = time.monotonic()
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=60, into=res)
