@@ -5,8 +5,10 @@ Run by a kernelspec as ``python -m poolgate.spark_kernel [--init-mode MODE] -f
 gateway passes them on):
 
 - ``KERNEL_SPARK_CONTEXT_INIT_MODE``: ``eager`` creates the SparkSession before the kernel
-  answers; ``lazy`` creates it the first time a cell touches ``spark`` or ``sc``; ``none``
-  defines neither. It overrides the spec's ``--init-mode`` (default ``lazy``).
+  answers; ``lazy`` creates it the first time a cell touches ``spark`` or ``sc`` (in YARN
+  cluster mode: at once, in the background, see :func:`background`); ``none`` defines neither
+  (in cluster mode Spark then ends the application after ``spark.yarn.am.waitTime``). It
+  overrides the spec's ``--init-mode`` (default ``lazy``).
 - ``KERNEL_EXTRA_SPARK_OPTS``: spark-submit options (``--conf k=v``, ``--driver-memory 1g``,
   ...) added to ``PYSPARK_SUBMIT_ARGS`` before the JVM starts. Where the JVM already runs
   (``spark-submit --deploy-mode cluster`` started this process, see
@@ -27,8 +29,10 @@ import os
 import shlex
 import sys
 import threading
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from poolgate.lazy import lazy_names
 
 MODES = ("eager", "lazy", "none")
 SHELL = "pyspark-shell"
@@ -57,30 +61,6 @@ def app_name(env: Mapping[str, str]) -> str:
     return env.get("KERNEL_ID") or "poolgate-spark"
 
 
-class LazySpark:
-    """Stands for ``spark`` (or ``sc``) until first used: then creates the SparkSession, puts
-    the real ``spark`` and ``sc`` in the user's namespace, and answers from the real one."""
-
-    def __init__(self, name: str, create: Callable[[], Any], ns: MutableMapping[str, Any]) -> None:
-        self._name, self._create, self._ns = name, create, ns
-
-    def _real(self) -> Any:
-        session = self._create()
-        self._ns["spark"], self._ns["sc"] = session, session.sparkContext
-        return self._ns[self._name]
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_ipython_canary"):  # IPython's display probe: not a use
-            raise AttributeError(attr)
-        return getattr(self._real(), attr)
-
-    def __repr__(self) -> str:
-        return repr(self._real())
-
-    def __dir__(self) -> list[str]:
-        return dir(self._real())
-
-
 def make_session(env: Mapping[str, str]) -> Any:
     """The SparkSession (created, or the one the driver already has)."""
     from pyspark.sql import SparkSession
@@ -89,6 +69,33 @@ def make_session(env: Mapping[str, str]) -> Any:
     if "--name" not in shlex.split(env.get("PYSPARK_SUBMIT_ARGS", "")):
         builder = builder.appName(app_name(env))
     return builder.getOrCreate()
+
+
+def background(create: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Start ``create`` now in a thread; the returned callable waits for its result.
+
+    In YARN cluster mode Spark's ApplicationMaster fails the application when no SparkContext
+    exists after ``spark.yarn.am.waitTime`` (100 s), so "lazy" there means: the kernel answers
+    at once, the session is being made meanwhile, and the first cell using it waits for it
+    (as Enterprise Gateway does)."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["names"] = create()
+        except BaseException as exc:  # handed to the cell that first uses spark
+            done["error"] = exc
+
+    thread = threading.Thread(target=run, name="spark-session", daemon=True)
+    thread.start()
+
+    def wait() -> dict[str, Any]:
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        return dict(done["names"])
+
+    return wait
 
 
 def cancel_spark_jobs() -> None:
@@ -139,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         session = make_session(env)
         ns.update(spark=session, sc=session.sparkContext)
     elif mode == "lazy":
-        def create() -> Any:
-            return make_session(env)
-        ns.update(spark=LazySpark("spark", create, ns), sc=LazySpark("sc", create, ns))
+        def create() -> dict[str, Any]:
+            session = make_session(env)
+            return {"spark": session, "sc": session.sparkContext}
+        if "PYSPARK_GATEWAY_PORT" in env:  # cluster mode: see background()
+            create = background(create)
+        lazy_names(("spark", "sc"), create, ns)
     from ipykernel.kernelapp import IPKernelApp
 
     app = IPKernelApp.instance(kernel_class=spark_kernel_class(), user_ns=ns)

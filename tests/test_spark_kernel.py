@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from poolgate.spark_kernel import LazySpark, init_mode, submit_args
+from poolgate.lazy import lazy_names
+from poolgate.spark_kernel import init_mode, submit_args
 
 
 def test_client_mode_overrides_the_spec_default() -> None:
@@ -40,10 +41,16 @@ class FakeSession:
 def test_lazy_names_create_the_session_once_on_first_use() -> None:
     ns: dict[str, Any] = {}
     FakeSession.created = 0
-    ns.update(spark=LazySpark("spark", FakeSession, ns), sc=LazySpark("sc", FakeSession, ns))
+
+    def create() -> dict[str, Any]:
+        session = FakeSession()
+        return {"spark": session, "sc": session.sparkContext}
+
+    lazy_names(("spark", "sc"), create, ns)
     with pytest.raises(AttributeError):  # IPython's display probe is not a use
         ns["spark"]._ipython_canary_method_should_not_exist_
     assert FakeSession.created == 0
     assert ns["spark"].version == "4.0"
     assert FakeSession.created == 1
     assert isinstance(ns["spark"], FakeSession) and ns["sc"] == "the context"
+    assert FakeSession.created == 1

@@ -30,6 +30,9 @@ SPARK_SPEC = json.loads((Path(ROOT) / "examples/kernelspecs/spark_python_local/k
                         .read_text())
 SPARK_ENV = {**SPARK_SPEC["env"], "PYSPARK_PYTHON": sys.executable,
              "PYSPARK_DRIVER_PYTHON": sys.executable}
+#: the shipped Dask-on-YARN kernelspec (an EG YarnClusterProcessProxy spec: routes to yarn)
+DASK_SPEC = json.loads((Path(ROOT) / "examples/kernelspecs/dask_python_yarn/kernel.json")
+                       .read_text())
 #: what a client may add: the test checks both reach Spark
 SPARK_OPTS = "--driver-memory 512m --conf 'spark.poolgate.note=a b'"
 
@@ -84,12 +87,14 @@ def yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[YarnStack]:
              ARGV),
             ("ir-yarn", {"poolgate": {"pool": "yarn"}}, R_ARGV),
             ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV),
-            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, SPARK_SPEC["argv"])):
+            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, SPARK_SPEC["argv"]),
+            ("dask-yarn", DASK_SPEC["metadata"], DASK_SPEC["argv"])):
         (specs / name).mkdir()
+        env = {"spark-yarn": SPARK_ENV, "dask-yarn": {
+            **DASK_SPEC["env"], "DASK_YARN_ENVIRONMENT": f"python://{sys.executable}"}}
         (specs / name / "kernel.json").write_text(json.dumps({
             "argv": argv, "display_name": name, "metadata": meta,
-            "language": "R" if argv is R_ARGV else "python",
-            "env": SPARK_ENV if name.startswith("spark") else {}}))
+            "language": "R" if argv is R_ARGV else "python", "env": env.get(name, {})}))
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
     try:
@@ -375,5 +380,36 @@ def test_spark_interrupt_cancels_the_running_job(yarn: YarnStack) -> None:
         assert res.stdout.split() == ["1", "['FAILED']", "[]"], res.stdout
         assert ch.execute("sc.parallelize(range(10)).sum()", timeout=60).result == "45"
         ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_dask_kernel_runs_on_yarn_and_its_cluster_is_tagged_with_the_kernel(
+        yarn: YarnStack) -> None:
+    """As far as the test RM goes: the dask_python_yarn spec routes to the yarn pool by its
+    EG process proxy and its kernel runs there with ``cluster`` and ``client`` not yet made;
+    the YarnCluster it would make carries the kernel's tag (so stopping the kernel kills the
+    workers' application too) and the client's sizes. Making it needs skein's Hadoop RPC,
+    which no server here speaks: without dask-yarn the cell says what to install."""
+    gw = yarn.stack.gw
+    model = gw.start("dask-yarn", env={"KERNEL_USERNAME": "alice", "KERNEL_DASK_WORKERS": "3"})
+    kid = model["id"]
+    try:
+        assert model["poolgate"]["pool"] == "yarn"
+        ch = gw.channel(kid)
+        res = ch.execute("import os\nfrom poolgate.dask_kernel import build_dask_cluster_args\n"
+                         "a = build_dask_cluster_args(os.environ)\n"
+                         "print(type(cluster).__name__, a['n_workers'], a['tags'][-1])")
+        assert res.stdout.split() == ["Lazy", "3", f"poolgate.kernel_id:{kid}"], res
+        res = ch.execute("client.dashboard_link", timeout=120)
+        assert res.error, res  # no YARN for skein here
+        if res.error["ename"] == "ImportError":  # dask-yarn is an extra: not installed here
+            assert "pip install 'poolgate[dask-yarn]'" in res.error["evalue"], res.error
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+        r = gw.post("/api/kernels", json={"name": "dask-yarn", "env": {
+            "KERNEL_USERNAME": "alice", "KERNEL_DASK_WORKERS": "99"}})
+        assert r.status_code == 500, r.text
+        assert "KERNEL_DASK_WORKERS=99: this kernelspec allows at most 16" in r.text
     finally:
         gw.shutdown(kid)
