@@ -102,7 +102,11 @@ def build_spark_submit(req: LaunchRequest, options: YarnOptions, reply_env: Mapp
 
 
 def properties_text(props: Mapping[str, str]) -> str:
-    """``props`` as a Java properties file (what spark-submit's --properties-file reads)."""
+    """``props`` as a Java properties file (what spark-submit's --properties-file reads).
+
+    Spark trims each value it reads from the file, so a value's leading and trailing
+    whitespace is lost (checked against pyspark's spark-submit in the tests); all else,
+    newlines, quotes, ``$``, ``=``, ``:``, ``#`` and non-ASCII included, arrives as written."""
     def escape(text: str, key: bool) -> str:
         out = []
         for i, ch in enumerate(text):

@@ -2,6 +2,10 @@
 properties; no Spark, no cluster (none can run here: docs/yarn.md)."""
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,6 +103,29 @@ def test_properties_file_escapes_what_java_properties_would_read_otherwise() -> 
                             "odd key": "é"})
     assert text == ("spark.yarn.appMasterEnv.NOTE=\\ a\\=b\\:c\\#d\\\\e\\nf\n"
                     "odd\\ key=\\u00e9\n")
+
+
+def test_spark_reads_the_properties_file_as_written(tmp_path: Path) -> None:
+    """pyspark's own spark-submit (local mode: no cluster needed) reads the file back."""
+    import pyspark
+
+    if shutil.which("java") is None:
+        pytest.fail("java is not installed; .ci/run installs default-jre-headless")
+    values = {"spark.yarn.appMasterEnv.NOTE": "a=b:c#d\\e\nf 'q' \"dq\" $HOME; x ",
+              "spark.poolgate.u": "é ü"}
+    (tmp_path / "p.properties").write_text(properties_text(values))
+    (tmp_path / "show.py").write_text(
+        "import json\nfrom pyspark import SparkContext\nsc = SparkContext.getOrCreate()\n"
+        f"print('PROPS' + json.dumps({{k: sc.getConf().get(k) for k in {list(values)!r}}}))\n"
+        "sc.stop()\n")
+    spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    done = subprocess.run([str(spark_submit), "--master", "local[1]", "--conf",
+                           "spark.ui.enabled=false", "--properties-file",
+                           str(tmp_path / "p.properties"), str(tmp_path / "show.py")],
+                          capture_output=True, text=True, timeout=300)
+    line = [x for x in done.stdout.splitlines() if x.startswith("PROPS")]
+    assert line, done.stderr[-3000:]
+    assert json.loads(line[0][5:]) == {k: v.strip() for k, v in values.items()}
 
 
 def test_submit_kind_is_checked_at_load() -> None:
