@@ -14,10 +14,9 @@ gateway passes them on):
   (``spark-submit --deploy-mode cluster`` started this process, see
   workers/launchers/spark_builders.py) they were on that command line instead.
 
-An interrupt cancels the Spark jobs the cell started (``SparkContext.cancelAllJobs``, from a
-thread of its own: the cell's thread is waiting on the JVM) and then raises KeyboardInterrupt,
-so the cell ends and the executors are free. ipykernel alone only raises KeyboardInterrupt,
-which leaves the job running in the JVM.
+An interrupt cancels the Spark jobs the cell started (``SparkContext.cancelAllJobs``) and the
+cell ends with KeyboardInterrupt, so the executors are free (see :func:`spark_kernel_class`).
+ipykernel alone only raises KeyboardInterrupt, which leaves the job running in the JVM.
 
 The rule of this module: the standard library at import; ipykernel and pyspark only once the
 kernel starts, so it imports (and its pure parts test) anywhere.
@@ -30,6 +29,7 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 from poolgate.lazy import lazy_names
@@ -99,7 +99,8 @@ def background(create: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, A
 
 
 def cancel_spark_jobs() -> None:
-    """Cancel every job of the live SparkContext, if there is one (called on interrupt)."""
+    """Cancel every job of the live SparkContext, if there is one (called on interrupt), from
+    a thread of its own: the interrupted thread's connection to the JVM is busy."""
     from pyspark import SparkContext
 
     sc = SparkContext._active_spark_context
@@ -107,22 +108,59 @@ def cancel_spark_jobs() -> None:
         threading.Thread(target=sc.cancelAllJobs, name="spark-cancel", daemon=True).start()
 
 
+def waiting_on_jvm(frame: FrameType | None) -> bool:
+    """Whether the interrupted code is inside a py4j call (waiting for the JVM's answer)."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("py4j."):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def spark_kernel_class() -> type:
-    """IPythonKernel whose SIGINT handler also cancels the running Spark jobs."""
+    """IPythonKernel whose interrupt cancels the cell's Spark jobs.
+
+    A first SIGINT that finds the cell waiting on the JVM cancels the jobs and lets the JVM
+    answer: the job's call then fails, and that error is shown as KeyboardInterrupt (raised
+    from it). KeyboardInterrupt is not raised inside py4j's read, which could leave its
+    connection half-read. Any other SIGINT (pure Python code, a second one) raises it at once.
+    """
     import signal
 
     from ipykernel.ipkernel import IPythonKernel
 
-    def interrupted(signum: int, frame: Any) -> None:
-        try:
+    cancelled = threading.Event()
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        if not cancelled.is_set() and waiting_on_jvm(frame):
+            cancelled.set()
             cancel_spark_jobs()
-        finally:
-            raise KeyboardInterrupt
+            return
+        raise KeyboardInterrupt
 
     class SparkKernel(IPythonKernel):
         implementation = "poolgate-spark"
 
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+            shell = self.shell
+            assert shell is not None  # IPythonKernel makes it in __init__
+            shown = shell.showtraceback
+
+            def showtraceback(exc_tuple: Any = None, *args: Any, **kw: Any) -> Any:
+                failed = sys.exc_info()[1] if exc_tuple is None else exc_tuple[1]
+                if cancelled.is_set() and not isinstance(failed, KeyboardInterrupt):
+                    try:
+                        raise KeyboardInterrupt("the cell's Spark jobs were cancelled") \
+                            from failed
+                    except KeyboardInterrupt as exc:
+                        return shown((KeyboardInterrupt, exc, exc.__traceback__), *args, **kw)
+                return shown(exc_tuple, *args, **kw)
+
+            shell.showtraceback = showtraceback
+
         def pre_handler_hook(self) -> None:  # ipykernel: around each shell message
+            cancelled.clear()
             self.saved_sigint_handler = signal.signal(signal.SIGINT, interrupted)
 
     return SparkKernel
