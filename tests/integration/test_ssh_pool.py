@@ -23,6 +23,8 @@ from tests.sshd import SSHD, keygen, remote_kernels
 
 ADDRESSES = {"a": "127.0.0.2", "b": "127.0.0.3"}
 KERNEL_ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+#: Debian's r-cran-irkernel kernelspec (/usr/share/jupyter/kernels/ir/kernel.json)
+R_SPEC = Path("/usr/share/jupyter/kernels/ir/kernel.json")
 
 
 class Hosts:
@@ -82,12 +84,15 @@ def ssh_stack(hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     for name, pool, argv in (
             ("python3-ssh", "ssh-rr", KERNEL_ARGV),
             ("python3-ssh-ll", "ssh-ll", KERNEL_ARGV),
+            ("ir-ssh", "ssh-rr", json.loads(R_SPEC.read_text())["argv"]
+             if R_SPEC.is_file() else ["R"]),
             ("broken-ssh", "ssh-rr", ["python", "-c", "import sys; sys.stderr.write("
                                       "'boom: no module frobnicate\\n'); sys.exit(3)",
                                       "{connection_file}"])):
         (specs / name).mkdir()
         (specs / name / "kernel.json").write_text(json.dumps({
-            "argv": argv, "display_name": name, "language": "python", "env": env,
+            "argv": argv, "display_name": name, "env": env,
+            "language": "R" if name.startswith("ir") else "python",
             "metadata": {"poolgate": {"pool": pool}}}))
     redis.Redis.from_url(stack.registry_url).flushdb()
     stack.start_worker("ssh-rr")
@@ -219,6 +224,49 @@ def test_interrupt_and_restart_in_place(ssh_stack: Stack) -> None:
         new_addr, new_pid = where(gw, kid)
         assert new_addr == addr and new_pid != pid
         assert not [p for p in remote_kernels(kid) if p.pid == pid]
+    finally:
+        gw.shutdown(kid)
+
+
+def shown(res: Any) -> str:
+    """What a cell showed as text (IRkernel sends display_data, not execute_result)."""
+    for m in res.messages:
+        if m["msg_type"] in ("execute_result", "display_data"):
+            return str(m["content"]["data"].get("text/plain", ""))
+    return ""
+
+
+def test_r_kernel_runs_interrupts_restarts_and_stops(ssh_stack: Stack, hosts: Hosts) -> None:
+    """Debian's IRkernel spec, unchanged, on an ssh host: code, an interrupt of a long call,
+    a restart in place (a new R process on the same host), and a shutdown that leaves no R
+    process (the autouse check)."""
+    if not R_SPEC.is_file():
+        pytest.fail(f"no {R_SPEC}; .ci/run installs r-cran-irkernel")
+    gw = ssh_stack.gw
+    kid = gw.start("ir-ssh")["id"]
+    try:
+        host = host_of(gw, kid)
+        ch = gw.channel(kid)
+        res = ch.execute("cat(strsplit(Sys.getenv('SSH_CONNECTION'), ' ')[[1]][3], "
+                         "Sys.getpid(), '\\n')", timeout=60)
+        addr, pid = res.stdout.split()
+        assert addr == ADDRESSES[host]
+        assert shown(ch.execute("6 * 7")) == "[1] 42"
+        mid = ch.send("execute_request", {"code": "Sys.sleep(60)", "silent": False})
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        ch.collect(mid, timeout=20)
+        assert time.monotonic() - t0 < 20
+        assert shown(ch.execute("x <- 5; x")) == "[1] 5"
+        r = gw.post(f"/api/kernels/{kid}/restart")
+        assert r.status_code == 200, r.text
+        assert r.json()["poolgate"]["host"] == host
+        assert shown(ch.execute("exists('x')", timeout=60)) == "[1] FALSE"
+        new_pid = ch.execute("cat(Sys.getpid())").stdout.strip()
+        assert new_pid != pid
+        assert not [p for p in remote_kernels(hosts.remote_dir) if str(p.pid) == pid]
+        ch.close()
     finally:
         gw.shutdown(kid)
 

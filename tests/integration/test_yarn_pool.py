@@ -25,10 +25,16 @@ ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 EG = "enterprise_gateway.services.processproxies."
 #: Debian's r-cran-irkernel kernelspec (/usr/share/jupyter/kernels/ir/kernel.json)
 R_ARGV = ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
-#: a Spark kernel: ipykernel with pyspark (PyPI) on Debian's JRE, Spark in local mode
-SPARK_ENV = {"PYSPARK_SUBMIT_ARGS": "--master local[2] --conf spark.ui.enabled=false "
-                                    "--driver-memory 512m pyspark-shell",
-             "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+#: the shipped Spark kernelspec (poolgate.spark_kernel, local mode), with pyspark's Python
+SPARK_SPEC = json.loads((Path(ROOT) / "examples/kernelspecs/spark_python_local/kernel.json")
+                        .read_text())
+SPARK_ENV = {**SPARK_SPEC["env"], "PYSPARK_PYTHON": sys.executable,
+             "PYSPARK_DRIVER_PYTHON": sys.executable}
+#: the shipped Dask-on-YARN kernelspec (an EG YarnClusterProcessProxy spec: routes to yarn)
+DASK_SPEC = json.loads((Path(ROOT) / "examples/kernelspecs/dask_python_yarn/kernel.json")
+                       .read_text())
+#: what a client may add: the test checks both reach Spark
+SPARK_OPTS = "--driver-memory 512m --conf 'spark.poolgate.note=a b'"
 
 
 class YarnStack:
@@ -44,7 +50,9 @@ def pool(celery_queue: str, rm: str, alternate: str, timeout: float,
                 "rm_address": rm, "alternate_rm_address": alternate,
                 "response_address": "127.0.0.1", "response_bind": "127.0.0.1",
                 "python": sys.executable, "poll_interval": 0.5,
-                "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher",
+                # an eager Spark kernel on a busy machine needs more than the 120 s default
+                "kernel_launcher": f"{sys.executable} -m poolgate.kernel_launcher "
+                                   "--ready-timeout 300",
                 "env": {"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID}, **options}}
 
 
@@ -79,12 +87,14 @@ def yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[YarnStack]:
              ARGV),
             ("ir-yarn", {"poolgate": {"pool": "yarn"}}, R_ARGV),
             ("ir-local", {"poolgate": {"pool": "local"}}, R_ARGV),
-            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, ARGV)):
+            ("spark-yarn", {"poolgate": {"pool": "yarn"}}, SPARK_SPEC["argv"]),
+            ("dask-yarn", DASK_SPEC["metadata"], DASK_SPEC["argv"])):
         (specs / name).mkdir()
+        env = {"spark-yarn": SPARK_ENV, "dask-yarn": {
+            **DASK_SPEC["env"], "DASK_YARN_ENVIRONMENT": f"python://{sys.executable}"}}
         (specs / name / "kernel.json").write_text(json.dumps({
             "argv": argv, "display_name": name, "metadata": meta,
-            "language": "R" if argv is R_ARGV else "python",
-            "env": SPARK_ENV if name.startswith("spark") else {}}))
+            "language": "R" if argv is R_ARGV else "python", "env": env.get(name, {})}))
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
     try:
@@ -286,21 +296,122 @@ def test_r_kernel(yarn: YarnStack, pool_name: str) -> None:
         gw.shutdown(kid)
 
 
-def test_spark_kernel_runs_a_job(yarn: YarnStack) -> None:
+def stdout_until(ch: Any, mid: str, text: str, timeout: float) -> Any:
+    """Read request ``mid``'s messages until its stdout shows ``text``; collect() goes on
+    from the returned Result."""
+    from tests.client import Result
+
+    res = Result()
+    deadline = time.monotonic() + timeout
+    while text not in res.stdout:
+        msg = ch.recv(max(0.1, deadline - time.monotonic()))
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout}s: {res.stdout!r}"
+        if msg.get("parent_header", {}).get("msg_id") != mid:
+            continue
+        res.messages.append(msg)
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            res.out.append(msg["content"]["text"])
+        assert msg["msg_type"] != "execute_reply", f"the cell ended: {msg['content']}"
+    return res
+
+
+def start_spark(gw: Any, mode: str) -> str:
+    """A Spark kernel on the yarn pool, with this test's extra options. A JVM takes its time
+    on a busy machine (up to 191 s seen for eager under load): the launch may take 300 s."""
     if shutil.which("java") is None:
         pytest.fail("java is not installed; .ci/run installs default-jre-headless")
+    r = gw.post("/api/kernels", timeout=330, json={"name": "spark-yarn", "env": {
+        "KERNEL_USERNAME": "alice", "KERNEL_EXTRA_SPARK_OPTS": SPARK_OPTS,
+        "KERNEL_SPARK_CONTEXT_INIT_MODE": mode, "KERNEL_LAUNCH_TIMEOUT": "300"}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+@pytest.mark.timeout(900)  # a JVM on this loaded machine: up to 191 s to start, seen
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_spark_kernel_runs_a_job(yarn: YarnStack, mode: str) -> None:
+    """KERNEL_SPARK_CONTEXT_INIT_MODE: eager has the SparkContext before the first cell, lazy
+    creates it when a cell first touches ``spark``; KERNEL_EXTRA_SPARK_OPTS reach spark-submit."""
     gw = yarn.stack.gw
-    kid = gw.start("spark-yarn", env={"KERNEL_USERNAME": "alice"})["id"]
+    kid = start_spark(gw, mode)
     try:
         ch = gw.channel(kid)
-        res = ch.execute("from pyspark.sql import SparkSession\n"
-                         "spark = SparkSession.builder.appName('poolgate-test').getOrCreate()\n"
-                         "sc = spark.sparkContext\n"
-                         "print(sc.master, sc.parallelize(range(1000), 4).map(lambda x: x * x)"
-                         ".sum(), spark.range(1000).selectExpr('sum(id)').first()[0])",
-                         timeout=120)
+        res = ch.execute("from pyspark import SparkContext\n"
+                         "print(SparkContext._active_spark_context is not None)", timeout=300)
+        assert res.stdout.split() == [str(mode == "eager")], res.stdout
+        res = ch.execute("print(spark.range(1000).selectExpr('sum(id)').first()[0], sc.master, "
+                         "sc.parallelize(range(1000), 4).map(lambda x: x * x).sum(), "
+                         "sc.appName == KERNEL_ID, sc.getConf().get('spark.driver.memory'), "
+                         "repr(sc.getConf().get('spark.poolgate.note')))".replace(
+                             "KERNEL_ID", repr(kid)), timeout=300)
         assert res.status == "ok", (res.error or {}).get("evalue", "")[:3000]
-        assert res.stdout.split() == ["local[2]", "332833500", "499500"], res.stdout
+        assert res.stdout.split() == ["499500", "local[2]", "332833500", "True", "512m",
+                                      "'a", "b'"], res.stdout
         ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+@pytest.mark.timeout(900)
+def test_spark_interrupt_cancels_the_running_job(yarn: YarnStack) -> None:
+    """An interrupt during a long Spark job ends the cell with KeyboardInterrupt, cancels the
+    job in Spark (its job group's job FAILED, none active), and the kernel runs the next job."""
+    gw = yarn.stack.gw
+    kid = start_spark(gw, "eager")
+    try:
+        ch = gw.channel(kid)
+        mid = ch.send("execute_request", {"silent": False, "code": (
+            "import threading, time\n"
+            "def say_when_running():\n"
+            "    while not sc.statusTracker().getActiveJobsIds(): time.sleep(0.05)\n"
+            "    print('job running', flush=True)\n"
+            "threading.Thread(target=say_when_running).start()\n"
+            "sc.setJobGroup('long', 'sleeps')\n"
+            "sc.parallelize(range(2), 2).map(lambda x: time.sleep(300)).count()")})
+        res = stdout_until(ch, mid, "job running", timeout=300)
+        t0 = time.monotonic()
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        res = ch.collect(mid, timeout=60, into=res)
+        assert res.error and res.error["ename"] == "KeyboardInterrupt", res.error
+        assert time.monotonic() - t0 < 30
+        res = ch.execute("import time\nst = sc.statusTracker()\nids = st.getJobIdsForGroup("
+                         "'long')\nend = time.time() + 30\nwhile st.getActiveJobsIds() and "
+                         "time.time() < end: time.sleep(0.1)\n"
+                         "print(len(ids), [st.getJobInfo(i).status for i in ids], "
+                         "st.getActiveJobsIds())", timeout=300)
+        assert res.stdout.split() == ["1", "['FAILED']", "[]"], res.stdout
+        assert ch.execute("sc.parallelize(range(10)).sum()", timeout=300).result == "45"
+        ch.close()
+    finally:
+        gw.shutdown(kid)
+
+
+def test_dask_kernel_runs_on_yarn_and_its_cluster_is_tagged_with_the_kernel(
+        yarn: YarnStack) -> None:
+    """As far as the test RM goes: the dask_python_yarn spec routes to the yarn pool by its
+    EG process proxy and its kernel runs there with ``cluster`` and ``client`` not yet made;
+    the YarnCluster it would make carries the kernel's tag (so stopping the kernel kills the
+    workers' application too) and the client's sizes. Making it needs skein's Hadoop RPC,
+    which no server here speaks: without dask-yarn the cell says what to install."""
+    gw = yarn.stack.gw
+    model = gw.start("dask-yarn", env={"KERNEL_USERNAME": "alice", "KERNEL_DASK_WORKERS": "3"})
+    kid = model["id"]
+    try:
+        assert model["poolgate"]["pool"] == "yarn"
+        ch = gw.channel(kid)
+        res = ch.execute("import os\nfrom poolgate.dask_kernel import build_dask_cluster_args\n"
+                         "a = build_dask_cluster_args(os.environ)\n"
+                         "print(type(cluster).__name__, a['n_workers'], a['tags'][-1])")
+        assert res.stdout.split() == ["Lazy", "3", f"poolgate.kernel_id:{kid}"], res
+        res = ch.execute("client.dashboard_link", timeout=120)
+        assert res.error, res  # no YARN for skein here
+        if res.error["ename"] == "ImportError":  # dask-yarn is an extra: not installed here
+            assert "pip install 'poolgate[dask-yarn]'" in res.error["evalue"], res.error
+        assert ch.execute("6*7").result == "42"
+        ch.close()
+        r = gw.post("/api/kernels", json={"name": "dask-yarn", "env": {
+            "KERNEL_USERNAME": "alice", "KERNEL_DASK_WORKERS": "99"}})
+        assert r.status_code == 500, r.text
+        assert "KERNEL_DASK_WORKERS=99: this kernelspec allows at most 16" in r.text
     finally:
         gw.shutdown(kid)

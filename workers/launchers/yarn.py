@@ -20,15 +20,20 @@ the kernel launcher does not do.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import BackendUnavailable, LaunchError, LaunchTimeout
+from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
+from workers.launchers.docker_builders import resource_name
 from workers.launchers.base import Launcher
 from workers.launchers.remote import PollCache, SharedReplies, signal_through_launcher
 from workers.launchers.reply import ReplyListener
+from workers.launchers.spark_builders import build_spark_submit, properties_text
 from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
                                              submitting_user)
 from workers.launchers.yarn_client import FINAL, RMClient, rm_errors
@@ -112,15 +117,18 @@ class YarnLauncher(Launcher):
         exp = self.replies.expect(req.kernel_id, self.response_host())
         try:
             with rm_errors(where):
-                new_app = self.rm.new_application(params)
-                body = build_yarn_app(req, new_app, self.options, exp.env(), user)
-                self.rm.submit(body, params)
-            app_id = body["application-id"]
-            data: dict[str, Any] = {"app_id": app_id, "name": body["application-name"],
-                                    "user": user, "queue": body["queue"]}
+                if self.options.submit == "spark-submit":
+                    app_id = self.spark_submit(req, exp.env(), user, params, deadline)
+                else:
+                    new_app = self.rm.new_application(params)
+                    body = build_yarn_app(req, new_app, self.options, exp.env(), user)
+                    self.rm.submit(body, params)
+                    app_id = body["application-id"]
+            data: dict[str, Any] = {"app_id": app_id, "name": resource_name(req.kernel_id),
+                                    "user": user, "queue": self.options.queue}
             handle = KernelHandle(req.kernel_id, req.pool, host="", data=data)
             log.info("Kernel %s: application %s submitted to queue %s on pool %s",
-                     req.kernel_id, app_id, body["queue"], self.pool.name)
+                     req.kernel_id, app_id, self.options.queue, self.pool.name)
             yield handle
             last = [""]
 
@@ -147,6 +155,40 @@ class YarnLauncher(Launcher):
         finally:
             self.replies.cancel(exp)
 
+
+    def spark_submit(self, req: LaunchRequest, reply_env: dict[str, str], user: str,
+                     params: dict[str, str], deadline: float) -> str:
+        """Run spark-submit in cluster mode (spark_builders.build_spark_submit) and return the
+        id of the application it submitted, found by the kernel's tag."""
+        import poolgate.kernel_launcher
+
+        with tempfile.TemporaryDirectory(prefix="poolgate-spark-") as tmp:  # mode 0700
+            props = os.path.join(tmp, "spark.properties")
+            sub = build_spark_submit(req, self.options, reply_env, user,
+                                     poolgate.kernel_launcher.__file__, props)
+            with open(os.open(props, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(properties_text(sub.properties))
+            try:
+                done = subprocess.run(sub.argv, capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL,
+                                      timeout=max(1.0, deadline - time.monotonic()))
+            except FileNotFoundError:
+                raise LaunchRejected(f"pool {self.pool.name!r}: spark_submit "
+                                     f"{sub.argv[0]!r} is not installed on this worker") from None
+            except subprocess.TimeoutExpired:
+                raise LaunchTimeout(f"kernel {req.kernel_id}: spark-submit did not end "
+                                    "within the launch timeout") from None
+        if done.returncode:
+            raise LaunchRejected(f"kernel {req.kernel_id}: spark-submit exited with status "
+                                 f"{done.returncode}:\n{done.stderr[-3000:]}")
+        while True:  # waitAppCompletion=false: it ended once the RM took the application
+            found = self.rm.tagged(kernel_tag(req.kernel_id), params)
+            if found:
+                return str(found[0]["id"])
+            if time.monotonic() > deadline:
+                raise LaunchRejected(f"kernel {req.kernel_id}: spark-submit succeeded, and the "
+                                     f"RM has no application tagged {kernel_tag(req.kernel_id)}")
+            time.sleep(0.5)
 
     # -- supervise ------------------------------------------------------------------------------
 

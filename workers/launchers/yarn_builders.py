@@ -25,6 +25,7 @@ from workers.launchers.docker_builders import BARE_PYTHON, resource_name
 from workers.protocol import LaunchRequest
 
 AUTH_KINDS = ("none", "simple", "kerberos")
+SUBMIT_KINDS = ("rest", "spark-submit")
 KERNEL_TAG = "poolgate.kernel_id:"   # + the kernel id: one tag per application
 POOL_TAG = "poolgate.pool:"
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")  # a Hadoop user name, roughly
@@ -59,6 +60,9 @@ class YarnOptions:
     api_timeout: float = 30.0         # seconds one RM request may take
     ca_file: str = ""                 # https: the CA bundle to trust ("": the system's)
     stop_grace: float = 5.0           # seconds a killed application gets to end
+    submit: str = "rest"              # rest | spark-submit (Spark's AM runs the kernel launcher)
+    spark_submit: str = "spark-submit"  # the command, with the worker's HADOOP_CONF_DIR
+    spark_conf: Mapping[str, str] = field(default_factory=dict)  # --properties-file entries
 
     def __post_init__(self) -> None:
         for name in ("rm_address", "alternate_rm_address"):
@@ -66,6 +70,11 @@ class YarnOptions:
             if (value or name == "rm_address") and not re.match(r"^https?://[^/\s]+/?$", value):
                 raise ValueError(f"{name}: expected http(s)://host:port of a ResourceManager, "
                                  f"got {value!r}")
+        if self.submit not in SUBMIT_KINDS:
+            raise ValueError(f"submit: expected one of {', '.join(SUBMIT_KINDS)}, got "
+                             f"{self.submit!r}")
+        if self.submit == "spark-submit" and not shlex.split(self.spark_submit):
+            raise ValueError("spark_submit: expected a command")
         if self.auth not in AUTH_KINDS:
             raise ValueError(f"auth: expected one of {', '.join(AUTH_KINDS)}, got {self.auth!r}")
         if self.impersonation and self.auth == "none":

@@ -1,6 +1,7 @@
 """The yarn launcher against tests/yarn_rm.py's ResourceManager: real kernels, no gateway."""
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -212,3 +213,43 @@ def test_redelivered_launch_kills_what_the_first_left(rm: FakeResourceManager,
     finally:
         yl.close()
         other.close()
+
+
+def test_spark_submit_mode_submits_through_spark_submit_and_finds_the_app_by_tag(
+        rm: FakeResourceManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``submit: spark-submit``: the worker runs spark-submit (tests/fake_spark_submit.py stands
+    in for Spark's client, which needs Hadoop RPC), finds the application by the kernel's tag,
+    gets the kernel launcher's reply from the driver container, and kills it on stop."""
+    from workers.errors import BadRequest
+
+    monkeypatch.setenv("FAKE_RM_URL", rm.url)
+    fake = f"{sys.executable} {ROOT}/tests/fake_spark_submit.py"
+    yl = launcher(rm.url, tmp_path, submit="spark-submit", spark_submit=fake)
+    kid = str(uuid.uuid4())
+    req = LaunchRequest(kernel_id=kid, pool="yarn", spec_name="spark", argv=ARGV, user="alice",
+                        env={"KERNEL_USERNAME": "alice", "KERNEL_EXTRA_SPARK_OPTS":
+                             "--executor-memory 2g --num-executors 3"}, launch_timeout=30)
+    try:
+        handle, seen = run(yl, req)
+        app = rm.apps[handle.data["app_id"]]
+        assert seen[0].data["app_id"] == app.id and handle.connection is not None
+        assert app.app_type == "SPARK" and app.name == f"poolgate-{kid}"
+        assert app.tags == ["poolgate", f"poolgate.kernel_id:{kid}", "poolgate.pool:yarn"]
+        assert app.env["KERNEL_ID"] == kid and app.env["POOLGATE_RESPONSE_KEY"]
+        assert yl.poll(handle) is None
+        yl.stop(handle, grace=5)
+        assert app.state == "KILLED" and rm.live() == []
+        bad = dataclasses.replace(req, kernel_id=str(uuid.uuid4()),
+                                  env={"KERNEL_EXTRA_SPARK_OPTS": "--queue prod"})
+        with pytest.raises(BadRequest, match="--queue is not an option a client may set"):
+            run(yl, bad)
+    finally:
+        yl.close()
+    broken = launcher(rm.url, tmp_path, submit="spark-submit", spark_submit=(
+        "bash -c 'echo Exception in thread main: no HADOOP_CONF_DIR >&2; exit 1' --"))
+    try:
+        with pytest.raises(LaunchRejected, match="(?s)status 1:.*no HADOOP_CONF_DIR"):
+            run(broken, dataclasses.replace(req, kernel_id=str(uuid.uuid4())))
+    finally:
+        broken.close()
+    assert len(rm.apps) == 1
