@@ -114,13 +114,15 @@ def test_no_import_cycles() -> None:
 # psutil (local and gpu kernels' processes), requests (the docker SDK and the YARN client).
 # pyzmq is not here: the gateway itself sends interrupt_request with workers/kernel_socket.py.
 WORKER_ONLY = ("docker", "kubernetes", "paramiko", "psutil", "requests")
-# In workers/ the gateway may load: the pure modules, the launchers' *_builders, and the Celery
-# app it sends tasks with (celery_app, and tasks, whose bodies import the supervisor when they run
-# in a worker).
+# In workers/ the gateway may load: the pure modules, the launchers' *_builders, the registry
+# secrets it decrypts kernel keys with (keyring), the broker's TLS options (broker_tls), and the
+# Celery app it sends tasks with (celery_app, and tasks, whose bodies import the supervisor when
+# they run in a worker).
 SHARED = {"workers", "workers.config", "workers.errors", "workers.protocol", "workers.jmsg",
           "workers.registry", "workers.resources", "workers.typed", "workers.launcher_options",
           "workers.gpus", "workers.kernel_socket", "workers.logs", "workers.reconcile",
-          "workers.launchers", "workers.celery_app", "workers.tasks"}
+          "workers.launchers", "workers.celery_app", "workers.tasks", "workers.keyring",
+          "workers.broker_tls"}
 
 QUEUES = """
 pools:
