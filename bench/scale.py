@@ -50,6 +50,35 @@ def commandstats(client: Any) -> dict[str, int]:
             for k, v in client.info("commandstats").items()}
 
 
+class ReadingTransport(WebSocketTransport):
+    """A WebSocket read all the time by a task of its own, as a browser reads it: an idle
+    client still answers the gateway's pings (aiohttp answers them only while reading), and
+    the gateway closes a socket whose pings go unanswered."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session_id: str) -> None:
+        super().__init__(ws, session_id)
+        self.inbox: asyncio.Queue[dict[str, Any] | Exception] = asyncio.Queue()
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self.inbox.put_nowait(await WebSocketTransport.recv(self))
+        except Exception as exc:  # closed: the next recv says so
+            self.inbox.put_nowait(exc)
+
+    async def recv(self) -> dict[str, Any]:
+        item = await self.inbox.get()
+        if isinstance(item, Exception):
+            self.inbox.put_nowait(item)
+            raise item
+        return item
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        await super().close()
+
+
 class Driver:
     """The bench's clients: REST over one aiohttp session, one WebSocket per kernel."""
 
@@ -86,7 +115,7 @@ class Driver:
         ws = await self.http.ws_connect(
             f"{self.url(i).replace('http', 'ws', 1)}/api/kernels/{kid}/channels"
             f"?session_id={uuid.uuid4().hex}", max_msg_size=0, heartbeat=None)
-        conn = KernelConnection(WebSocketTransport(ws, uuid.uuid4().hex))
+        conn = KernelConnection(ReadingTransport(ws, uuid.uuid4().hex))
         await conn.kernel_info(60)
         return conn
 
@@ -202,6 +231,7 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
                 "host_rss_kb": round((full["host"]["rss"] - base["host"]["rss"]) / live / 1e3, 1),
                 "host_fds": round((full["host"]["fds"] - base["host"]["fds"]) / live, 2),
             }
+            say(f"  per kernel: {json.dumps(result['per_kernel'])}")
             result["gateway_totals"] = {"rss_mb": round(full["gateway"]["rss"] / 1e6, 1),
                                         "fds": full["gateway"]["fds"],
                                         "threads": full["gateway"]["threads"],
@@ -237,6 +267,9 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
             say(f"  final execute: {ok} of {live} answered")
             for c in d.conns.values():
                 await c.close()
+    except Exception as exc:  # report what was measured, and what broke
+        result["error"] = repr(exc)
+        say(f"  failed: {exc!r}")
     finally:
         stack.stop()
     return result
@@ -275,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    return 0 if all(r["final_execute"]["answered"] == r["kernels"] for r in results) else 1
+    return 0 if all(r.get("final_execute", {}).get("answered") == r["kernels"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from gateway import framing, tls, wire, zmtp
 from gateway.metrics import Hooks, WsStats
 from workers import jmsg
 from workers.protocol import ConnectionInfo
+from workers.reconcile import SILENT_STATES
 
 if TYPE_CHECKING:
     from gateway.kernels import KernelService
@@ -56,6 +57,7 @@ NUDGE_FIRST = 0.02  # a nudge that brought nothing on iopub is sent again after 
 NUDGE_EVERY = 0.25  # ...doubling up to this
 STARTING_STATUS_EVERY = 10.0
 LIVENESS_EVERY = 5.0
+SILENT_NAMES = frozenset(s.value for s in SILENT_STATES)  # states whose heartbeat is checked
 BLOCK_SECONDS = 30.0  # a parked client that takes nothing for this long is closed
 BATCH_BYTES = 65536  # a frame this big is sent at once, not held for the rest of the batch
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
@@ -817,7 +819,13 @@ class Bridge:
                 log.warning("Kernel %s: registry unreachable (%s)", sess.kid, exc)
 
     def _check_alive(self, sess: KernelSession) -> None:
-        """A kernel whose worker vanished is declared dead (the event then tells the session)."""
+        """A kernel whose worker vanished is declared dead (the event then tells the session).
+
+        Asked every LIVENESS_EVERY for every session: the usual answer (running, beating) costs
+        one round trip of two commands; only another answer reads the whole record."""
+        status, beating = self.registry.liveness(sess.kid)
+        if beating and status in SILENT_NAMES:
+            return
         rec = self.registry.get(sess.kid)
         if rec is None:
             sess.gone = self._gone_for_good(sess.kid)

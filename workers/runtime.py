@@ -105,7 +105,10 @@ class Runtime:
                 "queues": self.queues, "slots": self.slots, "used": self.used,
                 "accepting": not self._paused and not self.shutting_down.is_set(),
                 "draining": [p for p in self.pools if self.config.pools[p].queue in self.drained],
-                "kernels": sorted(self.supervisors), "time": time.time(),
+                # a count, not the ids: this is written at every launch and end, and every
+                # launch on any gateway reads every worker's (issue 24: the ids made both grow
+                # with the kernels a worker hosts)
+                "kernels": len(self.supervisors), "time": time.time(),
                 "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {}}
 
     def beat(self) -> None:

@@ -3,42 +3,19 @@ launcher is named by import path asks one host process for kernels instead of fo
 each kernel answers like ipykernel (signed replies, busy/idle, stream output, shutdown)."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-import redis
 
-from tests.conftest import REDIS, STACKS, Stack, need_redis
-
-ROOT = str(Path(__file__).resolve().parents[2])
-SPEC = {"argv": ["unused", "{connection_file}"], "display_name": "cheap", "language": "python",
-        "interrupt_mode": "message", "metadata": {"poolgate": {"pool": "cheap"}}}
+from tests.cheap import start_cheap_stack
+from tests.conftest import STACKS, Stack
 
 
 @pytest.fixture
 def cheap_stack(tmp_path: Path) -> Iterator[Stack]:
-    import tests.conftest as conftest
-
-    need_redis()
-    tag = f"t{conftest.RUN_ID}cheap"
-    pools = {"cheap": {"launcher": "bench.cheap.launcher:CheapLauncher", "queue": f"{tag}",
-                       "slots": 8, "heartbeat_ttl": 3.0, "launch_timeout": 30},
-             # the packaged python3 spec routes here; no worker serves it in this test
-             "local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1}}
-    specs = {"cheap": SPEC, "tiny-py": None, "broken": None, "msgint": None, "eg-local": None}
-    stack = Stack(tmp_path, conftest.REDIS or REDIS, db=conftest.DB_BASE + 4, pools=pools,
-                  specs=specs, extra={"default_pool": "cheap", "default_kernelspec": "cheap"})
-    stack.env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    redis.Redis.from_url(stack.registry_url).flushdb()
-    try:
-        stack.start_worker("cheap")
-        stack.start_gateway(stack.port)
-    except BaseException:
-        stack.stop()
-        raise
+    stack = start_cheap_stack(tmp_path)
     STACKS.append(stack)
     yield stack
     stack.stop()
