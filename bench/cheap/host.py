@@ -27,8 +27,12 @@ import zmq
 import zmq.asyncio
 
 from workers import jmsg
+from workers.launchers.local import below_ephemeral
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+# Below the ephemeral range, as the local launcher's kernels (workers/launchers/local.py): a
+# few thousand kernels' ports taken from it would be taken from every outgoing connection too
+PORTS = (*(below_ephemeral() or (49152, 65536)), 1000)
 KERNEL_INFO = {
     "status": "ok", "protocol_version": jmsg.PROTOCOL_VERSION, "implementation": "poolgate-cheap",
     "implementation_version": "1", "banner": "poolgate cheap test kernel: echoes code, runs none",
@@ -52,7 +56,7 @@ class CheapKernel:
         for name in CHANNELS:
             sock = ctx.socket(kinds[name])
             sock.linger = 0
-            self.ports[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{ip}")
+            self.ports[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{ip}", *PORTS)
             self.socks[name] = sock
         self.tasks = [asyncio.ensure_future(self._serve(c)) for c in ("shell", "control")]
         self.tasks.append(asyncio.ensure_future(self._echo()))
