@@ -237,7 +237,15 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
                                         "threads": full["gateway"]["threads"],
                                         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
             active = [d.conns[k] for k in d.kernels[BASELINE_KERNELS:] if k in d.conns][:args.active]
+            a = snapshot(stack)
             times = await d.round_trips(active, args.rounds)
+            b = snapshot(stack)
+            result["active"] = {  # commands and CPU per execute while the clients ran
+                "registry_cmds_per_execute": round(sum(per_second(
+                    a["registry_cmds"], b["registry_cmds"], 1.0, len(times)).values()) / 2, 2),
+                "gateway_cpu_ms_per_execute": round(
+                    (b["gateway"]["cpu"] - a["gateway"]["cpu"]) * 1000 / len(times), 3),
+                "executes_per_second": round(len(times) / (b["time"] - a["time"]), 1)}
             result["rt_n_live"] = {"p50_ms": round(pct(times, 0.5), 2),
                                    "p99_ms": round(pct(times, 0.99), 2), "samples": len(times)}
             result["rt_p99_ratio"] = round(result["rt_n_live"]["p99_ms"] /
