@@ -9,6 +9,7 @@ Keys (prefix ``pg:``)::
     pg:sendlock:<pool> held while a launch takes its ticket and is sent (Registry.launch_lock)
     pg:hb:<id>         the supervisor's heartbeat (expires after the pool's heartbeat TTL)
     pg:w:<name>        a worker's heartbeat and capacity (expires)
+    pg:workers         set of worker names (those whose heartbeat expired are pruned on read)
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<id>         pub/sub channel: the kernel's state changes
 
@@ -100,6 +101,13 @@ for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+
+_PRUNE_WORKERS = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 1
+"""
 
 REDIS_CONNECTIONS = 512  # per process
 
@@ -200,6 +208,7 @@ class Registry:
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
         self._admit = self.r.register_script(_ADMIT)
+        self._prune_workers = self.r.register_script(_PRUNE_WORKERS)
         self._fernet = None
         self._send_locks: dict[str, threading.Lock] = {}
         if secret:
@@ -515,16 +524,27 @@ class Registry:
         self.r.hdel(PREFIX + "c:" + kid, conn_id)
 
     def worker_heartbeat(self, name: str, info: dict[str, Any], ttl: float) -> None:
-        self.r.set(PREFIX + "w:" + name, json.dumps(info), px=int(ttl * 1000))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(PREFIX + "w:" + name, json.dumps(info), px=int(ttl * 1000))
+        pipe.sadd(PREFIX + "workers", name)
+        pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
-        keys = list(self.r.scan_iter(PREFIX + "w:*", count=500))
-        if not keys:
+        """The live workers' heartbeats. Read by every launch: from the set of worker names
+        (a SCAN for ``pg:w:*`` walked the whole keyspace, some 120 calls a launch at 10,000
+        kernels, issue 24); names whose heartbeat expired are dropped from the set."""
+        names = sorted(n.decode() for n in self.r.smembers(PREFIX + "workers"))  # type: ignore[union-attr]
+        if not names:
             return []
-        return [json.loads(v) for v in self.r.mget(keys) if v]  # type: ignore[union-attr]
+        values = self.r.mget([PREFIX + "w:" + n for n in names])
+        gone = [n for n, v in zip(names, values) if v is None]  # type: ignore[arg-type]
+        if gone:  # atomic with a beat that came meanwhile: its SET comes before its SADD
+            self._prune_workers(keys=[PREFIX + "workers"], args=[PREFIX + "w:", *gone])
+        return [json.loads(v) for v in values if v]  # type: ignore[union-attr]
 
     def worker_gone(self, name: str) -> None:
         self.r.delete(PREFIX + "w:" + name)
+        self.r.srem(PREFIX + "workers", name)
 
     # -- sessions (/api/sessions) ---------------------------------------------------------
 
