@@ -537,7 +537,7 @@ class Registry:
         if not names:
             return []
         values = self.r.mget([PREFIX + "w:" + n for n in names])
-        gone = [n for n, v in zip(names, values) if v is None]  # type: ignore[arg-type]
+        gone = [n for n, v in zip(names, values) if v is None]
         if gone:  # atomic with a beat that came meanwhile: its SET comes before its SADD
             self._prune_workers(keys=[PREFIX + "workers"], args=[PREFIX + "w:", *gone])
         return [json.loads(v) for v in values if v]  # type: ignore[union-attr]
