@@ -98,8 +98,10 @@ class Stack:
             self.workers.append(self._poolgate(
                 f"worker-{i}", "worker", "--config", config, "--pool", POOL, "--slots",
                 str(self.slots), "--name", f"{POOL}-{i}@%h", "--log-level", "warning"))
-        self.others.append(self._poolgate("maintenance", "maintenance", "--config", config,
-                                          "--log-level", "warning"))
+        if self.broker_kind == "redis":  # on the machine's RabbitMQ, the maintenance queue
+            # (one name for every poolgate) is shared with other stacks: leave it to them
+            self.others.append(self._poolgate("maintenance", "maintenance", "--config", config,
+                                              "--log-level", "warning"))
         for i in range(self.gateways_n):
             port = free_port()
             self.gateways.append(self._poolgate(
