@@ -503,11 +503,28 @@ class Registry:
     def live_gateways(self) -> set[str]:
         return {k.decode()[len(PREFIX) + 3:] for k in self.r.scan_iter(PREFIX + "gw:*", count=500)}
 
-    def drop_connections(self, kid: str, keep: set[str]) -> int:
-        """Forget the connections held by gateways not in ``keep`` (they went away)."""
-        stale = [f for f in self.r.hkeys(PREFIX + "c:" + kid)  # type: ignore[union-attr]
-                 if f.decode().split(":", 1)[0] not in keep]
+    def drop_connections(self, kid: str, keep: set[str],
+                         holders: list[bytes] | None = None) -> int:
+        """Forget the connections held by gateways not in ``keep`` (they went away);
+        ``holders``: the connection entries already read (connection_holders)."""
+        if holders is None:
+            holders = self.r.hkeys(PREFIX + "c:" + kid)  # type: ignore[assignment]
+        stale = [f for f in holders or () if f.decode().split(":", 1)[0] not in keep]
         return int(self.r.hdel(PREFIX + "c:" + kid, *stale)) if stale else 0
+
+    def beating(self, kids: list[str]) -> set[str]:
+        """Those of ``kids`` whose heartbeat is alive, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for kid in kids:
+            pipe.exists(PREFIX + "hb:" + kid)
+        return {kid for kid, alive in zip(kids, pipe.execute()) if alive}
+
+    def connection_holders(self, kids: list[str]) -> dict[str, list[bytes]]:
+        """Each kernel's connection entries (``<gateway>:<session>``), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for kid in kids:
+            pipe.hkeys(PREFIX + "c:" + kid)
+        return dict(zip(kids, pipe.execute()))
 
     def connection_count(self, kid: str) -> int:
         return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
