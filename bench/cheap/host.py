@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import resource
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -188,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", required=True, help="ZMQ endpoint the launcher talks to")
     p.add_argument("--ip", default="127.0.0.1", help="where kernels bind")
     args = p.parse_args(argv)
-    asyncio.run(Host(args.control, args.ip).serve())
+    try:
+        asyncio.run(Host(args.control, args.ip).serve())
+    finally:  # the launcher's close() does not run when its worker is killed
+        if args.control.startswith("ipc://"):
+            Path(args.control[len("ipc://"):]).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
