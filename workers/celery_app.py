@@ -64,6 +64,10 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 7 * 86400},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        # One result backend (and Redis connection pool) per process, not one per thread:
+        # every kernel's supervisor thread reports RUNNING through it, and a backend per thread
+        # kept a Redis connection open per kernel (issue 24: 500 per worker of 500 kernels)
+        result_backend_thread_safe=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # Celery reduces the prefetch count after a broker reconnect while tasks run, and
         # restores it as they complete: kernel tasks never complete, and a worker that

@@ -28,7 +28,12 @@ OPTIONS: dict[str, str] = {
 
 def options_class(name: str) -> type[Any]:
     """The options dataclass of launcher ``name``; an unknown name is a ConfigError with a
-    suggestion."""
+    suggestion. A launcher named by import path (``module:Class``, see workers/launchers) is
+    imported here: its options are its class's ``Options``."""
+    if ":" in name:
+        from workers.launchers import resolve  # only for such a pool: never the default config
+
+        return resolve(name).Options
     try:
         target = OPTIONS[name]
     except KeyError:

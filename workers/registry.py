@@ -9,6 +9,7 @@ Keys (prefix ``pg:``)::
     pg:sendlock:<pool> held while a launch takes its ticket and is sent (Registry.launch_lock)
     pg:hb:<id>         the supervisor's heartbeat (expires after the pool's heartbeat TTL)
     pg:w:<name>        a worker's heartbeat and capacity (expires)
+    pg:workers         set of worker names (those whose heartbeat expired are pruned on read)
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<id>         pub/sub channel: the kernel's state changes
     pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +103,13 @@ for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+
+_PRUNE_WORKERS = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 1
+"""
 
 REDIS_CONNECTIONS = 512  # per process
 
@@ -203,6 +212,8 @@ class Registry:
         self._admit = self.r.register_script(_ADMIT)
         self._secrets = keyring.resolve(keyring.parse(secret), url)
         self._keys = keyring.fernet(self._secrets)
+        self._prune_workers = self.r.register_script(_PRUNE_WORKERS)
+        self._send_locks: dict[str, threading.Lock] = {}
 
     # -- records --------------------------------------------------------------------------
 
@@ -210,19 +221,32 @@ class Registry:
     def launch_lock(self, pool: str) -> Iterator[None]:
         """Held while a launch takes its ticket and is sent to the broker, so that tickets and
         the broker's queue agree on the order. Held for a broker round trip; it expires after
-        10 s should its holder die meanwhile."""
-        lock = self.r.lock(f"{PREFIX}sendlock:{pool}", timeout=10, sleep=0.002,
-                           blocking_timeout=30)
-        if not lock.acquire():
+        10 s should its holder die meanwhile.
+
+        The threads of one process queue for it on a lock of their own first: the Redis lock is
+        taken by polling (SET NX every 2 ms), and 50 concurrent launches on one gateway polling
+        it sent the registry some 25,000 commands a second, slowing the holder until launches
+        gave up (issue 24). Now only one thread per process polls."""
+        deadline = time.monotonic() + 30
+        local = self._send_locks.setdefault(pool, threading.Lock())
+        if not local.acquire(timeout=30):
             raise BackendUnavailable(f"pool {pool!r}: could not take a place in its queue within "
-                                     f"30s (the registry is overloaded); try again")
+                                     f"30s (launches on this gateway are backed up); try again")
         try:
-            yield
-        finally:
+            lock = self.r.lock(f"{PREFIX}sendlock:{pool}", timeout=10, sleep=0.002,
+                               blocking_timeout=max(0.1, deadline - time.monotonic()))
+            if not lock.acquire():
+                raise BackendUnavailable(f"pool {pool!r}: could not take a place in its queue "
+                                         f"within 30s (the registry is overloaded); try again")
             try:
-                lock.release()
-            except redis.exceptions.LockError:  # expired meanwhile: another holder has it now
-                log.warning("Pool %s: the launch lock expired while held", pool)
+                yield
+            finally:
+                try:
+                    lock.release()
+                except redis.exceptions.LockError:  # expired meanwhile: another holder has it
+                    log.warning("Pool %s: the launch lock expired while held", pool)
+        finally:
+            local.release()
 
     def create(self, rec: KernelRecord, limits: tuple[int, int, int, int] = (0, 0, 0, 0)) -> str:
         """Write a new QUEUED record and queue it, unless a kernel limit refuses it.
@@ -495,6 +519,15 @@ class Registry:
         status, target = self.r.hmget(PREFIX + "k:" + kid, ["status", "target"])  # type: ignore[misc]
         return (status.decode() if status else None, target.decode() if target else None)
 
+    def liveness(self, kid: str) -> tuple[str | None, bool]:
+        """(status, whether its heartbeat is alive), in one round trip: what a gateway asks
+        every few seconds for each kernel a client is connected to."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(PREFIX + "k:" + kid, "status")
+        pipe.exists(PREFIX + "hb:" + kid)
+        status, beating = pipe.execute()
+        return (status.decode() if isinstance(status, bytes) else None), bool(beating)
+
     def heartbeat_alive(self, kid: str) -> bool:
         return bool(self.r.exists(PREFIX + "hb:" + kid))
 
@@ -504,11 +537,28 @@ class Registry:
     def live_gateways(self) -> set[str]:
         return {k.decode()[len(PREFIX) + 3:] for k in self.r.scan_iter(PREFIX + "gw:*", count=500)}
 
-    def drop_connections(self, kid: str, keep: set[str]) -> int:
-        """Forget the connections held by gateways not in ``keep`` (they went away)."""
-        stale = [f for f in self.r.hkeys(PREFIX + "c:" + kid)  # type: ignore[union-attr]
-                 if f.decode().split(":", 1)[0] not in keep]
+    def drop_connections(self, kid: str, keep: set[str],
+                         holders: list[bytes] | None = None) -> int:
+        """Forget the connections held by gateways not in ``keep`` (they went away);
+        ``holders``: the connection entries already read (connection_holders)."""
+        if holders is None:
+            holders = self.r.hkeys(PREFIX + "c:" + kid)  # type: ignore[assignment]
+        stale = [f for f in holders or () if f.decode().split(":", 1)[0] not in keep]
         return int(self.r.hdel(PREFIX + "c:" + kid, *stale)) if stale else 0
+
+    def beating(self, kids: list[str]) -> set[str]:
+        """Those of ``kids`` whose heartbeat is alive, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for kid in kids:
+            pipe.exists(PREFIX + "hb:" + kid)
+        return {kid for kid, alive in zip(kids, pipe.execute()) if alive}
+
+    def connection_holders(self, kids: list[str]) -> dict[str, list[bytes]]:
+        """Each kernel's connection entries (``<gateway>:<session>``), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for kid in kids:
+            pipe.hkeys(PREFIX + "c:" + kid)
+        return dict(zip(kids, pipe.execute()))
 
     def connection_count(self, kid: str) -> int:
         return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
@@ -525,16 +575,27 @@ class Registry:
         self.r.hdel(PREFIX + "c:" + kid, conn_id)
 
     def worker_heartbeat(self, name: str, info: dict[str, Any], ttl: float) -> None:
-        self.r.set(PREFIX + "w:" + name, json.dumps(info), px=int(ttl * 1000))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(PREFIX + "w:" + name, json.dumps(info), px=int(ttl * 1000))
+        pipe.sadd(PREFIX + "workers", name)
+        pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
-        keys = list(self.r.scan_iter(PREFIX + "w:*", count=500))
-        if not keys:
+        """The live workers' heartbeats. Read by every launch: from the set of worker names
+        (a SCAN for ``pg:w:*`` walked the whole keyspace, some 120 calls a launch at 10,000
+        kernels, issue 24); names whose heartbeat expired are dropped from the set."""
+        names = sorted(n.decode() for n in self.r.smembers(PREFIX + "workers"))  # type: ignore[union-attr]
+        if not names:
             return []
-        return [json.loads(v) for v in self.r.mget(keys) if v]  # type: ignore[union-attr]
+        values = self.r.mget([PREFIX + "w:" + n for n in names])
+        gone = [n for n, v in zip(names, values) if v is None]
+        if gone:  # atomic with a beat that came meanwhile: its SET comes before its SADD
+            self._prune_workers(keys=[PREFIX + "workers"], args=[PREFIX + "w:", *gone])
+        return [json.loads(v) for v in values if v]  # type: ignore[union-attr]
 
     def worker_gone(self, name: str) -> None:
         self.r.delete(PREFIX + "w:" + name)
+        self.r.srem(PREFIX + "workers", name)
 
     # -- sessions (/api/sessions) ---------------------------------------------------------
 

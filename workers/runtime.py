@@ -106,7 +106,10 @@ class Runtime:
                 "queues": self.queues, "slots": self.slots, "used": self.used,
                 "accepting": not self._paused and not self.shutting_down.is_set(),
                 "draining": [p for p in self.pools if self.config.pools[p].queue in self.drained],
-                "kernels": sorted(self.supervisors), "time": time.time(),
+                # a count, not the ids: this is written at every launch and end, and every
+                # launch on any gateway reads every worker's (issue 24: the ids made both grow
+                # with the kernels a worker hosts)
+                "kernels": len(self.supervisors), "time": time.time(),
                 "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {}}
 
     def beat(self) -> None:
@@ -131,20 +134,27 @@ class Runtime:
 
         def loop() -> None:
             # Kernel heartbeats come from this thread, not from the supervisors, so a kernel
-            # that takes long to restart is not mistaken for one whose worker died.
-            period = min([WORKER_TTL / 3] + [p.heartbeat_ttl / 3 for p in self.config.pools.values()])
-            last_worker_beat = 0.0
-            while not self.shutting_down.wait(period):
-                try:
-                    beats = {kid: sup.pool.heartbeat_ttl for kid, sup in list(self.supervisors.items())
-                             if sup.beating}
-                    if beats:
-                        self.registry.heartbeats(beats, self.name)
-                except Exception:
-                    log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
-                self._rebuild_if_lost()
-                if time.monotonic() - last_worker_beat >= WORKER_TTL / 3:
-                    last_worker_beat = time.monotonic()
+            # that takes long to restart is not mistaken for one whose worker died. They go
+            # every third of the kernels' TTL, the worker's own every third of WORKER_TTL: a
+            # command per kernel at the worker's pace cost a third more (issue 24).
+            kernel_every = min(p.heartbeat_ttl / 3 for p in self.config.pools.values())
+            next_kernels = next_worker = time.monotonic() + min(kernel_every, WORKER_TTL / 3)
+            while not self.shutting_down.wait(max(0.0, min(next_kernels, next_worker)
+                                                  - time.monotonic())):
+                now = time.monotonic()
+                if now >= next_kernels:
+                    next_kernels = now + kernel_every
+                    try:
+                        beats = {kid: sup.pool.heartbeat_ttl
+                                 for kid, sup in list(self.supervisors.items()) if sup.beating}
+                        if beats:
+                            self.registry.heartbeats(beats, self.name)
+                    except Exception:
+                        log.warning("Worker %s: cannot reach the registry", self.name,
+                                    exc_info=True)
+                    self._rebuild_if_lost()
+                if now >= next_worker:
+                    next_worker = now + WORKER_TTL / 3
                     self.beat()
 
         self._beat = threading.Thread(target=loop, name="poolgate-heartbeat", daemon=True)

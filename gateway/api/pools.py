@@ -72,6 +72,11 @@ def activity_age(last_activity: str, now: float) -> float | None:
     return max(0.0, round(now - then.timestamp(), 1))
 
 
+def _count(kernels: Any) -> int:
+    """A worker heartbeat's kernel count (a list of ids from workers before issue 24)."""
+    return len(kernels) if isinstance(kernels, list) else int(kernels or 0)
+
+
 def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:
     """A worker as one pool sees it, from its heartbeat."""
     slots, used = int(info.get("slots", 0)), int(info.get("used", 0))
@@ -81,7 +86,7 @@ def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:
         "accepting" if accepting else "paused"
     return {"name": info.get("name", ""), "host": info.get("host", ""), "slots": slots,
             "used": used, "free": max(0, slots - used), "state": state, "draining": draining,
-            "kernels": len(info.get("kernels", ())),
+            "kernels": _count(info.get("kernels", 0)),
             "warm": {key.split("/", 1)[1]: n for key, n in (info.get("warm") or {}).items()
                      if key.split("/", 1)[0] == pool},
             "last_seen": round(max(0.0, now - float(info.get("time", now))), 1)}

@@ -28,10 +28,12 @@ def record(kid: str, pool: str, status: KernelStatus, user: str = "", age: float
 
 def test_build_worker_states() -> None:
     beat = {"name": "gpu-1@h", "host": "h", "pools": ["gpu"], "slots": 2, "used": 2,
-            "accepting": False, "draining": [], "kernels": ["a", "b"], "time": NOW - 2}
+            "accepting": False, "draining": [], "kernels": 2, "time": NOW - 2}
     assert build_worker(beat, "gpu", NOW) == {
         "name": "gpu-1@h", "host": "h", "slots": 2, "used": 2, "free": 0, "state": "full",
         "draining": False, "kernels": 2, "last_seen": 2.0, "warm": {}}
+    # a worker from before issue 24 listed its kernels' ids: counted the same
+    assert build_worker(dict(beat, kernels=["a", "b"]), "gpu", NOW)["kernels"] == 2
     warm = dict(beat, warm={"gpu/python3": 2, "local/python3": 1, "gpu/r": 1})
     assert build_worker(warm, "gpu", NOW)["warm"] == {"python3": 2, "r": 1}
     drained = dict(beat, used=1, accepting=True, draining=["gpu"])

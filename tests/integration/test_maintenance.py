@@ -37,10 +37,17 @@ def test_reconcile_pass(private_redis: PrivateRedis) -> None:
     _record(reg, "silent", KernelStatus.RUNNING, time.time())
     _record(reg, "stale-launch", KernelStatus.QUEUED, time.time() - 60)
     _record(reg, "fresh-launch", KernelStatus.QUEUED, time.time() + 60)
+    _record(reg, "beating", KernelStatus.RUNNING, time.time())  # its worker is alive
+    reg.heartbeat("beating", "local-1@alive", 30)
+    reg.gateway_heartbeat("livegateway", 30)
+    reg.add_connection("beating", "livegateway:session")
     pools = {"local": PoolConfig(name="local", launcher="local", queue="local")}
     changed = reconcile(reg, pools)
     assert changed["failed"] == ["silent"] and changed["withdrawn"] == ["stale-launch"]
-    assert changed["connections_dropped"] == 1
+    assert changed["connections_dropped"] == 2  # the dead gateway's, on both running kernels
+    beating = reg.get("beating")
+    assert beating is not None and beating.status is KernelStatus.RUNNING
+    assert reg.connections("beating").keys() == {"livegateway:session"}
     silent = reg.get("silent")
     assert silent is not None and silent.status is KernelStatus.FAILED
     assert "no heartbeat" in silent.reason and silent.connections == 0

@@ -2,6 +2,8 @@
 
 ``"local"`` → ``workers.launchers.local:LocalLauncher`` and so on. An unknown key is a
 ConfigError with a suggestion; a missing backend library is an ImportError naming the extra.
+A pool may also name a launcher class by import path, ``"package.module:Class"`` (the scale
+bench's test launcher, bench/cheap/launcher.py, which the default config never names).
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import importlib
 from typing import TYPE_CHECKING
 
 from workers.errors import ConfigError
-from workers.launcher_options import validate_options as validate_options  # for its callers
 from workers.typed import build
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ LAUNCHERS: dict[str, str] = {
 
 
 def resolve(name: str) -> type[Launcher]:
-    """The launcher class for a key of ``LAUNCHERS``."""
+    """The launcher class for a key of ``LAUNCHERS`` or an import path ``module:Class``."""
+    if ":" in name:
+        return _by_path(name)
     try:
         target = LAUNCHERS[name]
     except KeyError:
@@ -38,6 +41,20 @@ def resolve(name: str) -> type[Launcher]:
         raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(LAUNCHERS)})") from None
     module, _, attr = target.partition(":")
     cls: type[Launcher] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def _by_path(path: str) -> type[Launcher]:
+    """The Launcher subclass at ``module:Class``; a ConfigError saying why where there is none."""
+    from workers.launchers.base import Launcher
+
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"launcher {path!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Launcher)):
+        raise ConfigError(f"launcher {path!r} is not a Launcher subclass")
     return cls
 
 

@@ -26,6 +26,17 @@ def test_unknown_launcher_suggests() -> None:
         launchers.resolve("lokal")
 
 
+def test_a_launcher_named_by_import_path_resolves_and_a_bad_one_says_why() -> None:
+    """How the scale bench's pool names its test launcher without a LAUNCHERS entry."""
+    from workers.launchers.local import LocalLauncher
+
+    assert launchers.resolve("workers.launchers.local:LocalLauncher") is LocalLauncher
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        launchers.resolve("workers.launchers.nosuch:Thing")
+    with pytest.raises(ConfigError, match="not a Launcher subclass"):
+        launchers.resolve("workers.launchers.local:LocalOptions")
+
+
 def test_builders() -> None:
     assert build_connection("127.0.0.1", "k", None, "tcp") == {
         "shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0, "hb_port": 0,

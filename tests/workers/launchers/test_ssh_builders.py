@@ -11,7 +11,8 @@ import pytest
 
 from workers.config import build
 from workers.errors import ConfigError, LaunchRejected
-from workers.launchers import default_slots, resolve, validate_options
+from workers.launcher_options import validate_options
+from workers.launchers import default_slots, resolve
 from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv, build_connection_json,
                                             build_env, build_poll_script, build_reap_script,
                                             build_signal_script,
