@@ -31,9 +31,10 @@ def options_class(name: str) -> type[Any]:
     suggestion. A launcher named by import path (``module:Class``, see workers/launchers) is
     imported here: its options are its class's ``Options``."""
     if ":" in name:
-        from workers.launchers import resolve  # only for such a pool: never the default config
-
-        return resolve(name).Options
+        options = getattr(import_path(name), "Options", None)
+        if not isinstance(options, type):
+            raise ConfigError(f"launcher {name!r} has no Options dataclass")
+        return options
     try:
         target = OPTIONS[name]
     except KeyError:
@@ -43,6 +44,16 @@ def options_class(name: str) -> type[Any]:
     module, _, attr = target.partition(":")
     cls: type[Any] = getattr(importlib.import_module(module), attr)
     return cls
+
+
+def import_path(path: str) -> Any:
+    """The object at ``module:attr`` (a launcher named by import path; only such a pool imports
+    its launcher when the configuration loads); a ConfigError saying why where there is none."""
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"launcher {path!r} cannot be imported: {exc}") from None
 
 
 def validate_options(name: str, options: Mapping[str, Any], path: str) -> Mapping[str, Any]:

@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from workers.errors import ConfigError
+from workers.launcher_options import import_path
 from workers.typed import build
 
 if TYPE_CHECKING:
@@ -48,11 +49,7 @@ def _by_path(path: str) -> type[Launcher]:
     """The Launcher subclass at ``module:Class``; a ConfigError saying why where there is none."""
     from workers.launchers.base import Launcher
 
-    module, _, attr = path.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"launcher {path!r} cannot be imported: {exc}") from None
+    cls = import_path(path)
     if not (isinstance(cls, type) and issubclass(cls, Launcher)):
         raise ConfigError(f"launcher {path!r} is not a Launcher subclass")
     return cls
