@@ -36,9 +36,11 @@ SPECS = {
     "tiny-py": None,
     # the pool says 600 s; the kernelspec says 2 s, and wins
     "cull-py": _spec(PY, "local", cull_idle_timeout=2),
-    # starts, answers, and dies 6 s after it started, every time
-    "dying-py": _spec(_py_c("import os, threading; threading.Timer(6, os._exit, (9,)).start()"),
-                      "local"),
+    # starts, answers, and dies 3 s after ipykernel bound its ports, every time
+    "dying-py": _spec(["python", "-c", "import os, threading; from ipykernel.kernelapp import "
+                       "IPKernelApp; app = IPKernelApp.instance(); app.initialize(); "
+                       "threading.Timer(3, os._exit, (9,)).start(); app.start()",
+                       "-f", "{connection_file}"], "local"),
     # STARTING for 4 s before the kernel even imports ipykernel
     "slow-py": _spec(_py_c("import time; time.sleep(4)"), "local"),
     "busy-py": _spec(PY, "busy"),
@@ -58,7 +60,8 @@ def policy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   "cull_idle_timeout": 600, "cull_interval": 0.5},
         "busy": {**common, "queue": f"{tag}-busy", "slots": 2, "cull_idle_timeout": 2,
                  "cull_interval": 0.5, "cull_busy": True},
-        "guarded": {**common, "queue": f"{tag}-guarded", "slots": 1, "launch_timeout": 1, "max_launch_timeout": 2,
+        "guarded": {**common, "queue": f"{tag}-guarded", "slots": 1, "launch_timeout": 10,
+                    "max_launch_timeout": 15,
                     "kernelspecs": ["guarded-py"], "allowed_users": ["alice"]},
     }
     stack = Stack(tmp, "redis", db=DB_BASE + 8, pools=pools, specs=SPECS,
@@ -105,17 +108,17 @@ def _wait_state(ch: Any, state: str, timeout: float = 30) -> None:
 
 
 def test_kernel_launch_timeout_is_capped_by_max_launch_timeout(policy_stack: Stack) -> None:
-    """KERNEL_LAUNCH_TIMEOUT=1000 on a pool with max_launch_timeout 2: a launch waiting for the
-    pool's one slot gives up after 2 s (a 503), not 1000 s."""
+    """KERNEL_LAUNCH_TIMEOUT=1000 on a pool with max_launch_timeout 15: a launch waiting for
+    the pool's one slot gives up after 15 s (a 503), not 1000 s."""
     gw = policy_stack.gw
     env = {"KERNEL_USERNAME": "alice"}
     holder = gw.start("guarded-py", env)["id"]  # the pool's only slot
     try:
         r = gw.post("/api/kernels", json={"name": "guarded-py",
                                           "env": {**env, "KERNEL_LAUNCH_TIMEOUT": "1000"}},
-                    timeout=30)  # uncapped, this would raise ReadTimeout
+                    timeout=60)  # uncapped, this would raise ReadTimeout
         assert r.status_code == 503, r.text
-        assert "guarded" in r.json()["message"]
+        assert "waited 15s in the queue of pool 'guarded'" in r.json()["message"], r.text
     finally:
         gw.shutdown(holder)
 
@@ -138,7 +141,7 @@ def test_pool_kernelspecs_and_allowed_users_refuse_with_403(policy_stack: Stack)
 
 
 def test_dead_after_max_restarts_quick_deaths(policy_stack: Stack) -> None:
-    """max_restarts: 1. The kernel dies 6 s after each start: restarted once, then dead."""
+    """max_restarts: 1. The kernel dies 3 s after each start: restarted once, then dead."""
     gw = policy_stack.gw
     kid = gw.start("dying-py")["id"]
     try:
