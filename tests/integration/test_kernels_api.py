@@ -73,6 +73,8 @@ BAD_BODIES = [
     ("launch timeout not a number", b'{"env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', {}),
     ("kernel id not a uuid", b'{"env": {"KERNEL_ID": "abc"}}', {}),
 ]
+# README, "The API": an unknown spec is a 404; every other bad body a 400.
+BAD_BODY_STATUS = {"unknown kernelspec": (404, "unknown_kernelspec")}
 
 
 @pytest.mark.parametrize("label,body,headers", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
@@ -81,9 +83,11 @@ def test_bad_input_is_a_json_4xx_and_starts_nothing(redis_stack: Stack, label: s
     gw = redis_stack.gw
     before = gw.kernels()
     r = gw.post("/api/kernels", data=body, headers={"Content-Type": "application/json", **headers})
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    status, reason = BAD_BODY_STATUS.get(label, (400, "bad_request"))
+    assert r.status_code == status, (r.status_code, r.text)
     data = r.json()
     assert set(data) == {"reason", "message"} and data["message"]
+    assert data["reason"] == reason, data
     assert gw.kernels() == before
 
 
