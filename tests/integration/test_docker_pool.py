@@ -151,9 +151,7 @@ def test_launch_run_stream_interrupt_restart_shutdown(docker_stack: Stack, name:
         assert res.stdout.split() == ["tick", "0", "tick", "1", "tick", "2"]
         assert len(res.out) >= 2, "output arrived in one piece, not streamed"
         assert ch.execute("import getpass; getpass.getuser()").result == "'jovyan'"
-        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
-                                          "time.sleep(0.1)", "silent": False})
-        time.sleep(1.0)
+        mid = ch.start_cell()  # returns once the cell runs
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=20)
         assert res.error and res.error["ename"] == "KeyboardInterrupt"

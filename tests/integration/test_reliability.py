@@ -107,18 +107,24 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
         ch_conn = gw.channel(connected)  # a client holds it: not culled (cull_connected off)
         busy = gw.start()["id"]
         ch_busy = gw.channel(busy)
-        ch_busy.send("execute_request", {"code": "import time; time.sleep(9)", "silent": False})
+        ch_busy.start_cell("print('running', flush=True)\nimport time; time.sleep(30)")
+        ch_busy.close()  # busy with no client: only its being busy keeps it
         short = gw.start("short-py")["id"]
         ch_short = gw.channel(short)
         idle = gw.start()["id"]
-        time.sleep(5.5)
-        r = gw.get(f"/api/kernels/{idle}")
+        deadline = time.monotonic() + 30
+        while (r := gw.get(f"/api/kernels/{idle}")).status_code == 200:  # until it is culled
+            assert time.monotonic() < deadline, f"the idle kernel was never culled: {r.text}"
+            time.sleep(0.2)
         assert r.status_code == 404 and "culled: idle" in r.json()["message"]
         assert gw.get(f"/api/kernels/{busy}").status_code == 200  # busy kernels are not culled
         assert gw.get(f"/api/kernels/{connected}").status_code == 200  # nor connected ones
-        r = gw.get(f"/api/kernels/{short}")  # connected, but past its pool's max_lifetime
+        deadline = time.monotonic() + 30
+        while (r := gw.get(f"/api/kernels/{short}")).status_code == 200:  # connected, but...
+            assert time.monotonic() < deadline, f"max_lifetime never ended it: {r.text}"
+            time.sleep(0.2)
         assert r.status_code == 404 and "maximum lifetime of 3s" in r.json()["message"]
-        for ch in (ch_busy, ch_conn, ch_short):
+        for ch in (ch_conn, ch_short):
             ch.close()
         for kid in (busy, connected):
             gw.shutdown(kid)
