@@ -223,6 +223,7 @@ def test_full_pool_queues_then_times_out_cleanly(stack: Stack) -> None:
         assert r.status_code == 503, r.text
         assert 2.5 < time.monotonic() - t0 < 15
         msg = r.json()["message"]
+        withdrawn = msg.split()[1]  # "kernel <id> waited 3s in the queue of pool 'tiny' ..."
         assert "'tiny'" in msg and "1 slots" in msg and "0 launches were ahead" in msg
         assert "KERNEL_LAUNCH_TIMEOUT" in msg
         assert [k["id"] for k in gw.kernels()] == [first]
@@ -230,7 +231,10 @@ def test_full_pool_queues_then_times_out_cleanly(stack: Stack) -> None:
         gw.shutdown(first)
     # The withdrawn launch never appears later, even though its message was in the queue.
     kid = gw.start("tiny-py")["id"]
-    time.sleep(1.0)
+    log, deadline = stack.logs / "worker-tiny.log", time.monotonic() + 15
+    while withdrawn not in log.read_text():  # its message reached the worker, which dropped it
+        assert time.monotonic() < deadline, f"the worker never saw launch {withdrawn}"
+        time.sleep(0.05)
     assert [k["id"] for k in gw.kernels()] == [kid]
     gw.shutdown(kid)
 
