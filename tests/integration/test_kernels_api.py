@@ -362,6 +362,7 @@ def test_warm_kernels_are_handed_over(tmp_path) -> None:  # type: ignore[no-unty
             # the kernel handed over is a warm one (its host and ports), not a new process; how
             # fast that is: python -m bench --targets poolgate-warm (bench/README.md)
             conn = redis.Redis.from_url(stack.registry_url).hget(f"pg:k:{model['id']}", "conn")
+            assert isinstance(conn, bytes), conn
             got = json.loads(conn)
             got.pop("key")
             assert tuple(sorted(got.items())) in warm, (got, warm)

@@ -95,6 +95,11 @@ def _kernel_process(kid: str) -> psutil.Process | None:
     return None
 
 
+def _parent_command(proc: psutil.Process) -> str:
+    parent = proc.parent()
+    return " ".join(parent.cmdline()) if parent is not None else ""
+
+
 def _wait_state(ch: Any, state: str, timeout: float = 30) -> None:
     """Read the socket until the kernel's iopub says ``state`` (the event, not a guess)."""
     deadline = time.monotonic() + timeout
@@ -158,14 +163,14 @@ def test_restart_of_a_forked_kernel_is_forked_again(policy_stack: Stack) -> None
     try:
         first = _kernel_process(kid)
         assert first is not None
-        assert "forkserver.py" in " ".join(first.parent().cmdline())  # forked, not exec'd
+        assert "forkserver.py" in _parent_command(first)  # forked, not exec'd
         ch = gw.channel(kid)
         assert ch.execute("x = 1").status == "ok"
         r = gw.post(f"/api/kernels/{kid}/restart")
         assert r.status_code == 200 and r.json()["id"] == kid, r.text
         second = _kernel_process(kid)
         assert second is not None and second.pid != first.pid and not first.is_running()
-        assert "forkserver.py" in " ".join(second.parent().cmdline())
+        assert "forkserver.py" in _parent_command(second)
         res = ch.execute("print(x)", timeout=30)
         assert res.error is not None and res.error["ename"] == "NameError"  # a new kernel
         assert ch.execute("print('forked again')").stdout == "forked again\n"
@@ -210,7 +215,7 @@ def test_the_connection_key_is_encrypted_at_rest(policy_stack: Stack) -> None:
     kid = gw.start()["id"]
     try:
         raw = redis.Redis.from_url(policy_stack.registry_url).hget(f"pg:k:{kid}", "conn")
-        assert raw is not None
+        assert isinstance(raw, bytes)
         stored_key = json.loads(raw)["key"]
         real_key = Registry(policy_stack.registry_url, SECRET).connection(kid).key  # type: ignore[union-attr]
         assert real_key and stored_key.startswith("enc:") and real_key not in raw.decode()
