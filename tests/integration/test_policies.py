@@ -238,7 +238,7 @@ def test_a_kernelspecs_cull_idle_timeout_wins_over_its_pools(policy_stack: Stack
     try:
         body = _wait_gone(policy_stack, culled, timeout=30)
         assert "culled: idle" in body["message"] and "cull_idle_timeout: 2s" in body["message"]
-        assert gw.get(f"/api/kernels/{plain}").status_code == 200  # idle as long, not culled
+        assert gw.get(f"/api/kernels/{plain}").json()["execution_state"] == "idle"  # not culled
     finally:
         gw.shutdown(plain)
         gw.shutdown(culled)

@@ -109,6 +109,7 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
         ch_busy = gw.channel(busy)
         ch_busy.start_cell("print('running', flush=True)\nimport time; time.sleep(30)")
         ch_busy.close()  # busy with no client: only its being busy keeps it
+        quiet_since = time.monotonic()  # neither it nor the connected one has output after this
         short = gw.start("short-py")["id"]
         ch_short = gw.channel(short)
         idle = gw.start()["id"]
@@ -117,8 +118,12 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, f"the idle kernel was never culled: {r.text}"
             time.sleep(0.2)
         assert r.status_code == 404 and "culled: idle" in r.json()["message"]
-        assert gw.get(f"/api/kernels/{busy}").status_code == 200  # busy kernels are not culled
-        assert gw.get(f"/api/kernels/{connected}").status_code == 200  # nor connected ones
+        # A negative check needs the time to pass: quiet for cull_idle_timeout (3 s) plus two
+        # cull_intervals and a supervisor's read, an idle kernel would be gone by now.
+        time.sleep(max(0.0, quiet_since + 3 + 1 + 0.5 - time.monotonic()))
+        # busy kernels are not culled, nor connected ones (listed while stopping is not enough)
+        assert gw.get(f"/api/kernels/{busy}").json()["execution_state"] == "busy"
+        assert gw.get(f"/api/kernels/{connected}").json()["execution_state"] == "idle"
         deadline = time.monotonic() + 30
         while (r := gw.get(f"/api/kernels/{short}")).status_code == 200:  # connected, but...
             assert time.monotonic() < deadline, f"max_lifetime never ended it: {r.text}"
