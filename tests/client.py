@@ -13,6 +13,10 @@ import requests
 import websocket
 
 
+#: A cell that says it is running, then runs for a minute (interrupt tests stop it).
+RUNNING_CELL = "print('running', flush=True)\nimport time\nfor i in range(600): time.sleep(0.1)"
+
+
 @dataclass
 class Result:
     reply: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +84,21 @@ class Channel:
             msg["buffers"] = [frame[a:b] for a, b in zip(offs[1:], list(offs[2:]) + [len(frame)])]
             return msg
         return json.loads(frame)  # type: ignore[no-any-return]
+
+    def start_cell(self, code: str = "", timeout: float = 30) -> str:
+        """Send a cell and return its msg_id once its first output came: its code is running,
+        not merely sent (what a test waits for before it interrupts or disturbs a cell). The
+        cell must print first; the default one prints, then runs for a minute."""
+        mid = self.send("execute_request", {"code": code or RUNNING_CELL, "silent": False})
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"cell {mid} printed nothing within {timeout}s")
+            msg = self.recv(left)
+            if msg.get("parent_header", {}).get("msg_id") == mid and msg["msg_type"] == "stream":
+                return mid
+            self.other.append(msg)
 
     def execute(self, code: str, timeout: float = 60, stdin: str | None = None) -> Result:
         mid = self.send("execute_request", {"code": code, "silent": False, "store_history": True,

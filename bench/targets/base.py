@@ -204,7 +204,11 @@ class GatewayTarget(Target):
         model = json.loads(body)
         ref = KernelRef(str(model["id"]))
         self.kernels[ref.kernel_id] = ref
+        self.started(model)
         return ref
+
+    def started(self, model: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Called with the model the start answered, before the start is timed as ready."""
 
     async def connect(self, ref: KernelRef) -> KernelConnection:
         http = await self.open_http()

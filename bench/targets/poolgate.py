@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -121,6 +122,14 @@ class PoolgateWarmTarget(PoolgateTarget):
                 return
             await asyncio.sleep(0.05)
         say(f"{self.name}: no warm kernel ready after 60 s; starting anyway")
+
+    def started(self, model: dict[str, Any]) -> None:
+        """Print the hand-over as the worker timed it (the model's ``poolgate.timing.launch``:
+        from taking the launch to the kernel running; a warm kernel starts no process)."""
+        launch = (model.get("poolgate") or {}).get("timing", {}).get("launch")
+        if isinstance(launch, (int, float)):
+            say(f"{self.name}: warm kernel handed over in {launch * 1000:.0f} ms "
+                f"(worker's launch time)")
 
 
 class PoolgateRedisTarget(_PoolgateBase):

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 import websocket
 
 from tests.client import Channel
@@ -25,7 +26,8 @@ def kid(redis_stack: Stack) -> Iterator[str]:
 def test_iopub_to_all_clients_replies_to_the_sender(redis_stack: Stack, kid: str) -> None:
     gw = redis_stack.gw
     a, b = gw.channel(kid), gw.channel(kid)
-    time.sleep(0.3)
+    for ch in (a, b):  # each socket's iopub is live once it has the kernel_info's idle
+        ch.collect(ch.send("kernel_info_request", {}), timeout=30)
     res = a.execute("print('hello from a')")
     assert res.stdout == "hello from a\n" and res.status == "ok"
     seen_by_b: list[dict] = []
@@ -87,7 +89,8 @@ def test_output_while_disconnected_is_replayed(redis_stack: Stack, kid: str) -> 
         if msg["msg_type"] == "stream":
             got = msg["content"]["text"]
     ch.close()
-    time.sleep(3)  # the cell finishes while nobody listens
+    gw.wait_state(kid, "busy")  # the cell finishes while nobody listens
+    gw.wait_state(kid, "idle")
     again = Channel(gw.base, kid, session="replay")
     res = again.collect(mid, timeout=20)
     assert got + res.stdout == "".join(f"{i}\n" for i in range(10))
@@ -306,7 +309,11 @@ def test_messages_sent_during_restart_are_delivered(redis_stack: Stack, kid: str
     out: dict[str, object] = {}
     t = threading.Thread(target=lambda: out.update(r=gw.post(f"/api/kernels/{kid}/restart")))
     t.start()
-    time.sleep(0.3)
+    reg = redis.Redis.from_url(redis_stack.registry_url)
+    deadline = time.monotonic() + 30
+    while reg.hget(f"pg:k:{kid}", "status") != b"RESTARTING":  # the restart has begun
+        assert time.monotonic() < deadline and t.is_alive(), "never saw the kernel RESTARTING"
+        time.sleep(0.01)
     res = ch.execute("print('sent during restart')", timeout=30)
     t.join(30)
     assert out["r"].status_code == 200  # type: ignore[attr-defined]

@@ -151,9 +151,7 @@ def test_launch_run_stream_interrupt_restart_shutdown(docker_stack: Stack, name:
         assert res.stdout.split() == ["tick", "0", "tick", "1", "tick", "2"]
         assert len(res.out) >= 2, "output arrived in one piece, not streamed"
         assert ch.execute("import getpass; getpass.getuser()").result == "'jovyan'"
-        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
-                                          "time.sleep(0.1)", "silent": False})
-        time.sleep(1.0)
+        mid = ch.start_cell()  # returns once the cell runs
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=20)
         assert res.error and res.error["ename"] == "KeyboardInterrupt"
@@ -181,7 +179,7 @@ def test_missing_image_fails_with_the_engines_reason(docker_stack: Stack, name: 
     t0 = time.monotonic()
     r = docker_stack.gw.post("/api/kernels", json={"name": f"noimage-{name}"})
     took = time.monotonic() - t0
-    assert r.status_code in (500, 503), r.text
+    assert r.status_code == 500, r.text  # a launch that failed (README, "The API")
     msg = r.json()["message"]
     assert "poolgate/no-such-image" in msg and ("No such image" in msg or "no such image" in msg
                                                  or "pull access denied" in msg), msg
@@ -238,7 +236,7 @@ def test_resources_no_node_has_fail_at_the_launch_timeout_with_the_engines_reaso
     r = docker_stack.gw.post("/api/kernels", json={"name": "py-swarm", "env": {
         "KERNEL_MEMORY": "4096Gi", "KERNEL_LAUNCH_TIMEOUT": "8"}})
     took = time.monotonic() - t0
-    assert r.status_code in (500, 503), r.text
+    assert r.status_code == 503, r.text  # did not start in time (README, "The API")
     msg = r.json()["message"]
     assert "insufficient resources" in msg, msg
     assert 5 < took < 8 + 2, f"took {took:.0f}s for a launch timeout of 8s"

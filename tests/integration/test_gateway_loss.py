@@ -2,9 +2,12 @@
 cell finishes there, its output complete (from the supervisor's replay buffer)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+
+import redis
 
 from tests.client import Channel
 from tests.conftest import Stack, free_port
@@ -68,7 +71,12 @@ def test_reply_rebuilt_after_gateway_loss_keeps_the_cells_count(redis_stack: Sta
             if msg["msg_type"] == "stream":
                 break
         assert count == 4
-        time.sleep(0.3)  # the dying gateway has recorded that its client got them (every 50 ms)
+        # the dying gateway has recorded that its client got them (it does every 50 ms)
+        reg, key = redis.Redis.from_url(redis_stack.registry_url), f"pg:seen:{kid}:counted"
+        deadline = time.monotonic() + 10
+        while json.loads(reg.get(key) or "{}").get("iopub") != msg["header"]["msg_id"]:
+            assert time.monotonic() < deadline, reg.get(key)
+            time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         redis_stack.gateways.remove(proc)

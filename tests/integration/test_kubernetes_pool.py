@@ -140,9 +140,7 @@ def test_launch_run_interrupt_restart_shutdown(k8s_stack: K8sStack) -> None:
         names = ch.execute("import os; print(sorted(os.environ))").stdout
         for secret in ("POOLGATE_RESPONSE_KEY", "POOLGATE_RESPONSE_TOKEN", "REDIS", "BROKER"):
             assert secret not in names, names
-        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
-                                          "time.sleep(0.1)", "silent": False})
-        time.sleep(1.0)
+        mid = ch.start_cell()  # returns once the cell runs
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=20)
         assert res.error and res.error["ename"] == "KeyboardInterrupt"
@@ -191,7 +189,7 @@ def test_unschedulable_pod_fails_at_the_launch_timeout_with_the_events_reason(
     r = k8s_stack.gw.post("/api/kernels", json={"name": "py-k8s", "env": {
         "KERNEL_MEMORY": "4096Gi", "KERNEL_LAUNCH_TIMEOUT": "8"}})
     took = time.monotonic() - t0
-    assert r.status_code in (500, 503), r.text
+    assert r.status_code == 503, r.text  # did not start in time (README, "The API")
     msg = r.json()["message"]
     assert "FailedScheduling" in msg and "Insufficient memory" in msg, msg
     assert 5 < took < 8 + 2, f"took {took:.0f}s for a launch timeout of 8s"
@@ -201,7 +199,7 @@ def test_unschedulable_pod_fails_at_the_launch_timeout_with_the_events_reason(
 def test_missing_image_fails_at_once_with_the_pull_error(k8s_stack: K8sStack) -> None:
     t0 = time.monotonic()
     r = k8s_stack.gw.post("/api/kernels", json={"name": "noimage-k8s"})
-    assert r.status_code in (500, 503), r.text
+    assert r.status_code == 500, r.text  # a launch that failed (README, "The API")
     msg = r.json()["message"]
     assert "ErrImagePull" in msg and "poolgate/no-such-image:1" in msg, msg
     assert time.monotonic() - t0 < 20

@@ -150,6 +150,32 @@ def test_token_every_route_needs_the_token(token_stack: Stack) -> None:
         gw.shutdown(kid)
 
 
+def test_websocket_takes_the_token_in_the_query(token_stack: Stack) -> None:
+    """README: ``?token=T`` works where a client cannot set headers (a browser's WebSocket)."""
+    gw = token_stack.gw
+    kid = gw.start()["id"]
+    base = token_stack.url.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels"
+    try:
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            websocket.create_connection(f"{base}?session_id=q1&token=wrong", timeout=30)
+        assert info.value.status_code == 401
+        ws = websocket.create_connection(f"{base}?session_id=q2&token={TOKEN}", timeout=30)
+        mid = uuid.uuid4().hex
+        ws.send(json.dumps({"header": {"msg_id": mid, "msg_type": "kernel_info_request",
+                                       "username": "t", "session": "q2", "version": "5.3",
+                                       "date": "2026-01-01T00:00:00Z"},
+                            "parent_header": {}, "metadata": {}, "content": {},
+                            "channel": "shell", "buffers": []}))
+        while True:  # the kernel answers through the socket the query's token opened
+            msg = json.loads(ws.recv())
+            if msg["msg_type"] == "kernel_info_reply":
+                break
+        assert msg["parent_header"]["msg_id"] == mid and msg["content"]["status"] == "ok"
+        ws.close()
+    finally:
+        gw.shutdown(kid)
+
+
 def test_large_bodies_are_refused(token_stack: Stack) -> None:
     big = b'{"name": "python3", "pad": "' + b"x" * (2 << 20) + b'"}'
     r = token_stack.gw.post("/api/kernels", data=big)

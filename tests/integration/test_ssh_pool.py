@@ -208,9 +208,7 @@ def test_interrupt_and_restart_in_place(ssh_stack: Stack) -> None:
         host = host_of(gw, kid)
         addr, pid = where(gw, kid)
         ch = gw.channel(kid)
-        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
-                                          "time.sleep(0.1)", "silent": False})
-        time.sleep(1.0)
+        mid = ch.start_cell()  # returns once the cell runs
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=20)
         assert res.error and res.error["ename"] == "KeyboardInterrupt"

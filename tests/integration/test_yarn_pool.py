@@ -149,9 +149,7 @@ def test_launch_run_interrupt_restart_shutdown(yarn: YarnStack) -> None:
         names = ch.execute("import os; print(sorted(os.environ))").stdout
         for secret in ("POOLGATE_RESPONSE_KEY", "POOLGATE_RESPONSE_TOKEN", "REDIS", "BROKER"):
             assert secret not in names
-        mid = ch.send("execute_request", {"code": "import time\nfor i in range(600): "
-                                          "time.sleep(0.1)", "silent": False})
-        time.sleep(1.0)
+        mid = ch.start_cell()  # returns once the cell runs
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         res = ch.collect(mid, timeout=20)
         assert res.error and res.error["ename"] == "KeyboardInterrupt"

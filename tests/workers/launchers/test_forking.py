@@ -87,8 +87,11 @@ def test_forked_kernel_is_what_an_execd_one_is(launcher: LocalLauncher, tmp_path
         kc.load_connection_info(a.connection.to_dict())  # type: ignore[union-attr]
         kc.start_channels()
         try:
-            mid = kc.execute("import time; time.sleep(30)")
-            time.sleep(1)
+            mid = kc.execute("print('running', flush=True); import time; time.sleep(30)")
+            while True:  # until the cell prints: it is running
+                msg = kc.get_iopub_msg(timeout=30)
+                if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == mid:
+                    break
             launcher.send_signal(a, signal.SIGINT)
             reply = kc.get_shell_msg(timeout=10)
             assert reply["parent_header"]["msg_id"] == mid
