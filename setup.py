@@ -6,7 +6,7 @@ The repository keeps them at the top level, where operators look for them; an in
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -22,4 +22,12 @@ class BuildWithDefaults(build_py):
         shutil.copytree(here / "kernelspecs", target / "kernelspecs")
 
 
-setup(cmdclass={"build_py": BuildWithDefaults})
+def packages() -> list[str]:
+    """poolgate, and the repository's gateway/ and workers/ trees under it (setup.cfg's package_dir)."""
+    found = ["poolgate"]
+    for top in ("gateway", "workers"):
+        found += [f"poolgate.{top}"] + [f"poolgate.{top}.{p}" for p in find_packages(top)]
+    return found
+
+
+setup(packages=packages(), cmdclass={"build_py": BuildWithDefaults})
