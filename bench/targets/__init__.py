@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from bench.targets.base import RunContext, Target, TargetUnavailable
 from bench.targets.floor import FloorTarget
-from bench.targets.poolgate import PoolgateRedisTarget, PoolgateTarget, PoolgateWarmTarget
+from bench.targets.poolgate import (PoolgateBeforeTarget, PoolgateRedisTarget, PoolgateTarget,
+                                    PoolgateWarmTarget)
 from bench.targets.reference import EnterpriseGatewayTarget, KernelGatewayTarget
 
 TARGETS: dict[str, type[Target]] = {
     "floor": FloorTarget,
     "poolgate": PoolgateTarget,
+    "poolgate-before": PoolgateBeforeTarget,
     "poolgate-redis": PoolgateRedisTarget,
     "poolgate-warm": PoolgateWarmTarget,
     "eg": EnterpriseGatewayTarget,

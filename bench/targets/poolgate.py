@@ -89,6 +89,39 @@ class PoolgateTarget(_PoolgateBase):
         await self.wait_for(proc, "poolgate is ready at")
 
 
+class PoolgateBeforeTarget(PoolgateTarget):
+    """`python -m poolgate serve` from another checkout (POOLGATE_BENCH_BEFORE=/path/to/checkout,
+    e.g. a `git worktree` of the commit before a change), so one run compares before and after
+    on the same machine at the same time."""
+
+    name = "poolgate-before"
+
+    def checkout(self) -> Path:
+        path = os.environ.get("POOLGATE_BENCH_BEFORE", "")
+        if not path or not (Path(path) / "poolgate" / "__init__.py").is_file():
+            raise TargetUnavailable("set POOLGATE_BENCH_BEFORE to a poolgate checkout "
+                                    "(git worktree add /tmp/before <commit>)")
+        return Path(path).resolve()
+
+    def env(self, workdir: Path) -> dict[str, str]:
+        env = super().env(workdir)
+        env["PYTHONPATH"] = str(self.checkout())
+        return env
+
+    async def start(self) -> None:
+        workdir = self.ctx.workdir / self.name
+        data_dir = workdir / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        argv = [sys.executable, "-m", "poolgate", "serve", "--port", str(self.port),
+                "--data-dir", str(data_dir), *self.ctx.extra_args.get(self.name, [])]
+        proc = ManagedProcess("poolgate serve (before)", argv, self.env(workdir),
+                              workdir / "serve.log", cwd=workdir)
+        self.procs.append(proc)
+        proc.start()
+        await self.wait_for(proc, "poolgate is ready at")
+
+
 class PoolgateWarmTarget(PoolgateTarget):
     """`poolgate serve --config C` where C is the packaged queues.yaml with one warm kernel
     of the bench's kernelspec in the default pool (`warm: {python3: 1}`); runs the start
