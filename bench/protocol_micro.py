@@ -28,7 +28,7 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import Message
 
-from gateway import framing, zmtp
+from poolgate.gateway import framing, zmtp
 
 FRAMES = [b"<IDS|MSG>", b"0" * 64, b'{"msg_id": "' + b"a" * 180 + b'"}',
           b'{"msg_id": "' + b"b" * 180 + b'"}', b"{}", b'{"data": "' + b"c" * 150 + b'"}', b""]
@@ -178,6 +178,7 @@ def load(name: str, path: str) -> ModuleType:
 
 
 def main() -> None:
+    global framing, zmtp  # the bench functions read these: each variant swaps its modules in
     global framing, zmtp
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=50_000)
@@ -198,7 +199,7 @@ def main() -> None:
                             load("other_zmtp", f"{args.against}/gateway/zmtp.py"))}
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeat):  # round by round: the machine's speed drifts
-        for tag, (framing, zmtp) in variants.items():
+        for tag, (framing, zmtp) in variants.items():  # noqa: B007 - the benches read them
             for name, fn in benches:
                 times.setdefault((name, tag), []).append(fn(args.n))
     for name, _ in benches:

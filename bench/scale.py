@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time

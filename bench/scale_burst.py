@@ -28,9 +28,9 @@ from bench.procs import reap_all
 from bench.progress import say
 from bench.scale import pct
 from bench.scale_stack import POOL, Stack
-from workers.errors import LaunchRejected
-from workers.protocol import KernelStatus
-from workers.registry import Registry
+from poolgate.workers.errors import LaunchRejected
+from poolgate.workers.protocol import KernelStatus
+from poolgate.workers.registry import Registry
 
 
 def host_kernels(records: list[Any]) -> tuple[int, dict[str, str]]:

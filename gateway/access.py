@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.auth import User
-from workers.config import KernelSpec, PoolConfig
-from workers.errors import KernelNotFound
-from workers.registry import KernelRecord
+from ..workers.config import KernelSpec, PoolConfig
+from ..workers.errors import KernelNotFound
+from ..workers.registry import KernelRecord
+from .auth import User
 
 #: Launchers where KERNEL_USERNAME picks the account the kernel runs as.
 RUNS_AS_USER = {"ssh"}

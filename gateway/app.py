@@ -14,17 +14,16 @@ from typing import Any
 from flask import Flask, request
 from flask_sock import Sock
 
-from gateway import auth, errors, framing, state
-from gateway import operating
-from gateway.api import kernels, kernelspecs, root, sessions, swagger
-from gateway.channels.bridge import Bridge
-from gateway.channels.simple_ws import NoReaderThread
-from gateway.dispatch import Dispatcher
-from gateway.events import EventHub
-from gateway.kernels import KernelService
-from gateway.state import AppState
-from workers.config import Config, load_config
-from workers.registry import Registry
+from ..workers.config import Config, load_config
+from ..workers.registry import Registry
+from . import auth, errors, framing, operating, state
+from .api import kernels, kernelspecs, root, sessions, swagger
+from .channels.bridge import Bridge
+from .channels.simple_ws import NoReaderThread
+from .dispatch import Dispatcher
+from .events import EventHub
+from .kernels import KernelService
+from .state import AppState
 
 log = logging.getLogger(__name__)
 

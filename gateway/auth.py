@@ -35,8 +35,8 @@ from typing import Any
 
 from flask import Flask, Request, Response, g, request
 
-from workers.config import AuthConfig, Config
-from workers.errors import BackendUnavailable, Forbidden, Unauthorized
+from ..workers.config import AuthConfig, Config
+from ..workers.errors import BackendUnavailable, Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 #: What a user name may look like: it becomes KERNEL_USERNAME, a registry key and a log field.
@@ -216,7 +216,7 @@ def make_authenticator(config: Config) -> Authenticator:
 def install(app: Flask, config: Config) -> None:
     """Register :func:`authenticate` first, and the CORS headers on every response. Called by
     ``create_app`` before any blueprint or other ``before_request`` is registered."""
-    from gateway import cors
+    from . import cors
 
     app.extensions["poolgate.auth"] = make_authenticator(config)
     app.before_request(authenticate)
@@ -233,7 +233,7 @@ def authenticate() -> Any:
     """Set ``g.user``, or answer 401; operator routes also need an admin or the metrics token."""
     from flask import current_app
 
-    from gateway import cors
+    from . import cors
 
     if request.method == "OPTIONS":  # a CORS preflight carries no credentials, and gets no data
         return cors.preflight()

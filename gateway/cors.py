@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, request
 
-from workers.errors import Forbidden
+from ..workers.errors import Forbidden
 
 METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 HEADERS = "Authorization, Content-Type"

@@ -10,8 +10,8 @@ from typing import Any
 
 from flask import Blueprint, render_template, request
 
-from gateway.state import state
-from gateway.api.pools import snapshot
+from .api.pools import snapshot
+from .state import state
 
 bp = Blueprint("dashboard", __name__, template_folder="templates")
 REFRESH_SECONDS = 2.0

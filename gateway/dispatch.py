@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from workers.config import Config, PoolConfig
-from workers.errors import BackendUnavailable
+from ..workers.config import Config, PoolConfig
+from ..workers.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +13,7 @@ class Dispatcher:
     """Sends ``kernels.host`` tasks and ``poolgate_kernel`` remote-control commands."""
 
     def __init__(self, config: Config) -> None:
-        from workers.celery_app import make_celery
+        from ..workers.celery_app import make_celery
 
         self.app = make_celery(config)
 

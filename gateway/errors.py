@@ -8,7 +8,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from workers.errors import GatewayError
+from ..workers.errors import GatewayError
 
 log = logging.getLogger(__name__)
 

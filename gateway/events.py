@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from workers.registry import PREFIX, Registry
+from ..workers.registry import PREFIX, Registry
 
 log = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import struct
 
-from gateway.sockio import send_some as send_some  # channels/connection.py writes with framing.send_some
+from .sockio import send_some as send_some  # channels/connection.py writes with framing.send_some
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 NO_STATUS, PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1005, 1002, 1007, 1009

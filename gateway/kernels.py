@@ -6,28 +6,38 @@ lost control message only costs time.
 """
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
-
-from gateway import access
-from gateway.auth import User
-from gateway.dispatch import Dispatcher
-from gateway.events import EventHub
-from workers.kernel_socket import KernelSocket
-from workers.launchers import k8s_builders
-from workers import logs
-from workers import resources
-from workers.config import Config, KernelSpec, PoolConfig
-from workers.errors import (BY_CODE, BackendUnavailable, BadRequest, ControlTimeout, Forbidden, GatewayError, KernelNotFound,
-                            KernelSpecUnserved,
-                            LaunchRejected, LaunchTimeout, LimitExceeded, UnknownKernelSpec)
-from workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
-from workers.reconcile import settle
-from workers.registry import WORKER_TTL, KernelRecord, Registry, now_iso
+from ..workers import logs, resources
+from ..workers.config import Config, KernelSpec, PoolConfig
+from ..workers.errors import (
+    BY_CODE,
+    BackendUnavailable,
+    BadRequest,
+    ControlTimeout,
+    Forbidden,
+    GatewayError,
+    KernelNotFound,
+    KernelSpecUnserved,
+    LaunchRejected,
+    LaunchTimeout,
+    LimitExceeded,
+    UnknownKernelSpec,
+)
+from ..workers.kernel_socket import KernelSocket
+from ..workers.launchers import k8s_builders
+from ..workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
+from ..workers.reconcile import settle
+from ..workers.registry import WORKER_TTL, KernelRecord, Registry, now_iso
+from . import access
+from .auth import User
+from .dispatch import Dispatcher
+from .events import EventHub
 
 log = logging.getLogger(__name__)
 S = KernelStatus
@@ -171,7 +181,7 @@ class KernelService:
                 if user is None or user.owns(r.user))
         return [self.model(r) for r in live if r is not None]
 
-    def workers_of(self, pool: str) -> list[dict[str, Any]]:
+    def workers_of(self, pool: str) -> builtins.list[dict[str, Any]]:  # list: the method above
         """The live workers of a pool, from their heartbeats."""
         return [w for w in self.registry.workers() if pool in w.get("pools", ())]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,13 +28,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.api.pools import build_pools, read_state
-from gateway.channels.hooks import Hooks, WsStats
-from gateway.state import AppState, state
-from gateway.tally import CULL_KINDS, FAILURE_KINDS
-from workers.config import Config
-from workers.protocol import KernelStatus
-from workers.registry import Registry
+from ..workers.config import Config
+from ..workers.protocol import KernelStatus
+from ..workers.registry import Registry
+from .api.pools import build_pools, read_state
+from .channels.hooks import Hooks, WsStats
+from .state import AppState, state
+from .tally import CULL_KINDS, FAILURE_KINDS
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from flask import Flask, g, redirect, request, url_for
 
-from gateway import dashboard, metrics
-from gateway.api import pools
-from gateway.state import state
-from gateway.tally import TallyListener
-from workers import logs
+from ..workers import logs
+from . import dashboard, metrics
+from .api import pools
+from .state import state
+from .tally import TallyListener
 
 
 def install(app: Flask, prefix: str | None) -> None:

@@ -58,7 +58,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from gateway.app import create_app
+        from .app import create_app
 
         raise_limits()
         return create_app(self.settings)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
-from gateway.channels.bridge import Bridge
-from gateway.channels.hooks import Hooks
-from gateway.kernels import KernelService
-from gateway.tally import TallyListener
-from workers.config import Config
-from workers.registry import Registry
+from ..workers.config import Config
+from ..workers.registry import Registry
+from .channels.bridge import Bridge
+from .channels.hooks import Hooks
+from .kernels import KernelService
+from .tally import TallyListener
 
 KEY = "poolgate"  # its place in app.extensions
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers.registry import PREFIX, Registry
+from ..workers.registry import PREFIX, Registry
 
 log = logging.getLogger(__name__)
 KEEP_FAILURES = 20

@@ -18,7 +18,7 @@ import logging
 import struct
 from typing import Any
 
-from workers.jmsg import pack
+from ..workers.jmsg import pack
 
 log = logging.getLogger(__name__)
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -165,7 +165,7 @@ def _from_v1(frame: bytes) -> tuple[str, list[bytes], list[bytes]]:
 def status_message(state: str, session: str, parent: dict[str, Any] | None = None
                    ) -> tuple[list[bytes], list[bytes]]:
     """A status message the gateway makes up (restarting, idle after restart, dead)."""
-    from workers.jmsg import header
+    from ..workers.jmsg import header
 
     return [pack(header("status", session)), pack(parent or {}), b"{}",
             pack({"execution_state": state})], []

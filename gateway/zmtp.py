@@ -30,9 +30,20 @@ import select
 import socket
 import time
 
-from gateway.sockio import send_some
-from gateway.zmtp_protocol import (COMMAND, MAX_FRAME, MAX_MESSAGE, PEERS, Connection, State,
-                                   ZmtpError, command, command_frame, encode, greeting)
+from .sockio import send_some
+from .zmtp_protocol import (
+    COMMAND,
+    MAX_FRAME,
+    MAX_MESSAGE,
+    PEERS,
+    Connection,
+    State,
+    ZmtpError,
+    command,
+    command_frame,
+    encode,
+    greeting,
+)
 
 # What gateway/channels/ and the tests use from here; the protocol's own names are re-exported.
 __all__ = ["COMMAND", "Connection", "Peer", "READ_SIZE", "ZmtpError", "address", "command",

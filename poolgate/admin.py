@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from poolgate.serve import data_dir, running
-from workers.config import Config, load_config
-from workers.errors import BadRequest, GatewayError, UnknownPool
+from .serve import data_dir, running
+from .workers.config import Config, load_config
+from .workers.errors import BadRequest, GatewayError, UnknownPool
 
 COMMANDS = ("status", "kernels", "drain", "flower")
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one admin command; returns the exit status."""
     import redis
 
-    from workers.logs import mask
+    from .workers.logs import mask
 
     try:
         config, source = find_registry(args)
@@ -113,8 +113,8 @@ def _empty(data: Any) -> bool:
 
 
 def _snapshot(config: Config) -> list[dict[str, Any]]:
-    from gateway.api.pools import snapshot
-    from workers.registry import Registry
+    from .gateway.api.pools import snapshot
+    from .workers.registry import Registry
 
     return snapshot(config, Registry(config.registry_url, config.registry_secret))
 
@@ -127,7 +127,7 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def age(seconds: Any) -> str:
-    from gateway.dashboard import duration
+    from .gateway.dashboard import duration
 
     return duration(seconds)
 
@@ -193,8 +193,8 @@ def drain_targets(workers: list[dict[str, Any]], pool: str, worker: str | None) 
 
 
 def drain(config: Config, args: argparse.Namespace) -> tuple[Any, str]:
-    from workers.celery_app import make_celery
-    from workers.registry import Registry
+    from .workers.celery_app import make_celery
+    from .workers.registry import Registry
 
     if args.pool not in config.pools:
         raise UnknownPool(f"no pool named {args.pool!r}; pools: {', '.join(config.pools)}")
@@ -260,7 +260,7 @@ def flower(config: Config, args: argparse.Namespace) -> int:
     except ImportError:
         print("poolgate flower needs Flower: pip install 'poolgate[flower]'", file=sys.stderr)
         return 2
-    from workers.celery_app import make_celery
+    from .workers.celery_app import make_celery
 
     extra = [a for a in args.flower_args if a != "--"]
     if not args.allow_control:

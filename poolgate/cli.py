@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from poolgate import admin
-from poolgate.gateway_options import check_port, gateway_overrides
-from workers.errors import BackendUnavailable, ConfigError, GatewayError
+from . import admin
+from .gateway_options import check_port, gateway_overrides
+from .workers.errors import BackendUnavailable, ConfigError, GatewayError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str) -> None:
-    from workers import logs
+    from .workers import logs
 
     logs.setup(level, os.environ.get("POOLGATE_LOG_FORMAT", "text"))
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["POOLGATE_LOG_FORMAT"] = args.log_format  # also for the processes serve starts
     try:
         if args.command == "serve":
-            from poolgate.serve import serve
+            from .serve import serve
 
             return serve(args)
         if args.command == "gateway":
@@ -104,8 +104,8 @@ def check_registry(url: str) -> None:
     """Refuse to start a gateway whose registry does not answer."""
     import redis
 
-    from workers.logs import mask
-    from workers.registry import Registry
+    from .workers.logs import mask
+    from .workers.registry import Registry
 
     try:
         Registry(url).r.ping()
@@ -136,8 +136,8 @@ def tls_options(gw: Any) -> dict[str, Any]:
 
 
 def gateway(args: argparse.Namespace) -> int:
-    from gateway.server import run
-    from workers.config import find_config, load_config
+    from .gateway.server import run
+    from .workers.config import find_config, load_config
 
     setup_logging(args.log_level)
     config = load_config(args.config)  # fail here, with the message, not inside gunicorn
@@ -157,8 +157,8 @@ def gateway(args: argparse.Namespace) -> int:
 def refuse_empty(pools: list[Any]) -> None:
     """A worker whose launcher can host no kernel here (a gpu worker with no GPUs) says why and
     does not start: it would take launches from the queue that it cannot serve."""
-    from workers import launchers
-    from workers.config import build
+    from .workers import launchers
+    from .workers.config import build
 
     for pool in pools:
         if launchers.default_slots(pool) == 0:
@@ -199,9 +199,9 @@ def default_worker_name(pools: list[str], index: int, hostname: str | None = Non
 
 
 def worker(args: argparse.Namespace) -> int:
-    from workers import launchers
-    from workers.celery_app import make_celery
-    from workers.config import load_config
+    from .workers import launchers
+    from .workers.celery_app import make_celery
+    from .workers.config import load_config
 
     config = load_config(args.config)
     quiet_root()
@@ -218,7 +218,7 @@ def worker(args: argparse.Namespace) -> int:
     runtime_dir = args.runtime_dir or str(Path(os.environ.get("POOLGATE_DATA_DIR") or
                                                Path.home() / ".local/share/poolgate") / "kernels")
     app = make_celery(config, slots=slots, runtime_dir=runtime_dir)
-    from workers.logs import for_worker
+    from .workers.logs import for_worker
 
     for_worker(args.log_format, config.broker_url)  # JSON when asked, kernel fields, masking
     queues = ",".join(p.queue for p in pools)
@@ -230,9 +230,9 @@ def worker(args: argparse.Namespace) -> int:
 
 def maintenance(args: argparse.Namespace) -> int:
     """One per cluster: a worker on the maintenance queue that also runs Celery beat."""
-    from workers.celery_app import MAINTENANCE_QUEUE, make_celery
-    from workers.config import load_config
-    from workers.logs import for_worker
+    from .workers.celery_app import MAINTENANCE_QUEUE, make_celery
+    from .workers.config import load_config
+    from .workers.logs import for_worker
 
     config = load_config(args.config)
     quiet_root()

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from poolgate.lazy import lazy_names
+from .lazy import lazy_names
 
 TAG = "poolgate.kernel_id:"
 

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from workers.errors import BackendUnavailable
+from .workers.errors import BackendUnavailable
 
 
 def check_port(ip: str, port: int) -> None:

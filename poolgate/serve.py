@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from poolgate.gateway_options import check_port, gateway_overrides
-from workers.errors import ConfigError
+from .gateway_options import check_port, gateway_overrides
+from .workers.errors import ConfigError
 
 
 def say(text: str, err: bool = False) -> None:
@@ -144,15 +144,15 @@ def start_redis(unit: Unit, folder: Path, env: dict[str, str]) -> str:
             return f"redis+socket://{sock}"
         except (redis.ConnectionError, FileNotFoundError):
             if unit.dead():
-                raise ConfigError(f"the private Redis did not start: see {folder / 'redis.log'}")
+                raise ConfigError(f"the private Redis did not start: see {folder / 'redis.log'}") from None
             time.sleep(0.05)
     raise ConfigError(f"the private Redis did not answer on {sock}")
 
 
 def serve(args: argparse.Namespace) -> int:
-    from workers import launchers
-    from workers.config import find_config, load_config
-    from workers.registry import Registry
+    from .workers import launchers
+    from .workers.config import find_config, load_config
+    from .workers.registry import Registry
 
     cfg_path = find_config(args.config)
     load_config(cfg_path)  # validate before starting anything

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
-from poolgate.lazy import lazy_names
+from .lazy import lazy_names
 
 MODES = ("eager", "lazy", "none")
 SHELL = "pyspark-shell"

@@ -12,7 +12,6 @@ from typing import Any
 import requests
 import websocket
 
-
 #: A cell that says it is running, then runs for a minute (interrupt tests stop it).
 RUNNING_CELL = "print('running', flush=True)\nimport time\nfor i in range(600): time.sleep(0.1)"
 

@@ -35,14 +35,14 @@ import subprocess
 import threading
 import time
 import uuid
-
-import psutil
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: F401
 from pathlib import Path
 from typing import Any
 
-from workers.resources import parse_cpus, parse_memory
+import psutil
+
+from poolgate.workers.resources import parse_cpus, parse_memory
 
 KINDS = {"pods": "Pod", "secrets": "Secret", "events": "Event", "namespaces": "Namespace",
          "networkpolicies": "NetworkPolicy"}
@@ -437,7 +437,9 @@ class FakeKubernetes:
                 self._update(ns, name, containerStatuses=self._container_status(c, {"waiting": {
                     "reason": "CreateContainerConfigError", "message": exc.body["message"]}}))
                 return
-            expand = (lambda a: re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a))
+            def expand(a: str) -> str:
+                return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a)
+
             argv = [expand(a) for a in [*c.get("command", []), *c.get("args", [])]]
             log = self.folder / f"{ns}_{name}_{obj['metadata']['uid']}.log"
             with open(log, "wb") as out:

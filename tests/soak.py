@@ -11,8 +11,9 @@ Clients behave as JupyterLab does: one WebSocket per kernel, with a session_id o
 request is written once; a socket found closed before it (a browser has read the close by the
 time its user runs a cell) gets the request after the reconnect instead. When the socket breaks
 mid-cell the client reconnects with the same session_id to either gateway (retrying while they
-are down or answer 503) and keeps collecting the same cell's messages by msg_id. Every cell prints LINES numbered lines and
-ends with an expression; its output is judged whole: every line, in order, and the result.
+are down or answer 503) and keeps collecting the same cell's messages by msg_id. Every cell
+prints LINES numbered lines and ends with an expression; its output is judged whole: every line,
+in order, and the result.
 Messages that arrive twice (same msg_id: what a dying gateway had sent but not yet recorded,
 replayed by the next one; README "Reliability") are counted as repeated lines, not as errors.
 A cell that cannot be completed within CELL_BOUND seconds counts as lost output.

@@ -7,7 +7,7 @@ gateway process loads no worker back-end.
   and workers/resources.py do). Importing ``a.b.c`` also runs ``a`` and ``a.b``, so those count.
   ``importlib.import_module`` with a name from a table (the launcher registries) is not an
   import of the source and does not count: that is how a registry stays lazy.
-* ``import gateway.app``, loading a queues.yaml with a pool of every launcher kind and building
+* ``import poolgate.gateway.app``, loading a queues.yaml with a pool of every launcher kind and building
   the gateway's Celery app, in a fresh interpreter, leaves out every launcher module, the
   worker's runtime and supervisor, and the back-end libraries behind the launchers.
 """
@@ -29,6 +29,8 @@ def _modules() -> dict[str, Path]:
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
+            if pkg != "poolgate":  # gateway/ and workers/ install as poolgate.gateway, .workers
+                parts = ("poolgate", *parts)
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
@@ -93,10 +95,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_graph_sees_imports_wherever_they_are() -> None:
     graph = import_graph()
-    assert "workers.supervisor" in graph["workers.runtime"]  # module level
-    assert "workers.config" in graph["workers.launchers"]  # under TYPE_CHECKING
-    assert "gateway.server" in graph["poolgate.cli"]  # inside a function
-    assert "gateway.api" in graph["poolgate.admin"]  # gateway.api.pools runs gateway.api first
+    assert "poolgate.workers.supervisor" in graph["poolgate.workers.runtime"]  # module level
+    assert "poolgate.workers.config" in graph["poolgate.workers.launchers"]  # under TYPE_CHECKING
+    assert "poolgate.gateway.server" in graph["poolgate.cli"]  # inside a function
+    # gateway.api.pools runs gateway.api first
+    assert "poolgate.gateway.api" in graph["poolgate.admin"]
 
 
 def test_find_cycle_reports_one() -> None:
@@ -118,11 +121,10 @@ WORKER_ONLY = ("docker", "kubernetes", "paramiko", "psutil", "requests")
 # secrets it decrypts kernel keys with (keyring), the broker's TLS options (broker_tls), and the
 # Celery app it sends tasks with (celery_app, and tasks, whose bodies import the supervisor when
 # they run in a worker).
-SHARED = {"workers", "workers.config", "workers.errors", "workers.protocol", "workers.jmsg",
-          "workers.registry", "workers.resources", "workers.typed", "workers.launcher_options",
-          "workers.gpus", "workers.kernel_socket", "workers.logs", "workers.reconcile",
-          "workers.launchers", "workers.celery_app", "workers.tasks", "workers.keyring",
-          "workers.broker_tls"}
+SHARED = {f"poolgate.workers{m}" for m in (
+    "", ".config", ".errors", ".protocol", ".jmsg", ".registry", ".resources", ".typed",
+    ".launcher_options", ".gpus", ".kernel_socket", ".logs", ".reconcile", ".launchers",
+    ".celery_app", ".tasks", ".keyring", ".broker_tls")}
 
 QUEUES = """
 pools:
@@ -141,10 +143,10 @@ def test_gateway_and_config_load_no_worker_backend(tmp_path: Path) -> None:
     (tmp_path / "queues.yaml").write_text(QUEUES)
     code = textwrap.dedent(f"""
         import json, sys
-        import gateway.app
-        from gateway.dispatch import Dispatcher
-        from workers import launchers
-        from workers.config import load_config
+        import poolgate.gateway.app
+        from poolgate.gateway.dispatch import Dispatcher
+        from poolgate.workers import launchers
+        from poolgate.workers.config import load_config
         config = load_config({str(tmp_path / "queues.yaml")!r}, environ={{}})
         assert {{p.launcher for p in config.pools.values()}} == set(launchers.LAUNCHERS)
         Dispatcher(config)  # create_app's Celery app, with its task definitions
@@ -156,6 +158,6 @@ def test_gateway_and_config_load_no_worker_backend(tmp_path: Path) -> None:
     loaded = json.loads(done.stdout)
     backends = sorted(m for m in loaded if m.split(".")[0] in WORKER_ONLY)
     assert not backends, f"the gateway process loaded worker back-ends: {backends}"
-    ours = sorted(m for m in loaded if m.startswith("workers") and m not in SHARED
-                  and not (m.startswith("workers.launchers.") and m.endswith("_builders")))
+    ours = sorted(m for m in loaded if m.startswith("poolgate.workers") and m not in SHARED
+                  and not (m.startswith("poolgate.workers.launchers.") and m.endswith("_builders")))
     assert not ours, f"the gateway process loaded worker-only modules: {ours}"

@@ -48,7 +48,7 @@ def test_lazy_names_create_the_session_once_on_first_use() -> None:
 
     lazy_names(("spark", "sc"), create, ns)
     with pytest.raises(AttributeError):  # IPython's display probe is not a use
-        ns["spark"]._ipython_canary_method_should_not_exist_
+        ns["spark"]._ipython_canary_method_should_not_exist_  # noqa: B018
     assert FakeSession.created == 0
     assert ns["spark"].version == "4.0"
     assert FakeSession.created == 1

@@ -7,6 +7,6 @@ The rule of this package: ``config`` (with ``typed`` and ``launcher_options``), 
 (``celery_app``, ``tasks``, ``runtime``, ``supervisor``, the launchers themselves) runs only in
 pool workers (tests/test_imports.py checks what a gateway process loads).
 
-``workers.celery`` holds the one module-level Celery app, for ``celery -A workers …``;
+``poolgate.workers.celery`` holds the one module-level Celery app, for ``celery -A poolgate.workers …``;
 nothing in this project imports it.
 """

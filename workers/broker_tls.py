@@ -11,7 +11,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from workers.errors import ConfigError
+from .errors import ConfigError
 
 #: URL parameter -> py-amqp's ssl option
 NAMES = {"ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile", "ssl_keyfile": "keyfile",

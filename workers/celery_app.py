@@ -14,10 +14,10 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import worker_shutting_down
 from celery.worker.control import control_command
-from kombu import Queue
+from kombu.entity import Queue
 
-from workers.broker_tls import split_amqps
-from workers.config import Config
+from .broker_tls import split_amqps
+from .config import Config
 
 log = logging.getLogger(__name__)
 _RUNTIMES: list[Any] = []
@@ -82,7 +82,7 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
     app.poolgate_config = config  # type: ignore[attr-defined]
     app.poolgate_runtime_dir = runtime_dir or os.path.join(  # type: ignore[attr-defined]
         tempfile.gettempdir(), f"poolgate-{os.getuid()}")
-    from workers import tasks
+    from . import tasks
 
     tasks.register(app)
     app.steps["consumer"].add(PoolgateStep)
@@ -117,7 +117,7 @@ class PoolgateStep(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
-        from workers.runtime import Runtime
+        from .runtime import Runtime
 
         app = c.app
         rt = getattr(app, "poolgate_runtime", None)

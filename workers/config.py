@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from workers.errors import ConfigError
-from workers.launcher_options import validate_options
-from workers.resources import check_config
-from workers.typed import _coerce
-from workers.typed import build as build  # launchers and tests build their options with it
+from .errors import ConfigError
+from .launcher_options import validate_options
+from .resources import check_config
+from .typed import _coerce
+from .typed import build as build  # launchers and tests build their options with it
 
 #: Enterprise Gateway process proxies and the launcher type they stand for.
 EG_PROCESS_PROXIES = {
@@ -427,7 +427,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 def _secrets(value: Any) -> tuple[str, ...]:
     """``registry_secret``: one string or a list of them (newest first)."""
-    from workers import keyring
+    from . import keyring
 
     if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value) or \
             not isinstance(value, (list, tuple, str, type(None))):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from workers.errors import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a kernel's supervisor and the warm set use of the worker that runs them.
 
-``workers.runtime.Runtime`` is the one implementation; it creates supervisors and the warm set,
+``poolgate.workers.runtime.Runtime`` is the one implementation; it creates supervisors and the warm set,
 so they see it through this Protocol and import nothing of it (imports run one way:
 runtime → supervisor → warm → hosting).
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from workers.config import Config
-from workers.registry import Registry
+from .config import Config
+from .registry import Registry
 
 if TYPE_CHECKING:
-    from workers.launchers.base import Launcher
+    from .launchers.base import Launcher
 
 
 class WorkerHost(Protocol):
@@ -25,7 +25,7 @@ class WorkerHost(Protocol):
     slots: int
     used: int
     registry: Registry
-    supervisors: dict[str, Any]  # kernel id -> its workers.supervisor.Supervisor
+    supervisors: dict[str, Any]  # kernel id -> its poolgate.workers.supervisor.Supervisor
     shutting_down: threading.Event
 
     def launcher(self, pool: str) -> Launcher:

@@ -11,9 +11,11 @@ import json
 import os
 import time
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 DELIM = b"<IDS|MSG>"
+Frame = TypeVar("Frame", bound="bytes | memoryview")  # a received frame, copied or not
 PROTOCOL_VERSION = "5.3"
 
 
@@ -71,9 +73,9 @@ def build(signer: Signer, msg_type: str, content: dict[str, Any], session: str,
     return h["msg_id"], frames(signer, parts)
 
 
-def split(msg: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+def split(msg: list[Frame]) -> tuple[list[Frame], list[Frame]]:
     """(header, parent, metadata, content) and buffers of received frames, identities dropped."""
-    i = msg.index(DELIM)
+    i = cast("list[bytes | memoryview]", msg).index(DELIM)  # a memoryview equals the bytes it holds
     return msg[i + 2:i + 6], msg[i + 6:]
 
 

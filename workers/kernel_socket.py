@@ -10,8 +10,8 @@ from types import TracebackType
 
 import zmq
 
-from workers import jmsg
-from workers.protocol import ConnectionInfo
+from . import jmsg
+from .protocol import ConnectionInfo
 
 
 class KernelSocket:
@@ -19,10 +19,10 @@ class KernelSocket:
 
     def __init__(self, conn: ConnectionInfo, channel: str = "shell",
                  reconnect_ivl: int | None = None) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.linger = 0
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
         if reconnect_ivl is not None:  # ms: a kernel that is starting binds a moment later
-            self.sock.reconnect_ivl = reconnect_ivl
+            self.sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ivl)
         self.sock.connect(conn.url(channel))
         self.signer = jmsg.Signer(conn.key, conn.signature_scheme)
 

@@ -2,7 +2,7 @@
 
 The rule of this module: loading queues.yaml (workers/config.py) checks a pool's ``options``
 here, without importing the launcher itself, so a gateway process never imports docker,
-kubernetes, paramiko, psutil or zmq. ``workers.launchers.LAUNCHERS`` names the launcher classes;
+kubernetes, paramiko, psutil or zmq. ``poolgate.workers.launchers.LAUNCHERS`` names the launcher classes;
 each class's ``Options`` is the dataclass named here (tests/workers/launchers/test_registry.py).
 """
 from __future__ import annotations
@@ -12,17 +12,17 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from workers.errors import ConfigError
-from workers.typed import build
+from .errors import ConfigError
+from .typed import build
 
 OPTIONS: dict[str, str] = {
-    "local": "workers.launchers.local_builders:LocalOptions",
-    "gpu": "workers.launchers.gpu_builders:GPUOptions",
-    "ssh": "workers.launchers.ssh_builders:SSHOptions",
-    "docker": "workers.launchers.docker_builders:DockerOptions",
-    "docker-swarm": "workers.launchers.docker_builders:SwarmOptions",
-    "yarn": "workers.launchers.yarn_builders:YarnOptions",
-    "kubernetes": "workers.launchers.k8s_builders:KubernetesOptions",
+    "local": "poolgate.workers.launchers.local_builders:LocalOptions",
+    "gpu": "poolgate.workers.launchers.gpu_builders:GPUOptions",
+    "ssh": "poolgate.workers.launchers.ssh_builders:SSHOptions",
+    "docker": "poolgate.workers.launchers.docker_builders:DockerOptions",
+    "docker-swarm": "poolgate.workers.launchers.docker_builders:SwarmOptions",
+    "yarn": "poolgate.workers.launchers.yarn_builders:YarnOptions",
+    "kubernetes": "poolgate.workers.launchers.k8s_builders:KubernetesOptions",
 }
 
 

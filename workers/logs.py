@@ -20,8 +20,8 @@ from typing import Any
 
 FIELDS = ("kernel_id", "pool", "user")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("poolgate_log",
-                                                                          default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "poolgate_log", default={})  # noqa: B039  # never mutated: bind() sets a new dict
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 # A secret-looking name, then its value: after '=' (spaces allowed), after ':' when the name
@@ -46,9 +46,10 @@ def mask(text: str) -> str:
 def known_url(url: str) -> None:
     """Log the broker URL ``url`` as itself (masked), not as kombu prints it: kombu writes
     ``redis://:**@host`` for a Redis URL that has no password at all."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
-    _SHOWN_AS[Connection(url).as_uri()] = URL_PASSWORD.sub(r"\1***@", url)
+    shown = Connection(url).as_uri()  # type: ignore[no-untyped-call]
+    _SHOWN_AS[shown] = URL_PASSWORD.sub(r"\1***@", url)
 
 
 def bind(**fields: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from workers.registry import PREFIX
+from .registry import PREFIX
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = PREFIX + "ssh:"

@@ -13,9 +13,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from workers.config import PoolConfig
-from workers.protocol import KernelStatus
-from workers.registry import KernelRecord, Registry
+from .config import PoolConfig
+from .protocol import KernelStatus
+from .registry import KernelRecord, Registry
 
 log = logging.getLogger(__name__)
 S = KernelStatus

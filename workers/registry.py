@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 import redis
 from cryptography.fernet import InvalidToken
 
-from workers import keyring
-from workers.errors import BackendUnavailable, ConfigError
-from workers.protocol import ConnectionInfo, KernelStatus, sources_of
+from . import keyring
+from .errors import BackendUnavailable, ConfigError
+from .protocol import ConnectionInfo, KernelStatus, sources_of
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,11 @@ class KernelRecord:
         return out
 
 
+def _text(value: object) -> str:
+    """A Redis reply (bytes, or None for a missing field) as text; "" for None."""
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
 def _encode_fields(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for key, value in fields.items():
@@ -277,7 +282,7 @@ class Registry:
     def epoch(self) -> dict[str, Any] | None:
         """When this registry's data began; None if it lost everything (a restarted Redis)."""
         raw = self.r.get(PREFIX + "epoch")
-        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+        return json.loads(raw) if raw else None
 
     def mark_epoch(self, rebuilt: bool = False) -> bool:
         """Start an epoch if none is set (``rebuilt``: after a loss); True if this call set it."""
@@ -353,8 +358,8 @@ class Registry:
         that was shut down from a record a restarted (empty) Redis lost.
         """
         pool_user = self.r.hmget(PREFIX + "k:" + kid, ["pool", "user"])
-        pool = pool or (pool_user[0] or b"").decode()  # type: ignore[index]
-        user = (pool_user[1] or b"").decode()  # type: ignore[index]
+        pool = pool or _text(pool_user[0])
+        user = _text(pool_user[1])
         pipe = self.r.pipeline()
         pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
         pipe.set(PREFIX + "gone:" + kid, reason or "shut down", ex=FAILED_RETENTION)
@@ -436,7 +441,7 @@ class Registry:
         return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
 
     def waiting(self, pool: str) -> int:
-        return int(self.r.zcard(PREFIX + "q:" + pool))  # type: ignore[arg-type]
+        return int(self.r.zcard(PREFIX + "q:" + pool))
 
     def queued(self, pool: str) -> list[str]:
         """The ids of the launches waiting in the pool's queue, the next one first."""
@@ -496,7 +501,7 @@ class Registry:
 
     def seen(self, kid: str, session: str) -> dict[str, Any] | None:
         raw = self.r.get(PREFIX + "seen:" + kid + ":" + session)
-        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+        return json.loads(raw) if raw else None
 
     # -- heartbeats and connections -------------------------------------------------------
 
@@ -516,8 +521,8 @@ class Registry:
         return raw.decode() if isinstance(raw, bytes) else None
 
     def status_and_target(self, kid: str) -> tuple[str | None, str | None]:
-        status, target = self.r.hmget(PREFIX + "k:" + kid, ["status", "target"])  # type: ignore[misc]
-        return (status.decode() if status else None, target.decode() if target else None)
+        status, target = self.r.hmget(PREFIX + "k:" + kid, ["status", "target"])
+        return (_text(status) or None, _text(target) or None)
 
     def liveness(self, kid: str) -> tuple[str | None, bool]:
         """(status, whether its heartbeat is alive), in one round trip: what a gateway asks
@@ -561,7 +566,7 @@ class Registry:
         return dict(zip(kids, pipe.execute()))
 
     def connection_count(self, kid: str) -> int:
-        return int(self.r.hlen(PREFIX + "c:" + kid))  # type: ignore[arg-type]
+        return int(self.r.hlen(PREFIX + "c:" + kid))
 
     def connections(self, kid: str) -> dict[str, float]:
         """The open WebSockets of a kernel, ``<gateway instance>:<session id>`` -> since when."""
@@ -591,7 +596,7 @@ class Registry:
         gone = [n for n, v in zip(names, values) if v is None]
         if gone:  # atomic with a beat that came meanwhile: its SET comes before its SADD
             self._prune_workers(keys=[PREFIX + "workers"], args=[PREFIX + "w:", *gone])
-        return [json.loads(v) for v in values if v]  # type: ignore[union-attr]
+        return [json.loads(v) for v in values if v]
 
     def worker_gone(self, name: str) -> None:
         self.r.delete(PREFIX + "w:" + name)
@@ -604,13 +609,13 @@ class Registry:
 
     def session(self, sid: str) -> dict[str, Any] | None:
         raw = self.r.get(PREFIX + "s:" + sid)
-        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+        return json.loads(raw) if raw else None
 
     def sessions(self) -> list[dict[str, Any]]:
         keys = list(self.r.scan_iter(PREFIX + "s:*", count=500))
         if not keys:
             return []
-        return [json.loads(v) for v in self.r.mget(keys) if v]  # type: ignore[union-attr]
+        return [json.loads(v) for v in self.r.mget(keys) if v]
 
     def delete_session(self, sid: str) -> None:
         self.r.delete(PREFIX + "s:" + sid)

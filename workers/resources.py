@@ -21,7 +21,7 @@ Enforcement (local and gpu pools), by :class:`Confiner`: a cgroup v2 child per k
 enabled and is writable; else resource limits on the kernel process: ``RLIMIT_DATA`` for memory
 (not ``RLIMIT_AS``, which counts the address space CUDA reserves and stops GPU kernels from
 starting) and CPU affinity to ``ceil(cpus)`` CPUs. Both are set by this module's ``main``, which
-the kernel's argv is prefixed with (``python -m workers.resources … -- argv``) and which execs
+the kernel's argv is prefixed with (``python -m poolgate.workers.resources … -- argv``) and which execs
 the kernel: no ``preexec_fn`` in a threaded worker.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.errors import BadRequest, ConfigError, LaunchRejected
-from workers.launcher_options import options_class
+from .errors import BadRequest, ConfigError, LaunchRejected
+from .launcher_options import options_class
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def format_memory(size: int) -> str:
 _PARSERS = {"gpus": parse_gpus, "cpus": parse_cpus, "memory": parse_memory}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def limit_defaults(launcher: str) -> dict[str, Any]:
     """The per-kernel limits a launcher's Options dataclass sets by default (gpu: one GPU)."""
     fields = {f.name: f.default for f in dataclasses.fields(options_class(launcher))
@@ -313,7 +313,7 @@ def build_cgroup_files(limits: Limits, period: int = 100_000) -> dict[str, str]:
 def build_confine_command(cgroup: str = "", memory: int | None = None,
                           cpus: tuple[int, ...] = ()) -> tuple[str, ...]:
     """The wrapper argv that applies the limits and then execs the kernel's argv."""
-    cmd = [sys.executable, "-m", "workers.resources"]
+    cmd = [sys.executable, "-m", "poolgate.workers.resources"]
     if cgroup:
         cmd += ["--cgroup", cgroup]
     if memory is not None:
@@ -431,12 +431,12 @@ def cleanup(data: Mapping[str, Any]) -> None:
         remove_cgroup(str(limits["cgroup"]))
 
 
-# -- the wrapper: python -m workers.resources [--cgroup D] [--memory N] [--cpus L] -- argv --
+# -- the wrapper: python -m poolgate.workers.resources [--cgroup D] [--memory N] [--cpus L] -- argv --
 
 
 def main(argv: list[str] | None = None) -> int:
     """Apply the limits to this process, then exec the kernel; exit 126 if they cannot be."""
-    p = argparse.ArgumentParser(prog="python -m workers.resources")
+    p = argparse.ArgumentParser(prog="python -m poolgate.workers.resources")
     p.add_argument("--cgroup", default="")
     p.add_argument("--memory", type=int, default=None)
     p.add_argument("--cpus", default="")

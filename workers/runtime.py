@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers import launchers
-from workers.config import Config
-from workers.registry import WORKER_TTL, Registry
-from workers.supervisor import Supervisor, reap_orphans
-from workers.warm import WarmSet, reap_warm
+from . import launchers
+from .config import Config
+from .registry import WORKER_TTL, Registry
+from .supervisor import Supervisor, reap_orphans
+from .warm import WarmSet, reap_warm
 
 if TYPE_CHECKING:
-    from workers.launchers.base import Launcher
+    from .launchers.base import Launcher
 
 log = logging.getLogger(__name__)
 

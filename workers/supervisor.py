@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 import redis
 import zmq
 
-from workers import jmsg
-from workers.errors import GatewayError, LaunchRejected
-from workers.hosting import WorkerHost
-from workers.kernel_socket import KernelSocket
-from workers.protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
-from workers.registry import KernelRecord, now_iso
-from workers.warm import hand_over
+from . import jmsg
+from .errors import GatewayError, LaunchRejected
+from .hosting import WorkerHost
+from .kernel_socket import KernelSocket
+from .protocol import ConnectionInfo, KernelHandle, KernelStatus, LaunchRequest
+from .registry import KernelRecord, now_iso
+from .warm import hand_over
 
 if TYPE_CHECKING:
-    from workers.launchers.base import Launcher
+    from .launchers.base import Launcher
 
 log = logging.getLogger(__name__)
 S = KernelStatus
@@ -300,9 +300,9 @@ class Supervisor:
     def _watch_iopub(self, conn: ConnectionInfo) -> None:
         if self.iopub is not None:
             self.iopub.close(linger=0)
-        sock = zmq.Context.instance().socket(zmq.SUB)
-        sock.linger = 0
-        sock.rcvhwm = 0  # never drop: the replay buffer must see every message
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)  # never drop: the replay buffer must see every message
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(conn.url("iopub"))
         self.iopub = sock
@@ -333,11 +333,11 @@ class Supervisor:
             now = time.monotonic()
             due = min(next_tick, self._state_due())
             if now < next_drain:  # read iopub again only once the batch is over
-                events = dict(commands.poll(timeout=max(0.0, min(due, next_drain) - now) * 1000))
+                events = dict(commands.poll(timeout=int(max(0.0, min(due, next_drain) - now) * 1000)))
                 if time.monotonic() >= next_drain and iopub.poll(0):
                     events[iopub] = zmq.POLLIN
             else:
-                events = dict(poller.poll(timeout=max(0.0, due - now) * 1000))
+                events = dict(poller.poll(timeout=int(max(0.0, due - now) * 1000)))
             try:
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
@@ -369,8 +369,9 @@ class Supervisor:
         big = False  # the last message was big: the next one likely is too (see received)
         for _ in range(IOPUB_READ_MAX):
             try:
-                msg = (received(sock.recv_multipart(zmq.NOBLOCK, copy=False)) if big
-                       else sock.recv_multipart(zmq.NOBLOCK))
+                msg: list[bytes | memoryview] = (
+                    received(sock.recv_multipart(zmq.NOBLOCK, copy=False)) if big
+                    else [*sock.recv_multipart(zmq.NOBLOCK)])
             except zmq.Again:
                 more = False
                 break
@@ -379,7 +380,7 @@ class Supervisor:
             try:
                 parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
-                    state = json.loads(parts[3]).get("execution_state", state)
+                    state = json.loads(bytes(parts[3])).get("execution_state", state)
                     if state == "starting":  # ipykernel's first status: for a running kernel
                         state = "idle"       # that is idle ("starting" means still launching)
             except (ValueError, IndexError, AttributeError, TypeError):

@@ -14,8 +14,8 @@ def register(app: Celery) -> None:
     def host(self: Any, kernel_id: str, pool: str, kernelspec: str = "",
              user: str = "") -> dict[str, Any]:
         """Launch kernel ``kernel_id`` on ``pool`` and supervise it until it ends."""
-        from workers.logs import bound
-        from workers.supervisor import Supervisor
+        from .logs import bound
+        from .supervisor import Supervisor
 
         runtime = self.app.poolgate_runtime
         with bound(kernel_id=kernel_id, pool=pool, user=user):
@@ -24,8 +24,8 @@ def register(app: Celery) -> None:
     @app.task(name="poolgate.reconcile", ignore_result=True)
     def reconcile() -> dict[str, Any]:
         """Periodic (Celery beat): bring the registry into agreement with what is alive."""
-        from workers.reconcile import reconcile as run
-        from workers.registry import Registry
+        from .reconcile import reconcile as run
+        from .registry import Registry
 
         config = app.poolgate_config  # type: ignore[attr-defined]
         return run(Registry(config.registry_url, config.registry_secret), config.pools)

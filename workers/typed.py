@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from workers.errors import ConfigError
+from .errors import ConfigError
 
 T = TypeVar("T")
 

@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 import uuid
-from workers.kernel_socket import KernelSocket
-from workers.errors import LaunchRejected
-from workers.hosting import WorkerHost
-from workers.protocol import KernelHandle, LaunchRequest
+
+from .errors import LaunchRejected
+from .hosting import WorkerHost
+from .kernel_socket import KernelSocket
+from .protocol import KernelHandle, LaunchRequest
 
 log = logging.getLogger(__name__)
 

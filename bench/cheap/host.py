@@ -27,8 +27,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from workers import jmsg
-from workers.launchers.local import below_ephemeral
+from poolgate.workers import jmsg
+from poolgate.workers.launchers.local import below_ephemeral
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 # Below the ephemeral range, as the local launcher's kernels (workers/launchers/local.py): a

@@ -23,9 +23,9 @@ from typing import Any
 
 import zmq
 
-from workers.errors import LaunchRejected
-from workers.launchers.base import Launcher, without_worker_secrets
-from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
+from poolgate.workers.errors import LaunchRejected
+from poolgate.workers.launchers.base import Launcher, without_worker_secrets
+from poolgate.workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds bench/
 LIVE_EVERY = 1.0  # seconds between two reads of the host's live kernels (poll() is per kernel)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from bench.targets.base import RunContext, Target, TargetUnavailable
 from bench.targets.floor import FloorTarget
-from bench.targets.poolgate import (PoolgateBeforeTarget, PoolgateRedisTarget, PoolgateTarget,
-                                    PoolgateWarmTarget)
+from bench.targets.poolgate import (
+                                    PoolgateBeforeTarget,
+                                    PoolgateRedisTarget,
+                                    PoolgateTarget,
+                                    PoolgateWarmTarget,
+)
 from bench.targets.reference import EnterpriseGatewayTarget, KernelGatewayTarget
 
 TARGETS: dict[str, type[Target]] = {

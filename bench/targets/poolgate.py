@@ -133,7 +133,7 @@ class PoolgateWarmTarget(PoolgateTarget):
     async def start(self) -> None:
         import yaml
 
-        from workers.config import packaged_data
+        from poolgate.workers.config import packaged_data
 
         raw = yaml.safe_load((packaged_data() / "queues.yaml").read_text())
         self.pool = raw.get("default_pool") or next(iter(raw["pools"]))

@@ -5,10 +5,10 @@ from typing import Any
 
 from flask import request
 
-from gateway.access import check_owner
-from gateway.auth import User, current_user
-from gateway.state import state
-from workers.errors import BadRequest
+from ...workers.errors import BadRequest
+from ..access import check_owner
+from ..auth import User, current_user
+from ..state import state
 
 
 def json_body() -> dict[str, Any]:

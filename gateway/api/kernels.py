@@ -7,8 +7,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from flask_sock import Sock
 
-from gateway.api import json_body, owned, user
-from gateway.state import state
+from ..state import state
+from . import json_body, owned, user
 
 bp = Blueprint("kernels", __name__)
 
@@ -71,7 +71,7 @@ def register_channels(sock: Sock, base: str) -> None:
     so a caller without credentials cannot tell a live kernel id from an unknown one."""
     path = base + "/api/kernels/<kernel_id>/channels"
 
-    @sock.route(path, endpoint="kernel_channels")
+    @sock.route(path, endpoint="kernel_channels")  # type: ignore[untyped-decorator]
     def channels(ws: Any, kernel_id: str) -> None:
         session_id = request.args.get("session_id") or uuid.uuid4().hex
         state().bridge.serve(ws, kernel_id, session_id)
@@ -79,7 +79,7 @@ def register_channels(sock: Sock, base: str) -> None:
     app = sock.app
     assert app is not None
 
-    @app.before_request
+    @app.before_request  # type: ignore[untyped-decorator]
     def _known_kernel() -> None:
         if request.endpoint == "kernel_channels":
             if not state().config.gateway.ws_compression:

@@ -7,10 +7,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request, send_file
 
-from gateway.access import refusal
-from gateway.api import user
-from gateway.state import state
-from workers.errors import UnknownKernelSpec
+from ...workers.errors import UnknownKernelSpec
+from ..access import refusal
+from ..state import state
+from . import user
 
 bp = Blueprint("kernelspecs", __name__)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from gateway.state import state
-from gateway.tally import Tally
-from workers.config import Config, PoolConfig
-from workers.errors import UnknownPool
-from workers.protocol import EXECUTION_STATE, KernelStatus
-from workers.registry import KernelRecord, Registry
+from ...workers.config import Config, PoolConfig
+from ...workers.errors import UnknownPool
+from ...workers.protocol import EXECUTION_STATE, KernelStatus
+from ...workers.registry import KernelRecord, Registry
+from ..state import state
+from ..tally import Tally
 
 bp = Blueprint("pools", __name__)
 S = KernelStatus

@@ -6,10 +6,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from gateway.access import session_visible
-from gateway.api import json_body, owned, user
-from gateway.state import state
-from workers.errors import BadRequest, KernelNotFound, SessionNotFound
+from ...workers.errors import BadRequest, KernelNotFound, SessionNotFound
+from ..access import session_visible
+from ..state import state
+from . import json_body, owned, user
 
 bp = Blueprint("sessions", __name__)
 

@@ -14,11 +14,11 @@ One job per module:
 
 The names other modules use are importable from here.
 """
-from gateway.channels.bridge import Bridge
-from gateway.channels.connection import Connection
-from gateway.channels.pump import Outbox, Pump
-from gateway.channels.session import NUDGE_EVERY, NUDGE_FIRST, KernelSession
-from gateway.channels.simple_ws import NoReaderThread
+from .bridge import Bridge
+from .connection import Connection
+from .pump import Outbox, Pump
+from .session import NUDGE_EVERY, NUDGE_FIRST, KernelSession
+from .simple_ws import NoReaderThread
 
 __all__ = ["Bridge", "Connection", "KernelSession", "NUDGE_EVERY", "NUDGE_FIRST",
            "NoReaderThread", "Outbox", "Pump"]

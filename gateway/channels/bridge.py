@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import redis
 from simple_websocket import ConnectionClosed
 
-from gateway import zmtp
-from gateway.channels import replay
-from gateway.channels.connection import Connection
-from gateway.channels.hooks import Hooks
-from gateway.channels.pump import Pump
-from gateway.channels.session import KernelSession
+from .. import zmtp
+from . import replay
+from .connection import Connection
+from .hooks import Hooks
+from .pump import Pump
+from .session import KernelSession
 
 if TYPE_CHECKING:
-    from gateway.kernels import KernelService
+    from ..kernels import KernelService
 
 log = logging.getLogger(__name__)
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways

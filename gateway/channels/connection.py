@@ -13,16 +13,17 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from simple_websocket import ConnectionClosed
 from wsproto.events import Message, Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from gateway import framing, tls, wire
-from gateway.channels import simple_ws
-from gateway.channels.hooks import WsStats
+from .. import framing, tls, wire
+from . import simple_ws
+from .hooks import WsStats
 
 log = logging.getLogger(__name__)
 BLOCK_SECONDS = 30.0  # a parked client that takes nothing for this long is closed

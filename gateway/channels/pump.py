@@ -18,20 +18,21 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import redis
 from simple_websocket import ConnectionClosed
 
-from gateway import wire, zmtp
-from gateway.channels import replay
-from gateway.channels.connection import Connection
-from gateway.channels.session import KernelSession
-from workers import jmsg
-from workers.reconcile import SILENT_STATES
+from ...workers import jmsg
+from ...workers.reconcile import SILENT_STATES
+from .. import wire, zmtp
+from . import replay
+from .connection import Connection
+from .session import KernelSession
 
 if TYPE_CHECKING:
-    from gateway.kernels import KernelService
+    from ..kernels import KernelService
 
 log = logging.getLogger(__name__)
 STARTING_STATUS_EVERY = 10.0

@@ -15,15 +15,16 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from gateway import wire
-from gateway.channels.connection import Connection
-from gateway.channels.session import KernelSession
-from workers import jmsg
+from ...workers import jmsg
+from .. import wire
+from .connection import Connection
+from .session import KernelSession
 
 if TYPE_CHECKING:
-    from gateway.kernels import KernelService
+    from ..kernels import KernelService
 
 log = logging.getLogger(__name__)
 REPLAY_WAIT = 3  # seconds a reconnected client's replay waits for the kernel's supervisor...

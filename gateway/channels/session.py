@@ -27,10 +27,10 @@ import threading
 import time
 from typing import Any
 
-from gateway import wire, zmtp
-from gateway.channels.connection import Connection
-from workers import jmsg
-from workers.protocol import ConnectionInfo
+from ...workers import jmsg
+from ...workers.protocol import ConnectionInfo
+from .. import wire, zmtp
+from .connection import Connection
 
 DEALERS = ("shell", "control", "stdin")
 NUDGE_FIRST = 0.02  # a nudge that brought nothing on iopub is sent again after this...

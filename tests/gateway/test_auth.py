@@ -10,10 +10,10 @@ import pytest
 import yaml
 from flask import Flask
 
-from gateway import access, cors
-from gateway.auth import (HeaderAuthenticator, TokenAuthenticator, User, given_token, has_scope)
-from workers.config import AuthConfig, KernelSpec, PoolConfig, load_config
-from workers.errors import ConfigError, Unauthorized
+from poolgate.gateway import access, cors
+from poolgate.gateway.auth import HeaderAuthenticator, TokenAuthenticator, User, given_token, has_scope
+from poolgate.workers.config import AuthConfig, KernelSpec, PoolConfig, load_config
+from poolgate.workers.errors import ConfigError, Unauthorized
 
 APP = Flask(__name__)
 BASE = {"pools": {"local": {"launcher": "local", "slots": 2}}}
@@ -155,7 +155,7 @@ def test_origins() -> None:
 
 
 def test_hub_answers_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.auth import HubAuthenticator
+    from poolgate.gateway.auth import HubAuthenticator
 
     auth = HubAuthenticator(AuthConfig(kind="jupyterhub", hub_api_url="http://hub/hub/api",
                                        cache_seconds=30))

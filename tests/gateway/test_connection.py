@@ -11,8 +11,8 @@ import pytest
 from wsproto import WSConnection
 from wsproto.events import BytesMessage, Message, Ping, Pong, TextMessage
 
-from gateway import wire
-from gateway.channels.connection import Connection
+from poolgate.gateway import wire
+from poolgate.gateway.channels.connection import Connection
 from tests.gateway.fakes import FakeWs, client_pair
 
 

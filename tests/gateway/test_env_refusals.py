@@ -18,7 +18,7 @@ ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 @pytest.fixture
 def client(tmp_path: Path) -> FlaskClient:
-    from gateway.app import create_app
+    from poolgate.gateway.app import create_app
 
     need_redis()
     for name, pool in (("py-ssh", "ssh"), ("py-yarn", "yarn")):

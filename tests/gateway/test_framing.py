@@ -8,8 +8,8 @@ import struct
 import pytest
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
-from gateway import framing
-from gateway.framing import FrameReader
+from poolgate.gateway import framing
+from poolgate.gateway.framing import FrameReader
 from tests.gateway.fakes import FakeWs, client_pair
 
 
@@ -87,7 +87,7 @@ def test_protocol_errors_fail_the_connection_with_the_rfcs_code(frame: bytes, co
 def test_connection_answers_a_ping_and_ends_on_close() -> None:
     """Connection.read on the plain path: what the client sent, pings answered on the socket,
     a protocol error or a close ends the connection."""
-    from gateway.channels.connection import Connection
+    from poolgate.gateway.channels.connection import Connection
 
     client, server = client_pair()
     a, b = socket.socketpair()
@@ -135,14 +135,14 @@ def test_nothing_fed_after_a_close_is_kept() -> None:
 
 
 def test_send_some_stays_importable_from_framing() -> None:
-    from gateway import sockio
+    from poolgate.gateway import sockio
     assert framing.send_some is sockio.send_some
 
 
 def test_connection_closes_a_client_whose_message_is_over_the_cap() -> None:
     """Connection.read on the plain path: a header announcing a message over FrameReader's
     default cap ends the connection with 1009 before any of its payload is read."""
-    from gateway.channels.connection import Connection
+    from poolgate.gateway.channels.connection import Connection
 
     client, server = client_pair()
     a, b = socket.socketpair()

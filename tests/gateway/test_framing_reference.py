@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
-from gateway import framing
-from gateway.framing import FrameReader
+from poolgate.gateway import framing
+from poolgate.gateway.framing import FrameReader
 from tests.gateway.fakes import client_pair
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

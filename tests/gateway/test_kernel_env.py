@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.kernels import MAX_VALUE, launch_timeout, validate_env
-from workers.config import PoolConfig
-from workers.errors import BadRequest
+from poolgate.gateway.kernels import MAX_VALUE, launch_timeout, validate_env
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.errors import BadRequest
 
 ALLOW = ("ALLOWED_VAR", "PREFIX*", "JUPYTER_IMAGE")
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway.channels.session import NUDGE_EVERY, NUDGE_FIRST, KernelSession
-from workers import jmsg
+from poolgate.gateway.channels.session import NUDGE_EVERY, NUDGE_FIRST, KernelSession
+from poolgate.workers import jmsg
 
 
 class StubPeer:

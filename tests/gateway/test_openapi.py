@@ -10,14 +10,14 @@ import pytest
 import yaml
 from flask import Flask
 
-from gateway.api import swagger
+from poolgate.gateway.api import swagger
 from tests.conftest import DB_BASE, REDIS, need_redis
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
 
 def _app(tmp_path: Path, base: str = "") -> Flask:
-    from gateway.app import create_app
+    from poolgate.gateway.app import create_app
 
     need_redis()
     cfg = tmp_path / "queues.yaml"

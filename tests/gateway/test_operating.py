@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 
-from gateway.api.pools import ClusterState, build_kernel, build_pool, build_worker
-from gateway.dashboard import duration, totals
-from gateway.channels.hooks import WsStats
-from gateway.metrics import launch_durations
-from gateway.tally import Ending, classify
 from poolgate.admin import drain_targets, kernel_rows, render_status, table
-from workers.config import PoolConfig
-from workers.logs import JsonFormatter, KernelFields, bound, mask
-from workers.protocol import KernelStatus
-from workers.registry import KernelRecord
+from poolgate.gateway.api.pools import ClusterState, build_kernel, build_pool, build_worker
+from poolgate.gateway.channels.hooks import WsStats
+from poolgate.gateway.dashboard import duration, totals
+from poolgate.gateway.metrics import launch_durations
+from poolgate.gateway.tally import Ending, classify
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.logs import JsonFormatter, KernelFields, bound, mask
+from poolgate.workers.protocol import KernelStatus
+from poolgate.workers.registry import KernelRecord
 
 NOW = 1_800_000_000.0
 
@@ -149,7 +149,7 @@ def test_drain_targets() -> None:
     assert drain_targets(beats, "tiny", "tiny-1@a") == ["tiny-1@a"]
     import pytest
 
-    from workers.errors import BadRequest
+    from poolgate.workers.errors import BadRequest
 
     with pytest.raises(BadRequest, match="tiny-1@a, tiny-2@b"):
         drain_targets(beats, "tiny", "local-1")
@@ -185,26 +185,26 @@ def test_logs_mask_secrets_and_carry_kernel_fields() -> None:
     assert mask("Dropping env SECRET_TOKEN: not KERNEL_*") == \
         "Dropping env SECRET_TOKEN: not KERNEL_*"
     # kombu prints a Redis URL without a password as redis://:**@host; it is logged as itself
-    from workers.logs import known_url
+    from poolgate.workers.logs import known_url
 
     known_url("redis://127.0.0.1:6399/3")
     assert mask("Connected to redis://:**@127.0.0.1:6399/3") == \
         "Connected to redis://127.0.0.1:6399/3"
     kid = "0b5a4a3e-0c6d-4b8e-9f3a-1d2c3b4a5f6e"
-    rec = logging.LogRecord("gateway.kernels", logging.INFO, __file__, 1,
+    rec = logging.LogRecord("poolgate.gateway.kernels", logging.INFO, __file__, 1,
                             "Kernel %s queued, password=%s", (kid, "pw"), None)
     with bound(pool="gpu", user="alice"):
         assert KernelFields().filter(rec)
     line = json.loads(JsonFormatter().format(rec))
     assert line["message"] == f"Kernel {kid} queued, password=***"
     assert (line["kernel_id"], line["pool"], line["user"]) == (kid, "gpu", "alice")
-    assert line["level"] == "INFO" and line["logger"] == "gateway.kernels"
+    assert line["level"] == "INFO" and line["logger"] == "poolgate.gateway.kernels"
 
 
 def test_idle_never_exceeds_age_for_a_fresh_kernel() -> None:
     """/pools shows a kernel's ``idle`` from its last_activity and its ``age`` from its creation,
     both to a tenth of a second: the fraction of a second counts in both."""
-    from gateway.api.pools import activity_age
+    from poolgate.gateway.api.pools import activity_age
 
     assert activity_age("2026-01-01T00:00:00.900000Z", 1767225601.0) == 0.1
     assert activity_age("2026-01-01T00:00:00Z", 1767225601.0) == 1.0

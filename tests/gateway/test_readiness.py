@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from gateway.channels.session import InvalidTransition, KernelSession, Readiness, advance
-from workers import jmsg
+from poolgate.gateway.channels.session import InvalidTransition, KernelSession, Readiness, advance
+from poolgate.workers import jmsg
 
 W, N, R = Readiness.WAITING, Readiness.NUDGING, Readiness.READY
 ALLOWED = {(W, W), (W, N), (N, N), (N, W), (N, R), (R, W)}

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from simple_websocket import ConnectionClosed
 
-from gateway.channels.pump import Outbox
-from gateway.channels.session import KernelSession
+from poolgate.gateway.channels.pump import Outbox
+from poolgate.gateway.channels.session import KernelSession
 
 
 class Client:

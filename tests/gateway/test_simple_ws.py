@@ -13,11 +13,19 @@ import pytest
 import simple_websocket
 from packaging.requirements import Requirement
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong,
-                            Request, TextMessage)
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
 from wsproto.extensions import PerMessageDeflate
 
-from gateway.channels import simple_ws
+from poolgate.gateway.channels import simple_ws
 
 HINT = ("simple-websocket {version} changed what gateway/channels/simple_ws.py uses ({what}); "
         f"it was verified for {simple_ws.VERIFIED}")

@@ -5,10 +5,13 @@ import json
 
 import pytest
 from jupyter_server.services.kernels.connection.base import (
-    deserialize_binary_message, deserialize_msg_from_ws_v1, serialize_binary_message,
-    serialize_msg_to_ws_v1)
+    deserialize_binary_message,
+    deserialize_msg_from_ws_v1,
+    serialize_binary_message,
+    serialize_msg_to_ws_v1,
+)
 
-from gateway import wire
+from poolgate.gateway import wire
 
 PARTS = [json.dumps({"msg_id": "m1", "msg_type": "stream", "session": "s", "username": "u",
                      "date": "2026-01-01T00:00:00Z", "version": "5.3"}).encode(),
@@ -105,7 +108,7 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
 
     from wsproto.events import BytesMessage, TextMessage
 
-    from gateway.channels.connection import Connection
+    from poolgate.gateway.channels.connection import Connection
     from tests.gateway.fakes import FakeWs, client_pair
 
     client, server = client_pair(deflate)

@@ -17,7 +17,7 @@ import zmq.utils.monitor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import zmtp
+from poolgate.gateway import zmtp
 
 
 def drive(peers: list[zmtp.Peer], until: Callable[[], bool], timeout: float = 10.0) -> None:

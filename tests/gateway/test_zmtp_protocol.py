@@ -7,8 +7,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.zmtp_protocol import (COMMAND, LONG, MORE, Connection, State, ZmtpError, command,
-                                   command_frame, encode, frame_head, greeting)
+from poolgate.gateway.zmtp_protocol import (
+    COMMAND,
+    LONG,
+    MORE,
+    Connection,
+    State,
+    ZmtpError,
+    command,
+    command_frame,
+    encode,
+    frame_head,
+    greeting,
+)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 S = State

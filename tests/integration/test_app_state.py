@@ -2,9 +2,9 @@
 view reads them from there: the config the app loaded, and the metrics the bridge reports to."""
 from __future__ import annotations
 
-from gateway.app import create_app
-from gateway.metrics import GatewayMetrics
-from gateway.state import AppState, state
+from poolgate.gateway.app import create_app
+from poolgate.gateway.metrics import GatewayMetrics
+from poolgate.gateway.state import AppState, state
 from tests.conftest import Stack
 
 

@@ -15,8 +15,7 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import AMQP, DB_BASE, REDIS, STACKS, Stack, free_port, need_rabbitmq, \
-    need_redis
+from tests.conftest import AMQP, DB_BASE, REDIS, STACKS, Stack, free_port, need_rabbitmq, need_redis
 from tests.integration.test_security import make_certs
 from tests.tls_proxy import TLSProxy
 

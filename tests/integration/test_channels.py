@@ -261,7 +261,8 @@ def test_binary_buffers_round_trip(redis_stack: Stack, kid: str) -> None:
 def test_bad_frames_do_not_hurt(redis_stack: Stack, kid: str) -> None:
     ch = redis_stack.gw.channel(kid)
     for junk in ("not json", "[]", json.dumps({"channel": "nope", "header": {}}),
-                 json.dumps({"channel": "shell"}), json.dumps({"channel": "shell", "header": {"msg_type": "x"}})):
+                 json.dumps({"channel": "shell"}),
+                 json.dumps({"channel": "shell", "header": {"msg_type": "x"}})):
         ch.ws.send(junk)
     ch.ws.send_binary(b"\x00\x00\x00\x09garbage")
     assert ch.execute("'still fine'").result == "'still fine'"
@@ -404,7 +405,7 @@ def test_sockets_follow_a_kernel_to_a_new_place(redis_stack: Stack) -> None:
     sockets and polls the new ones. The 'new place' here is a second real kernel whose
     connection info the registry now gives for the first, announced as its supervisor would
     (RESTARTING, then RUNNING with the next generation)."""
-    from workers.registry import Registry
+    from poolgate.workers.registry import Registry
 
     gw = redis_stack.gw
     first, second = gw.start()["id"], gw.start()["id"]

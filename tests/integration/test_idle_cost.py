@@ -14,10 +14,10 @@ from pathlib import Path
 
 import redis
 
+from poolgate.workers.registry import Registry
 from tests.cheap import start_cheap_stack
 from tests.client import Channel
 from tests.conftest import STACKS, PrivateRedis, free_port
-from workers.registry import Registry
 
 KERNELS = 24
 WINDOW = 15.0  # three of the slowest periodic reads (5 s)

@@ -396,7 +396,7 @@ class RoundRobinProxy:
         while not self.stopped:
             try:
                 client, _ = self.server.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -468,7 +468,7 @@ def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
         page.idle(60, "the restarted kernel")
         assert text_of(page.run(3)) == "False\n"
 
-        for attempt in range(2):  # each reconnect lands on the other replica
+        for _ in range(2):  # each reconnect lands on the other replica
             before = proxy.channels()
             page.command("notebook:reconnect-to-kernel")
             browser.wait(lambda: len(proxy.channels()) > len(before), 20,

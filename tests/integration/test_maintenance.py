@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from poolgate.workers.protocol import KernelStatus
+from poolgate.workers.reconcile import reconcile
+from poolgate.workers.registry import KernelRecord, Registry
 from tests.conftest import RUN_ID, PrivateRedis
-from workers.protocol import KernelStatus
-from workers.reconcile import reconcile
-from workers.registry import KernelRecord, Registry
 
 POOLS = {"local": {"launcher": "local", "heartbeat_ttl": 2, "launch_timeout": 1}}
 
@@ -30,7 +30,7 @@ def _record(reg: Registry, kid: str, status: KernelStatus, created: float) -> No
 
 
 def test_reconcile_pass(private_redis: PrivateRedis) -> None:
-    from workers.config import PoolConfig
+    from poolgate.workers.config import PoolConfig
 
     reg = Registry(f"redis://127.0.0.1:{private_redis.port}/0")
     reg.mark_epoch()  # as gateways and workers do at start: a registry without one is rebuilding

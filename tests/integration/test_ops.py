@@ -11,13 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.client import Gateway
 from tests.conftest import DB_BASE, REDIS, STACKS, Stack, need_redis
-
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 import redis
 
+from poolgate.workers.registry import Registry
 from tests.conftest import DB_BASE, STACKS, Stack, need_redis
-from workers.registry import Registry
 
 SECRET = "registry-secret-of-the-policy-tests"
 PY = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]

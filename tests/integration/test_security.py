@@ -27,7 +27,8 @@ RESTRICTED = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_
               "metadata": {"poolgate": {"denied_users": ["mallory"]}}}
 #: Every route, by method and path; {kid} is a kernel id, {sid} a session id.
 ROUTES = [
-    ("GET", "/"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/kernelspecs"), ("GET", "/api/kernelspecs/python3"),
+    ("GET", "/"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/kernelspecs"),
+    ("GET", "/api/kernelspecs/python3"),
     ("GET", "/kernelspecs/python3/logo-64x64.png"), ("GET", "/api/kernels"),
     ("POST", "/api/kernels"), ("GET", "/api/kernels/{kid}"), ("DELETE", "/api/kernels/{kid}"),
     ("POST", "/api/kernels/{kid}/interrupt"), ("POST", "/api/kernels/{kid}/restart"),
@@ -114,7 +115,7 @@ def test_routes_list_is_every_route_of_the_app(token_stack: Stack) -> None:
     """ROUTES covers every rule the app has, so a route added later is tested above too; and
     every rule, with any method, answers 401 to a client without the token (Flask's test
     client on the same app, same config)."""
-    from gateway.app import create_app
+    from poolgate.gateway.app import create_app
 
     app = create_app({"CONFIG_PATH": str(token_stack.config)})
     rules = {(m, r.rule.replace("<kernel_id>", "{kid}").replace("<sid>", "{sid}")

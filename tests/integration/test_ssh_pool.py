@@ -297,11 +297,11 @@ def test_a_port_taken_on_the_host_is_replaced(hosts: Hosts, tmp_path: Path,
     """Kernel ports are picked here for a host we cannot see into; when one is taken there, the
     kernel starts again on fresh ports. A kernel whose iopub port was taken does not exit
     (ipykernel 7 hangs closing the sockets it had bound), so its log is what tells."""
-    from workers import launchers
-    from workers.config import PoolConfig
-    from workers.launchers import ssh
-    from workers.protocol import LaunchRequest
-    from workers.registry import Registry
+    from poolgate.workers import launchers
+    from poolgate.workers.config import PoolConfig
+    from poolgate.workers.launchers import ssh
+    from poolgate.workers.protocol import LaunchRequest
+    from poolgate.workers.registry import Registry
 
     squatters = []
     while not squatters:  # one port bound on both hosts' addresses
@@ -439,10 +439,10 @@ def test_lost_host_is_skipped_and_its_kernels_are_reported_dead(ssh_stack: Stack
 
 def test_unknown_host_key_is_refused(ssh_stack: Stack, hosts: Hosts, tmp_path: Path) -> None:
     """A host whose key is not in known_hosts never gets a kernel (no silent auto-accept)."""
-    from workers.config import build
-    from workers.errors import BackendUnavailable
-    from workers.launchers.ssh import HostLink
-    from workers.launchers.ssh_builders import SSHOptions
+    from poolgate.workers.config import build
+    from poolgate.workers.errors import BackendUnavailable
+    from poolgate.workers.launchers.ssh import HostLink
+    from poolgate.workers.launchers.ssh_builders import SSHOptions
 
     empty = tmp_path / "known_hosts"
     empty.write_text("")

@@ -24,7 +24,7 @@ import websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import framing, wire
+from poolgate.gateway import framing, wire
 from tests.client import Channel
 from tests.conftest import Stack
 

@@ -5,8 +5,8 @@ import ssl
 
 import pytest
 
-from workers.broker_tls import split_amqps
-from workers.errors import ConfigError
+from poolgate.workers.broker_tls import split_amqps
+from poolgate.workers.errors import ConfigError
 
 
 def test_amqps_parameters_become_broker_use_ssl() -> None:

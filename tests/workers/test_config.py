@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.config import load_config
-from workers.errors import ConfigError
+from poolgate.workers.config import load_config
+from poolgate.workers.errors import ConfigError
 
 
 def write(tmp_path: Path, data: dict, specs: dict | None = None) -> Path:

@@ -22,10 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from workers.config import load_config
-from workers.launchers.k8s_builders import (KubernetesOptions, build_network_policy,
-                                            build_pod_manifest)
-from workers.protocol import LaunchRequest
+from poolgate.workers.config import load_config
+from poolgate.workers.launchers.k8s_builders import (
+    KubernetesOptions,
+    build_network_policy,
+    build_pod_manifest,
+)
+from poolgate.workers.protocol import LaunchRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "docker" / "kubernetes"

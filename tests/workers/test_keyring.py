@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from poolgate.workers import keyring
+from poolgate.workers.config import load_config
+from poolgate.workers.errors import ConfigError
+from poolgate.workers.protocol import ConnectionInfo
+from poolgate.workers.registry import PREFIX, Registry
 from tests.conftest import DB_BASE, REDIS, need_redis
-from workers import keyring
-from workers.config import load_config
-from workers.errors import ConfigError
-from workers.protocol import ConnectionInfo
-from workers.registry import PREFIX, Registry
 
 KEY = "0123456789abcdef-the-kernel-hmac-key"
 

@@ -6,8 +6,8 @@ import time
 
 import redis
 
+from poolgate.workers.registry import Registry
 from tests.conftest import PrivateRedis
-from workers.registry import Registry
 
 THREADS = 20
 HOLD = 0.05  # what a holder does meanwhile: write the record and send the task

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from poolgate.workers.placement import Placement
+from poolgate.workers.registry import PREFIX
 from tests.conftest import DB_BASE, REDIS, need_redis
-from workers.placement import Placement
-from workers.registry import PREFIX
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.protocol import (TRANSITIONS, InvalidTransition, KernelStatus as S, advance,
-                              sources_of)
+from poolgate.workers.protocol import TRANSITIONS, InvalidTransition, advance, sources_of
+from poolgate.workers.protocol import KernelStatus as S
 
 
 def test_happy_path_and_restart() -> None:

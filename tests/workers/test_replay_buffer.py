@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import zmq
 
-from workers import jmsg
-from workers.supervisor import REPLAY_MAX_MESSAGE, SMALL_PART, ReplayBuffer, received
+from poolgate.workers import jmsg
+from poolgate.workers.supervisor import REPLAY_MAX_MESSAGE, SMALL_PART, ReplayBuffer, received
 
 SIGNER = jmsg.Signer("secret")
 
@@ -63,7 +63,7 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
 
     import zmq
 
-    from workers import supervisor
+    from poolgate.workers import supervisor
 
     def status(state: str) -> list[bytes]:
         parts = [jmsg.pack(jmsg.header("status", "s")), b"{}", b"{}",

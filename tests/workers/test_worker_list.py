@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import redis
 
+from poolgate.workers.registry import Registry
 from tests.conftest import PrivateRedis
-from workers.registry import Registry
 
 
 def test_workers_are_listed_without_walking_the_keyspace_and_expired_ones_drop_out(

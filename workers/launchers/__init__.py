@@ -1,6 +1,6 @@
 """The launcher registry: a launcher key names a class, imported only when used.
 
-``"local"`` → ``workers.launchers.local:LocalLauncher`` and so on. An unknown key is a
+``"local"`` → ``poolgate.workers.launchers.local:LocalLauncher`` and so on. An unknown key is a
 ConfigError with a suggestion; a missing backend library is an ImportError naming the extra.
 A pool may also name a launcher class by import path, ``"package.module:Class"`` (the scale
 bench's test launcher, bench/cheap/launcher.py, which the default config never names).
@@ -11,22 +11,22 @@ import difflib
 import importlib
 from typing import TYPE_CHECKING
 
-from workers.errors import ConfigError
-from workers.launcher_options import import_path
-from workers.typed import build
+from ..errors import ConfigError
+from ..launcher_options import import_path
+from ..typed import build
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
-    from workers.launchers.base import Launcher
+    from ..config import PoolConfig
+    from .base import Launcher
 
 LAUNCHERS: dict[str, str] = {
-    "local": "workers.launchers.local:LocalLauncher",
-    "gpu": "workers.launchers.gpu:GPULauncher",
-    "ssh": "workers.launchers.ssh:SSHLauncher",
-    "docker": "workers.launchers.docker_container:DockerLauncher",
-    "docker-swarm": "workers.launchers.docker_swarm:SwarmLauncher",
-    "yarn": "workers.launchers.yarn:YarnLauncher",
-    "kubernetes": "workers.launchers.kubernetes:KubernetesLauncher",
+    "local": "poolgate.workers.launchers.local:LocalLauncher",
+    "gpu": "poolgate.workers.launchers.gpu:GPULauncher",
+    "ssh": "poolgate.workers.launchers.ssh:SSHLauncher",
+    "docker": "poolgate.workers.launchers.docker_container:DockerLauncher",
+    "docker-swarm": "poolgate.workers.launchers.docker_swarm:SwarmLauncher",
+    "yarn": "poolgate.workers.launchers.yarn:YarnLauncher",
+    "kubernetes": "poolgate.workers.launchers.kubernetes:KubernetesLauncher",
 }
 
 
@@ -47,7 +47,7 @@ def resolve(name: str) -> type[Launcher]:
 
 def _by_path(path: str) -> type[Launcher]:
     """The Launcher subclass at ``module:Class``; a ConfigError saying why where there is none."""
-    from workers.launchers.base import Launcher
+    from .base import Launcher
 
     cls = import_path(path)
     if not (isinstance(cls, type) and issubclass(cls, Launcher)):

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from workers.protocol import KernelHandle, LaunchRequest
+from ..protocol import KernelHandle, LaunchRequest
 
 PORT_IN_USE = "Address already in use"  # what a kernel that could not bind a port prints
 #: The worker's own credentials: kernels run users' code and never get them (DESIGN.md).
@@ -19,8 +19,8 @@ def without_worker_secrets(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in WORKER_SECRETS}
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
-    from workers.registry import Registry
+    from ..config import PoolConfig
+    from ..registry import Registry
 
 
 @dataclass(frozen=True)

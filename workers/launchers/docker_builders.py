@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.errors import LaunchRejected
-from workers.protocol import LaunchRequest
-from workers.resources import parse_memory
+from ..errors import LaunchRejected
+from ..protocol import LaunchRequest
+from ..resources import parse_memory
 
 LABEL = "poolgate"                  # every label poolgate sets starts with "poolgate."
 KERNEL_LABEL = "poolgate.kernel_id"

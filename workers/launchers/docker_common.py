@@ -16,15 +16,15 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
-from workers.launchers.base import Launcher
-from workers.launchers.docker_builders import DockerOptions
-from workers.launchers.remote import PollCache, SharedReplies, signal_through_launcher
-from workers.launchers.reply import Expectation, ReplyListener
-from workers.protocol import KernelHandle, LaunchRequest
+from ..errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
+from ..protocol import KernelHandle, LaunchRequest
+from .base import Launcher
+from .docker_builders import DockerOptions
+from .remote import PollCache, SharedReplies, signal_through_launcher
+from .reply import Expectation, ReplyListener
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,11 @@ import ipaddress
 import logging
 from typing import Any
 
-from workers.errors import LaunchRejected
-from workers.launchers.docker_builders import (KERNEL_LABEL, DockerOptions,
-                                               build_container_spec)
-from workers.launchers.docker_common import EngineLauncher, docker_module
-from workers.launchers.reply import Expectation
-from workers.protocol import KernelHandle, LaunchRequest
+from ..errors import LaunchRejected
+from ..protocol import KernelHandle, LaunchRequest
+from .docker_builders import KERNEL_LABEL, DockerOptions, build_container_spec
+from .docker_common import EngineLauncher, docker_module
+from .reply import Expectation
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,13 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from workers.launchers.docker_builders import (KERNEL_LABEL, SwarmOptions, build_service_spec,
-                                               choose_image)
-from workers.launchers.docker_common import EngineLauncher, docker_module
-from workers.launchers.reply import Expectation
-from workers.protocol import KernelHandle, LaunchRequest
+from ..protocol import KernelHandle, LaunchRequest
+from .docker_builders import KERNEL_LABEL, SwarmOptions, build_service_spec, choose_image
+from .docker_common import EngineLauncher, docker_module
+from .reply import Expectation
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from workers.launchers.base import without_worker_secrets
+from .base import without_worker_secrets
 
 log = logging.getLogger(__name__)
 SCRIPT = str(Path(__file__).with_name("forkserver.py"))

@@ -34,10 +34,11 @@ from typing import Any
 
 
 def _preload() -> None:
+    import runpy  # noqa: F401
+
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.zmqshell  # noqa: F401
-    import runpy  # noqa: F401
 
 
 def _stat_fields() -> list[str]:
@@ -78,7 +79,7 @@ def _retitle(argv: list[str], env: dict[str, str]) -> None:
     _rewrite(env_start, env_end, block)
 
 
-def _child(req: dict, sock: socket.socket) -> None:
+def _child(req: dict[str, Any], sock: socket.socket) -> None:
     """Runs in the forked child: become the kernel. Never returns into the server's loop."""
     code: object = 1
     try:
@@ -138,7 +139,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     rfile = sock.makefile("r")
 
-    def send(obj: dict) -> None:
+    def send(obj: dict[str, Any]) -> None:
         sock.sendall(json.dumps(obj).encode() + b"\n")
 
     # As the gc docs advise for fork without exec: no collection in the server (no holes in

@@ -17,16 +17,15 @@ import time
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import LaunchRejected, LaunchTimeout
-from workers.gpus import GPU, Discovery, GPUAllocator, discover
-from workers.launchers.gpu_builders import (GPUOptions, build_gpu_env, per_gpu, slots_for,
-                                            wanted_gpus)
-from workers.launchers.local import LocalLauncher
-from workers.protocol import KernelHandle, LaunchRequest
-from workers.resources import Confinement
+from ..errors import LaunchRejected, LaunchTimeout
+from ..gpus import GPU, Discovery, GPUAllocator, discover
+from ..protocol import KernelHandle, LaunchRequest
+from ..resources import Confinement
+from .gpu_builders import GPUOptions, build_gpu_env, per_gpu, slots_for, wanted_gpus
+from .local import LocalLauncher
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 log = logging.getLogger(__name__)
 

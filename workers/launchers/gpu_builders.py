@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.errors import LaunchRejected
-from workers.gpus import GPU, MODES
-from workers.launchers.local_builders import LocalOptions
-from workers.resources import parse_gpus
+from ..errors import LaunchRejected
+from ..gpus import GPU, MODES
+from ..resources import parse_gpus
+from .local_builders import LocalOptions
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import LaunchRejected
-from workers.launchers.docker_builders import (KERNEL_LABEL, UID, build_command, choose_image,
-                                               resource_name)
-from workers.protocol import LaunchRequest
-from workers.resources import parse_memory
+from ..errors import LaunchRejected
+from ..protocol import LaunchRequest
+from ..resources import parse_memory
+from .docker_builders import KERNEL_LABEL, UID, build_command, choose_image, resource_name
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 MANAGED_LABEL = "poolgate.managed"
 POOL_LABEL = "poolgate.pool"
@@ -254,7 +253,7 @@ def namespace_refusal(pool: str, options: KubernetesOptions, env: Mapping[str, s
 def admit(pool: PoolConfig, env: Mapping[str, str], user: str) -> str:
     """Called by the gateway before a launch on a kubernetes pool is queued: why it is refused
     (a namespace it may not have), or ''. Pure: imports no Kubernetes client."""
-    from workers.config import build
+    from ..config import build
 
     options = build(KubernetesOptions, dict(pool.options), f"pools.{pool.name}.options")
     return namespace_refusal(pool.name, options, env, user)

@@ -16,13 +16,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import LaunchRejected
-from workers.launchers.k8s_builders import (MANAGED_LABEL, build_namespace,
-                                            build_network_policy)
-from workers.protocol import LaunchRequest
+from ..errors import LaunchRejected
+from ..protocol import LaunchRequest
+from .k8s_builders import MANAGED_LABEL, build_namespace, build_network_policy
 
 if TYPE_CHECKING:
-    from workers.launchers.k8s_builders import KubernetesOptions
+    from .k8s_builders import KubernetesOptions
 
 log = logging.getLogger(__name__)
 

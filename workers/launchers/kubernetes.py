@@ -23,17 +23,23 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import BackendUnavailable, LaunchRejected
-from workers.launchers.docker_builders import KERNEL_LABEL, resource_name
-from workers.launchers.docker_common import EngineLauncher
-from workers.launchers.k8s_builders import (POOL_LABEL, KubernetesOptions, build_pod_manifest,
-                                            build_secret, choose_namespace, label_value)
-from workers.launchers.k8s_namespaces import UserNamespaces, is_status
-from workers.launchers.reply import Expectation
-from workers.protocol import KernelHandle, LaunchRequest
+from ..errors import BackendUnavailable, LaunchRejected
+from ..protocol import KernelHandle, LaunchRequest
+from .docker_builders import KERNEL_LABEL, resource_name
+from .docker_common import EngineLauncher
+from .k8s_builders import (
+    POOL_LABEL,
+    KubernetesOptions,
+    build_pod_manifest,
+    build_secret,
+    choose_namespace,
+    label_value,
+)
+from .k8s_namespaces import UserNamespaces, is_status
+from .reply import Expectation
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 log = logging.getLogger(__name__)
 

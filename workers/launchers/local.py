@@ -14,20 +14,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import psutil
 
-from workers.kernel_socket import KernelSocket
-from workers.config import python_argv
-from workers.errors import LaunchRejected, LaunchTimeout
-from workers.launchers.base import Launcher, without_worker_secrets
-from workers.launchers.forking import UNKNOWN, Forked, ForkServer, why_not
-from workers.launchers.local_builders import (CHANNELS, LocalOptions, build_connection,
-                                              parse_port_range)
-from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
-from workers.resources import Confinement, Confiner, Limits, cleanup
+from ..config import python_argv
+from ..errors import LaunchRejected, LaunchTimeout
+from ..kernel_socket import KernelSocket
+from ..protocol import ConnectionInfo, KernelHandle, LaunchRequest
+from ..resources import Confinement, Confiner, Limits, cleanup
+from .base import Launcher, without_worker_secrets
+from .forking import UNKNOWN, Forked, ForkServer, why_not
+from .local_builders import CHANNELS, LocalOptions, build_connection, parse_port_range
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,8 @@ class LocalLauncher(Launcher):
         return free_ports(self.options.ip) if self.options.transport == "tcp" else None
 
     def _start(self, req: LaunchRequest, key: str, ports: list[int] | None,
-               deadline: float) -> Iterator[KernelHandle]:
+               deadline: float) -> Generator[KernelHandle, None, KernelHandle]:
+        """Yields the handle once the process exists, then returns it with its connection."""
         folder = self._dir(req.kernel_id)
         folder.mkdir(parents=True, exist_ok=True)
         cfile = folder / "connection.json"
@@ -229,9 +229,9 @@ class LocalLauncher(Launcher):
             held = self.confine(req, env)
             cmd = [*held.prefix, *cmd]
             cwd = req.working_dir if req.working_dir and os.path.isdir(req.working_dir) else None
-            proc = self._fork(cmd, env, cwd, folder / "kernel.log") if not held.prefix else None
-            if proc is None:
-                proc = self._exec(cmd, env, cwd, folder / "kernel.log", held.data)
+            forked = self._fork(cmd, env, cwd, folder / "kernel.log") if not held.prefix else None
+            proc: subprocess.Popen[bytes] | Forked = forked if forked is not None else \
+                self._exec(cmd, env, cwd, folder / "kernel.log", held.data)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

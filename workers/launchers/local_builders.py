@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.errors import ConfigError
+from ..errors import ConfigError
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 

@@ -11,9 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from workers.errors import BackendUnavailable, LaunchError
-from workers.launchers.reply import ReplyListener, send_command
-from workers.protocol import KernelHandle
+from ..errors import BackendUnavailable, LaunchError
+from ..protocol import KernelHandle
+from .reply import ReplyListener, send_command
 
 log = logging.getLogger(__name__)
 

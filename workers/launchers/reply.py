@@ -28,10 +28,9 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from poolgate.kernel_launcher import (CHANNELS, MAGIC, MAX_REPLY, command_line, read_line,
-                                      unseal)
-from workers.errors import LaunchRejected, LaunchTimeout
-from workers.protocol import ConnectionInfo
+from ...kernel_launcher import CHANNELS, MAGIC, MAX_REPLY, command_line, read_line, unseal
+from ..errors import LaunchRejected, LaunchTimeout
+from ..protocol import ConnectionInfo
 
 log = logging.getLogger(__name__)
 

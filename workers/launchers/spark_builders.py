@@ -20,10 +20,10 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workers.errors import BadRequest
-from workers.launchers.docker_builders import BARE_PYTHON, resource_name
-from workers.launchers.yarn_builders import YarnOptions, build_env, build_tags, resources
-from workers.protocol import LaunchRequest
+from ..errors import BadRequest
+from ..protocol import LaunchRequest
+from .docker_builders import BARE_PYTHON, resource_name
+from .yarn_builders import YarnOptions, build_env, build_tags, resources
 
 #: spark-submit options a client may pass (each takes one value)
 CLIENT_OPTIONS = frozenset({

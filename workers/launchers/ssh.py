@@ -16,18 +16,29 @@ import time
 import uuid
 from collections.abc import Generator, Iterator
 
-from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
-from workers.launchers.base import Launcher
-from workers.launchers.local import CHANNELS, wait_ready
-from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv,
-                                            build_connection_json, build_env,
-                                            build_signal_script, build_start_script,
-                                            build_reap_script, build_stop_script,
-                                            build_tail_script, choose_user,
-                                            kernel_dir, parse_pid, pick_ports)
-from workers.launchers.ssh_link import HostLink, HostUnreachable, paramiko_module, probe
-from workers.placement import Decision, Placement
-from workers.protocol import ConnectionInfo, KernelHandle, LaunchRequest
+from ..errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
+from ..placement import Decision, Placement
+from ..protocol import ConnectionInfo, KernelHandle, LaunchRequest
+from .base import Launcher
+from .local import wait_ready
+from .local_builders import CHANNELS
+from .ssh_builders import (
+    SSHHost,
+    SSHOptions,
+    build_argv,
+    build_connection_json,
+    build_env,
+    build_reap_script,
+    build_signal_script,
+    build_start_script,
+    build_stop_script,
+    build_tail_script,
+    choose_user,
+    kernel_dir,
+    parse_pid,
+    pick_ports,
+)
+from .ssh_link import HostLink, HostUnreachable, paramiko_module, probe
 
 log = logging.getLogger(__name__)
 

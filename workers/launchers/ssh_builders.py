@@ -13,9 +13,9 @@ import shlex
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from workers.errors import ConfigError, LaunchRejected
-from workers.launchers.local_builders import build_connection, parse_port_range
-from workers.protocol import LaunchRequest
+from ..errors import ConfigError, LaunchRejected
+from ..protocol import LaunchRequest
+from .local_builders import build_connection, parse_port_range
 
 PLACEMENTS = ("round-robin", "least-loaded")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import BackendUnavailable
-from workers.launchers.ssh_builders import SSHHost, SSHOptions, build_poll_script, parse_pids
+from ..errors import BackendUnavailable
+from .ssh_builders import SSHHost, SSHOptions, build_poll_script, parse_pids
 
 if TYPE_CHECKING:
     import paramiko
@@ -46,7 +46,7 @@ def ssh_errors(host: SSHHost) -> Iterator[None]:
         yield
     except HostUnreachable:
         raise
-    except (socket.timeout, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise HostUnreachable(f"host {host.label}: timed out") from exc
     except pk.BadHostKeyException as exc:
         raise HostUnreachable(f"host {host.label}: its host key does not match known_hosts "
@@ -73,7 +73,7 @@ def probe(host: SSHHost, timeout: float) -> str | None:
                 return "no SSH greeting"
     except ConnectionRefusedError:
         return "connection refused"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return "timed out"
     except OSError as exc:
         return exc.strerror or str(exc)
@@ -104,7 +104,7 @@ class HostLink:
 
     def _connect(self) -> paramiko.SSHClient:
         pk = paramiko_module()
-        client = pk.SSHClient()
+        client: paramiko.SSHClient = pk.SSHClient()
         known = Path(self.options.known_hosts).expanduser()
         if known.is_file():
             client.load_host_keys(str(known))

@@ -28,19 +28,18 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
-from workers.launchers.docker_builders import resource_name
-from workers.launchers.base import Launcher
-from workers.launchers.remote import PollCache, SharedReplies, signal_through_launcher
-from workers.launchers.reply import ReplyListener
-from workers.launchers.spark_builders import build_spark_submit, properties_text
-from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
-                                             submitting_user)
-from workers.launchers.yarn_client import FINAL, RMClient, rm_errors
-from workers.protocol import KernelHandle, LaunchRequest
+from ..errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
+from ..protocol import KernelHandle, LaunchRequest
+from .base import Launcher
+from .docker_builders import resource_name
+from .remote import PollCache, SharedReplies, signal_through_launcher
+from .reply import ReplyListener
+from .spark_builders import build_spark_submit, properties_text
+from .yarn_builders import YarnOptions, build_yarn_app, kernel_tag, rm_params, submitting_user
+from .yarn_client import FINAL, RMClient, rm_errors
 
 if TYPE_CHECKING:
-    from workers.config import PoolConfig
+    from ..config import PoolConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.errors import LaunchRejected
-from workers.launchers.docker_builders import BARE_PYTHON, resource_name
-from workers.protocol import LaunchRequest
+from ..errors import LaunchRejected
+from ..protocol import LaunchRequest
+from .docker_builders import BARE_PYTHON, resource_name
 
 AUTH_KINDS = ("none", "simple", "kerberos")
 SUBMIT_KINDS = ("rest", "spark-submit")

@@ -13,8 +13,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from workers.errors import BackendUnavailable, ConfigError, LaunchRejected
-from workers.launchers.yarn_builders import YarnOptions
+from ..errors import BackendUnavailable, ConfigError, LaunchRejected
+from .yarn_builders import YarnOptions
 
 log = logging.getLogger(__name__)
 

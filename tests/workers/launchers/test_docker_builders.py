@@ -5,12 +5,17 @@ from typing import Any
 
 import pytest
 
-from workers.config import build
-from workers.errors import ConfigError, LaunchRejected
-from workers.launchers import resolve
-from workers.launchers.docker_builders import (DockerOptions, SwarmOptions, build_container_spec,
-                                               build_service_spec, resource_name)
-from workers.protocol import LaunchRequest
+from poolgate.workers.config import build
+from poolgate.workers.errors import ConfigError, LaunchRejected
+from poolgate.workers.launchers import resolve
+from poolgate.workers.launchers.docker_builders import (
+    DockerOptions,
+    SwarmOptions,
+    build_container_spec,
+    build_service_spec,
+    resource_name,
+)
+from poolgate.workers.protocol import LaunchRequest
 
 KID = "3f2a9c1e-8b7d-4e6f-a5b4-c3d2e1f0a9b8"
 REPLY = {"POOLGATE_RESPONSE_ADDRESS": "172.17.0.1:40000", "POOLGATE_RESPONSE_KEY": "k",

@@ -14,11 +14,11 @@ import docker.errors
 import pytest
 
 from poolgate.kernel_launcher import CHANNELS, reply_line
-from workers.config import PoolConfig
-from workers.errors import BackendUnavailable, LaunchRejected
-from workers.launchers import create
-from workers.launchers.docker_common import EngineLauncher
-from workers.protocol import KernelHandle, LaunchRequest
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.errors import BackendUnavailable, LaunchRejected
+from poolgate.workers.launchers import create
+from poolgate.workers.launchers.docker_common import EngineLauncher
+from poolgate.workers.protocol import KernelHandle, LaunchRequest
 
 KID = "6b1d2c3e-0000-4000-8000-000000000001"
 
@@ -225,7 +225,7 @@ def test_stop_is_idempotent_and_finds_by_label(
 def test_the_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from workers.launchers.docker_common import docker_module
+    from poolgate.workers.launchers.docker_common import docker_module
 
     real = builtins.__import__
 
@@ -240,7 +240,7 @@ def test_the_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_engine_errors_map_to_backend_unavailable() -> None:
-    from workers.launchers.docker_common import engine_errors
+    from poolgate.workers.launchers.docker_common import engine_errors
 
     with pytest.raises(BackendUnavailable, match="unreachable"):
         with engine_errors("kernel x"):

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from gateway.kernels import check_env_for, validate_env
-from workers.config import PoolConfig, build
-from workers.errors import BadRequest, LaunchRejected
-from workers.launchers.ssh_builders import SSHHost, SSHOptions, build_env, build_start_script, \
-    choose_user, parse_pid
-from workers.launchers.yarn_builders import YarnOptions, build_yarn_app, submitting_user
-from workers.protocol import LaunchRequest
+from poolgate.gateway.kernels import check_env_for, validate_env
+from poolgate.workers.config import PoolConfig, build
+from poolgate.workers.errors import BadRequest, LaunchRejected
+from poolgate.workers.launchers.ssh_builders import (
+    SSHHost,
+    SSHOptions,
+    build_env,
+    build_start_script,
+    choose_user,
+    parse_pid,
+)
+from poolgate.workers.launchers.yarn_builders import YarnOptions, build_yarn_app, submitting_user
+from poolgate.workers.protocol import LaunchRequest
 
 #: Program that records what it got: its environment, its folder and its argv.
 DUMP = ("import json, os, sys; json.dump({'env': dict(os.environ), 'cwd': os.getcwd(), "

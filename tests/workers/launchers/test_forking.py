@@ -13,11 +13,11 @@ import psutil
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from workers import launchers
-from workers.config import PoolConfig
-from workers.launchers.forking import why_not
-from workers.launchers.local import LocalLauncher
-from workers.protocol import KernelHandle, LaunchRequest
+from poolgate.workers import launchers
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.launchers.forking import why_not
+from poolgate.workers.launchers.local import LocalLauncher
+from poolgate.workers.protocol import KernelHandle, LaunchRequest
 
 ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
 

@@ -15,14 +15,22 @@ from typing import Any
 import psutil
 import pytest
 
-from workers.config import KernelSpec, PoolConfig, build
-from workers.errors import BadRequest, ConfigError, LaunchRejected
-from workers.gpus import GPU, GPUAllocator, discover, parse_nvidia_smi, parse_visible_devices
-from workers.launchers.gpu import GPULauncher
-from workers.launchers.gpu_builders import GPUOptions, build_gpu_env, slots_for
-from workers.protocol import KernelHandle, LaunchRequest
-from workers.resources import (Confiner, Limits, admit, build_cgroup_files, own_cgroup,
-                               parse_cpus, parse_memory, shown)
+from poolgate.workers.config import KernelSpec, PoolConfig, build
+from poolgate.workers.errors import BadRequest, ConfigError, LaunchRejected
+from poolgate.workers.gpus import GPU, GPUAllocator, discover, parse_nvidia_smi, parse_visible_devices
+from poolgate.workers.launchers.gpu import GPULauncher
+from poolgate.workers.launchers.gpu_builders import GPUOptions, build_gpu_env, slots_for
+from poolgate.workers.protocol import KernelHandle, LaunchRequest
+from poolgate.workers.resources import (
+    Confiner,
+    Limits,
+    admit,
+    build_cgroup_files,
+    own_cgroup,
+    parse_cpus,
+    parse_memory,
+    shown,
+)
 
 SMI_ROWS = ["0, GPU-11111111-aaaa, FAKE-LABEL-A100, 40960 MiB",
             "1, GPU-22222222-bbbb, FAKE-LABEL-H100, 81559 MiB"]
@@ -283,7 +291,7 @@ def test_cgroup_plan_when_the_controllers_are_delegated(tmp_path: Path) -> None:
     child = parent / "poolgate-k1"
     assert (child / "memory.max").read_text() == str(2**30)
     assert (child / "cpu.max").read_text() == "150000 100000"
-    assert held.prefix == (sys.executable, "-m", "workers.resources", "--cgroup", str(child), "--")
+    assert held.prefix == (sys.executable, "-m", "poolgate.workers.resources", "--cgroup", str(child), "--")
     assert held.data == {"limits": {"via": "cgroup", "cgroup": str(child), "cpus": 1.5,
                                     "memory": 2**30}}
     assert build_cgroup_files(Limits(memory=5)) == {"memory.max": "5"}
@@ -293,7 +301,7 @@ def test_rlimit_plan_without_a_cgroup(tmp_path: Path) -> None:
     confiner = Confiner(tmp_path)  # no cgroup.subtree_control: no controllers
     held = confiner.plan("k1", Limits(cpus=1, memory=300 * 2**20))
     cpu = held.data["limits"]["cpuset"]
-    assert held.prefix == (sys.executable, "-m", "workers.resources", "--memory",
+    assert held.prefix == (sys.executable, "-m", "poolgate.workers.resources", "--memory",
                            str(300 * 2**20), "--cpus", str(cpu[0]), "--")
     assert held.data == {"limits": {"via": "rlimit", "cpus": 1.0, "memory": 300 * 2**20,
                                     "cpuset": cpu}}
@@ -308,7 +316,7 @@ def test_the_wrapper_applies_the_limits(tmp_path: Path) -> None:
             "    print('allocated')\nexcept MemoryError:\n    print('MemoryError')\n")
     cg = tmp_path / "cg"
     cg.mkdir()
-    cmd = [sys.executable, "-m", "workers.resources", "--cgroup", str(cg), "--memory",
+    cmd = [sys.executable, "-m", "poolgate.workers.resources", "--cgroup", str(cg), "--memory",
            str(200 * 2**20), "--cpus", "0", "--", sys.executable, "-c", code]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[:2] == [f"{200 * 2**20} [0]", "MemoryError"], done.stderr
@@ -336,7 +344,7 @@ def _request(kid: str, **resources: Any) -> LaunchRequest:
 
 def _run(gl: GPULauncher, req: LaunchRequest, previous: KernelHandle | None = None) -> KernelHandle:
     handle = None
-    for handle in gl.launch(req, previous):
+    for _ in gl.launch(req, previous):
         pass
     assert handle is not None and handle.connection is not None
     return handle
@@ -357,7 +365,7 @@ def test_kernels_get_their_own_gpus_and_a_third_waits(launcher: GPULauncher) -> 
         assert first.data == {"waiting_for_gpus": 1} and first.connection is None
         launcher.stop(a, grace=0)
         c = None
-        for c in waiting:
+        for c in waiting:  # noqa: B007 - the last one handed out
             pass
         assert c is not None and c.data["gpus"] == a.data["gpus"]
         assert _env(c)["CUDA_VISIBLE_DEVICES"] == a.data["gpus"][0]

@@ -5,13 +5,21 @@ from typing import Any
 
 import pytest
 
-from workers.config import PoolConfig, build
-from workers.errors import ConfigError, LaunchRejected
-from workers.launchers import resolve
-from workers.launchers.k8s_builders import (KubernetesOptions, admit, build_namespace,
-                                            build_pod_manifest, build_secret, choose_namespace,
-                                            label_value, namespace_refusal, slug)
-from workers.protocol import LaunchRequest
+from poolgate.workers.config import PoolConfig, build
+from poolgate.workers.errors import ConfigError, LaunchRejected
+from poolgate.workers.launchers import resolve
+from poolgate.workers.launchers.k8s_builders import (
+    KubernetesOptions,
+    admit,
+    build_namespace,
+    build_pod_manifest,
+    build_secret,
+    choose_namespace,
+    label_value,
+    namespace_refusal,
+    slug,
+)
+from poolgate.workers.protocol import LaunchRequest
 
 KID = "3f2a9c1e-8b7d-4e6f-a5b4-c3d2e1f0a9b8"
 NAME = f"poolgate-{KID}"

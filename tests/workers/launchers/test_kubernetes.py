@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 
-from workers.config import PoolConfig, build
-from workers.errors import BackendUnavailable, LaunchRejected
-from workers.launchers.docker_builders import resource_name
-from workers.launchers.k8s_builders import (KubernetesOptions, build_labels, build_namespace,
-                                            build_secret)
-from workers.launchers.kubernetes import KubernetesLauncher, api_errors
-from workers.protocol import KernelHandle, LaunchRequest
+from poolgate.workers.config import PoolConfig, build
+from poolgate.workers.errors import BackendUnavailable, LaunchRejected
+from poolgate.workers.launchers.docker_builders import resource_name
+from poolgate.workers.launchers.k8s_builders import (
+    KubernetesOptions,
+    build_labels,
+    build_namespace,
+    build_secret,
+)
+from poolgate.workers.launchers.kubernetes import KubernetesLauncher, api_errors
+from poolgate.workers.protocol import KernelHandle, LaunchRequest
 from tests.k8s_api import FakeKubernetes
 
 POD = {"apiVersion": "v1", "kind": "Pod",

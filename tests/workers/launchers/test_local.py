@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from workers import launchers
-from workers.config import PoolConfig
-from workers.errors import ConfigError
-from workers.launchers.local import build_command, build_env
-from workers.launchers.local_builders import build_connection, parse_port_range
-from workers.protocol import LaunchRequest
+from poolgate.workers import launchers
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.errors import ConfigError
+from poolgate.workers.launchers.local import build_command, build_env
+from poolgate.workers.launchers.local_builders import build_connection, parse_port_range
+from poolgate.workers.protocol import LaunchRequest
 
 
 def test_every_registered_launcher_resolves() -> None:
@@ -28,13 +28,13 @@ def test_unknown_launcher_suggests() -> None:
 
 def test_a_launcher_named_by_import_path_resolves_and_a_bad_one_says_why() -> None:
     """How the scale bench's pool names its test launcher without a LAUNCHERS entry."""
-    from workers.launchers.local import LocalLauncher
+    from poolgate.workers.launchers.local import LocalLauncher
 
-    assert launchers.resolve("workers.launchers.local:LocalLauncher") is LocalLauncher
+    assert launchers.resolve("poolgate.workers.launchers.local:LocalLauncher") is LocalLauncher
     with pytest.raises(ConfigError, match="cannot be imported"):
-        launchers.resolve("workers.launchers.nosuch:Thing")
+        launchers.resolve("poolgate.workers.launchers.nosuch:Thing")
     with pytest.raises(ConfigError, match="not a Launcher subclass"):
-        launchers.resolve("workers.launchers.local:LocalOptions")
+        launchers.resolve("poolgate.workers.launchers.local:LocalOptions")
 
 
 def test_builders() -> None:
@@ -89,7 +89,7 @@ def test_launch_failure_keeps_the_output(tmp_path: Path) -> None:
 
 
 def test_warm_handover_code() -> None:
-    from workers.warm import handover_code
+    from poolgate.workers.warm import handover_code
 
     code = handover_code({"KERNEL_ID": "k", "KERNEL_USERNAME": "a'b"}, "/tmp")
     ns: dict[str, object] = {}
@@ -115,7 +115,7 @@ def test_ports_taken_before_the_kernel_binds_them_are_replaced(tmp_path: Path, c
     had bound): its log tells, and the launch does not wait for its timeout."""
     import socket
 
-    from workers.launchers import local
+    from poolgate.workers.launchers import local
 
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
@@ -151,7 +151,7 @@ def test_ports_taken_before_the_kernel_binds_them_are_replaced(tmp_path: Path, c
 def test_kernel_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
     """Outgoing connections take ephemeral ports: kernel ports picked there could be taken
     before the kernel binds them (or a connection to them could connect to itself)."""
-    from workers.launchers.local import below_ephemeral, pick_ports
+    from poolgate.workers.launchers.local import below_ephemeral, pick_ports
 
     f = tmp_path / "range"
     f.write_text("32768\t60999\n")
@@ -168,7 +168,7 @@ def test_launch_refused_before_the_kernel_starts_leaves_no_files(tmp_path: Path,
                                                                   ) -> None:
     """A launch the worker refuses for its resources (more CPUs than it may use, say) gets no
     stop(): its folder and connection file must not outlive the refusal."""
-    from workers.errors import LaunchRejected
+    from poolgate.workers.errors import LaunchRejected
 
     pool = PoolConfig(name="local", launcher="local", queue="local")
     launcher = launchers.create(pool, str(tmp_path))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers import launchers
-from workers.errors import ConfigError
-from workers.launcher_options import OPTIONS, options_class
+from poolgate.workers import launchers
+from poolgate.workers.errors import ConfigError
+from poolgate.workers.launcher_options import OPTIONS, options_class
 
 
 def test_every_launcher_has_its_options_in_a_pure_module() -> None:

@@ -15,8 +15,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from poolgate import kernel_launcher as kl
-from workers.errors import LaunchRejected, LaunchTimeout
-from workers.launchers.reply import Expectation, ReplyListener, send_command
+from poolgate.workers.errors import LaunchRejected, LaunchTimeout
+from poolgate.workers.launchers.reply import Expectation, ReplyListener, send_command
 
 ROOT = Path(__file__).resolve().parents[3]
 

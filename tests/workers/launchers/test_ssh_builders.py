@@ -9,16 +9,27 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import build
-from workers.errors import ConfigError, LaunchRejected
-from workers.launcher_options import validate_options
-from workers.launchers import default_slots, resolve
-from workers.launchers.ssh_builders import (SSHHost, SSHOptions, build_argv, build_connection_json,
-                                            build_env, build_poll_script, build_reap_script,
-                                            build_signal_script,
-                                            build_start_script, build_stop_script, choose_user,
-                                            parse_pid, parse_pids, pick_ports)
-from workers.protocol import LaunchRequest
+from poolgate.workers.config import build
+from poolgate.workers.errors import ConfigError, LaunchRejected
+from poolgate.workers.launcher_options import validate_options
+from poolgate.workers.launchers import default_slots, resolve
+from poolgate.workers.launchers.ssh_builders import (
+    SSHHost,
+    SSHOptions,
+    build_argv,
+    build_connection_json,
+    build_env,
+    build_poll_script,
+    build_reap_script,
+    build_signal_script,
+    build_start_script,
+    build_stop_script,
+    choose_user,
+    parse_pid,
+    parse_pids,
+    pick_ports,
+)
+from poolgate.workers.protocol import LaunchRequest
 
 HOSTS = [{"name": "a", "address": "10.0.0.5", "port": 2222, "max_kernels": 3},
          {"name": "b", "address": "node-b", "user": "kern", "key_file": "/k/b",
@@ -68,7 +79,7 @@ def test_bad_options_name_the_path_and_rule(kw: dict[str, object], message: str)
 
 
 def test_ssh_is_a_registered_launcher_and_its_slots_are_the_hosts_places() -> None:
-    from workers.config import PoolConfig
+    from poolgate.workers.config import PoolConfig
 
     assert resolve("ssh").__name__ == "SSHLauncher"
     raw = {"hosts": HOSTS, "port_range": "50000-50999"}

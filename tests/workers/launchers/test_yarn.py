@@ -13,14 +13,14 @@ from typing import Any
 import psutil
 import pytest
 
+from poolgate.workers.config import PoolConfig, build
+from poolgate.workers.errors import BackendUnavailable, ConfigError, LaunchRejected, LaunchTimeout
+from poolgate.workers.launchers.yarn import YarnLauncher
+from poolgate.workers.launchers.yarn_builders import YarnOptions
+from poolgate.workers.launchers.yarn_client import RMClient, rm_errors
+from poolgate.workers.protocol import KernelHandle, LaunchRequest
 from tests.conftest import RUN_ID
 from tests.yarn_rm import FakeResourceManager
-from workers.config import PoolConfig, build
-from workers.errors import BackendUnavailable, ConfigError, LaunchRejected, LaunchTimeout
-from workers.launchers.yarn import YarnLauncher
-from workers.launchers.yarn_builders import YarnOptions
-from workers.launchers.yarn_client import RMClient, rm_errors
-from workers.protocol import KernelHandle, LaunchRequest
 
 ARGV = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
 ROOT = str(Path(__file__).resolve().parents[3])
@@ -220,7 +220,7 @@ def test_spark_submit_mode_submits_through_spark_submit_and_finds_the_app_by_tag
     """``submit: spark-submit``: the worker runs spark-submit (tests/fake_spark_submit.py stands
     in for Spark's client, which needs Hadoop RPC), finds the application by the kernel's tag,
     gets the kernel launcher's reply from the driver container, and kills it on stop."""
-    from workers.errors import BadRequest
+    from poolgate.workers.errors import BadRequest
 
     monkeypatch.setenv("FAKE_RM_URL", rm.url)
     fake = f"{sys.executable} {ROOT}/tests/fake_spark_submit.py"

@@ -6,11 +6,16 @@ from typing import Any
 
 import pytest
 
-from workers.config import build
-from workers.errors import ConfigError, LaunchRejected
-from workers.launchers.yarn_builders import (YarnOptions, build_yarn_app, kernel_tag, rm_params,
-                                             submitting_user)
-from workers.protocol import LaunchRequest
+from poolgate.workers.config import build
+from poolgate.workers.errors import ConfigError, LaunchRejected
+from poolgate.workers.launchers.yarn_builders import (
+    YarnOptions,
+    build_yarn_app,
+    kernel_tag,
+    rm_params,
+    submitting_user,
+)
+from poolgate.workers.protocol import LaunchRequest
 
 KID = "3f2a9c1e-8b7d-4e6f-a5b4-c3d2e1f0a9b8"
 REPLY = {"POOLGATE_RESPONSE_ADDRESS": "10.0.0.5:40000", "POOLGATE_RESPONSE_KEY": "k",
