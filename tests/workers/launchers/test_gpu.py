@@ -344,7 +344,7 @@ def _request(kid: str, **resources: Any) -> LaunchRequest:
 
 def _run(gl: GPULauncher, req: LaunchRequest, previous: KernelHandle | None = None) -> KernelHandle:
     handle = None
-    for _ in gl.launch(req, previous):
+    for handle in gl.launch(req, previous):  # noqa: B007 - the last one handed out
         pass
     assert handle is not None and handle.connection is not None
     return handle
