@@ -46,7 +46,7 @@ SETTINGS = {
 CELLS = [
     "x = 6 * 7\nprint('out', x)\nx",
     "import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.7)",
-    "import time\ntime.sleep(120)",
+    "import time\nprint('sleeping', flush=True)\ntime.sleep(120)",
     "print('x' in globals())",
     "import os\nprint(os.environ['KERNEL_ID'])",
 ]
@@ -302,8 +302,8 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
 
         # interrupt a sleeping cell
         browser.evaluate("pg.run(2)")
-        browser.wait(lambda: page.state()["kernel"]["status"] == "busy", 10, "the cell to start")
-        time.sleep(1)
+        browser.wait(lambda: "sleeping" in json.dumps(page.state()["cells"][2]["outputs"]), 20,
+                     "the cell to run (its first line shown)")
         started = time.monotonic()
         page.command("notebook:interrupt-kernel")
         state = page.idle(20, "the interrupted cell to stop")

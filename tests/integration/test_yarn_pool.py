@@ -279,8 +279,7 @@ def test_r_kernel(yarn: YarnStack, pool_name: str) -> None:
         assert shown(ch.execute("6 * 7", timeout=60)) == "[1] 42"
         res = ch.execute("for (i in 1:3) cat('tick', i, '\\n')")
         assert res.stdout.split() == ["tick", "1", "tick", "2", "tick", "3"]
-        mid = ch.send("execute_request", {"code": "Sys.sleep(60)", "silent": False})
-        time.sleep(1.5)
+        mid = ch.start_cell("cat('sleeping\\n'); flush(stdout()); Sys.sleep(60)", timeout=60)
         t0 = time.monotonic()
         assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
         ch.collect(mid, timeout=20)
