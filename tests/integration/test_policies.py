@@ -16,6 +16,7 @@ import psutil
 import pytest
 import redis
 
+from poolgate.workers.errors import ConfigError
 from poolgate.workers.registry import Registry
 from tests.conftest import DB_BASE, STACKS, Stack, need_redis
 
@@ -219,8 +220,8 @@ def test_the_connection_key_is_encrypted_at_rest(policy_stack: Stack) -> None:
         stored_key = json.loads(raw)["key"]
         real_key = Registry(policy_stack.registry_url, SECRET).connection(kid).key  # type: ignore[union-attr]
         assert real_key and stored_key.startswith("enc:") and real_key not in raw.decode()
-        with pytest.raises(RuntimeError, match="no registry secret"):
-            Registry(policy_stack.registry_url).connection(kid)
+        with pytest.raises(ConfigError, match="a registry secret this process does not have"):
+            Registry(policy_stack.registry_url, "another secret").connection(kid)
         ch = gw.channel(kid)  # the gateway decrypts it and signs with the real key
         assert ch.execute("1 + 1").result == "2"
         ch.close()
