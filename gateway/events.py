@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..workers.registry import PREFIX, Registry
+from ..workers.registry import Registry
 
 log = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]
@@ -52,7 +52,7 @@ class EventHub:
         while not self._stop.is_set():
             try:
                 ps = self.registry.pubsub()
-                ps.psubscribe(PREFIX + "ev:*")
+                ps.psubscribe(self.registry.events_prefix + "*")
                 self._ready.set()
                 while not self._stop.is_set():
                     msg = ps.get_message(timeout=1.0)

@@ -141,7 +141,7 @@ class TallyListener:
         while not self._stop.is_set():
             try:
                 ps = self.registry.pubsub()
-                ps.psubscribe(PREFIX + "ev:*")
+                ps.psubscribe(self.registry.events_prefix + "*")
                 while not self._stop.is_set():
                     msg = ps.get_message(timeout=1.0)
                     if msg and msg.get("type") == "pmessage":

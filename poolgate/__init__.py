@@ -32,4 +32,4 @@ class _CheckoutLayout(_abc.MetaPathFinder):
 
 if not _os.path.isdir(_os.path.join(_HERE, "gateway")) and all(
         _os.path.isfile(_os.path.join(_ROOT, p, "__init__.py")) for p in _PARTS):
-    _sys.meta_path.append(_CheckoutLayout())
+    _sys.meta_path.insert(0, _CheckoutLayout())  # before an editable install of another checkout

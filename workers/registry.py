@@ -11,7 +11,7 @@ Keys (prefix ``pg:``)::
     pg:w:<name>        a worker's heartbeat and capacity (expires)
     pg:workers         set of worker names (those whose heartbeat expired are pruned on read)
     pg:s:<id>          hash: a /api/sessions session
-    pg:ev:<id>         pub/sub channel: the kernel's state changes
+    pg:ev:<db>:<id>    pub/sub channel: the kernel's state changes (<db>: pub/sub has no databases)
     pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
 
 Every status change goes through :meth:`Registry.transition`, a Lua script that checks the
@@ -212,6 +212,11 @@ class Registry:
             redis_url(url), health_check_interval=30, max_connections=REDIS_CONNECTIONS,
             timeout=20)
         self.r = redis.Redis(connection_pool=pool)
+        # Redis pub/sub ignores database numbers: event channels carry the database, so two
+        # clusters sharing one Redis server on different databases never hear each other's
+        # kernels (a gateway counted another cluster's launches in its metrics).
+        db = int(pool.connection_kwargs.get("db") or 0)
+        self.events_prefix = f"{PREFIX}ev:{db}:"
         self._transition = self.r.register_script(_TRANSITION)
         self._update = self.r.register_script(_UPDATE)
         self._admit = self.r.register_script(_ADMIT)
@@ -338,7 +343,7 @@ class Registry:
         event = json.dumps({"id": kid, "status": new.value, "pool": pool, **(note or {}),
                             **{k: v for k, v in fields.items() if k in ("reason", "generation")}})
         ok, prev = self._transition(
-            keys=[PREFIX + "k:" + kid, PREFIX + "ev:" + kid, PREFIX + "q:" + pool, kid],
+            keys=[PREFIX + "k:" + kid, self.events_prefix + kid, PREFIX + "q:" + pool, kid],
             args=[allowed, new.value, event, *_encode_fields(fields)],
         )
         return bool(ok), prev.decode() if isinstance(prev, bytes) else str(prev)
@@ -368,7 +373,7 @@ class Registry:
             pipe.srem(key, kid)
         if pool:
             pipe.zrem(PREFIX + "q:" + pool, kid)
-        pipe.publish(PREFIX + "ev:" + kid, json.dumps({"id": kid, "status": "DELETED"}))
+        pipe.publish(self.events_prefix + kid, json.dumps({"id": kid, "status": "DELETED"}))
         pipe.execute()
 
     def expire_failed(self, kid: str) -> None:
@@ -376,7 +381,7 @@ class Registry:
         self.r.expire(PREFIX + "k:" + kid, FAILED_RETENTION)
 
     def publish(self, kid: str, event: dict[str, Any]) -> None:
-        self.r.publish(PREFIX + "ev:" + kid, json.dumps({"id": kid, **event}))
+        self.r.publish(self.events_prefix + kid, json.dumps({"id": kid, **event}))
 
     # -- connection info ------------------------------------------------------------------
 
