@@ -271,8 +271,35 @@ def print_code(lines: int) -> str:
             "_f()\n")
 
 
+def flushed_code(count: int, size: int) -> str:
+    """A cell that writes `count` chunks of `size` bytes (newline included), each flushed: each
+    is one iopub stream message, the shape of progress bars, logs and many small outputs."""
+    return ("import sys\n_c = 'x' * %d + '\\n'\n_w, _f = sys.stdout.write, sys.stdout.flush\n"
+            "for _i in range(%d):\n    _w(_c)\n    _f()\n" % (size - 1, count))
+
+
+# 3's message-size variants: (metric prefix, message size in bytes, messages at iopub_mb=200)
+IOPUB_VARIANTS = (("iopub64k", 65536, 1600), ("iopub16k", 16384, 4000), ("iopub_small", 8, 10000))
+
+
+def gateway_cpu(target: Target) -> float:
+    """CPU seconds (user + system) the gateway processes proper have used so far (nan: none)."""
+    total, found = 0.0, False
+    for p in server_tree(target):
+        try:
+            if not is_kernel(p) and target.is_gateway_process(p):
+                t = p.cpu_times()
+                total, found = total + t.user + t.system, True
+        except psutil.Error:
+            continue
+    return total if found else math.nan
+
+
 async def scenario_iopub(target: Target, sizes: Sizes) -> Metrics:
-    """3: stdout throughput of one printing cell; bytes that never arrived count as lost."""
+    """3: stdout throughput of one printing cell (1000-byte lines flushed every 250 lines);
+    bytes that never arrived count as lost. Then the same kernel's flushed writes of 64 KiB,
+    16 KiB and 8 bytes, one iopub message each: messages a second, and the gateway process's
+    own CPU per message (its CPU time over the cell / messages; the kernel's is not in it)."""
     lines = max(1, int(sizes.iopub_mb * 1000))
     expected = lines * 1000
     timeout = 60.0 + 1.0 * sizes.iopub_mb
@@ -280,9 +307,18 @@ async def scenario_iopub(target: Target, sizes: Sizes) -> Metrics:
     async def body(conn: KernelConnection) -> Metrics:
         await run_code(conn, "1+1", sizes.exec_timeout)
         res = await conn.execute(print_code(lines), timeout)
-        return {"iopub.mb_s": res.stdout_bytes / 1e6 / res.seconds,
-                "iopub.lost_bytes": float(expected - res.stdout_bytes),
-                "iopub.timeouts": 0.0 if res.complete else 1.0}
+        out = {"iopub.mb_s": res.stdout_bytes / 1e6 / res.seconds,
+               "iopub.lost_bytes": float(expected - res.stdout_bytes),
+               "iopub.timeouts": 0.0 if res.complete else 1.0}
+        for name, size, full in IOPUB_VARIANTS:
+            count = max(10, int(full * min(1.0, sizes.iopub_mb / 200.0)))
+            cpu0 = gateway_cpu(target)
+            res = await conn.execute(flushed_code(count, size), timeout)
+            cpu = gateway_cpu(target) - cpu0
+            out[f"{name}.msg_s"] = count / res.seconds
+            out[f"{name}.lost_bytes"] = float(count * size - res.stdout_bytes)
+            out[f"{name}.gw_cpu_us"] = 1e6 * cpu / count
+        return out
     return await with_one_kernel(target, sizes, body)
 
 
