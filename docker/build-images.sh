@@ -52,6 +52,7 @@ echo "build-images: $KERNEL_IMAGE is $(docker image inspect -f '{{.Id}}' "$KERNE
 [ "${1:-}" = all ] || exit 0
 echo "build-images: wheelhouse docker/wheels (the host's pip and indexes; no index in the build)"
 rm -rf docker/wheels && mkdir -p docker/wheels
+rm -rf build  # pip builds in place: a stale build/ (an older layout) would go into the wheel
 log=$(mktemp)
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), the host may not
 python3 -m pip wheel -q -w docker/wheels/deps '.[docker,kubernetes,flower]' 'async-timeout>=4.0.3' >"$log" 2>&1 \

@@ -4,6 +4,7 @@ poolgate.workers)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # a copy of the working tree without what builds leave behind: pip builds in place, and a
+    # stale build/ (say, from before a package moved) would go into the wheel as it is
+    src = tmp_path_factory.mktemp("src") / "poolgate"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", "wheels",
+        ".pytest_cache", ".venvs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(out), str(ROOT)], check=True, cwd=out, timeout=240)
+                    "-w", str(out), str(src)], check=True, cwd=out, timeout=240)
     [whl] = out.glob("poolgate-*.whl")
     return whl
 

@@ -145,10 +145,12 @@ def test_metrics_agree_with_pools_api_and_count_websocket_traffic(redis_stack: S
         assert sample(m, "poolgate_websocket_bytes_total", channel="iopub",
                       direction="kernel_to_client") > 1000
         for name, n in (("local", 2), ("tiny", 1)):  # each launch once, once RUNNING is heard
-            count = eventually(lambda: (c := sample(metrics(gw), "poolgate_launch_start_seconds_"
-                                                    "count", pool=name)) == n + sample(
-                before, "poolgate_launch_start_seconds_count", pool=name) and c,
-                what=f"{n} launches on {name} to be observed")
+            was = sample(before, "poolgate_launch_start_seconds_count", pool=name)
+            deadline = time.monotonic() + 20
+            while (count := sample(metrics(gw), "poolgate_launch_start_seconds_count",
+                                   pool=name)) != n + was and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert count == n + was, f"launches observed on {name}: {count}, expected {was} + {n}"
             m = metrics(gw)
             assert sample(m, "poolgate_launch_queue_seconds_count", pool=name) == count
             assert 0 < sample(m, "poolgate_launch_start_seconds_sum", pool=name) < 60 * count
