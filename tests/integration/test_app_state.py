@@ -2,6 +2,8 @@
 view reads them from there: the config the app loaded, and the metrics the bridge reports to."""
 from __future__ import annotations
 
+from flask import Flask
+
 from poolgate.gateway.app import create_app
 from poolgate.gateway.metrics import GatewayMetrics
 from poolgate.gateway.state import AppState, state
@@ -11,6 +13,15 @@ from tests.conftest import Stack
 def test_views_read_the_one_state(redis_stack: Stack) -> None:
     app = create_app({"CONFIG_PATH": str(redis_stack.config)})
     shared = state(app)
+    try:
+        check(app, shared)
+    finally:  # its listener threads would go on claiming the stack's launches for this process
+        assert shared.tally is not None
+        shared.tally.stop()
+        shared.service.events.stop()
+
+
+def check(app: Flask, shared: AppState) -> None:
     assert isinstance(shared, AppState)
     assert shared.service.config is shared.config and shared.service.registry is shared.registry
     assert isinstance(shared.metrics, GatewayMetrics) and shared.bridge.metrics is shared.metrics
