@@ -85,11 +85,15 @@ class ManagedProcess:
     cwd: Path | None = None
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _seen: dict[int, psutil.Process] = field(default_factory=dict, init=False)
+    _offset: int = field(default=0, init=False)  # where this run's output starts in the log
 
     def start(self) -> None:
         """Start the command; stdout and stderr both go to `log_path`."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            # each round appends to the same log: what a ready line is looked for in must be
+            # this run's output only (a previous round's "ready" made round 2 start too early)
+            self._offset = log.tell()
             self.popen = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, cwd=self.cwd, start_new_session=True,
@@ -106,8 +110,11 @@ class ManagedProcess:
         return None if self.popen is None else self.popen.poll()
 
     def log_text(self) -> str:
+        """What this run of the command has written (the log may hold earlier rounds' too)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as log:
+                log.seek(self._offset)
+                return log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
