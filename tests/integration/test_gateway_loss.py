@@ -80,9 +80,10 @@ def test_reply_rebuilt_after_gateway_loss_keeps_the_cells_count(redis_stack: Sta
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         redis_stack.gateways.remove(proc)
+        # the cell ends while no gateway listens; the registry's execution_state is what the
+        # supervisor read from iopub, so once it says idle the supervisor holds that idle
         while gw.get(f"/api/kernels/{kid}").json()["execution_state"] != "idle":
-            time.sleep(0.1)  # the cell ends while no gateway listens
-        time.sleep(0.6)  # the supervisor has read its idle (it reads iopub every 0.5 s)
+            time.sleep(0.1)
         again = Channel(gw.base, kid, session="counted")
         res = again.collect(mid, timeout=30)
         assert res.reply is not None and res.reply["status"] == "error"

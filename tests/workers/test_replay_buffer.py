@@ -58,7 +58,6 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
     "starting" counts as idle (the kernel runs; "starting" in the API means still launching),
     every message lands in the replay buffer, and a read that stopped at IOPUB_READ_MAX says
     more is waiting (the next read then comes at once, not a batch later)."""
-    import time
     from types import SimpleNamespace
 
     import zmq
@@ -75,24 +74,28 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
     pub.bind("inproc://drain-test")
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect("inproc://drain-test")
-    time.sleep(0.1)
+    while True:  # the subscription is live once a probe gets through (PUB drops until then)
+        pub.send(b"probe")
+        if sub.poll(100):
+            sub.recv()
+            break
     sup = SimpleNamespace(replay_buf=ReplayBuffer(count=100, max_bytes=1e9), state="idle",
                           active_at=0.0)
     drain = supervisor.Supervisor._drain_iopub
     try:
         pub.send_multipart(status("starting"))
-        time.sleep(0.05)
+        assert sub.poll(5000)  # inproc: sent is delivered; the drain reads what is there
         assert drain(sup, sub) is False and sup.state == "idle" and sup.active_at > 0
         for state in ("busy", "idle", "busy"):
             pub.send_multipart(status(state))
         pub.send_multipart(stream("out"))
-        time.sleep(0.05)
+        assert sub.poll(5000)  # inproc: sent is delivered; the drain reads what is there
         assert drain(sup, sub) is False and sup.state == "busy"
         assert len(sup.replay_buf.messages) == 5
         monkeypatch.setattr(supervisor, "IOPUB_READ_MAX", 3)
         for _ in range(4):
             pub.send_multipart(stream("more"))
-        time.sleep(0.05)
+        assert sub.poll(5000)  # inproc: sent is delivered; the drain reads what is there
         assert drain(sup, sub) is True   # 3 read, one left
         assert drain(sup, sub) is False  # the last one
         assert len(sup.replay_buf.messages) == 9
