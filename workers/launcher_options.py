@@ -35,15 +35,21 @@ def options_class(name: str) -> type[Any]:
         if not isinstance(options, type):
             raise ConfigError(f"launcher {name!r} has no Options dataclass")
         return options
-    try:
-        target = OPTIONS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(OPTIONS), 1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(OPTIONS)})") from None
-    module, _, attr = target.partition(":")
-    cls: type[Any] = getattr(importlib.import_module(module), attr)
+    cls: type[Any] = from_table(OPTIONS, name)
     return cls
+
+
+def from_table(table: Mapping[str, str], name: str) -> Any:
+    """The object a launcher key names in ``table`` (``module:attr``), imported now; an unknown
+    key is a ConfigError with a suggestion. Used for LAUNCHERS and OPTIONS alike."""
+    try:
+        target = table[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(table), 1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(table)})") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def import_path(path: str) -> Any:

@@ -7,12 +7,10 @@ bench's test launcher, bench/cheap/launcher.py, which the default config never n
 """
 from __future__ import annotations
 
-import difflib
-import importlib
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..launcher_options import import_path
+from ..launcher_options import from_table, import_path
 from ..typed import build
 
 if TYPE_CHECKING:
@@ -34,14 +32,7 @@ def resolve(name: str) -> type[Launcher]:
     """The launcher class for a key of ``LAUNCHERS`` or an import path ``module:Class``."""
     if ":" in name:
         return _by_path(name)
-    try:
-        target = LAUNCHERS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(LAUNCHERS), 1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown launcher {name!r}{hint} (known: {', '.join(LAUNCHERS)})") from None
-    module, _, attr = target.partition(":")
-    cls: type[Launcher] = getattr(importlib.import_module(module), attr)
+    cls: type[Launcher] = from_table(LAUNCHERS, name)
     return cls
 
 

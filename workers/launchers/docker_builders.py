@@ -29,6 +29,18 @@ UID = re.compile(r"^\d{1,10}$")
 MOUNT = re.compile(r"^[^:]+:/[^:]*(:(ro|rw))?$")
 
 
+def check_reporting(opts: Any, also_positive: tuple[str, ...] = ()) -> None:
+    """The options every launcher whose kernel reports back through the kernel launcher shares
+    (docker, docker-swarm, yarn, kubernetes): the reply port, the launcher command, timings."""
+    if not 0 <= opts.response_port <= 65535:
+        raise ValueError(f"response_port: expected 0..65535, got {opts.response_port}")
+    if not shlex.split(opts.kernel_launcher):
+        raise ValueError("kernel_launcher: expected a command")
+    for name in ("poll_interval", "api_timeout", "stop_grace", *also_positive):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"{name}: expected a number > 0, got {getattr(opts, name)}")
+
+
 @dataclass(frozen=True)
 class DockerOptions:
     """Options of a ``launcher: docker`` pool (one engine, a container per kernel)."""
@@ -68,13 +80,7 @@ class DockerOptions:
                 raise ValueError(f"mounts: expected 'source:/target[:ro|rw]', got {m!r}")
         if self.user and not re.match(r"^[\w.-]+(:[\w.-]+)?$", self.user):
             raise ValueError(f"user: expected 'uid[:gid]' or a user name, got {self.user!r}")
-        if not 0 <= self.response_port <= 65535:
-            raise ValueError(f"response_port: expected 0..65535, got {self.response_port}")
-        if not shlex.split(self.kernel_launcher):
-            raise ValueError("kernel_launcher: expected a command")
-        for name in ("poll_interval", "api_timeout", "stop_grace"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        check_reporting(self)
         if self.cpus < 0:
             raise ValueError(f"cpus: expected a number >= 0, got {self.cpus}")
 

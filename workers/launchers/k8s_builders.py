@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LaunchRejected
 from ..protocol import LaunchRequest
 from ..resources import parse_memory
-from .docker_builders import KERNEL_LABEL, UID, build_command, choose_image, resource_name
+from .docker_builders import KERNEL_LABEL, UID, build_command, check_reporting, choose_image, resource_name
 
 if TYPE_CHECKING:
     from ..config import PoolConfig
@@ -181,13 +180,7 @@ class KubernetesOptions:
         if self.image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"image_pull_policy: expected one of {', '.join(PULL_POLICIES)}, "
                              f"got {self.image_pull_policy!r}")
-        if not 0 <= self.response_port <= 65535:
-            raise ValueError(f"response_port: expected 0..65535, got {self.response_port}")
-        if not shlex.split(self.kernel_launcher):
-            raise ValueError("kernel_launcher: expected a command")
-        for name in ("poll_interval", "api_timeout", "stop_grace", "watch_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        check_reporting(self, also_positive=("watch_timeout",))
         for name in ("cpus", "gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")

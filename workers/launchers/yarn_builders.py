@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import LaunchRejected
 from ..protocol import LaunchRequest
-from .docker_builders import BARE_PYTHON, resource_name
+from .docker_builders import BARE_PYTHON, check_reporting, resource_name
 
 AUTH_KINDS = ("none", "simple", "kerberos")
 SUBMIT_KINDS = ("rest", "spark-submit")
@@ -87,13 +87,7 @@ class YarnOptions:
         for name in ("memory_mb", "vcores", "max_app_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if not 0 <= self.response_port <= 65535:
-            raise ValueError(f"response_port: expected 0..65535, got {self.response_port}")
-        if not shlex.split(self.kernel_launcher):
-            raise ValueError("kernel_launcher: expected a command")
-        for name in ("poll_interval", "api_timeout", "stop_grace"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        check_reporting(self)
 
     @property
     def rm_addresses(self) -> tuple[str, ...]:
