@@ -49,6 +49,7 @@ PROVISIONERS = {
 }
 #: Where a spec asks for these, any pool will do: they only say "start it here".
 RUNS_ANYWHERE = ("local",)
+WARM_LAUNCHERS = ("local", "ssh")  # launchers whose pools may keep warm kernels (workers/warm.py)
 
 
 @dataclass(frozen=True)
@@ -395,9 +396,11 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                 raise ConfigError(f"{where}: no kernelspec {spec!r} routed to this pool")
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ConfigError(f"{where}: expected an integer >= 0, got {count!r}")
-            if pool.launcher != "local":
-                raise ConfigError(f"{where}: warm kernels need launcher 'local' (resources "
-                                  f"such as GPUs are given at process start)")
+            if pool.launcher not in WARM_LAUNCHERS:
+                raise ConfigError(f"{where}: warm kernels need launcher "
+                                  f"{' or '.join(map(repr, WARM_LAUNCHERS))}, not "
+                                  f"{pool.launcher!r} (resources such as GPUs are given at "
+                                  f"process start)")
     check_config(pools, specs)  # per-kernel limits parse; each spec's own request is within them
 
     default_url = "redis://127.0.0.1:6379/0"

@@ -37,8 +37,9 @@ class WorkerHost(Protocol):
     def release_slot(self) -> None:
         """A kernel ended: its slot is free again."""
 
-    def take_warm(self, pool: str, spec: str) -> Any:
-        """A ready warm kernel for ``spec`` on ``pool``, or None."""
+    def take_warm(self, pool: str, req: Any) -> tuple[Any, dict[str, Any]]:
+        """A ready warm kernel made ``req``'s (a LaunchRequest), or None; and the note for the
+        launch's timing."""
 
     def beat(self) -> None:
         """Write the worker's heartbeat now."""

@@ -6,6 +6,9 @@ Every worker on the pool's queue, and every restart of one, sees the same state:
     pg:ssh:<pool>:next         round-robin pointer: index of the host to try first
     pg:ssh:<pool>:down:<host>  why the host is out of placement; expires after ``down_for``
 
+A warm kernel (``warm-<uuid>``) holds a place like any kernel; handed over, its place moves to
+the kernel id it becomes (:meth:`Placement.move`).
+
 A decision (read the counts, skip hosts that are down or full, pick one, book the place,
 move the pointer) is one Lua script, so two workers never book the same last place. A place
 is released when its kernel is stopped; places of kernels whose record is gone or final
@@ -24,6 +27,7 @@ from .registry import PREFIX
 log = logging.getLogger(__name__)
 KEY_PREFIX = PREFIX + "ssh:"
 POLICIES = ("round-robin", "least-loaded", "fixed")
+WARM_PREFIX = "warm-"  # the ids of warm kernels (workers/warm.py)
 
 _PLACE = """
 local kid, mode, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -161,6 +165,18 @@ class Placement:
                 out[name] += 1
         return out
 
+    def move(self, old: str, new: str) -> str | None:
+        """Give ``old``'s place to ``new`` (a warm kernel handed over); its host, or None if
+        ``old`` held none."""
+        host = self.host_of(old)
+        if host is None:
+            return None
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key + "placed", new, host)
+        pipe.hdel(self.key + "placed", old)
+        pipe.execute()
+        return host
+
     def mark_down(self, host: str, why: str, seconds: float) -> None:
         """Keep ``host`` out of placement for ``seconds``; ``why`` ends up in error messages."""
         self.r.set(self._down_key(host), why, px=max(1, int(seconds * 1000)))
@@ -183,6 +199,12 @@ class Placement:
             pipe.hget(PREFIX + "k:" + _s(kid), "status")
         stale = [kid for kid, status in zip(placed, pipe.execute())
                  if status is None or _s(status) in ("STOPPED", "FAILED")]
+        if any(_s(kid).startswith(WARM_PREFIX) for kid in stale):
+            # A warm kernel has no kernel record: its place is kept while a worker records it
+            # (workers/warm.py; a worker's next life stops those a crash left)
+            warm = {_s(kid) for key in self.r.scan_iter(PREFIX + "warm:*", count=1000)
+                    for kid in self.r.hkeys(key)}
+            stale = [kid for kid in stale if _s(kid) not in warm]
         if stale:
             self.r.hdel(self.key + "placed", *stale)
             log.info("Pool %s: released %d places of kernels that are gone", self.pool, len(stale))

@@ -70,10 +70,11 @@ class Runtime:
             self._call_consumer("cancel")
         self.beat()
 
-    def take_warm(self, pool: str, spec: str) -> Any:
-        """A ready warm kernel for ``spec`` on ``pool``, or None (see workers/warm.py)."""
+    def take_warm(self, pool: str, req: Any) -> tuple[Any, dict[str, Any]]:
+        """A ready warm kernel made ``req``'s, or None; and the note for the launch's timing
+        (see workers/warm.py)."""
         warm = getattr(self, "warm", None)
-        return warm.take(pool, spec) if warm is not None else None
+        return warm.take(pool, req) if warm is not None else (None, {})
 
     def release_slot(self) -> None:
         with self._lock:
@@ -110,7 +111,8 @@ class Runtime:
                 # launch on any gateway reads every worker's (issue 24: the ids made both grow
                 # with the kernels a worker hosts)
                 "kernels": len(self.supervisors), "time": time.time(),
-                "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {}}
+                "warm": warm.counts() if (warm := getattr(self, "warm", None)) else {},
+                "warm_rss": warm.rss() if warm else {}}
 
     def beat(self) -> None:
         if self.shutting_down.is_set():  # gone from /api/pools at once, not "paused" for 10 s

@@ -236,13 +236,12 @@ class Supervisor:
         t0 = time.time()
         req = self._first_request(t0) if first else self.req
         log.info("Launching kernel %s (%s) on pool %s", self.kid, self.req.spec_name, self.pool.name)
-        warm = self.rt.take_warm(self.pool.name, self.req.spec_name) if first else None
+        warm, note = self.rt.take_warm(self.pool.name, self.req) if first else (None, {})
         try:
             if warm is not None:  # a started kernel is handed over (workers/warm.py)
-                self.handle = KernelHandle(self.kid, warm.pool, warm.host, warm.connection, warm.data)
-                self.reg.update(self.kid, handle=stored(self.handle), host=warm.host)
-                hand_over(self.handle, self.req)
-                log.info("Kernel %s: a warm kernel was handed over", self.kid)
+                self.handle = warm
+                self.reg.update(self.kid, handle=stored(warm), host=warm.host)
+                warm, note = hand_over(self.launcher, warm, self.req)  # None: start it cold
             for handle in (self.launcher.launch(req, previous) if warm is None else ()):
                 self.handle = handle
                 self.reg.update(self.kid, handle=stored(handle), host=handle.host)
@@ -260,7 +259,7 @@ class Supervisor:
         self.first_started = self.first_started or self.started_at
         self._watch_iopub(self.handle.connection)
         timing = dict(self.record.timing if self.record else {})
-        timing.update(launch=round(self.started_at - t0, 4), taken=self.taken_at)
+        timing.update(launch=round(self.started_at - t0, 4), taken=self.taken_at, **note)
         # Connection and heartbeat first: a gateway that reads RUNNING without a heartbeat
         # declares the kernel dead ("worker lost"), and a client told RUNNING connects at once.
         self.reg.set_connection(self.kid, self.handle.connection)

@@ -87,8 +87,8 @@ def build_worker(info: dict[str, Any], pool: str, now: float) -> dict[str, Any]:
     return {"name": info.get("name", ""), "host": info.get("host", ""), "slots": slots,
             "used": used, "free": max(0, slots - used), "state": state, "draining": draining,
             "kernels": _count(info.get("kernels", 0)),
-            "warm": {key.split("/", 1)[1]: n for key, n in (info.get("warm") or {}).items()
-                     if key.split("/", 1)[0] == pool},
+            "warm": _of_pool(info.get("warm"), pool),
+            "warm_rss": _of_pool(info.get("warm_rss"), pool),
             "last_seen": round(max(0.0, now - float(info.get("time", now))), 1)}
 
 
@@ -137,6 +137,7 @@ def build_pool(pool: PoolConfig, state: ClusterState) -> dict[str, Any]:
         "free": sum(w["free"] for w in workers if w["state"] in ("accepting", "paused")),
         "waiting": len(queued),
         "warm_ready": _sum_warm(workers),
+        "warm_cost": warm_cost(workers),
         "running": counts["RUNNING"],
         "kernels_by_status": counts,
         "max_kernels": pool.max_kernels,
@@ -153,13 +154,29 @@ def build_pool(pool: PoolConfig, state: ClusterState) -> dict[str, Any]:
     }
 
 
-def _sum_warm(workers: list[dict[str, Any]]) -> dict[str, int]:
-    """Ready warm kernels by kernelspec over the pool's workers."""
+def _of_pool(by_key: Any, pool: str) -> dict[str, int]:
+    """A heartbeat's "<pool>/<kernelspec>" figures for one pool, by kernelspec."""
+    return {key.split("/", 1)[1]: int(n) for key, n in (by_key or {}).items()
+            if key.split("/", 1)[0] == pool}
+
+
+def _sum_warm(workers: list[dict[str, Any]], field: str = "warm") -> dict[str, int]:
+    """Ready warm kernels (or their RSS) by kernelspec over the pool's workers."""
     out: dict[str, int] = {}
     for w in workers:
-        for spec, n in w["warm"].items():
+        for spec, n in w.get(field, {}).items():
             out[spec] = out.get(spec, 0) + n
     return out
+
+
+def warm_cost(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the pool's ready warm kernels hold: a worker slot each (on ssh also a host place),
+    and their resident memory as the kernels read it (None where none could say)."""
+    ready, rss = _sum_warm(workers), _sum_warm(workers, "warm_rss")
+    return {"slots": sum(ready.values()),
+            "rss_bytes": sum(rss.values()) if rss else None,
+            "kernelspecs": {spec: {"kernels": n, "slots": n, "rss_bytes": rss.get(spec)}
+                            for spec, n in sorted(ready.items())}}
 
 
 def build_pools(config: Config, state: ClusterState) -> list[dict[str, Any]]:

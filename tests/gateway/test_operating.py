@@ -31,11 +31,13 @@ def test_build_worker_states() -> None:
             "accepting": False, "draining": [], "kernels": 2, "time": NOW - 2}
     assert build_worker(beat, "gpu", NOW) == {
         "name": "gpu-1@h", "host": "h", "slots": 2, "used": 2, "free": 0, "state": "full",
-        "draining": False, "kernels": 2, "last_seen": 2.0, "warm": {}}
+        "draining": False, "kernels": 2, "last_seen": 2.0, "warm": {}, "warm_rss": {}}
     # a worker from before issue 24 listed its kernels' ids: counted the same
     assert build_worker(dict(beat, kernels=["a", "b"]), "gpu", NOW)["kernels"] == 2
     warm = dict(beat, warm={"gpu/python3": 2, "local/python3": 1, "gpu/r": 1})
     assert build_worker(warm, "gpu", NOW)["warm"] == {"python3": 2, "r": 1}
+    rss = dict(warm, warm_rss={"gpu/python3": 2 * 50 << 20, "local/python3": 1})
+    assert build_worker(rss, "gpu", NOW)["warm_rss"] == {"python3": 100 << 20}
     drained = dict(beat, used=1, accepting=True, draining=["gpu"])
     assert build_worker(drained, "gpu", NOW)["state"] == "draining"
     assert build_worker(dict(beat, used=0, accepting=True), "gpu", NOW)["state"] == "accepting"
@@ -61,7 +63,8 @@ def test_build_pool_counts_workers_slots_queue_and_kernels() -> None:
         {"name": "local-2@h", "pools": ["local"], "slots": 4, "used": 1, "accepting": True,
          "draining": ["local"], "kernels": ["k1"], "time": NOW},
         {"name": "local-1@h", "pools": ["local"], "slots": 4, "used": 2, "accepting": True,
-         "draining": [], "kernels": ["k2", "k3"], "time": NOW, "warm": {"local/python3": 1}},
+         "draining": [], "kernels": ["k2", "k3"], "time": NOW, "warm": {"local/python3": 1},
+         "warm_rss": {"local/python3": 60 << 20, "gpu/python3": 1}},
         {"name": "gpu-1@h", "pools": ["gpu"], "slots": 1, "used": 0, "time": NOW},
     ]
     records = [record("k1", "local", KernelStatus.RUNNING, "alice"),
@@ -84,6 +87,9 @@ def test_build_pool_counts_workers_slots_queue_and_kernels() -> None:
         "used": 3, "free": 2, "waiting": 1, "running": 2, "failures_total": 2}
     assert model["waiting_launches"] == [{"kernel_id": "k4", "position": 1}]
     assert model["warm_ready"] == {"python3": 1}
+    # each warm kernel holds a slot; its memory is what the workers' heartbeats say
+    assert model["warm_cost"] == {"slots": 1, "rss_bytes": 60 << 20, "kernelspecs": {
+        "python3": {"kernels": 1, "slots": 1, "rss_bytes": 60 << 20}}}
     assert [w["name"] for w in model["worker_list"]] == ["local-1@h", "local-2@h"]
     assert [k["id"] for k in model["kernels"]] == ["k1", "k2", "k3", "k4"]
     assert model["kernels"][3]["queue_position"] == 1

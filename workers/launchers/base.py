@@ -94,6 +94,21 @@ class Launcher(abc.ABC):
         says why."""
         return None
 
+    def warm_fits(self, warm: KernelHandle, started_for: LaunchRequest,
+                  req: LaunchRequest) -> str:
+        """Called by the worker's warm set (workers/warm.py) before it hands a warm kernel,
+        which ``launch`` started for ``started_for``, to ``req``: '' if it can become ``req``'s
+        kernel, else why not (the launch then starts cold and its timing says why). The warm set
+        has already compared resources; a launcher adds what it decides at start (a remote user,
+        an image). A launcher that cannot hand kernels over at all says so here."""
+        return ""
+
+    def take_over(self, warm: KernelHandle, kernel_id: str) -> KernelHandle:
+        """Called by the warm set once ``warm_fits`` said yes: ``warm`` as kernel ``kernel_id``.
+        A launcher that keyed something by the warm kernel's id (an ssh place) moves it here;
+        ``data`` keeps what stop() needs to find the warm kernel's own resources."""
+        return KernelHandle(kernel_id, warm.pool, warm.host, warm.connection, dict(warm.data))
+
     def failure_detail(self, handle: KernelHandle) -> str:
         """The tail of the kernel's own output, for a launch or death that needs explaining."""
         return ""

@@ -283,6 +283,37 @@ class SSHLauncher(Launcher):
         except LaunchRejected as exc:
             raise LaunchRejected(f"{exc.message}: {died[0]}" if died[0] else exc.message) from exc
 
+    # -- warm kernels (workers/warm.py) ---------------------------------------------------------
+
+    def warm_fits(self, warm: KernelHandle, started_for: LaunchRequest,
+                  req: LaunchRequest) -> str:
+        """A warm kernel runs on its host as the pool's user: a request for another remote user
+        (impersonation) or a warm kernel whose host is down starts cold."""
+        host = self.hosts.get(str(warm.data.get("host", "")))
+        if host is None:
+            return f"the warm kernel's host {warm.data.get('host')!r} left the pool"
+        down = self.placement.down(host.name)
+        if down:
+            return f"the warm kernel's host {host.label} is down ({down})"
+        try:
+            user, _ = choose_user(req.env.get("KERNEL_USERNAME", ""), host, self.options,
+                                  self.local_user)
+        except LaunchRejected as exc:
+            return exc.message
+        if user != warm.data.get("user"):
+            return (f"the request runs as {user!r} on the hosts; warm kernels run as "
+                    f"{warm.data.get('user')!r}")
+        return ""
+
+    def take_over(self, warm: KernelHandle, kernel_id: str) -> KernelHandle:
+        """The warm kernel's host place becomes ``kernel_id``'s (stop() releases it by id)."""
+        if self.placement.move(warm.kernel_id, kernel_id) is None:
+            host = str(warm.data.get("host", ""))
+            if not self.placement.claim(kernel_id, host).host:
+                raise LaunchRejected(f"the warm kernel's place on host {host} was lost and the "
+                                     f"host is full")
+        return super().take_over(warm, kernel_id)
+
     # -- supervise ----------------------------------------------------------------------------
 
     def poll(self, handle: KernelHandle) -> str | None:
