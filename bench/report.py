@@ -117,9 +117,25 @@ def table(results: list[TargetResult]) -> str:
             lines.append(f"{r.name}: {r.status.splitlines()[0]}")
         for err in r.errors:
             lines.append(f"{r.name}: error: {err.splitlines()[0]}")
+    lines += pair_ratios(meds)
     lines.append("↓ lower is better, ↑ higher is better; (×N) = value / floor's value; "
                  "values are medians over rounds.")
     return "\n".join(lines)
+
+
+#: (target, the target it is compared with): the start with a warm kernel against a cold one
+PAIRS = (("poolgate-warm", "poolgate"), ("poolgate-ssh-warm", "poolgate-ssh"))
+
+
+def pair_ratios(meds: dict[str, dict[str, float]]) -> list[str]:
+    """One line per pair in PAIRS that both ran: its start p50 as a ratio of the other's."""
+    out = []
+    for name, base in PAIRS:
+        value, ref = meds.get(name, {}).get("start.p50_s"), meds.get(base, {}).get("start.p50_s")
+        if value is not None and ref:
+            out.append(f"{name} / {base}: start p50 {fmt(value)} / {fmt(ref)} s "
+                       f"= ×{value / ref:.3f}")
+    return out
 
 
 def write_json(path: Path, results: list[TargetResult], meta: dict[str, Any]) -> None:

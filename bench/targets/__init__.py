@@ -11,6 +11,7 @@ from bench.targets.poolgate import (
                                     PoolgateWarmTarget,
 )
 from bench.targets.reference import EnterpriseGatewayTarget, KernelGatewayTarget
+from bench.targets.ssh import PoolgateSSHTarget, PoolgateSSHWarmTarget
 
 TARGETS: dict[str, type[Target]] = {
     "floor": FloorTarget,
@@ -18,6 +19,8 @@ TARGETS: dict[str, type[Target]] = {
     "poolgate-before": PoolgateBeforeTarget,
     "poolgate-redis": PoolgateRedisTarget,
     "poolgate-warm": PoolgateWarmTarget,
+    "poolgate-ssh": PoolgateSSHTarget,
+    "poolgate-ssh-warm": PoolgateSSHWarmTarget,
     "eg": EnterpriseGatewayTarget,
     "kg": KernelGatewayTarget,
 }
