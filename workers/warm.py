@@ -58,8 +58,8 @@ def handover_code(env: dict[str, str], working_dir: str) -> str:
 def resources_differ(started_for: LaunchRequest, req: LaunchRequest) -> str:
     """Why a kernel started for ``started_for`` cannot serve ``req``'s resources; '' if it can
     (pure, tested)."""
-    def asked(r: LaunchRequest) -> dict[str, Any]:
-        return {k: v for k, v in r.resources.items() if k != "resource_dir"}
+    def asked(r: LaunchRequest) -> dict[str, Any]:  # an image is the launcher's (warm_fits)
+        return {k: v for k, v in r.resources.items() if k not in ("resource_dir", "image")}
     if asked(started_for) == asked(req):
         return ""
     return (f"the request asks for resources {asked(req) or 'none'}; the warm kernels were "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BackendUnavailable, LaunchError, LaunchRejected, LaunchTimeout
 from ..protocol import KernelHandle, LaunchRequest
 from .base import Launcher
-from .docker_builders import DockerOptions
+from .docker_builders import DockerOptions, choose_image, choose_user
 from .remote import PollCache, SharedReplies, signal_through_launcher
 from .reply import Expectation, ReplyListener
 
@@ -55,6 +55,11 @@ def engine_errors(what: str) -> Iterator[None]:
                              f"{exc.explanation or exc}") from exc
     except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
         raise BackendUnavailable(f"{what}: the docker engine is unreachable ({exc})") from exc
+
+
+def labelled(handle: KernelHandle) -> str:
+    """The kernel id its resources are labelled with: a warm kernel's own, once handed over."""
+    return str(handle.data.get("labelled") or handle.kernel_id)
 
 
 class EngineLauncher(Launcher):
@@ -189,6 +194,30 @@ class EngineLauncher(Launcher):
             self.replies.cancel(exp)
 
 
+    # -- warm kernels (workers/warm.py) ---------------------------------------------------------
+
+    def warm_fits(self, warm: KernelHandle, started_for: LaunchRequest,
+                  req: LaunchRequest) -> str:
+        """A warm container or service keeps the image and user it was created with: a request
+        for another (KERNEL_IMAGE, KERNEL_UID/KERNEL_GID) starts cold."""
+        try:
+            image, user = choose_image(req, self.options), choose_user(req, self.options)
+        except LaunchRejected as exc:
+            return exc.message
+        if image != choose_image(started_for, self.options):
+            return (f"the request asks for image {image!r}; warm kernels run "
+                    f"{choose_image(started_for, self.options)!r}")
+        if user != choose_user(started_for, self.options):
+            return (f"the request runs as {user or 'the image user'!r}; warm kernels run as "
+                    f"{choose_user(started_for, self.options) or 'the image user'!r}")
+        return ""
+
+    def take_over(self, warm: KernelHandle, kernel_id: str) -> KernelHandle:
+        """The resource keeps its warm kernel id label: stop() removes by ``data.labelled``."""
+        handle = super().take_over(warm, kernel_id)
+        handle.data["labelled"] = labelled(warm)
+        return handle
+
     # -- supervise ----------------------------------------------------------------------------
 
     def poll(self, handle: KernelHandle) -> str | None:
@@ -205,7 +234,7 @@ class EngineLauncher(Launcher):
     def stop(self, handle: KernelHandle, grace: float = 5.0) -> None:
         self.polls.forget(handle.kernel_id)
         with self.errors(f"kernel {handle.kernel_id}"):
-            count = self.remove_labelled(handle.kernel_id, grace)
+            count = self.remove_labelled(labelled(handle), grace)
         log.info("Kernel %s: removed %d %s(s)", handle.kernel_id, count, self.kind)
 
     def failure_detail(self, handle: KernelHandle) -> str:

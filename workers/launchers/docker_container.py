@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import LaunchRejected
 from ..protocol import KernelHandle, LaunchRequest
 from .docker_builders import KERNEL_LABEL, DockerOptions, build_container_spec
-from .docker_common import EngineLauncher, docker_module
+from .docker_common import EngineLauncher, docker_module, labelled
 from .reply import Expectation
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class DockerLauncher(EngineLauncher):
             except docker.errors.NotFound:
                 return None
         found = self.client.containers.list(
-            all=True, filters={"label": f"{KERNEL_LABEL}={handle.kernel_id}"})
+            all=True, filters={"label": f"{KERNEL_LABEL}={labelled(handle)}"})
         return found[0] if found else None
 
     def state(self, handle: KernelHandle) -> tuple[str | None, str]:

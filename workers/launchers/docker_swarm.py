@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import KernelHandle, LaunchRequest
 from .docker_builders import KERNEL_LABEL, SwarmOptions, build_service_spec, choose_image
-from .docker_common import EngineLauncher, docker_module
+from .docker_common import EngineLauncher, docker_module, labelled
 from .reply import Expectation
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class SwarmLauncher(EngineLauncher):
             except docker.errors.NotFound:
                 return None
         found = self.client.services.list(
-            filters={"label": f"{KERNEL_LABEL}={handle.kernel_id}"})
+            filters={"label": f"{KERNEL_LABEL}={labelled(handle)}"})
         return found[0] if found else None
 
     def _task(self, service: Any) -> dict[str, Any] | None:
