@@ -49,7 +49,8 @@ PROVISIONERS = {
 }
 #: Where a spec asks for these, any pool will do: they only say "start it here".
 RUNS_ANYWHERE = ("local",)
-WARM_LAUNCHERS = ("local", "ssh", "docker", "docker-swarm")  # launchers whose pools may keep warm kernels (workers/warm.py)
+#: Launchers whose pools may keep warm kernels (workers/warm.py).
+WARM_LAUNCHERS = ("local", "ssh", "docker", "docker-swarm")
 
 
 @dataclass(frozen=True)

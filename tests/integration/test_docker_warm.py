@@ -18,7 +18,7 @@ import redis
 
 from tests.client import Gateway
 from tests.conftest import RUN_ID, STACKS, PrivateRedis, Stack
-from tests.integration.test_docker_pool import IMAGE, KERNEL_ARGV, labelled, need_engine, pool
+from tests.integration.test_docker_pool import KERNEL_ARGV, labelled, need_engine, pool
 
 CASES = [("docker", "py-docker"), ("swarm", "py-swarm")]
 

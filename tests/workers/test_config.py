@@ -174,3 +174,21 @@ def test_yarn_spec_goes_to_the_first_yarn_pool(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, data, specs), environ={})
     for name in specs:
         assert cfg.kernelspecs[name].pool == "hadoop" and not cfg.kernelspecs[name].unserved
+
+
+def test_warm_kernels_on_the_launchers_that_can_hand_them_over(tmp_path: Path) -> None:
+    specs = {"py-ssh": {"argv": ARGV, "metadata": {"poolgate": {"pool": "ssh"}}},
+             "py-yarn": {"argv": ARGV, "metadata": {"poolgate": {"pool": "hadoop"}}}}
+    ssh = {"launcher": "ssh", "warm": {"py-ssh": 2}, "options": {
+        "hosts": [{"name": "a", "address": "10.0.0.1"}], "port_range": "50000-50999"}}
+    hadoop = {"launcher": "yarn", "options": {"rm_address": "http://rm:8088"}}
+    cfg = load_config(write(tmp_path, {"pools": {**BASE["pools"], "ssh": ssh, "hadoop": hadoop}},
+                            specs), environ={})
+    assert cfg.pools["ssh"].warm == {"py-ssh": 2}
+    refused = dict(hadoop, warm={"py-yarn": 1})
+    (tmp_path / "specs").rename(tmp_path / "specs-1")
+    with pytest.raises(ConfigError, match="pools.hadoop.warm.py-yarn: warm kernels need launcher "
+                                          "'local' or 'ssh' or 'docker' or 'docker-swarm', not "
+                                          "'yarn'"):
+        load_config(write(tmp_path, {"pools": {**BASE["pools"], "ssh": ssh, "hadoop": refused}},
+                          specs), environ={})
