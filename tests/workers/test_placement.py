@@ -134,3 +134,21 @@ def test_concurrent_workers_never_overbook(r: redis.Redis, pool: str) -> None:
         t.join()
     assert sorted(h for h in got if h) == ["a"] * 5 + ["b"] * 5
     assert got.count(None) == 30
+
+
+def test_a_warm_kernels_place_is_kept_while_recorded_and_moves_on_hand_over(
+        r: redis.Redis, pool: str) -> None:
+    p = Placement(r, pool, [("a", 1), ("b", 1)], "round-robin")
+    worker = f"{pool}-worker"
+    warm, gone = f"warm-{pool}-1", f"warm-{pool}-2"
+    r.hset(PREFIX + "warm:" + worker, warm, "{}")  # the worker records it (workers/warm.py)
+    try:
+        assert p.place(warm).host == "a" and p.place(gone).host == "b"
+        p.prune()  # no kernel record for either: only the recorded one keeps its place
+        assert p.host_of(warm) == "a" and p.host_of(gone) is None
+        kid = live(r, pool, "k1")[0]
+        assert p.move(warm, kid) == "a"  # handed over: the kernel holds the place now
+        assert p.host_of(kid) == "a" and p.host_of(warm) is None
+        assert p.move(warm, kid) is None
+    finally:
+        r.delete(PREFIX + "warm:" + worker)
