@@ -1,13 +1,16 @@
 """Kernel start on the docker and docker-swarm pools, against its floor: `docker run` of the same
 image with the same kernel, driven by jupyter_client.
 
-    python -m bench.container_start [--starts 5]
+    python -m bench.container_start [--starts 5] [--warm]
 
 Needs dockerd, a single-node Swarm and the kernel image (docker/build-images.sh). Each start is
 timed from the request (floor: `docker run`; poolgate: `POST /api/kernels`) to the first
 kernel_info_reply; the kernel is removed before the next. Prints p50 and max per target and the
 ratio to the floor. poolgate runs as `poolgate serve` with a docker pool (host network) and a
-docker-swarm pool, on its own data folder and port.
+docker-swarm pool, on its own data folder and port. ``--warm`` adds a docker and a docker-swarm
+pool that keep one warm kernel each (workers/warm.py): each of their starts waits until
+/api/pools shows it ready (untimed), and its ratio to the cold start of the same launcher is
+printed.
 """
 from __future__ import annotations
 
@@ -103,9 +106,22 @@ def poolgate_start(base: str, spec: str) -> float:
         requests.delete(f"{base}/api/kernels/{kid}", timeout=60)
 
 
+WARM = {"py-docker-warm": "docker-warm", "py-swarm-warm": "swarm-warm"}  # spec -> its pool
+
+
+def wait_warm(base: str, spec: str) -> None:
+    """Until the spec's pool shows its warm kernel ready (before a warm start; not timed)."""
+    deadline = time.monotonic() + 120
+    while requests.get(f"{base}/api/pools/{WARM[spec]}", timeout=10).json()[
+            "warm_ready"].get(spec, 0) < 1:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no warm {spec} kernel ready after 120 s")
+        time.sleep(0.05)
+
+
 def start_serve(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     specs = folder / "specs"
-    for name, pool in (("py-docker", "docker"), ("py-swarm", "swarm")):
+    for name, pool in (("py-docker", "docker"), ("py-swarm", "swarm"), *WARM.items()):
         (specs / name).mkdir(parents=True)
         (specs / name / "kernel.json").write_text(json.dumps({
             "argv": ARGV, "display_name": name, "language": "python",
@@ -116,7 +132,11 @@ def start_serve(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
            "pools": {"local": {"launcher": "local", "slots": 1},  # the packaged python3 spec's
                      "docker": {"launcher": "docker", "slots": 4,
                                 "options": {**options, "network": "host"}},
-                     "swarm": {"launcher": "docker-swarm", "slots": 4, "options": options}}}
+                     "swarm": {"launcher": "docker-swarm", "slots": 4, "options": options},
+                     "docker-warm": {"launcher": "docker", "slots": 4, "warm": {
+                         "py-docker-warm": 1}, "options": {**options, "network": "host"}},
+                     "swarm-warm": {"launcher": "docker-swarm", "slots": 4, "warm": {
+                         "py-swarm-warm": 1}, "options": options}}}
     (folder / "queues.yaml").write_text(yaml.safe_dump(cfg))
     port = free_ports(1)[0]
     exe = Path(sys.executable).parent / "poolgate"
@@ -143,6 +163,8 @@ def report(name: str, times: list[float], floor: list[float]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--starts", type=int, default=5, help="starts per target (default 5)")
+    p.add_argument("--warm", action="store_true",
+                   help="also start on pools that keep a warm kernel")
     args = p.parse_args()
     if shutil.which("docker") is None:
         raise SystemExit("docker is not installed")
@@ -156,6 +178,11 @@ def main() -> int:
             results["floor (docker run)"].append(floor_start(folder))
             results["poolgate docker"].append(poolgate_start(base, "py-docker"))
             results["poolgate docker-swarm"].append(poolgate_start(base, "py-swarm"))
+            for spec, name in (("py-docker-warm", "poolgate docker warm"),
+                               ("py-swarm-warm", "poolgate docker-swarm warm")):
+                if args.warm:
+                    wait_warm(base, spec)
+                    results.setdefault(name, []).append(poolgate_start(base, spec))
     finally:
         proc.send_signal(2)
         try:
@@ -167,6 +194,11 @@ def main() -> int:
     print(f"kernel start, request → first kernel_info_reply, {args.starts} starts each")
     for name, times in results.items():
         print(report(name, times, floor))
+    for cold in ("poolgate docker", "poolgate docker-swarm"):
+        if f"{cold} warm" in results:
+            warm, base_p50 = statistics.median(results[f"{cold} warm"]), statistics.median(
+                results[cold])
+            print(f"{cold} warm / cold: start p50 ×{warm / base_p50:.3f}")
     return 0
 
 
