@@ -11,6 +11,7 @@ runs this checkout's code (PYTHONPATH), whichever poolgate is installed.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class PoolgateSSHTarget(PoolgateTarget):
         except ImportError as exc:
             raise TargetUnavailable(f"tests/sshd.py cannot be imported ({exc}); run the bench "
                                     "from the repository root") from exc
-        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier round's keys and host
+        folder.mkdir(parents=True)
         try:
             key = keygen(folder / "id_ed25519")
             authorized = folder / "authorized_keys"
