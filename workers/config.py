@@ -50,7 +50,7 @@ PROVISIONERS = {
 #: Where a spec asks for these, any pool will do: they only say "start it here".
 RUNS_ANYWHERE = ("local",)
 #: Launchers whose pools may keep warm kernels (workers/warm.py).
-WARM_LAUNCHERS = ("local", "ssh", "docker", "docker-swarm")
+WARM_LAUNCHERS = ("local", "ssh", "docker", "docker-swarm", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -402,6 +402,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                                   f"{' or '.join(map(repr, WARM_LAUNCHERS))}, not "
                                   f"{pool.launcher!r} (resources such as GPUs are given at "
                                   f"process start)")
+            if pool.options.get("per_user_namespace"):
+                raise ConfigError(f"{where}: warm kernels run in the pool's namespace, and this "
+                                  f"pool's kernels in their user's (per_user_namespace)")
     check_config(pools, specs)  # per-kernel limits parse; each spec's own request is within them
 
     default_url = "redis://127.0.0.1:6379/0"

@@ -188,7 +188,8 @@ def test_warm_kernels_on_the_launchers_that_can_hand_them_over(tmp_path: Path) -
     refused = dict(hadoop, warm={"py-yarn": 1})
     (tmp_path / "specs").rename(tmp_path / "specs-1")
     with pytest.raises(ConfigError, match="pools.hadoop.warm.py-yarn: warm kernels need launcher "
-                                          "'local' or 'ssh' or 'docker' or 'docker-swarm', not "
+                                          "'local' or 'ssh' or 'docker' or 'docker-swarm' or "
+                                          "'kubernetes', not "
                                           "'yarn'"):
         load_config(write(tmp_path, {"pools": {**BASE["pools"], "ssh": ssh, "hadoop": refused}},
                           specs), environ={})

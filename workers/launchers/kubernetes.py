@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailable, LaunchRejected
 from ..protocol import KernelHandle, LaunchRequest
-from .docker_builders import KERNEL_LABEL, resource_name
-from .docker_common import EngineLauncher
+from .docker_builders import KERNEL_LABEL, choose_image, resource_name
+from .docker_common import EngineLauncher, labelled
 from .k8s_builders import (
     POOL_LABEL,
     KubernetesOptions,
     build_pod_manifest,
     build_secret,
+    build_security_context,
     choose_namespace,
     label_value,
 )
@@ -234,9 +235,9 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
     def _namespace(self, handle: KernelHandle) -> str:
         ns = str(handle.data.get("namespace") or "")
         if ns:
-            self._namespaces.setdefault(handle.kernel_id, (ns, bool(handle.data.get("owned"))))
+            self._namespaces.setdefault(labelled(handle), (ns, bool(handle.data.get("owned"))))
             return ns
-        return self._where(handle.kernel_id)[0]
+        return self._where(labelled(handle))[0]
 
     def _where(self, kernel_id: str) -> tuple[str, bool]:
         """(namespace, ours) of a kernel: known from its launch, seen by the watch, or the
@@ -249,6 +250,29 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
             return ns, ns.startswith(self.options.namespace_prefix) and \
                 self.options.per_user_namespace
         return self.options.namespace, False
+
+    # -- warm kernels (workers/warm.py) -------------------------------------------------------
+
+    def warm_fits(self, warm: KernelHandle, started_for: LaunchRequest,
+                  req: LaunchRequest) -> str:
+        """A warm pod keeps its namespace, image and securityContext: a request for another
+        (KERNEL_NAMESPACE, KERNEL_IMAGE, KERNEL_UID/KERNEL_GID) starts cold."""
+        try:
+            ns = choose_namespace(req, self.options)[0]
+            image = choose_image(req, self.options)  # type: ignore[arg-type]
+            ctx = build_security_context(req, self.options)
+        except LaunchRejected as exc:
+            return exc.message
+        if ns != warm.data.get("namespace"):
+            return (f"the request's namespace is {ns!r}; warm kernels run in "
+                    f"{warm.data.get('namespace')!r}")
+        if image != warm.data.get("image"):
+            return (f"the request asks for image {image!r}; warm kernels run "
+                    f"{warm.data.get('image')!r}")
+        if ctx != build_security_context(started_for, self.options):
+            return ("the request asks for another user (KERNEL_UID/KERNEL_GID) than warm "
+                    "kernels run as")
+        return ""
 
     # -- EngineLauncher's hooks -------------------------------------------------------------
 
@@ -276,8 +300,8 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
 
     def _pod(self, handle: KernelHandle) -> dict[str, Any] | None:
         """The kernel's pod: from the watch, else read (None where there is none)."""
-        pod = self.watcher.pods.get(handle.kernel_id)
-        name = str(handle.data.get("pod") or resource_name(handle.kernel_id))
+        pod = self.watcher.pods.get(labelled(handle))
+        name = str(handle.data.get("pod") or resource_name(labelled(handle)))
         if pod is not None and pod["metadata"]["name"] == name:
             return pod
         k8s = kubernetes_module()
@@ -318,7 +342,7 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
 
     def timeout_reason(self, handle: KernelHandle, last: str) -> str:
         """The pod's warning events (FailedScheduling, BackOff, ...): why it is still Pending."""
-        name = str(handle.data.get("pod") or resource_name(handle.kernel_id))
+        name = str(handle.data.get("pod") or resource_name(labelled(handle)))
         events = self.client.list_namespaced_event(
             self._namespace(handle), field_selector=f"involvedObject.name={name}").items
         warnings = [f"{e.reason}: {e.message}" for e in events if e.type == "Warning"]
@@ -350,17 +374,17 @@ class KubernetesLauncher(UserNamespaces, EngineLauncher):
         other kernel is in it or being launched into it. Not on a launch's own clean-up of an
         earlier try (remove_labelled), which would delete the namespace it is about to use."""
         ns = self._namespace(handle)
-        ours = self._where(handle.kernel_id)[1]
+        ours = self._where(labelled(handle))[1]
         try:
             super().stop(handle, grace)
             if ours:
                 with self.errors(f"kernel {handle.kernel_id}"):
                     self._remove_namespace_if_empty(ns)
         finally:
-            self._namespaces.pop(handle.kernel_id, None)
+            self._namespaces.pop(labelled(handle), None)
 
     def logs(self, handle: KernelHandle) -> str:
-        name = str(handle.data.get("pod") or resource_name(handle.kernel_id))
+        name = str(handle.data.get("pod") or resource_name(labelled(handle)))
         try:
             return str(self.client.read_namespaced_pod_log(name, self._namespace(handle),
                                                            tail_lines=40))
