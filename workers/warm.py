@@ -1,6 +1,8 @@
 """Warm kernels: a pool option that keeps N started kernels per kernelspec ready on each worker,
-so a launch hands one over instead of starting a process (``local`` and ``ssh`` pools; on ssh
-they are placed on the pool's hosts as any kernel is, and each holds a place there).
+so a launch hands one over instead of starting a process (``local``, ``ssh``, ``docker``,
+``docker-swarm`` and ``kubernetes`` pools, config.WARM_LAUNCHERS; on ssh they are placed on the
+pool's hosts as any kernel is, and each holds a place there; a container, service or pod keeps its
+warm id label, which stop() finds in the handle's ``data.labelled``).
 
 At handover the request's env (``KERNEL_*`` and allow-listed names, plus ``KERNEL_ID``) is set in
 the kernel's ``os.environ`` and ``KERNEL_WORKING_DIR`` becomes its working directory, by a silent
@@ -8,7 +10,7 @@ execute_request. What only applies at process start cannot be handed over: the p
 environment as other programs see it (``/proc/<pid>/environ``), the kernelspec's argv, resources
 (``cpus``, ``memory``, ``gpus``, an image), the host and the remote user. A request whose
 resources differ from the warm kernel's, or that its launcher says the warm kernel cannot serve
-(``Launcher.warm_fits``: another ssh user), starts cold, and its timing says why
+(``Launcher.warm_fits``: another ssh user, image, namespace), starts cold, and its timing says why
 (``timing.warm: false``, ``timing.cold_because``). A restart starts a fresh process with the
 request's env, like any other kernel.
 
