@@ -164,6 +164,7 @@ def test_restart_of_a_handed_over_kernel_is_a_fresh_process(stack: Stack) -> Non
         ch.close()
         pid, found, env_kid, extra = res.stdout.split()
         assert int(pid) != warm["data"]["pid"] and (found, env_kid, extra) == ("1", kid, "y")
+        assert "warm" not in gw.get(f"/api/kernels/{kid}").json()["poolgate"]["timing"]
     finally:
         gw.shutdown(kid)
 
