@@ -104,3 +104,23 @@ def test_a_cold_launch_on_a_full_worker_takes_a_warm_kernels_slot() -> None:
     assert ws.take("p", request(resources={"cpus": 1}))[0] is None
     assert rt.the_launcher.stopped == ["warm-1"] and ws.counts() == {"p/py": 0}
     assert rt.registry.forgotten == ["warm-1"]
+
+
+def test_a_warm_kernel_that_fails_its_hand_over_is_stopped_and_the_launch_starts_cold() -> None:
+    import socket
+
+    from poolgate.workers.protocol import ConnectionInfo
+    from poolgate.workers.warm import hand_over
+
+    with socket.socket() as s:  # a port nothing listens on: the kernel is gone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn = ConnectionInfo.from_dict({"ip": "127.0.0.1", "key": "k", "transport": "tcp",
+                                     **{f"{c}_port": port for c in ("shell", "iopub", "stdin",
+                                                                    "control", "hb")}})
+    launcher = FakeLauncher()
+    handle, note = hand_over(launcher, KernelHandle("k1", "p", connection=conn),  # type: ignore[arg-type]
+                             request(), timeout=0.3)
+    assert handle is None and launcher.stopped == ["k1"]
+    assert note["warm"] is False and note["cold_because"].startswith(
+        "the warm kernel failed its hand-over (the warm kernel did not answer)")
