@@ -136,6 +136,8 @@ class WarmSet:
         self.ready: dict[str, list[Warm]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._starting: dict[str, Warm] = {}  # being started now, by warm id
+        self._thread: threading.Thread | None = None
         self.wanted = {(pool, spec): n for pool in runtime.pools
                        for spec, n in runtime.config.pools[pool].warm.items() if n > 0}
 
@@ -211,7 +213,8 @@ class WarmSet:
 
     def start(self) -> None:
         if self.wanted:
-            threading.Thread(target=self._fill, name="poolgate-warm", daemon=True).start()
+            self._thread = threading.Thread(target=self._fill, name="poolgate-warm", daemon=True)
+            self._thread.start()
 
     def _fill(self) -> None:
         checked = time.monotonic()
@@ -272,14 +275,19 @@ class WarmSet:
         try:
             for handle in launcher.launch(req):
                 self.rt.registry.record_warm(self.rt.name, handle.kernel_id, handle.to_dict())
+                with self._lock:  # stop_all() stops it if the worker stops meanwhile
+                    self._starting[req.kernel_id] = Warm(handle, req)
             assert handle is not None and handle.connection is not None
         except Exception:
+            with self._lock:
+                self._starting.pop(req.kernel_id, None)
             log.warning("Pool %s: could not start a warm %s kernel", pool, spec_name, exc_info=True)
             self._discard(Warm(handle or KernelHandle(req.kernel_id, pool), req))
             self.rt.shutting_down.wait(5)
             return
         warm = Warm(handle, req, rss=kernel_rss(handle))
         with self._lock:
+            self._starting.pop(req.kernel_id, None)
             keep = not self.rt.shutting_down.is_set()
             if keep:
                 self.ready.setdefault(key, []).append(warm)
@@ -291,12 +299,20 @@ class WarmSet:
                  f"{warm.rss / 2**20:.0f} MiB" if warm.rss is not None else "RSS unknown")
         self.rt.beat()
 
-    def stop_all(self) -> None:
+    def stop_all(self, wait: float = 15.0) -> None:
+        """Stop the ready warm kernels and the one being started; called when the worker stops
+        (after ``shutting_down`` is set), which waits up to ``wait`` seconds for a start under
+        way to end, so that none is left running after the worker."""
         with self._lock:
             warms = [w for ws in self.ready.values() for w in ws]
+            warms += self._starting.values()
             self.ready.clear()
+            self._starting.clear()
         for w in warms:
             self._discard(w)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait)  # its start, if one was under way, ends and stops what it made
 
 
 def reap_warm(runtime: WorkerHost) -> int:
