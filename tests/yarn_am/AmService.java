@@ -195,7 +195,7 @@ public class AmService {
           ApplicationAttemptId id = ApplicationAttemptId.fromString(w[1]);
           AMRMTokenIdentifier ident = new AMRMTokenIdentifier(id, 1);
           boolean bad = w.length > 4 && w[4].equals("bad");
-          if (!bad) secrets.known.put(w[1], true);
+          secrets.known.put(w[1], true);  // bad: a known attempt, a forged password
           byte[] password = bad ? secrets.forgedPassword(ident) : secrets.createPassword(ident);
           Token<AMRMTokenIdentifier> token = new Token<>(ident.getBytes(), password,
               ident.getKind(), new Text("127.0.0.1:" + port));
