@@ -128,6 +128,7 @@ class FakeResourceManager:
         self.kill_delay = kill_delay
         self.require_user = require_user
         self.am_expiry = am_expiry
+        self.forge_tokens = False     # True: AMRMTokens with a password from another key
         # A standby launches nothing, so it needs no AM service.
         self.am = am_service if am_service is not None or active is not None else \
             shared_service()
@@ -253,7 +254,7 @@ class FakeResourceManager:
                           for k, v in app.env.items() if k not in nm)
         if self.am is not None:  # the NodeManager localizes the container's tokens
             tokens = work / "container_tokens"
-            self.am.mint(app.attempt, tokens)
+            self.am.mint(app.attempt, tokens, bad=self.forge_tokens)
             env["HADOOP_TOKEN_FILE_LOCATION"] = str(tokens)
         app.log_dir = str(log_dir)
         app.proc = subprocess.Popen(["bash", "-c", exports + command], env=env, cwd=work,
@@ -269,7 +270,10 @@ class FakeResourceManager:
             self.am.revoke(app.attempt)  # the RM forgets an attempt it ended
 
     def _signal(self, app: App, signum: int) -> None:
-        if app.proc is not None and app.proc.poll() is None:
+        """Signal the container's process group, as a NodeManager does, even when its first
+        process (bash) has gone: what it started may live on (a stopped AM does)."""
+        if app.proc is not None:
+            # Linux gives no new process a pid that still names a live process group.
             try:
                 os.killpg(app.proc.pid, signum)
             except ProcessLookupError:
