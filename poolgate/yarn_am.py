@@ -392,9 +392,9 @@ class RpcConnection:
         digest = DigestMD5(base64.b64encode(self.token.identifier).decode(),
                            base64.b64encode(self.token.password).decode(),
                            first_bytes(chosen, 3).decode(), first_bytes(chosen, 4).decode())
-        # The INITIATE names the chosen auth without its challenge, as SaslRpcClient does.
-        auth = b"".join(field_bytes(n, first_bytes(chosen, n)) for n in (1, 2, 3, 4))
-        reply = self._sasl(2, digest.respond(first_bytes(chosen, 5)), auth)
+        # The INITIATE names the chosen auth (without the challenge: the server made it).
+        initiate = b"".join(field_bytes(n, first_bytes(chosen, n)) for n in (1, 2, 3, 4))
+        reply = self._sasl(2, digest.respond(first_bytes(chosen, 5)), initiate)
         while first_int(reply, 2) == 3:  # CHALLENGE
             reply = self._sasl(4, digest.respond(first_bytes(reply, 3)))
         state = first_int(reply, 2)
