@@ -57,6 +57,10 @@ class AMError(Exception):
     """The RM refused, or could not be reached; ``str()`` says which and why."""
 
 
+class AMConnectionError(AMError):
+    """The connection broke (or never opened): a new one may do better."""
+
+
 # -- protobuf, by hand -----------------------------------------------------------------------
 
 
@@ -319,7 +323,8 @@ class RpcConnection:
         try:
             self.sock = socket.create_connection(address, timeout=timeout)
         except OSError as exc:
-            raise AMError(f"cannot reach the RM's scheduler at {where}: {exc}") from None
+            raise AMConnectionError(f"cannot reach the RM's scheduler at {where}: {exc}") \
+                from None
         try:
             self.sock.sendall(b"hrpc" + bytes([9, 0, SASL_CALL_ID & 0xFF]))
             self._authenticate()
@@ -327,7 +332,8 @@ class RpcConnection:
                        field_bytes(3, PROTOCOL))  # IpcConnectionContextProto: no user (TOKEN)
         except (OSError, ValueError) as exc:
             self.close()
-            raise AMError(f"the RM's scheduler at {where} broke the connection: {exc}") from None
+            raise AMConnectionError(f"the RM's scheduler at {where} broke the connection: "
+                                    f"{exc}") from None
         except AMError:
             self.close()
             raise
@@ -413,7 +419,8 @@ class RpcConnection:
                 self._send(request_header(call_id, self.client_id, 0), header, request)
                 _, body = self._receive()
             except (OSError, ValueError) as exc:
-                raise AMError(f"{method}: the connection to the RM failed: {exc}") from None
+                raise AMConnectionError(f"{method}: the connection to the RM failed: {exc}") \
+                    from None
             return body
 
 
@@ -484,14 +491,18 @@ class ApplicationMaster:
         return self.conn
 
     def _call(self, method: str, request: bytes) -> bytes:
-        conn = self._connection()
-        try:
-            return conn.call(method, request)
-        except AMError as exc:
-            if "connection" in str(exc):  # a broken socket: the next call reconnects
+        """One call; a broken connection (the server closes idle ones, an HA failover) is
+        opened again and the call sent once more."""
+        for tries_left in (1, 0):
+            conn = self._connection()
+            try:
+                return conn.call(method, request)
+            except AMConnectionError:
                 conn.close()
                 self.conn = None
-            raise
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable")
 
     def register(self, host: str, rpc_port: int = -1, tracking_url: str = "") -> Registration:
         """registerApplicationMaster; AMError with the RM's reason when it refuses."""

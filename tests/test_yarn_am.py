@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 from pathlib import Path
@@ -44,7 +45,10 @@ def test_register_heartbeat_finish(hadoop: HadoopAMService, tmp_path: Path, fmt:
     try:
         reg = am.register("node7", 4567, "http://node7:4567/")
         assert (reg.queue, reg.max_memory_mb, reg.max_vcores) == ("default", 8192, 4)
-        assert [am.allocate(0.5), am.allocate(0.5)] == [0, 0]
+        assert am.allocate(0.5) == 0
+        assert am.conn is not None
+        am.conn.sock.shutdown(socket.SHUT_RDWR)  # as the server does to an idle connection
+        assert am.allocate(0.5) == 0  # on a new connection, the same attempt
         assert am.finish("FAILED", "the kernel exited with status 3")
     finally:
         am.close()
