@@ -544,18 +544,21 @@ class ApplicationMaster:
                     command = self.allocate()
                     failures = 0
                 except AMError as exc:
-                    if "ApplicationAttemptNotFoundException" in str(exc) or \
+                    if "ApplicationMasterNotRegisteredException" in str(exc):
+                        command = AM_RESYNC  # an RM that restarted: "AM should re-register"
+                    elif "ApplicationAttemptNotFoundException" in str(exc) or \
                             "InvalidApplicationMasterRequestException" in str(exc):
                         on_shutdown(f"the RM no longer knows this attempt: {exc}")
                         return
-                    failures += 1
-                    log.warning("AM heartbeat %d failed: %s", failures, exc)
-                    continue
+                    else:
+                        failures += 1
+                        log.warning("AM heartbeat %d failed: %s", failures, exc)
+                        continue
                 if command == AM_SHUTDOWN:
                     on_shutdown("the ResourceManager told the AM to shut down")
                     return
                 if command == AM_RESYNC and self.registered is not None:
-                    log.warning("the ResourceManager asked the AM to resync: registering again")
+                    log.warning("the ResourceManager asked the AM to register again")
                     try:
                         self.register(*self.registered)
                     except AMError as exc:
@@ -577,7 +580,7 @@ class ApplicationMaster:
             self.conn = None
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a manual probe
+def main() -> int:  # pragma: no cover - a manual probe
     """``python -m poolgate.yarn_am``: register, one heartbeat, finish (a smoke test in a
     container with ``HADOOP_TOKEN_FILE_LOCATION``)."""
     logging.basicConfig(level=logging.INFO)

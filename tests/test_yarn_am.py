@@ -97,7 +97,7 @@ def test_calls_out_of_order_get_the_rms_exceptions(hadoop: HadoopAMService,
         am.close()
 
 
-def test_heartbeat_honours_am_shutdown_and_resync(hadoop: HadoopAMService,
+def test_heartbeat_honours_am_shutdown_resync_and_a_lost_registration(hadoop: HadoopAMService,
                                                   tmp_path: Path) -> None:
     att, am = am_for(hadoop, tmp_path, heartbeat=0.1)
     told: list[str] = []
@@ -111,6 +111,11 @@ def test_heartbeat_honours_am_shutdown_and_resync(hadoop: HadoopAMService,
         hadoop.wait_for(lambda e: len(hadoop.of(att, "register")) == 2 and e.get(
             "attempt") == att and e["event"] == "allocate" and e["response_id"] == "1"
             and e["t"] > hadoop.of(att, "register")[1]["t"])
+        assert told == []
+        # An RM that lost the registration (a restart) answers ApplicationMasterNotRegistered:
+        # the AM registers again.
+        hadoop.command(f"FORGET {att}")
+        hadoop.wait_for(lambda e: len(hadoop.of(att, "register")) == 3, timeout=30)
         assert told == []
         hadoop.order(att, "SHUTDOWN")
         assert done.wait(30)

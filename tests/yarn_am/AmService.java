@@ -7,6 +7,7 @@
 //   stdin:  MINT <attempt> <path> <writable|protobuf> [bad]   (bad: a password from another key)
 //           SHUTDOWN <attempt> | RESYNC <attempt>              (the next allocate's AM command)
 //           REVOKE <attempt>                                   (its token is refused from now)
+//           FORGET <attempt>                                   (its registration is lost)
 //   stdout: JSON objects: {"event": "ready", "port": N}, {"event": "ok", "cmd": ...},
 //           {"event": "register"|"allocate"|"finish"|"refused"|"error", "attempt": ..., ...}
 import java.io.BufferedReader;
@@ -208,6 +209,8 @@ public class AmService {
         } else if (w[0].equals("SHUTDOWN") || w[0].equals("RESYNC")) {
           attempts.computeIfAbsent(w[1], k -> new Attempt()).next =
               w[0].equals("SHUTDOWN") ? AMCommand.AM_SHUTDOWN : AMCommand.AM_RESYNC;
+        } else if (w[0].equals("FORGET")) {  // as an RM that restarted: registrations lost
+          attempts.remove(w[1]);
         } else if (w[0].equals("REVOKE")) {
           secrets.known.remove(w[1]);
           attempts.remove(w[1]);

@@ -318,8 +318,9 @@ def test_the_kernel_launcher_is_the_applications_am(rm: FakeResourceManager,
             assert f"kernel {handle.kernel_id} exited with status {code}" in why
             finish = rm.am.of(app.attempt, "finish")
             assert [e["final_status"] for e in finish] == [final]
-            yl.stop(handle, grace=2)
-        assert rm.live() == []
+            yl.stop(handle, grace=2)  # a FINISHED application: nothing left to kill
+            assert app.history[-1] == "FINISHED"
+        wait_until(lambda: rm.live() == [])  # the AM containers exit after unregistering
     finally:
         yl.close()
 
