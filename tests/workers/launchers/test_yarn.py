@@ -109,6 +109,14 @@ def test_an_am_that_dies_fails_with_its_final_status(rm: FakeResourceManager,
         assert "ended FAILED (final status FAILED)" in msg and "exitCode: 137" in msg
         with pytest.raises(LaunchRejected, match="the kernel launcher reports"):
             run(yl, request(argv=("bash", "-c", "echo no such module >&2; exit 3")))
+        # Registered before the kernel started, its AM unregistered FAILED with the reason.
+        last = max(rm.apps.values(), key=lambda a: a.id)
+        assert rm.am is not None
+        fin = rm.am.wait_for(lambda e: e.get("attempt") == last.attempt
+                             and e["event"] == "finish")
+        assert fin["final_status"] == "FAILED"
+        assert "exited with status 3 while starting" in fin["diagnostics"]
+        assert "no such module" in fin["diagnostics"]
         with pytest.raises(LaunchRejected, match="unknown queue: nope"):
             yl2 = launcher(rm.url, tmp_path, queue="nope")
             try:
