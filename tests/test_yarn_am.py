@@ -42,6 +42,7 @@ def test_register_heartbeat_finish(hadoop: HadoopAMService, tmp_path: Path, fmt:
     att, am = am_for(hadoop, tmp_path, fmt)
     assert am.token.kind == "YARN_AM_RM_TOKEN"
     assert am.addresses == [("127.0.0.1", hadoop.port)]  # the token's service
+    failed, succeeded = hadoop.auth_counts()
     try:
         reg = am.register("node7", 4567, "http://node7:4567/")
         assert (reg.queue, reg.max_memory_mb, reg.max_vcores) == ("default", 8192, 4)
@@ -53,6 +54,7 @@ def test_register_heartbeat_finish(hadoop: HadoopAMService, tmp_path: Path, fmt:
     finally:
         am.close()
     hadoop.wait_for(lambda e: e.get("attempt") == att and e["event"] == "finish")
+    assert hadoop.auth_counts() == (failed, succeeded + 2)  # SASL each time it connected
     seen = [(e["event"], e.get("response_id")) for e in hadoop.of(att)]
     assert seen == [("register", None), ("allocate", "0"), ("allocate", "1"), ("finish", None)]
     reg_event, fin = hadoop.of(att, "register")[0], hadoop.of(att, "finish")[0]
@@ -65,11 +67,13 @@ def test_register_heartbeat_finish(hadoop: HadoopAMService, tmp_path: Path, fmt:
 def test_a_token_with_the_wrong_password_is_refused(hadoop: HadoopAMService,
                                                     tmp_path: Path) -> None:
     att, am = am_for(hadoop, tmp_path, bad=True)
+    failed, succeeded = hadoop.auth_counts()
     with pytest.raises(AMError) as info:
         am.register("node7")
     am.close()
-    # The server's own words: SASL's DIGEST-MD5 comparison failed.
+    # The server's own words: SASL's DIGEST-MD5 comparison failed; and its own count of it.
     assert "SaslException" in str(info.value) and "DIGEST-MD5" in str(info.value), info.value
+    assert hadoop.auth_counts() == (failed + 1, succeeded)
     assert hadoop.of(att) == []
 
 

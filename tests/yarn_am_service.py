@@ -158,6 +158,11 @@ class HadoopAMService:
     def revoke(self, attempt: str) -> None:
         self.command(f"REVOKE {attempt}")
 
+    def auth_counts(self) -> tuple[int, int]:
+        """(failed, succeeded) SASL authentications, as Hadoop's RpcMetrics count them."""
+        ack = self.command("STATS")
+        return int(ack["auth_failures"]), int(ack["auth_successes"])
+
     def of(self, attempt: str, event: str = "") -> list[Event]:
         with self._cond:
             return [e for e in self.events if e.get("attempt") == attempt

@@ -8,6 +8,7 @@
 //           SHUTDOWN <attempt> | RESYNC <attempt>              (the next allocate's AM command)
 //           REVOKE <attempt>                                   (its token is refused from now)
 //           FORGET <attempt>                                   (its registration is lost)
+//           STATS       (the server's own counts of SASL authentications that failed/succeeded)
 //   stdout: JSON objects: {"event": "ready", "port": N}, {"event": "ok", "cmd": ...},
 //           {"event": "register"|"allocate"|"finish"|"refused"|"error", "attempt": ..., ...}
 import java.io.BufferedReader;
@@ -178,6 +179,13 @@ public class AmService {
     }
   }
 
+  static String counter(Server server, String name) throws Exception {
+    java.lang.reflect.Field f = server.getRpcMetrics().getClass().getDeclaredField(name);
+    f.setAccessible(true);
+    return String.valueOf(((org.apache.hadoop.metrics2.lib.MutableCounterLong) f.get(
+        server.getRpcMetrics())).value());
+  }
+
   public static void main(String[] args) throws Exception {
     Secrets secrets = new Secrets();
     Configuration conf = new Configuration();
@@ -192,6 +200,12 @@ public class AmService {
     for (String line; (line = in.readLine()) != null; ) {
       String[] w = line.trim().split("\\s+");
       try {
+        if (w[0].equals("STATS")) {  // Hadoop's RpcMetrics counters (package-private fields)
+          say("ok", null, "cmd", "STATS",
+              "auth_failures", counter(server, "rpcAuthenticationFailures"),
+              "auth_successes", counter(server, "rpcAuthenticationSuccesses"));
+          continue;
+        }
         if (w[0].equals("MINT")) {
           ApplicationAttemptId id = ApplicationAttemptId.fromString(w[1]);
           AMRMTokenIdentifier ident = new AMRMTokenIdentifier(id, 1);
