@@ -12,23 +12,26 @@ module speaks the three calls of ``ApplicationMasterProtocol`` that take:
 - Hadoop RPC v9: the connection header ``hrpc 9 0 -33`` (SASL), frames of a 4-byte length and
   varint-delimited protobuf messages (RpcRequestHeaderProto / RpcResponseHeaderProto, RpcSaslProto,
   IpcConnectionContextProto, RequestHeaderProto);
-- SASL DIGEST-MD5 (RFC 2831, ``qop=auth``) through the TOKEN method: the user name is the
-  token's identifier and the password its password, both base64, as Hadoop's SaslRpcClient does.
+- SASL DIGEST-MD5 (RFC 2831) through the TOKEN method: the user name is the token's identifier
+  and the password its password, both base64, as Hadoop's SaslRpcClient does; with
+  ``hadoop.rpc.protection`` integrity or privacy, its security layer (HMAC-MD5, and RC4 for
+  privacy) over every later message, in SASL WRAP messages.
 
 The rule of this module, as of the kernel launcher that imports it: the standard library only.
 Protobuf is hand-encoded: a varint codec and the few fields used here, by field number, named in
 ``yarn_service_protos.proto``, ``RpcHeader.proto``, ``IpcConnectionContext.proto`` and
-``ProtobufRpcEngine.proto`` of Hadoop 3.3. What it does not do: ``hadoop.rpc.protection``
-integrity or privacy (SASL wrapping; an RM that asks for it is refused with that reason), ask
-for containers (``allocate`` only heartbeats), Kerberos (an AM never needs it).
+``ProtobufRpcEngine.proto`` of Hadoop 3.3. What it does not do: privacy with the DES ciphers
+(an RM offering only 3des/des is refused with that reason), ask for containers (``allocate``
+only heartbeats), Kerberos (an AM never needs it).
 
 Proven against Hadoop's own RPC server and ``Credentials`` class (tests/yarn_am/, compiled
-against pyspark's Hadoop 3.3.4 jars), not yet against a real ResourceManager.
+against pyspark's Hadoop jars), not yet against a real ResourceManager.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -261,45 +264,140 @@ def _hex(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+class RC4:
+    """The RC4 stream cipher: DIGEST-MD5's ``rc4`` privacy cipher (RFC 2831 2.4) is RC4 keyed
+    with the 16-byte sealing key, its stream running on across messages."""
+
+    def __init__(self, key: bytes) -> None:
+        box, j = list(range(256)), 0
+        for i in range(256):
+            j = (j + box[i] + key[i % len(key)]) & 0xFF
+            box[i], box[j] = box[j], box[i]
+        self.box, self.i, self.j = box, 0, 0
+
+    def apply(self, data: bytes) -> bytes:
+        box, i, j, out = self.box, self.i, self.j, bytearray(data)
+        for n in range(len(out)):
+            i = (i + 1) & 0xFF
+            j = (j + box[i]) & 0xFF
+            box[i], box[j] = box[j], box[i]
+            out[n] ^= box[(box[i] + box[j]) & 0xFF]
+        self.i, self.j = i, j
+        return bytes(out)
+
+
+#: qop choices, cheapest first; privacy only with the RC4 ciphers (3des/des need a DES).
+QOPS = ("auth", "auth-int", "auth-conf")
+RC4_KEY_BYTES = {"rc4": 16, "rc4-56": 7, "rc4-40": 5}
+
+
 class DigestMD5:
-    """The client half of DIGEST-MD5 for one token (``qop=auth`` only)."""
+    """The client half of DIGEST-MD5 for one token (RFC 2831), with its security layer.
+
+    ``qop`` is the cheapest the server offers: ``auth`` (Hadoop's ``hadoop.rpc.protection``
+    ``authentication``), else ``auth-int`` (``integrity``: every message carries an HMAC-MD5),
+    else ``auth-conf`` (``privacy``: RC4-encrypted as well). After authentication,
+    :meth:`wrap` and :meth:`unwrap` apply that layer.
+    """
 
     def __init__(self, username: str, password: str, protocol: str, server_id: str) -> None:
         self.username, self.password = username, password
         self.digest_uri = f"{protocol}/{server_id}"
         self.cnonce = base64.b64encode(secrets.token_bytes(24)).decode()
         self.expected_rspauth = ""
+        self.qop, self.cipher, self.maxbuf = "auth", "", 65536
+        self.ha1 = b""
+        self.seq_out = self.seq_in = 0
+        self.ki_out = self.ki_in = b""
+        self.rc4_out: RC4 | None = None
+        self.rc4_in: RC4 | None = None
 
     def respond(self, challenge: bytes) -> bytes:
         d = parse_directives(challenge)
-        qops = [q.strip() for q in d.get("qop", "auth").split(",")]
-        if "auth" not in qops:
-            raise AMError(f"the RM asks for SASL qop {d.get('qop')!r} (hadoop.rpc.protection "
-                          "integrity or privacy); this AM speaks only authentication")
+        offered = [q.strip() for q in d.get("qop", "auth").split(",")]
+        ciphers = [c.strip() for c in d.get("cipher", "").split(",")]
+        usable = [q for q in QOPS if q in offered and (
+            q != "auth-conf" or any(c in RC4_KEY_BYTES for c in ciphers))]
+        if not usable:
+            raise AMError(f"the RM asks for SASL qop {d.get('qop')!r} with ciphers "
+                          f"{d.get('cipher')!r}; this AM speaks auth, auth-int, and auth-conf "
+                          "with rc4 only")
         if d.get("algorithm", "md5-sess") != "md5-sess" or "nonce" not in d:
             raise AMError(f"not a DIGEST-MD5 challenge poolgate understands: {challenge!r}")
+        self.qop = usable[0]
+        self.maxbuf = int(d.get("maxbuf", "65536") or 65536)
         realm, nonce, nc = d.get("realm", ""), d["nonce"], "00000001"
         secret = hashlib.md5(f"{self.username}:{realm}:{self.password}".encode()).digest()
         a1 = secret + f":{nonce}:{self.cnonce}".encode()
-        tail = f"{nonce}:{nc}:{self.cnonce}:auth:"
-        response = _hex(f"{_hex(a1)}:{tail}{_hex(f'AUTHENTICATE:{self.digest_uri}'.encode())}"
+        self.ha1 = hashlib.md5(a1).digest()
+        layer = ":" + "0" * 32 if self.qop != "auth" else ""
+        tail = f"{nonce}:{nc}:{self.cnonce}:{self.qop}:"
+        response = _hex(f"{_hex(a1)}:{tail}{_hex(f'AUTHENTICATE:{self.digest_uri}{layer}'.encode())}"
                         .encode())
-        self.expected_rspauth = _hex(f"{_hex(a1)}:{tail}{_hex(f':{self.digest_uri}'.encode())}"
-                                     .encode())
+        self.expected_rspauth = _hex(
+            f"{_hex(a1)}:{tail}{_hex(f':{self.digest_uri}{layer}'.encode())}".encode())
         parts = [f'username="{self.username}"', f'realm="{realm}"' if realm else "",
                  f'nonce="{nonce}"', f"nc={nc}", f'cnonce="{self.cnonce}"',
                  f'digest-uri="{self.digest_uri}"', "maxbuf=65536", f"response={response}",
-                 "qop=auth"]
+                 f"qop={self.qop}"]
+        if self.qop == "auth-conf":
+            self.cipher = next(c for c in RC4_KEY_BYTES if c in ciphers)
+            parts.append(f"cipher={self.cipher}")
         if d.get("charset") == "utf-8":
             parts.insert(0, "charset=utf-8")
         return ",".join(p for p in parts if p).encode()
 
     def check_rspauth(self, final: bytes) -> None:
-        """The server proves it knows the password too (mutual authentication)."""
+        """The server proves it knows the password too (mutual authentication); then the
+        security layer's keys are made (RFC 2831 2.3 and 2.4)."""
         got = parse_directives(final).get("rspauth", "") if final else ""
         if got != self.expected_rspauth:
             raise AMError("the RM's SASL rspauth does not match: not the RM that minted "
                           "this token")
+        if self.qop == "auth":
+            return
+
+        def key(*parts: bytes) -> bytes:
+            return hashlib.md5(b"".join(parts)).digest()
+
+        self.ki_out = key(self.ha1, b"Digest session key to client-to-server signing key "
+                          b"magic constant")
+        self.ki_in = key(self.ha1, b"Digest session key to server-to-client signing key "
+                         b"magic constant")
+        if self.qop == "auth-conf":
+            n = RC4_KEY_BYTES[self.cipher]
+            self.rc4_out = RC4(key(self.ha1[:n], b"Digest H(A1) to client-to-server sealing "
+                                   b"key magic constant"))
+            self.rc4_in = RC4(key(self.ha1[:n], b"Digest H(A1) to server-to-client sealing "
+                                  b"key magic constant"))
+
+    @property
+    def wraps(self) -> bool:
+        return self.qop != "auth"
+
+    def wrap(self, message: bytes) -> bytes:
+        seq = struct.pack(">I", self.seq_out)
+        self.seq_out += 1
+        mac = hmac.new(self.ki_out, seq + message, hashlib.md5).digest()[:10]
+        body = message + mac
+        if self.rc4_out is not None:
+            body = self.rc4_out.apply(body)
+        return body + b"\x00\x01" + seq
+
+    def unwrap(self, token: bytes) -> bytes:
+        if len(token) < 16 or token[-6:-4] != b"\x00\x01":
+            raise AMError("a malformed SASL-wrapped message from the RM")
+        body, seq = token[:-6], token[-4:]
+        if struct.unpack(">I", seq)[0] != self.seq_in:
+            raise AMError("a SASL-wrapped message from the RM out of sequence")
+        self.seq_in += 1
+        if self.rc4_in is not None:
+            body = self.rc4_in.apply(body)
+        message, mac = body[:-10], body[-10:]
+        if not hmac.compare_digest(
+                mac, hmac.new(self.ki_in, seq + message, hashlib.md5).digest()[:10]):
+            raise AMError("a SASL-wrapped message from the RM failed its integrity check")
+        return message
 
 
 # -- Hadoop RPC v9 ---------------------------------------------------------------------------
@@ -319,6 +417,8 @@ class RpcConnection:
         self.client_id = uuid.uuid4().bytes
         self.call_id = 0
         self.lock = threading.Lock()
+        self.layer: DigestMD5 | None = None  # SASL's integrity/privacy layer, when negotiated
+        self.inbox = b""                     # unwrapped bytes not yet taken as frames
         where = f"{address[0]}:{address[1]}"
         try:
             self.sock = socket.create_connection(address, timeout=timeout)
@@ -346,7 +446,17 @@ class RpcConnection:
 
     def _send(self, header: bytes, *messages: bytes) -> None:
         body = delimited(header) + b"".join(delimited(m) for m in messages)
-        self.sock.sendall(struct.pack(">I", len(body)) + body)
+        frame = struct.pack(">I", len(body)) + body
+        if self.layer is None:
+            self.sock.sendall(frame)
+            return
+        # With integrity or privacy the stream travels in SASL WRAP messages, as Hadoop's
+        # SaslRpcClient.WrappedOutputStream sends it (no more than the server's maxbuf each).
+        step = max(256, self.layer.maxbuf - 64)
+        for at in range(0, len(frame), step):
+            sasl = field_varint(2, 5) + field_bytes(3, self.layer.wrap(frame[at:at + step]))
+            outer = delimited(request_header(SASL_CALL_ID, b"", -1)) + delimited(sasl)
+            self.sock.sendall(struct.pack(">I", len(outer)) + outer)
 
     def _recv_exact(self, n: int) -> bytes:
         buf = b""
@@ -358,11 +468,28 @@ class RpcConnection:
         return buf
 
     def _receive(self) -> tuple[Fields, bytes]:
-        """(RpcResponseHeaderProto fields, the response message) of the next frame."""
-        (size,) = struct.unpack(">I", self._recv_exact(4))
-        if size > MAX_FRAME:
-            raise ValueError(f"a frame of {size} bytes")
-        frame = self._recv_exact(size)
+        """(RpcResponseHeaderProto fields, the response message) of the next frame, unwrapped
+        from SASL WRAP messages when a security layer was negotiated."""
+        while True:
+            if len(self.inbox) >= 4:
+                (size,) = struct.unpack(">I", self.inbox[:4])
+                if len(self.inbox) >= 4 + size:
+                    frame, self.inbox = self.inbox[4:4 + size], self.inbox[4 + size:]
+                    return self._parse(frame)
+            (size,) = struct.unpack(">I", self._recv_exact(4))
+            if size > MAX_FRAME:
+                raise ValueError(f"a frame of {size} bytes")
+            header, body = self._parse(self._recv_exact(size))
+            sasl = decode(body) if self.layer is not None else {}
+            if first_int(header, 1) != SASL_CALL_ID & 0xFFFFFFFF or first_int(sasl, 2) != 5:
+                return header, body
+            assert self.layer is not None
+            self.inbox += self.layer.unwrap(first_bytes(sasl, 3))
+            if len(self.inbox) > MAX_FRAME:
+                raise ValueError("too much wrapped data")
+
+    @staticmethod
+    def _parse(frame: bytes) -> tuple[Fields, bytes]:
         hsize, pos = read_varint(frame, 0)
         header = decode(frame[pos:pos + hsize])
         pos += hsize
@@ -407,6 +534,8 @@ class RpcConnection:
         if state != 0:
             raise AMError(f"SASL ended in state {SASL_STATE.get(state, state)}, not SUCCESS")
         digest.check_rspauth(first_bytes(reply, 3))
+        if digest.wraps:
+            self.layer = digest
 
     def call(self, method: str, request: bytes) -> bytes:
         """One ApplicationMasterProtocol call; its response message, or AMError with the RM's

@@ -157,8 +157,8 @@ def test_digest_md5_matches_rfc_2831s_example() -> None:
     d.check_rspauth(b"rspauth=ea40f60335c427b5527b84dbabcdfffd")
     with pytest.raises(AMError, match="rspauth does not match"):
         d.check_rspauth(b"rspauth=00000000000000000000000000000000")
-    with pytest.raises(AMError, match="integrity or privacy"):
-        d.respond(b'nonce="x",qop="auth-conf",algorithm=md5-sess')
+    with pytest.raises(AMError, match="auth-conf with rc4 only"):
+        d.respond(b'nonce="x",qop="auth-conf",cipher="3des,des",algorithm=md5-sess')
 
 
 def test_varints_round_trip() -> None:
@@ -168,3 +168,30 @@ def test_varints_round_trip() -> None:
     assert yarn_am.zigzag(-33) == 65 and yarn_am.zigzag(3) == 6
     with pytest.raises(ValueError, match="truncated"):
         yarn_am.read_varint(b"\x80", 0)
+
+
+@pytest.mark.parametrize("protection", ["integrity", "privacy"])
+def test_hadoop_rpc_protection_integrity_and_privacy(tmp_path: Path, protection: str) -> None:
+    """A cluster with ``hadoop.rpc.protection`` integrity or privacy: SASL negotiates qop
+    auth-int or auth-conf, and every message after it is HMAC-signed (and RC4-sealed) in SASL
+    WRAP messages, both ways."""
+    hadoop = HadoopAMService(protection).start()
+    try:
+        att, am = am_for(hadoop, tmp_path)
+        try:
+            am.register("node7", 4567, "http://node7:4567/")
+            assert am.conn is not None and am.conn.layer is not None
+            assert am.conn.layer.qop == {"integrity": "auth-int", "privacy": "auth-conf"}[
+                protection]
+            assert am.conn.layer.cipher == ("rc4" if protection == "privacy" else "")
+            for _ in range(3):
+                assert am.allocate() == 0
+            assert am.finish("SUCCEEDED", "d" * 70_000)
+        finally:
+            am.close()
+        fin = hadoop.wait_for(lambda e: e.get("attempt") == att and e["event"] == "finish")
+        assert fin["diagnostics"] == "d" * 4000  # the last 4000 characters, as sent
+        assert [e["event"] for e in hadoop.of(att)] == ["register", "allocate", "allocate",
+                                                        "allocate", "finish"]
+    finally:
+        hadoop.close()

@@ -73,7 +73,8 @@ def compiled() -> Path:
 class HadoopAMService:
     """One JVM running AmService; ``port`` is its scheduler port on 127.0.0.1."""
 
-    def __init__(self, start_timeout: float = 180.0) -> None:
+    def __init__(self, protection: str = "authentication", start_timeout: float = 180.0) -> None:
+        self.protection = protection  # hadoop.rpc.protection: SASL's qop
         self.start_timeout = start_timeout
         self.events: list[Event] = []
         self.listeners: list[Callable[[Event], None]] = []
@@ -88,7 +89,7 @@ class HadoopAMService:
         classes = compiled()
         self.proc = subprocess.Popen(
             ["java", "-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp",
-             f"{classes}{os.pathsep}{hadoop_jars()}/*", "AmService"],
+             f"{classes}{os.pathsep}{hadoop_jars()}/*", "AmService", self.protection],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
             bufsize=1)
         threading.Thread(target=self._read, daemon=True, name="yarn-am-events").start()

@@ -1,5 +1,7 @@
 // Hadoop's own ApplicationMasterProtocol server, for poolgate's tests (tests/yarn_am_service.py).
 //
+// Usage: java AmService [authentication|integrity|privacy]   (hadoop.rpc.protection)
+//
 // Runs org.apache.hadoop.ipc.Server through YarnRPC (HadoopYarnProtoRPC, ProtobufRpcEngine2)
 // with TOKEN authentication only, as the ResourceManager's ApplicationMasterService does, and a
 // secret manager for AMRMTokenIdentifier. Mints AMRMTokens and writes them with Hadoop's own
@@ -191,6 +193,8 @@ public class AmService {
     Configuration conf = new Configuration();
     // As ApplicationMasterService: the AM protocol takes AMRMTokens only, secure cluster or not.
     conf.set("hadoop.security.authentication", "TOKEN");
+    // authentication (the default), integrity or privacy: SASL's qop, as on the cluster.
+    conf.set("hadoop.rpc.protection", args.length > 0 ? args[0] : "authentication");
     Server server = YarnRPC.create(conf).getServer(ApplicationMasterProtocol.class, new Service(),
         new InetSocketAddress("127.0.0.1", 0), conf, secrets, 4);
     server.start();
