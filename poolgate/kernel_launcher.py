@@ -19,9 +19,10 @@ NodeManager ``CONTAINER_ID`` and ``HADOOP_TOKEN_FILE_LOCATION``) it is also the 
 ApplicationMaster (poolgate/yarn_am.py, the one other module it may import): it registers with
 the ResourceManager before it starts the kernel (a refusal fails the launch with the RM's
 reason), heartbeats until the kernel ends, and then unregisters with SUCCEEDED (the kernel
-exited 0) or FAILED (any other status, with the tail of its output), so the application ends
-FINISHED with that final status. An AM_SHUTDOWN from the RM ends the kernel; a SIGTERM (the
-NodeManager killing the container) ends it without unregistering, as the RM asked for that.
+exited 0), KILLED (a signal ended it) or FAILED (any other status, with the tail of its output),
+so the application ends FINISHED with that final status. An AM_SHUTDOWN from the RM ends the
+kernel; a SIGTERM (the NodeManager killing the container) ends it without unregistering, as the
+RM asked for that.
 
 Environment (set by the worker; removed from the kernel's environment):
   POOLGATE_RESPONSE_ADDRESS  host:port where the worker waits for the reply
