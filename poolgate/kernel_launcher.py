@@ -10,8 +10,19 @@ says why. Afterwards it forwards SIGINT/SIGTERM to the kernel, listens (same aut
 for signal commands from workers, and exits with the kernel's exit status.
 
 The rule of this module: the standard library and ``cryptography`` only, and nothing else of
-poolgate, so that any kernel image can carry this one file. The worker's half is
+poolgate but ``poolgate.yarn_am`` (standard library only), imported only in a YARN AM container,
+so that any kernel image can carry this one file. The worker's half is
 ``workers/launchers/reply.py``, which imports the wire format from here.
+
+As a YARN application's AM container (the yarn pool sets ``POOLGATE_YARN_AM=1``, and the
+NodeManager ``CONTAINER_ID`` and ``HADOOP_TOKEN_FILE_LOCATION``) it is also the application's
+ApplicationMaster (poolgate/yarn_am.py, the one other module it may import): it registers with
+the ResourceManager before it starts the kernel (a refusal fails the launch with the RM's
+reason), heartbeats until the kernel ends, and then unregisters with SUCCEEDED (the kernel
+exited 0), KILLED (a signal ended it) or FAILED (any other status, with the tail of its output),
+so the application ends FINISHED with that final status. An AM_SHUTDOWN from the RM ends the
+kernel; a SIGTERM (the NodeManager killing the container) ends it without unregistering, as the
+RM asked for that.
 
 Environment (set by the worker; removed from the kernel's environment):
   POOLGATE_RESPONSE_ADDRESS  host:port where the worker waits for the reply
@@ -19,6 +30,9 @@ Environment (set by the worker; removed from the kernel's environment):
   POOLGATE_RESPONSE_TOKEN    a one-time token the reply must carry
   POOLGATE_LAUNCH_ID         which launch this is (sent in clear, picks the key)
   POOLGATE_KERNEL_ID         the kernel's id
+Read, and left to the kernel:
+  POOLGATE_YARN_AM           1: register as the YARN AM (the yarn pool's REST submissions)
+  POOLGATE_AM_HEARTBEAT      seconds between AM heartbeats (default 10)
 """
 from __future__ import annotations
 
@@ -38,9 +52,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken
+
+if TYPE_CHECKING:
+    from poolgate.yarn_am import ApplicationMaster
 
 log = logging.getLogger("poolgate.kernel_launcher")
 
@@ -256,6 +273,44 @@ class CommandPort:
         return b"ok\n"
 
 
+def register_am(env: dict[str, str], host: str) -> ApplicationMaster:
+    """Register this YARN container as its application's AM (poolgate/yarn_am.py); AMError or
+    ValueError with the reason when it cannot."""
+    from poolgate.yarn_am import ApplicationMaster
+
+    am = ApplicationMaster.from_environment(env)
+    if am is None:
+        raise ValueError("POOLGATE_YARN_AM is set, and this is not a YARN container (no "
+                         "CONTAINER_ID or HADOOP_TOKEN_FILE_LOCATION)")
+    am.register(host)
+    log.info("registered as the YARN ApplicationMaster of %s (heartbeat every %.1fs)",
+             env.get("CONTAINER_ID"), am.heartbeat)
+    return am
+
+
+def finish_am(am: ApplicationMaster, status: str, diagnostics: str) -> None:
+    """Unregister with a final status; an RM that cannot be told is logged, not fatal (the
+    kernel has ended either way, and the RM then fails the attempt itself)."""
+    from poolgate.yarn_am import AMError
+
+    try:
+        if am.finish(status, diagnostics):
+            log.info("unregistered from the ResourceManager: %s", status)
+    except AMError as exc:
+        log.error("could not unregister from the ResourceManager (%s): %s", status, exc)
+    finally:
+        am.close()
+
+
+def kernel_outcome(kernel_id: str, code: int, output: str) -> tuple[str, str]:
+    """(final status, diagnostics) of an AM whose kernel exited with ``code``."""
+    if code == 0:
+        return "SUCCEEDED", f"kernel {kernel_id} exited with status 0"
+    if code < 0:
+        return "KILLED", f"kernel {kernel_id} was killed by signal {-code}"
+    return "FAILED", f"kernel {kernel_id} exited with status {code}:\n{output[-2000:]}"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m poolgate.kernel_launcher",
                                 description="Start a Jupyter kernel and report where it listens "
@@ -289,9 +344,15 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     kernel_id = env.get("POOLGATE_KERNEL_ID", "")
     deadline = time.monotonic() + args.ready_timeout + 30
     base = {"token": token, "kernel_id": kernel_id}
+    am: ApplicationMaster | None = None
+    kernels: list[Kernel] = []
+    am_told: list[str] = []    # why the RM ended the attempt (AM_SHUTDOWN), if it did
+    signalled: list[int] = []  # SIGTERM: the NodeManager stops the container
 
     def fail(why: str, output: str = "") -> int:
         log.error("%s", why)
+        if am is not None:
+            finish_am(am, "FAILED", f"{why}\n{output[-2000:]}".strip())
         answer = send_reply(address, reply_line(launch_id, key, {**base, "ok": False,
                                                                   "error": why, "output": output}),
                             deadline)
@@ -321,14 +382,34 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     fd = os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(connection, f)
+    if env.get("POOLGATE_YARN_AM") == "1":
+        try:
+            am = register_am(env, ip)
+        except Exception as exc:  # AMError, or a broken token file: the launch fails loudly
+            return fail(f"registering as the YARN ApplicationMaster failed: {exc}")
+
+        def shutdown(why: str) -> None:
+            log.warning("%s: stopping the kernel", why)
+            am_told.append(why)
+            for k in kernels:
+                k.signal(signal.SIGTERM)
+                threading.Timer(5.0, k.signal, (signal.SIGKILL,)).start()
+
+        am.start_heartbeat(shutdown)
     kernel_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     kernel_argv = [a.replace("{connection_file}", cfile) for a in args.argv]
     try:
         kernel = Kernel(kernel_argv, kernel_env)
     except OSError as exc:
         return fail(f"could not start {kernel_argv[0]!r}: {exc}")
+    kernels.append(kernel)
+
+    def forward(signum: int, _frame: Any) -> None:
+        signalled.append(signum)
+        kernel.signal(signum)
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, lambda n, _f: kernel.signal(n))
+        signal.signal(signum, forward)
     why = wait_listening(kernel, args.bind_ip, ports, args.ready_timeout)
     if why is not None:
         kernel.signal(signal.SIGKILL)
@@ -345,10 +426,17 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     if answer != "ok":
         log.error("the worker did not take the reply (%s); stopping the kernel", answer)
         kernel.signal(signal.SIGKILL)
+        if am is not None:
+            finish_am(am, "FAILED", f"the worker did not take the kernel's reply: {answer}")
         return 4
     log.info("kernel %s listening on %s ports %s (pid %d)", kernel_id, ip, ports, kernel.proc.pid)
     code = kernel.proc.wait()
     log.info("kernel %s exited with status %d", kernel_id, code)
+    if am is not None:
+        if am_told or signal.SIGTERM in signalled:  # the RM ended it: nothing to tell it
+            am.close()
+        else:
+            finish_am(am, *kernel_outcome(kernel_id, code, kernel.output()))
     return code if code >= 0 else 128 - code
 
 

@@ -17,17 +17,27 @@ What it serves, as Hadoop's RM does (``/ws/v1/cluster``, JSON only):
 Applications go NEW → NEW_SAVING → SUBMITTED → ACCEPTED; an ACCEPTED application whose queue
 has room gets its AM container: the command is REALLY run, with bash, as a local process in
 its own session, with the container's environment (the submitted one plus what a NodeManager
-sets: CONTAINER_ID, LOG_DIRS, LOCAL_DIRS, PWD, USER, and PATH/LANG from its whitelist) and
-``<LOG_DIR>`` replaced by the container's log folder. The application is RUNNING while that
-process lives (a simplification: a real RM waits for the AM to register, see docs/yarn.md).
-When it exits the application FAILS with the exit code in its diagnostics (the AM never
-unregistered); a kill sends SIGTERM to the container's process group, then SIGKILL after
-``kill_delay``. A queue of capacity 0
-keeps its applications ACCEPTED, with the CapacityScheduler's diagnostics. :meth:`expire`
-does what the RM does to an AM that stopped heartbeating.
+sets: CONTAINER_ID, LOG_DIRS, LOCAL_DIRS, PWD, USER, HADOOP_TOKEN_FILE_LOCATION, and PATH/LANG
+from its whitelist) and ``<LOG_DIR>`` replaced by the container's log folder.
+
+The AM side is real Hadoop: the container's credentials file holds an AMRMToken minted by
+Hadoop's own ApplicationMasterProtocol server (tests/yarn_am_service.py, one JVM per test
+process), whose service is that server's address, and the RM learns from it what its AMs do,
+as the real RM's ApplicationMasterService does. So the application stays ACCEPTED ("waiting for
+AM container to Register with RM") until its AM registers over Hadoop RPC, is RUNNING after,
+and ends FINISHED with the final status the AM unregisters with (finishApplicationMaster). An
+AM that exits without unregistering FAILS the application with its exit code; one that has not
+heartbeated (registered or allocated) for ``am_expiry`` seconds since its container started is
+expired (``yarn.am.liveness-monitor.expiry-interval-ms``): the application FAILS with the RM's
+"timed out" diagnostics and the container is killed, as :meth:`expire` does at once. A kill
+sends SIGTERM to the container's process group, then SIGKILL after ``kill_delay``; an attempt
+the RM ended is revoked, so its token no longer authenticates. A queue of capacity 0 keeps its
+applications ACCEPTED, with the CapacityScheduler's diagnostics.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
 import re
@@ -41,11 +51,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.yarn_am_service import Event, HadoopAMService, shared_service
+
 APPS = "/ws/v1/cluster/apps"
 FINAL = ("FINISHED", "FAILED", "KILLED")
 MAX = {"memory": 8192, "vCores": 4}
 NEW_ID = re.compile(r"^application_\d+_\d{4,}$")
 ALWAYS_ENV = ("PATH", "LANG", "HOME", "PYTHONPATH", "VIRTUAL_ENV")  # the NodeManager's whitelist
+_cluster_ids = itertools.count()
 
 
 @dataclass
@@ -69,6 +82,12 @@ class App:
     proc: subprocess.Popen[bytes] | None = None
     log_dir: str = ""
     history: list[str] = field(default_factory=lambda: ["NEW"])
+    last_beat: float = 0.0        # monotonic: container start, then each register/allocate
+    before_kill: str = ""         # the state a kill under way is reported as
+
+    @property
+    def attempt(self) -> str:
+        return self.id.replace("application", "appattempt") + "_000001"
 
     def move(self, state: str) -> None:
         self.state = state
@@ -101,17 +120,25 @@ class FakeResourceManager:
 
     def __init__(self, workdir: Path, queues: dict[str, int] | None = None,
                  active: FakeResourceManager | None = None, kill_delay: float = 0.25,
-                 require_user: bool = False) -> None:
+                 require_user: bool = False, am_expiry: float = 600.0,
+                 am_service: HadoopAMService | None = None) -> None:
         self.workdir = workdir
         self.queues = queues if queues is not None else {"default": 16}
         self.active = active          # set: this RM is a standby that redirects there
         self.kill_delay = kill_delay
         self.require_user = require_user
+        self.am_expiry = am_expiry
+        self.forge_tokens = False     # True: AMRMTokens with a password from another key
+        # A standby launches nothing, so it needs no AM service.
+        self.am = am_service if am_service is not None or active is not None else \
+            shared_service()
+        self._am_events: collections.deque[Event] = collections.deque()
         self.apps: dict[str, App] = {}
         self.issued: set[str] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path?query) as received
         self.lock = threading.RLock()
-        self.cluster_ts = int(time.time() * 1000)
+        # Unique per RM of this process: the AM service is shared, and routes by attempt id.
+        self.cluster_ts = int(time.time() * 1000) + next(_cluster_ids)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._stop = threading.Event()
@@ -119,12 +146,16 @@ class FakeResourceManager:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> FakeResourceManager:
+        if self.am is not None:
+            self.am.listeners.append(self._am_events.append)
         threading.Thread(target=self.server.serve_forever, daemon=True, name="fake-rm").start()
         threading.Thread(target=self._schedule, daemon=True, name="fake-rm-scheduler").start()
         return self
 
     def close(self) -> None:
         self._stop.set()
+        if self.am is not None and self._am_events.append in self.am.listeners:
+            self.am.listeners.remove(self._am_events.append)
         self.server.shutdown()
         self.server.server_close()
         with self.lock:
@@ -142,8 +173,26 @@ class FakeResourceManager:
     def _schedule(self) -> None:
         while not self._stop.wait(0.05):
             with self.lock:
+                while self._am_events:
+                    self._on_am(self._am_events.popleft())
                 for app in list(self.apps.values()):
                     self._step(app)
+
+    def _on_am(self, event: Event) -> None:
+        """What the ApplicationMasterService told: a registration, a heartbeat, an unregister."""
+        app_id = "application_" + str(event.get("attempt", "")).removeprefix(
+            "appattempt_").rsplit("_", 1)[0]
+        app = self.apps.get(app_id)
+        if app is None or app.state in FINAL or app.state == "KILLING":
+            return
+        if event["event"] in ("register", "allocate"):
+            app.last_beat = max(app.last_beat, float(event["t"]))
+        if event["event"] == "register" and app.state == "ACCEPTED":
+            app.move("RUNNING")
+            app.diagnostics = ""
+        elif event["event"] == "finish":
+            self._end(app, "FINISHED", str(event["final_status"]),
+                      str(event.get("diagnostics") or ""))
 
     def _step(self, app: App) -> None:
         nxt = {"NEW": "NEW_SAVING", "NEW_SAVING": "SUBMITTED", "SUBMITTED": "ACCEPTED"}
@@ -154,8 +203,8 @@ class FakeResourceManager:
                           f"{app.user} to unknown queue: {app.queue}")
             return
         if app.state == "ACCEPTED" and app.proc is None:
-            running = sum(1 for a in self.apps.values()
-                          if a.queue == app.queue and a.state == "RUNNING")
+            running = sum(1 for a in self.apps.values() if a.queue == app.queue
+                          and a.proc is not None and a.state not in FINAL)
             if running < self.queues[app.queue]:
                 self._launch(app)
             else:
@@ -167,9 +216,11 @@ class FakeResourceManager:
                     "<memory:0, vCores:0>; " % (time.strftime("%a %b %d %H:%M:%S %z %Y"),
                                                 app.resource["memory"], app.resource["vCores"]))
             return
-        if app.state in ("RUNNING", "KILLING") and app.proc is not None:
+        if app.state in ("ACCEPTED", "RUNNING", "KILLING") and app.proc is not None:
             code = app.proc.poll()
             if code is None:
+                if app.state != "KILLING" and time.monotonic() - app.last_beat > self.am_expiry:
+                    self.expire(app.id)
                 return
             if app.state == "KILLING":
                 self._end(app, "KILLED", "KILLED", "Application killed by user.")
@@ -201,18 +252,28 @@ class FakeResourceManager:
         # export NAME="value" lines ({{NAME}} becoming $NAME), then the command, run by bash.
         exports = "".join('export %s="%s"\n' % (k, re.sub(r"\{\{(\w+)\}\}", r"$\1", v))
                           for k, v in app.env.items() if k not in nm)
+        if self.am is not None:  # the NodeManager localizes the container's tokens
+            tokens = work / "container_tokens"
+            self.am.mint(app.attempt, tokens, bad=self.forge_tokens)
+            env["HADOOP_TOKEN_FILE_LOCATION"] = str(tokens)
         app.log_dir = str(log_dir)
         app.proc = subprocess.Popen(["bash", "-c", exports + command], env=env, cwd=work,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        app.move("RUNNING")
-        app.diagnostics = ""
+        app.last_beat = time.monotonic()  # the liveness monitor starts at the AM's launch
+        app.diagnostics = ("[%s] AM container is launched, waiting for AM container to "
+                           "Register with RM" % time.strftime("%a %b %d %H:%M:%S %z %Y"))
 
     def _end(self, app: App, state: str, final: str, diagnostics: str) -> None:
         app.move(state)
         app.final_status, app.diagnostics, app.finished = final, diagnostics, time.time()
+        if self.am is not None and app.proc is not None and state != "FINISHED":
+            self.am.revoke(app.attempt)  # the RM forgets an attempt it ended
 
     def _signal(self, app: App, signum: int) -> None:
-        if app.proc is not None and app.proc.poll() is None:
+        """Signal the container's process group, as a NodeManager does, even when its first
+        process (bash) has gone: what it started may live on (a stopped AM does)."""
+        if app.proc is not None:
+            # Linux gives no new process a pid that still names a live process group.
             try:
                 os.killpg(app.proc.pid, signum)
             except ProcessLookupError:
@@ -225,7 +286,7 @@ class FakeResourceManager:
         if app.proc is None or app.proc.poll() is not None:
             self._end(app, "KILLED", "KILLED", "Application killed by user.")
             return
-        app.state = "KILLING"  # reported as the state it had; see _state_of
+        app.before_kill, app.state = app.state, "KILLING"  # reported as before; see _state_of
         self._signal(app, signal.SIGTERM)
 
         def hard() -> None:
@@ -352,8 +413,8 @@ class FakeResourceManager:
 
     @staticmethod
     def _state_of(app: App) -> str:
-        """What clients see: a kill under way shows the state before it (RUNNING)."""
-        return "RUNNING" if app.state == "KILLING" else app.state
+        """What clients see: a kill under way shows the state before it."""
+        return app.before_kill if app.state == "KILLING" else app.state
 
     def _submit(self, raw: bytes, user: str) -> tuple[int, Any, dict[str, str]]:
         try:

@@ -13,9 +13,11 @@ still ACCEPTED (waiting for room in its queue) when the launch times out is kill
 error carries the RM's diagnostics; one that ends before its kernel reports fails with its
 final status and diagnostics.
 
-Not tested against a real cluster (see README "YARN pool"): a real RM expects the AM to
-register within ``yarn.am.liveness-monitor.expiry-interval-ms`` (10 minutes by default), which
-the kernel launcher does not do.
+The kernel launcher is also the application's ApplicationMaster (poolgate/yarn_am.py): it
+registers over Hadoop RPC before the kernel starts, heartbeats, and unregisters when the kernel
+ends, so the application is RUNNING only while a kernel lives and ends FINISHED with the
+kernel's outcome. Proven against Hadoop's own RPC server (tests/yarn_am/), not yet against a
+real cluster (docs/yarn.md).
 """
 from __future__ import annotations
 

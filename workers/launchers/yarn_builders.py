@@ -6,8 +6,9 @@ tests compare it with literal dicts.
 
 Every kernel is one YARN application whose ApplicationMaster container runs
 ``python3 -m poolgate.kernel_launcher -- <kernelspec argv>``: the kernel launcher reports where
-the kernel listens through workers/launchers/reply.py, so no AM protocol is spoken and the
-worker needs no route to the NodeManager. Each application carries the tag
+the kernel listens through workers/launchers/reply.py, so the worker needs no route to the
+NodeManager; it also registers with the RM as the application's AM (``POOLGATE_YARN_AM=1``,
+poolgate/yarn_am.py) and heartbeats until the kernel ends. Each application carries the tag
 ``poolgate.kernel_id:<id>`` (YARN lowercases tags; ids are lowercase UUIDs), which is how
 stop() and a restarted worker find it.
 """
@@ -32,6 +33,8 @@ USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")  # a Hadoop user name,
 TAG_MAX = 100                        # YARN refuses longer tags
 #: YARN's own log redirection: the NodeManager replaces <LOG_DIR> with the container's log dir.
 LOG_REDIRECT = "1><LOG_DIR>/stdout 2><LOG_DIR>/stderr"
+#: Tells the kernel launcher it is the application's ApplicationMaster (poolgate/yarn_am.py).
+AM_ENV = "POOLGATE_YARN_AM"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ def build_yarn_app(req: LaunchRequest, new_app: Mapping[str, Any], options: Yarn
     asked = resources(req, options)
     check_capability(asked, new_app, req.pool)
     env = build_env(req, options, reply_env, user)
+    env[AM_ENV] = "1"  # the kernel launcher registers as the AM (spark-submit's: Spark's AM)
     return {
         "application-id": str(new_app["application-id"]),
         "application-name": resource_name(req.kernel_id),

@@ -109,6 +109,14 @@ def test_an_am_that_dies_fails_with_its_final_status(rm: FakeResourceManager,
         assert "ended FAILED (final status FAILED)" in msg and "exitCode: 137" in msg
         with pytest.raises(LaunchRejected, match="the kernel launcher reports"):
             run(yl, request(argv=("bash", "-c", "echo no such module >&2; exit 3")))
+        # Registered before the kernel started, its AM unregistered FAILED with the reason.
+        last = max(rm.apps.values(), key=lambda a: a.id)
+        assert rm.am is not None
+        fin = rm.am.wait_for(lambda e: e.get("attempt") == last.attempt
+                             and e["event"] == "finish")
+        assert fin["final_status"] == "FAILED"
+        assert "exited with status 3 while starting" in fin["diagnostics"]
+        assert "no such module" in fin["diagnostics"]
         with pytest.raises(LaunchRejected, match="unknown queue: nope"):
             yl2 = launcher(rm.url, tmp_path, queue="nope")
             try:
@@ -165,7 +173,8 @@ def test_rm_errors_map_remote_exceptions(rm: FakeResourceManager) -> None:
     deadline = time.monotonic() + 10
     while client.kill(app_id, {}) != "KILLED" and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert rm.apps[app_id].history[-2:] == ["RUNNING", "KILLED"]
+    # `sleep` never registers as the AM: launched, and still ACCEPTED, as a real RM has it
+    assert rm.apps[app_id].history[-2:] == ["ACCEPTED", "KILLED"]
     client.close()
 
 
@@ -253,3 +262,151 @@ def test_spark_submit_mode_submits_through_spark_submit_and_finds_the_app_by_tag
     finally:
         broken.close()
     assert len(rm.apps) == 1
+
+
+# -- the kernel launcher as the application's ApplicationMaster (real Hadoop RPC) ------------
+
+#: A kernel that listens on its five ports until ``flag`` appears, then exits with its content.
+FLAG_KERNEL = (
+    "python", "-c", "import json, os, socket, sys, time\n"
+    "c = json.load(open(sys.argv[1]))\n"
+    "held = [socket.create_server((c['ip'], c[n + '_port'])) for n in "
+    "('shell', 'iopub', 'stdin', 'control', 'hb')]\n"
+    "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.05)\n"
+    "sys.exit(int(open(sys.argv[2]).read()))", "{connection_file}")
+
+
+def am_launcher(rm: FakeResourceManager, tmp_path: Path, heartbeat: float = 0.2) -> YarnLauncher:
+    return launcher(rm.url, tmp_path, env={"PYTHONPATH": ROOT, "POOLGATE_TEST_RUN": RUN_ID,
+                                           "POOLGATE_AM_HEARTBEAT": str(heartbeat)})
+
+
+def wait_until(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def death_of(yl: YarnLauncher, handle: KernelHandle) -> str:
+    """What the launcher's poll says once it sees the kernel gone (it caches a poll briefly)."""
+    said: list[str | None] = [None]
+
+    def dead() -> bool:
+        said[0] = yl.poll(handle)
+        return said[0] is not None
+
+    wait_until(dead)
+    return str(said[0])
+
+
+def test_the_kernel_launcher_is_the_applications_am(rm: FakeResourceManager,
+                                                    tmp_path: Path) -> None:
+    """ACCEPTED until the kernel launcher registers over Hadoop RPC, RUNNING while it
+    heartbeats, then FINISHED with the final status it unregisters with: SUCCEEDED for a
+    kernel that exits 0, FAILED with the exit status and output for one that does not."""
+    assert rm.am is not None
+    yl = am_launcher(rm, tmp_path)
+    try:
+        for code, final in (("0", "SUCCEEDED"), ("3", "FAILED")):
+            flag = tmp_path / f"exit-{code}"
+            handle, _ = run(yl, request(argv=(*FLAG_KERNEL, str(flag))))
+            app = rm.apps[handle.data["app_id"]]
+            assert app.history[3:5] == ["ACCEPTED", "RUNNING"]
+            assert app.env["POOLGATE_YARN_AM"] == "1"
+            reg = rm.am.of(app.attempt, "register")
+            assert [(e["host"], e["rpc_port"]) for e in reg] == [(handle.connection.ip, "-1")]
+            wait_until(lambda: len(rm.am.of(app.attempt, "allocate")) >= 3)  # heartbeats
+            assert app.state == "RUNNING" and yl.poll(handle) is None
+            flag.write_text(code)
+            wait_until(lambda: app.state in ("FINISHED", "FAILED", "KILLED"))
+            assert (app.state, app.final_status) == ("FINISHED", final)
+            why = death_of(yl, handle)
+            assert f"ended FINISHED (final status {final})" in why
+            assert f"kernel {handle.kernel_id} exited with status {code}" in why
+            finish = rm.am.of(app.attempt, "finish")
+            assert [e["final_status"] for e in finish] == [final]
+            yl.stop(handle, grace=2)  # a FINISHED application: nothing left to kill
+            assert app.history[-1] == "FINISHED"
+        wait_until(lambda: rm.live() == [])  # the AM containers exit after unregistering
+    finally:
+        yl.close()
+
+
+def test_a_refused_registration_fails_the_launch_with_the_reason(rm: FakeResourceManager,
+                                                                  tmp_path: Path) -> None:
+    """A token the RM does not accept fails the launch at once with Hadoop's reason, rather
+    than leaving a kernel that the RM kills when the attempt expires."""
+    assert rm.am is not None
+    rm.forge_tokens = True
+    yl = am_launcher(rm, tmp_path)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LaunchRejected) as info:
+            run(yl, request())
+        assert time.monotonic() - t0 < 20
+        msg = info.value.message
+        assert "registering as the YARN ApplicationMaster failed" in msg, msg
+        assert "SaslException" in msg and "DIGEST-MD5" in msg, msg
+        (app,) = rm.apps.values()
+        assert rm.am.of(app.attempt, "register") == []
+        wait_until(lambda: app.state in ("FAILED", "KILLED"))  # its AM exited, or the stop
+        assert "ACCEPTED" in app.history and "RUNNING" not in app.history
+        assert rm.live() == []
+    finally:
+        yl.close()
+
+
+def test_an_am_that_stops_heartbeating_expires(tmp_path: Path) -> None:
+    """The RM's liveness monitor: heartbeats keep an attempt alive past the expiry interval;
+    an AM that stops them (here SIGSTOP) is expired, its application FAILED with the RM's
+    diagnostics, its container killed, and the launcher's poll reports the kernel dead."""
+    rm = FakeResourceManager(tmp_path / "rm", am_expiry=2.0).start()
+    yl = am_launcher(rm, tmp_path, heartbeat=0.2)
+    kernel_pid = 0
+    try:
+        handle, _ = run(yl, request())
+        kernel_pid = int(handle.data["pid"])
+        app = rm.apps[handle.data["app_id"]]
+        assert rm.am is not None and app.proc is not None
+        registered = rm.am.of(app.attempt, "register")[0]["t"]
+        wait_until(lambda: any(e["t"] > registered + 3.0
+                               for e in rm.am.of(app.attempt, "allocate")))
+        assert app.state == "RUNNING"  # well past the 2 s expiry: the heartbeats count
+        am = [p for p in psutil.Process(app.proc.pid).children(recursive=True)
+              if "poolgate.kernel_launcher" in " ".join(p.cmdline())]
+        assert len(am) == 1
+        am[0].suspend()
+        wait_until(lambda: app.state == "FAILED", timeout=20)
+        assert "ApplicationMaster for attempt" in app.diagnostics
+        assert "timed out" in app.diagnostics
+        wait_until(lambda: not am[0].is_running() or am[0].status() == psutil.STATUS_ZOMBIE)
+        why = death_of(yl, handle)
+        assert "ended FAILED" in why and "timed out" in why
+    finally:
+        if kernel_pid:  # the kernel runs in a session of its own: the NodeManager's kill of
+            try:        # its stopped launcher leaves it (docs/yarn.md, known gaps)
+                psutil.Process(kernel_pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        yl.close()
+        rm.close()
+
+
+def test_am_shutdown_from_the_rm_ends_the_kernel(rm: FakeResourceManager,
+                                                 tmp_path: Path) -> None:
+    assert rm.am is not None
+    yl = am_launcher(rm, tmp_path)
+    try:
+        handle, _ = run(yl, request())
+        app = rm.apps[handle.data["app_id"]]
+        kernel = psutil.Process(handle.data["pid"])
+        rm.am.order(app.attempt, "SHUTDOWN")
+        wait_until(lambda: not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE)
+        wait_until(lambda: app.state == "FAILED")  # it ended without unregistering
+        assert rm.am.of(app.attempt, "finish") == []
+        assert "ended FAILED" in death_of(yl, handle)
+        yl.stop(handle, grace=2)
+        assert rm.live() == []
+    finally:
+        yl.close()

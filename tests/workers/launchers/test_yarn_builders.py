@@ -53,7 +53,8 @@ def test_minimal_body() -> None:
                                     "1><LOG_DIR>/stdout 2><LOG_DIR>/stderr"},
             "environment": {"entry": [
                 {"key": "SPEC", "value": "1"}, {"key": "KERNEL_USERNAME", "value": "alice"},
-                {"key": "KERNEL_ID", "value": KID}, *REPLY_ENTRIES]},
+                {"key": "KERNEL_ID", "value": KID}, *REPLY_ENTRIES,
+                {"key": "POOLGATE_YARN_AM", "value": "1"}]},
         },
         "unmanaged-AM": False,
         "max-app-attempts": 1,
@@ -87,7 +88,7 @@ def test_resources_queue_env_and_impersonation() -> None:
                                             "value": "10.0.0.5:40000"},
         {"key": "POOLGATE_RESPONSE_TOKEN", "value": "t"}, {"key": "POOLGATE_LAUNCH_ID",
                                                          "value": "l"},
-        {"key": "POOLGATE_KERNEL_ID", "value": KID}]}
+        {"key": "POOLGATE_KERNEL_ID", "value": KID}, {"key": "POOLGATE_YARN_AM", "value": "1"}]}
 
 
 def test_user_params_per_auth() -> None:
