@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from .. import dask_kernel
 from ..workers import logs, resources
 from ..workers.config import Config, KernelSpec, PoolConfig
 from ..workers.errors import (
@@ -30,7 +31,7 @@ from ..workers.errors import (
     UnknownKernelSpec,
 )
 from ..workers.kernel_socket import KernelSocket
-from ..workers.launchers import k8s_builders
+from ..workers.launchers import k8s_builders, spark_builders
 from ..workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
 from ..workers.reconcile import settle
 from ..workers.registry import WORKER_TTL, KernelRecord, Registry, now_iso
@@ -90,6 +91,19 @@ def check_env_for(env: dict[str, str], pool: PoolConfig) -> None:
             if bad in value:
                 raise BadRequest(f"env.{key}: pool {pool.name!r} ({pool.launcher}) takes no "
                                  f"{bad!r} in an env value")
+
+
+def check_kernel_values(env: dict[str, str], spec: KernelSpec, pool: PoolConfig) -> None:
+    """400 for KERNEL_* values the kernel or the pool's launcher would refuse later, so that a
+    bad value never becomes a failed launch: a Dask kernel's sizes (poolgate.dask_kernel), and
+    for a ``submit: spark-submit`` yarn pool the client's spark-submit options and values Spark
+    would trim (workers/launchers/spark_builders.py)."""
+    if dask_kernel.is_dask_spec(spec.argv, spec.env):
+        why = dask_kernel.client_problem(env, spec.env)
+        if why:
+            raise BadRequest(f"env.{why}")
+    if pool.launcher == "yarn" and pool.options.get("submit") == "spark-submit":
+        spark_builders.admit(env)
 
 
 def launch_timeout(env: dict[str, str], pool: PoolConfig) -> float:
@@ -206,6 +220,7 @@ class KernelService:
         env = validate_env(body.get("env"), self.config.env_allowlist)
         env = access.as_user(env, caller) if caller else env  # the caller owns it, not the body
         check_env_for(env, pool)
+        check_kernel_values(env, spec, pool)
         user = env.get("KERNEL_USERNAME", "")
         self._admit(spec, pool, user)
         asked = resources.admit(pool, spec, env)  # 400 past the pool's per-kernel limits

@@ -25,12 +25,18 @@ The rule of this module: the standard library at import; dask-yarn (``pip instal
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .lazy import lazy_names
 
 TAG = "poolgate.kernel_id:"
+
+
+#: what a client's start request may size, with the least each may be
+CLIENT_COUNTS = (("KERNEL_DASK_WORKERS", "DASK_YARN_WORKERS", 2, 0),
+                 ("KERNEL_DASK_WORKER_VCORES", "DASK_YARN_WORKER_VCORES", 1, 1),
+                 ("KERNEL_DASK_WORKER_MEMORY", "DASK_YARN_WORKER_MEMORY", 2048, 256))
 
 
 def _count(env: Mapping[str, str], name: str, fallback: str, default: int, low: int) -> int:
@@ -44,6 +50,40 @@ def _count(env: Mapping[str, str], name: str, fallback: str, default: int, low: 
     return value
 
 
+def _sizes(env: Mapping[str, str]) -> dict[str, int]:
+    """The workers' count, vcores and memory (MiB), within the spec's maximum."""
+    most = _count(env, "DASK_YARN_MAX_WORKERS", "", 16, 0)
+    sizes = {name: _count(env, name, fallback, default, low)
+             for name, fallback, default, low in CLIENT_COUNTS}
+    if sizes["KERNEL_DASK_WORKERS"] > most:
+        raise ValueError(f"KERNEL_DASK_WORKERS={sizes['KERNEL_DASK_WORKERS']}: this kernelspec "
+                         f"allows at most {most}")
+    return sizes
+
+
+def is_dask_spec(argv: Sequence[str], spec_env: Mapping[str, str]) -> bool:
+    """Whether a kernelspec runs this kernel (its argv names it, or its env sizes Dask)."""
+    return "poolgate.dask_kernel" in argv or any(k.startswith("DASK_YARN_") for k in spec_env)
+
+
+def client_problem(env: Mapping[str, str], spec_env: Mapping[str, str]) -> str | None:
+    """What is wrong with the KERNEL_DASK_* values of a start request (``env``) for a kernel
+    whose spec sets ``spec_env``, or None. The gateway answers it with a 400 before anything
+    is queued; only values the client sent are judged (a spec's own bad DASK_YARN_* values
+    fail the kernel's start, with their reason, as before)."""
+    if not any(env.get(name) for name, *_ in CLIENT_COUNTS):
+        return None
+    try:
+        _count(spec_env, "DASK_YARN_MAX_WORKERS", "", 16, 0)
+    except ValueError:
+        return None  # the operator's mistake: the kernel's start says so
+    try:
+        _sizes({**spec_env, **env})
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def build_dask_cluster_args(env: Mapping[str, str]) -> dict[str, Any]:
     """The keyword arguments of ``dask_yarn.YarnCluster`` for this kernel (ValueError with
     the variable's name for a bad value)."""
@@ -51,19 +91,13 @@ def build_dask_cluster_args(env: Mapping[str, str]) -> dict[str, Any]:
     if not environment:
         raise ValueError("DASK_YARN_ENVIRONMENT: the kernelspec must say which Python the "
                          "workers run (a packed environment or python:///path/to/python)")
-    most = _count(env, "DASK_YARN_MAX_WORKERS", "", 16, 0)
-    workers = _count(env, "KERNEL_DASK_WORKERS", "DASK_YARN_WORKERS", 2, 0)
-    if workers > most:
-        raise ValueError(f"KERNEL_DASK_WORKERS={workers}: this kernelspec allows at most "
-                         f"{most}")
-    memory = _count(env, "KERNEL_DASK_WORKER_MEMORY", "DASK_YARN_WORKER_MEMORY", 2048, 256)
+    sizes = _sizes(env)
     kid = env.get("KERNEL_ID", "")
     args: dict[str, Any] = {
         "environment": environment,
-        "n_workers": workers,
-        "worker_vcores": _count(env, "KERNEL_DASK_WORKER_VCORES", "DASK_YARN_WORKER_VCORES",
-                                1, 1),
-        "worker_memory": f"{memory} MiB",
+        "n_workers": sizes["KERNEL_DASK_WORKERS"],
+        "worker_vcores": sizes["KERNEL_DASK_WORKER_VCORES"],
+        "worker_memory": f"{sizes['KERNEL_DASK_WORKER_MEMORY']} MiB",
         "worker_restarts": -1,
         "deploy_mode": "local",
         "name": f"poolgate-dask-{kid}" if kid else "poolgate-dask",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolgate.dask_kernel import build_dask_cluster_args
+from poolgate.dask_kernel import build_dask_cluster_args, client_problem, is_dask_spec
 
 KID = "3f2a9c1e-8b7d-4e6f-a5b4-c3d2e1f0a9b8"
 SPEC = {"DASK_YARN_ENVIRONMENT": "hdfs:///envs/dask.tar.gz", "KERNEL_ID": KID}
@@ -44,3 +44,19 @@ def test_bad_values_name_their_variable(env: dict[str, str], why: str) -> None:
     with pytest.raises(ValueError) as err:
         build_dask_cluster_args(env)
     assert why in str(err.value)
+
+
+def test_the_gateway_judges_only_what_a_client_sent() -> None:
+    """client_problem is the gateway's check (a 400 at POST /api/kernels): the client's
+    KERNEL_DASK_* values against the spec's maximum; the spec's own values are not its to judge."""
+    spec = {"DASK_YARN_ENVIRONMENT": "python:///usr/bin/python3", "DASK_YARN_MAX_WORKERS": "4"}
+    assert client_problem({}, spec) is None
+    assert client_problem({"KERNEL_DASK_WORKERS": "4"}, spec) is None
+    assert client_problem({"KERNEL_DASK_WORKERS": "5"}, spec) == \
+        "KERNEL_DASK_WORKERS=5: this kernelspec allows at most 4"
+    assert client_problem({"KERNEL_DASK_WORKER_VCORES": "x"}, spec) == \
+        "KERNEL_DASK_WORKER_VCORES='x': expected a whole number"
+    assert client_problem({"KERNEL_DASK_WORKERS": "1"}, {"DASK_YARN_MAX_WORKERS": "lots"}) is None
+    assert is_dask_spec(("python", "-m", "poolgate.dask_kernel", "-f", "{connection_file}"), {})
+    assert is_dask_spec(("bash", "run.sh"), {"DASK_YARN_QUEUE": "q"})
+    assert not is_dask_spec(("python", "-m", "ipykernel_launcher"), {})

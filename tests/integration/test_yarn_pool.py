@@ -417,7 +417,8 @@ def test_dask_kernel_runs_on_yarn_and_its_cluster_is_tagged_with_the_kernel(
         ch.close()
         r = gw.post("/api/kernels", json={"name": "dask-yarn", "env": {
             "KERNEL_USERNAME": "alice", "KERNEL_DASK_WORKERS": "99"}})
-        assert r.status_code == 500, r.text
-        assert "KERNEL_DASK_WORKERS=99: this kernelspec allows at most 16" in r.text
+        assert r.status_code == 400, r.text  # refused by the gateway: nothing queued
+        assert "env.KERNEL_DASK_WORKERS=99: this kernelspec allows at most 16" in r.text
+        assert [k["id"] for k in gw.get("/api/kernels").json()] == [kid]
     finally:
         gw.shutdown(kid)

@@ -13,6 +13,13 @@ command line every user of the worker's host can list.
 Rule: the pool decides where and as whom (master, deploy mode, queue, proxy user, tags, one
 attempt, environment); ``KERNEL_EXTRA_SPARK_OPTS`` may add sizing, dependencies and
 ``--conf`` of other keys, and naming anything the pool decides is a BadRequest.
+
+Spark trims every value it reads from a properties file (Java's ``String.trim``: each
+character up to U+0020 at either end), so a value with such characters at an end would reach
+the kernel changed. No other way of passing the container's environment keeps it off the
+worker's command line, so such a value is refused: a client's (a ``KERNEL_*`` env value) with
+a 400 at the gateway (:func:`admit`, before anything is queued), the pool's or kernelspec's
+with a LaunchRejected that names it.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import BadRequest
+from ..errors import BadRequest, LaunchRejected
 from ..protocol import LaunchRequest
 from .docker_builders import BARE_PYTHON, resource_name
 from .yarn_builders import YarnOptions, build_env, build_tags, resources
@@ -67,6 +74,22 @@ def client_options(raw: str) -> list[str]:
     return words
 
 
+def trimmed(value: str) -> bool:
+    """Whether Spark would change ``value`` reading it from a properties file."""
+    return bool(value) and (value[0] <= " " or value[-1] <= " ")
+
+
+def admit(env: Mapping[str, str]) -> None:
+    """The gateway's check of a start request's env for a ``submit: spark-submit`` pool:
+    a BadRequest for client options it may not pass and for values Spark would trim."""
+    client_options(env.get("KERNEL_EXTRA_SPARK_OPTS", ""))
+    for key, value in env.items():
+        if trimmed(value):
+            raise BadRequest(f"env.{key}: the value starts or ends with whitespace (or a "
+                             "control character), which Spark strips from the properties file "
+                             "that carries the kernel's environment here: remove it")
+
+
 def build_properties(req: LaunchRequest, options: YarnOptions, reply_env: Mapping[str, str],
                      user: str) -> dict[str, str]:
     """The pool's spark_conf, then what poolgate decides: the application's identity,
@@ -80,6 +103,11 @@ def build_properties(req: LaunchRequest, options: YarnOptions, reply_env: Mappin
              "spark.driver.cores": str(asked["vCores"])}
     for key, value in build_env(req, options, reply_env, user).items():
         props[f"spark.yarn.appMasterEnv.{key}"] = value
+    bad = sorted(k for k, v in props.items() if trimmed(v))
+    if bad:  # the client's own values were refused at the gateway: these are the operator's
+        raise LaunchRejected(f"pool {req.pool!r}: Spark would strip the leading or trailing "
+                             f"whitespace of {', '.join(bad)} (from the pool's spark_conf or env, "
+                             "or the kernelspec's env); remove it there")
     return props
 
 

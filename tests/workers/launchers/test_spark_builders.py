@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 
 from poolgate.workers.config import build
-from poolgate.workers.errors import BadRequest, ConfigError
-from poolgate.workers.launchers.spark_builders import build_spark_submit, client_options, properties_text
+from poolgate.workers.errors import BadRequest, ConfigError, LaunchRejected
+from poolgate.workers.launchers.spark_builders import (
+    admit,
+    build_spark_submit,
+    client_options,
+    properties_text,
+    trimmed,
+)
 from poolgate.workers.launchers.yarn_builders import YarnOptions
 from poolgate.workers.protocol import LaunchRequest
 
@@ -131,3 +137,26 @@ def test_spark_reads_the_properties_file_as_written(tmp_path: Path) -> None:
 def test_submit_kind_is_checked_at_load() -> None:
     with pytest.raises(ConfigError, match="submit: expected one of rest, spark-submit"):
         options(submit="spark")
+
+
+@pytest.mark.parametrize("value,cut", [("a b", False), ("", False), (" a", True), ("a\t", True),
+                                       ("\x01a", True), ("a\u00a0", False)])
+def test_trimmed_is_what_javas_trim_takes(value: str, cut: bool) -> None:
+    """Java's String.trim strips U+0000..U+0020 at the ends and nothing else (not U+00A0)."""
+    assert trimmed(value) is cut
+
+
+def test_a_clients_value_spark_would_trim_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="env.KERNEL_NOTE: .*Spark strips"):
+        admit({"KERNEL_USERNAME": "alice", "KERNEL_NOTE": "padded "})
+    with pytest.raises(BadRequest, match="KERNEL_EXTRA_SPARK_OPTS"):
+        admit({"KERNEL_EXTRA_SPARK_OPTS": "--master yarn"})
+    admit({"KERNEL_NOTE": "inner  spaces", "KERNEL_EXTRA_SPARK_OPTS": "--driver-memory 1g"})
+
+
+@pytest.mark.parametrize("where", ["spark_conf", "env"])
+def test_an_operators_value_spark_would_trim_fails_the_launch_by_name(where: str) -> None:
+    key = "spark.poolgate.note" if where == "spark_conf" else "NOTE"
+    with pytest.raises(LaunchRejected, match=f"whitespace of .*{key}"):
+        build_spark_submit(request(), options(**{where: {key: "x "}}), REPLY, "alice",
+                           LAUNCHER, PROPS)
