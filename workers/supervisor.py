@@ -551,6 +551,10 @@ class Supervisor:
         if self.iopub is not None:
             self.iopub.close(linger=0)
         if self.handle is not None:
+            if not self.beating:  # stopped while STARTING: a STOPPING record without a
+                # heartbeat reads as "worker lost" to gateways and the reconciler
+                self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
+                self.beating = True
             self.reg.transition(self.kid, S.STOPPING, pool=self.pool.name)
             try:
                 self._ask_shutdown()
