@@ -146,5 +146,20 @@ def for_worker(fmt: str, broker_url: str = "") -> None:
 
     if fmt == "json":  # Celery's warnings (running as root, say), too, as log lines
         logging.captureWarnings(True)
+        say_as_log()
     after_setup_logger.connect(_apply, weak=False)
     after_setup_task_logger.connect(_apply, weak=False)
+
+
+def say_as_log() -> None:
+    """Celery's worker writes a few lines straight to its stdout, past logging ("worker: Warm
+    shutdown (MainProcess)", "Hitting Ctrl+C again ..."; celery/apps/worker.py ``safe_say``):
+    with JSON logs they become log lines of ``celery.apps.worker``, on the log's stream."""
+    import celery.apps.worker as celery_worker
+
+    said = logging.getLogger("celery.apps.worker")
+
+    def say(msg: str, f: Any = None) -> None:
+        said.warning("%s", msg.strip())
+
+    celery_worker.safe_say = say
