@@ -178,6 +178,12 @@ def serve(args: argparse.Namespace) -> int:
         # one through POOLGATE_DATA_DIR (workers/keyring.py).
         env.update(POOLGATE_BROKER_URL=url, POOLGATE_REGISTRY_URL=url, POOLGATE_DATA_DIR=str(folder))
         config = load_config(cfg_path, environ=env)
+        if not config.registry_secret:  # said once here, not by the gateway and every worker
+            say(f"poolgate: no registry_secret configured: kernel keys are encrypted at rest "
+                f"with the secret generated in {folder / 'secret'}. That is enough on one "
+                f"machine; to add gateways or workers on others, give every process one "
+                f"registry_secret (queues.yaml or POOLGATE_REGISTRY_SECRET; README, Security)")
+            env["POOLGATE_SECRET_SAID"] = "1"
         import json
 
         (folder / "serve.json").write_text(json.dumps({"registry_url": url, "pid": os.getpid(),

@@ -89,7 +89,9 @@ def resolve(configured: Iterable[str], registry_url: str) -> tuple[str, ...]:
         chosen = (local_secret(folder),)
         if registry_url not in _warned:
             _warned.add(registry_url)
-            if is_local(registry_url):
+            if is_local(registry_url) and os.environ.get("POOLGATE_SECRET_SAID"):
+                pass  # poolgate serve said it once for all its processes
+            elif is_local(registry_url):
                 log.info("No registry_secret configured: kernel keys are encrypted with the "
                          "secret generated in %s", folder / "secret")
             else:

@@ -64,6 +64,8 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+    said = ("".join(lines) + out).lower().count("no registry_secret configured")
+    assert said == 1, out  # once, by serve, not by the gateway and each worker
     assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == "zombie"
     assert _children_of(data) == []
 
