@@ -31,6 +31,15 @@ class AppState:
     metrics: Hooks = field(default_factory=Hooks)  # gateway/metrics.py installs GatewayMetrics
     tally: TallyListener | None = None  # the failure and cull tally (gateway/operating.py)
 
+    def close(self) -> None:
+        """Stop the app's background threads: its event and tally listeners and the bridge's.
+        A gateway process never calls it; a test that builds an app in its own process does,
+        or the app would go on counting, beating and listening for the cluster it joined."""
+        self.bridge.stop()
+        self.service.events.stop()
+        if self.tally is not None:
+            self.tally.stop()
+
 
 def install(app: Flask, shared: AppState) -> None:
     """Store ``shared`` as ``app``'s state; called once, by ``create_app``."""

@@ -48,6 +48,7 @@ class Bridge:
         self.instance = uuid.uuid4().hex[:12]
         self.sessions: dict[tuple[str, str], KernelSession] = {}
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # stop(): the threads below end
         self._reaper = threading.Thread(target=self._reap, name="poolgate-sessions", daemon=True)
         self._reaper.start()
         threading.Thread(target=self._record_seen, name="poolgate-seen", daemon=True).start()
@@ -134,13 +135,20 @@ class Bridge:
             sess.close()
         return True
 
+    def stop(self) -> None:
+        """End the bridge's threads (a gateway process never does; an app built in a test's
+        process does, so that it stops beating and reading for the cluster it joined)."""
+        self._stopped.set()
+        self._keeping.set()
+
     def _reap(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             try:  # connection counts held by a gateway without this heartbeat are stale
                 self.registry.gateway_heartbeat(self.instance, 10.0)
             except Exception:
                 log.debug("cannot reach the registry", exc_info=True)
-            time.sleep(2.0)
+            if self._stopped.wait(2.0):
+                return
             now = time.monotonic()
             with self._lock:
                 detached = [s for s in self.sessions.values()
@@ -163,11 +171,11 @@ class Bridge:
         socket buffers and then its high-water mark (1000 messages), past which it drops
         output; so one thread reads them all into the channels' inboxes, which the pump of
         the next client relays first."""
-        while True:
+        while not self._stopped.is_set():
             kept = self._unattended()
             if not kept:
                 self._keeping.clear()  # before the check: a detach after it sets it again
-                if not self._unattended():
+                if not self._unattended() and not self._stopped.is_set():
                     self._keeping.wait(5.0)
                 continue
             try:
@@ -326,7 +334,7 @@ class Bridge:
         """Every SEEN_EVERY, tell other gateways what each client got (one pipeline for all
         sessions), in case this gateway dies: they replay from there
         (gateway/channels/replay.py)."""
-        while True:
+        while not self._stopped.is_set():
             time.sleep(SEEN_EVERY)
             with self._lock:
                 dirty = [s for s in self.sessions.values() if s.seen_dirty]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 import websocket
+from flask import Flask
 
 from tests.client import Gateway
 from tests.conftest import DB_BASE, REDIS, STACKS, Stack, need_redis
@@ -116,8 +118,21 @@ def test_routes_list_is_every_route_of_the_app(token_stack: Stack) -> None:
     every rule, with any method, answers 401 to a client without the token (Flask's test
     client on the same app, same config)."""
     from poolgate.gateway.app import create_app
+    from poolgate.gateway.state import state
 
+    before = set(threading.enumerate())
     app = create_app({"CONFIG_PATH": str(token_stack.config)})
+    try:
+        every_rule_needs_the_token(app)
+    finally:  # its threads would go on beating and counting for the stack's cluster
+        state(app).close()
+        started = set(threading.enumerate()) - before
+        for thread in started:
+            thread.join(10)
+        assert [t.name for t in started if t.is_alive()] == []
+
+
+def every_rule_needs_the_token(app: Flask) -> None:
     rules = {(m, r.rule.replace("<kernel_id>", "{kid}").replace("<sid>", "{sid}")
               .replace("<name>", "python3").replace("<path:filename>", "logo-64x64.png")
               .replace("/api/pools/python3", "/api/pools/local"))
