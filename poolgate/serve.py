@@ -239,6 +239,7 @@ def serve(args: argparse.Namespace) -> int:
         unit.stop("gateway", 10)
         unit.stop("worker", 30)
         unit.stop("redis", 10)
+        say("poolgate: stopped")
 
 
 def _answers(url: str, token: str | None) -> bool:

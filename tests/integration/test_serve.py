@@ -66,6 +66,7 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     said = ("".join(lines) + out).lower().count("no registry_secret configured")
     assert said == 1, out  # once, by serve, not by the gateway and each worker
+    assert out.rstrip().endswith("poolgate: stopped"), out  # says when it is done
     assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == "zombie"
     assert _children_of(data) == []
 
