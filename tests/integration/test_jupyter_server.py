@@ -86,3 +86,12 @@ def test_jupyter_server_sessions(jupyter: Gateway) -> None:
     ch.close()
     ch2.close()
     assert jupyter.delete(f"/api/sessions/{sess['id']}").status_code == 204
+
+
+def test_a_gateway_error_reaches_the_client_with_its_reason(jupyter: Gateway) -> None:
+    """Jupyter Server writes its gateway client's errors as "Error from Gateway: [%s] %s",
+    unformatted; poolgate.lab fills them in, so JupyterLab shows poolgate's reason."""
+    r = jupyter.post("/api/kernels", json={"name": "no-such-spec"})
+    assert r.status_code == 404
+    message = r.json()["message"]
+    assert "%s" not in message and "no kernelspec named 'no-such-spec'" in message, message
