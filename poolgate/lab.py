@@ -66,9 +66,9 @@ def formatted_errors(handler_class: type) -> None:
 
     @functools.wraps(original)
     def write_error(self: Any, status_code: int, **kwargs: Any) -> Any:
-        kind, exc, tb = kwargs.get("exc_info") or (None, None, None)
-        if isinstance(exc, HTTPError) and exc.args:
-            raw = getattr(exc, "_log_message", None) or exc.log_message
+        _, exc, tb = kwargs.get("exc_info") or (None, None, None)
+        raw = getattr(exc, "_log_message", None) or getattr(exc, "log_message", None)
+        if isinstance(exc, HTTPError) and exc.args and isinstance(raw, str):
             try:
                 done = Formatted(exc.status_code, raw % exc.args, exc.reason)
                 kwargs["exc_info"] = (Formatted, done, tb)
