@@ -78,12 +78,16 @@ def lock(folder: Path) -> object:
     """Hold the data folder for this serve's lifetime; a second serve on it stops at once."""
     import fcntl
 
-    handle = open(folder / "serve.lock", "w")
+    handle = open(folder / "serve.lock", "a+")  # not "w": the holder's pid stays readable
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ConfigError(f"another poolgate serve is using {folder}; stop it or pass "
-                          f"--data-dir") from None
+        handle.seek(0)
+        pid = handle.read().strip()
+        handle.close()
+        raise ConfigError(f"another poolgate serve{f' (pid {pid})' if pid else ''} is using "
+                          f"{folder}; stop it or pass --data-dir") from None
+    handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
     return handle

@@ -85,7 +85,7 @@ def test_serve_refuses_a_second_instance_on_the_same_data_dir(tmp_path: Path) ->
                                  str(free_port()), "--data-dir", str(data)], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2
-        assert "another poolgate serve is using" in second.stderr
+        assert f"another poolgate serve (pid {first.pid}) is using {data}" in second.stderr
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
