@@ -22,7 +22,17 @@ from .workers.errors import ConfigError
 
 
 def say(text: str, err: bool = False) -> None:
-    """Print, but never let a closed terminal or pipe stop the shutdown sequence."""
+    """Print, but never let a closed terminal or pipe stop the shutdown sequence. With
+    ``--log-format json`` (the CLI sets POOLGATE_LOG_FORMAT), a line is a JSON log object of
+    logger ``poolgate.serve``, as the lines of the processes serve starts are."""
+    if os.environ.get("POOLGATE_LOG_FORMAT") == "json":
+        import logging
+
+        from .workers.logs import JsonFormatter
+
+        text = JsonFormatter().format(logging.LogRecord(
+            "poolgate.serve", logging.ERROR if err else logging.INFO, __file__, 0, "%s", (text,),
+            None))
     try:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
     except (OSError, ValueError):

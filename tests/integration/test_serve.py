@@ -98,3 +98,34 @@ def test_bad_config_stops_startup_with_the_path(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "pools.local.slotz: unknown key; did you mean 'slots'?" in r.stderr
+
+
+def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
+    """``poolgate serve --log-format json``: its own lines (ready, stopping) are JSON log
+    objects too, as its gateway's and workers' are, from start to Ctrl-C."""
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolgate", "serve", "--port", str(free_port()), "--data-dir",
+         str(tmp_path / "data"), "--log-format", "json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    while "poolgate is ready" not in (line := proc.stdout.readline()):
+        assert line, "".join(lines)
+        lines.append(line)
+    lines.append(line)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    records = []
+    for text in [*lines, *out.splitlines()]:
+        if text.strip():
+            try:
+                records.append(json.loads(text))
+            except ValueError:
+                raise AssertionError(f"not a JSON line: {text!r}") from None
+    said = [r["message"] for r in records if r["logger"] == "poolgate.serve"]
+    assert any(m.startswith("poolgate is ready at") for m in said), said
+    assert said[-1] == "poolgate: stopped", said
