@@ -121,5 +121,5 @@ def test_values_spark_would_trim_are_a_400_on_a_spark_submit_pool(client: FlaskC
 
 
 def test_spark_submit_options_and_inner_spaces_pass(client: FlaskClient) -> None:
-    passed(client, "py-spark", {"KERNEL_EXTRA_SPARK_OPTS": "--driver-memory 1g --conf "
-                                "'spark.poolgate.note=a b'", "KERNEL_NOTE": "a  b"})
+    passed(client, "py-spark", {"KERNEL_EXTRA_SPARK_OPTS": " --driver-memory 1g --conf "
+                                "'spark.poolgate.note=a b' ", "KERNEL_NOTE": "a  b"})

@@ -37,6 +37,7 @@ CLIENT_OPTIONS = frozenset({
     "--conf", "--driver-memory", "--driver-cores", "--executor-memory", "--executor-cores",
     "--num-executors", "--jars", "--packages", "--exclude-packages", "--repositories",
     "--py-files", "--files", "--archives"})
+SPARK_OPTS = "KERNEL_EXTRA_SPARK_OPTS"
 #: configuration keys (and prefixes) only the pool sets
 POOL_KEYS = ("spark.master", "spark.submit.deployMode", "spark.yarn.queue", "spark.yarn.tags",
              "spark.yarn.maxAppAttempts", "spark.yarn.submit.waitAppCompletion",
@@ -84,7 +85,7 @@ def admit(env: Mapping[str, str]) -> None:
     a BadRequest for client options it may not pass and for values Spark would trim."""
     client_options(env.get("KERNEL_EXTRA_SPARK_OPTS", ""))
     for key, value in env.items():
-        if trimmed(value):
+        if trimmed(value) and key != SPARK_OPTS:
             raise BadRequest(f"env.{key}: the value starts or ends with whitespace (or a "
                              "control character), which Spark strips from the properties file "
                              "that carries the kernel's environment here: remove it")
@@ -102,7 +103,8 @@ def build_properties(req: LaunchRequest, options: YarnOptions, reply_env: Mappin
              "spark.driver.memory": f"{asked['memory']}m",
              "spark.driver.cores": str(asked["vCores"])}
     for key, value in build_env(req, options, reply_env, user).items():
-        props[f"spark.yarn.appMasterEnv.{key}"] = value
+        # the options' words are what counts, and spark-submit has them: space around is noise
+        props[f"spark.yarn.appMasterEnv.{key}"] = value.strip() if key == SPARK_OPTS else value
     bad = sorted(k for k, v in props.items() if trimmed(v))
     if bad:  # the client's own values were refused at the gateway: these are the operator's
         raise LaunchRejected(f"pool {req.pool!r}: Spark would strip the leading or trailing "

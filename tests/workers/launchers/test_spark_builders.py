@@ -151,7 +151,11 @@ def test_a_clients_value_spark_would_trim_is_a_bad_request() -> None:
         admit({"KERNEL_USERNAME": "alice", "KERNEL_NOTE": "padded "})
     with pytest.raises(BadRequest, match="KERNEL_EXTRA_SPARK_OPTS"):
         admit({"KERNEL_EXTRA_SPARK_OPTS": "--master yarn"})
-    admit({"KERNEL_NOTE": "inner  spaces", "KERNEL_EXTRA_SPARK_OPTS": "--driver-memory 1g"})
+    admit({"KERNEL_NOTE": "inner  spaces", "KERNEL_EXTRA_SPARK_OPTS": " --driver-memory 1g "})
+    sub = build_spark_submit(request(" --driver-memory 1g "), options(), REPLY, "alice",
+                             LAUNCHER, PROPS)  # the options' own spaces are noise: trimmed
+    assert sub.properties["spark.yarn.appMasterEnv.KERNEL_EXTRA_SPARK_OPTS"] == \
+        "--driver-memory 1g"
 
 
 @pytest.mark.parametrize("where", ["spark_conf", "env"])
