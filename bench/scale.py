@@ -236,15 +236,21 @@ async def interleaved(args: argparse.Namespace, sides: dict[str, tuple[Stack, li
     for r in range(args.rounds):
         for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
             stack, conns = sides[name]
-            cpu0, t0 = usage(stack.gateway_procs())["cpu"], time.monotonic()
+            cpu0, t0 = usage(stack.gateway_procs())["cpu"], time.time()
             times = await Driver.round_trips(conns, args.executes)
-            cpu1, t1 = usage(stack.gateway_procs())["cpu"], time.monotonic()
+            cpu1, t1 = usage(stack.gateway_procs())["cpu"], time.time()
             pooled[name] += times
             per[name].append({**quantiles(times), "executes_per_s": round(len(times) / (t1 - t0), 1),
                               "gateway_cpu_ms_per_execute": round((cpu1 - cpu0) * 1000 / len(times), 3)})
+            if stack.gc_watch:  # the gateways' long collections while this side's round ran
+                gcs = [ms for t, who, ms in stack.gc_pauses()
+                       if t0 <= t <= t1 + 0.5 and who.startswith("gateway")]
+                per[name][-1]["gateway_gc_ms"] = {"count": len(gcs), "max": max(gcs, default=0.0),
+                                                  "total": round(sum(gcs), 1)}
         a, b = per["ten"][-1], per["many"][-1]
         say(f"  round {r + 1}/{args.rounds}: p99 10 live {a['p99_ms']} ms, {args.kernels} live "
-            f"{b['p99_ms']} ms (x{b['p99_ms'] / a['p99_ms']:.2f}); p50 {a['p50_ms']} / {b['p50_ms']} ms")
+            f"{b['p99_ms']} ms (x{b['p99_ms'] / a['p99_ms']:.2f}); p50 {a['p50_ms']} / {b['p50_ms']} ms"
+            + (f"; gateway GC {a['gateway_gc_ms']} / {b['gateway_gc_ms']}" if "gateway_gc_ms" in a else ""))
     out["rt_10_live"] = quantiles(pooled["ten"])
     out["rt_n_live"] = quantiles(pooled["many"])
     out["rt_p99_ratio"] = round(out["rt_n_live"]["p99_ms"] / out["rt_10_live"]["p99_ms"], 2)
@@ -280,10 +286,9 @@ def per_kernel(base: dict[str, Any], full: dict[str, Any], sockets: int, kernels
             "host_rss_kb": d("host", "rss", kernels, 1e3, 1), "host_fds": d("host", "fds", kernels)}
 
 
-async def idle_window(args: argparse.Namespace, stack: Stack, live: int, kernels: int) -> dict[str, Any]:
-    a = snapshot(stack)
-    await asyncio.sleep(args.idle)  # the measured window itself, not a synchronisation
-    b = snapshot(stack)
+def idle_rates(a: dict[str, Any], b: dict[str, Any], live: int, kernels: int) -> dict[str, Any]:
+    """What one stack did between snapshots ``a`` and ``b``, per kernel (per WebSocket for the
+    gateway's CPU)."""
     secs = b["time"] - a["time"]
     idle: dict[str, Any] = {"seconds": round(secs, 1), "kernels": kernels, "websockets": live,
                             "registry_cmds_per_s_per_kernel":
@@ -302,10 +307,40 @@ async def idle_window(args: argparse.Namespace, stack: Stack, live: int, kernels
     return idle
 
 
+async def idle_window(args: argparse.Namespace, many: Stack, ten: Stack, live: int,
+                      kernels: int) -> dict[str, Any]:
+    """``--idle`` seconds with nothing sent, both stacks read at once. Per kernel on the N-live
+    stack, and the difference between the stacks per extra kernel ("marginal"): the processes'
+    own background (Celery's heartbeats and events, beat, pidbox) cancels out there."""
+    a = (snapshot(many), snapshot(ten))
+    await asyncio.sleep(args.idle)  # the measured window itself, not a synchronisation
+    b = (snapshot(many), snapshot(ten))
+    out = idle_rates(a[0], b[0], live, kernels)
+    tens = idle_rates(a[1], b[1], args.active, BASELINE_KERNELS)
+    extra, extra_ws = kernels - BASELINE_KERNELS, live - args.active
+    marginal: dict[str, float] = {}
+    for key in ("worker", "gateway", "maintenance", "host", "broker"):
+        k = f"{key}_cpu_ms_per_s_per_kernel"
+        n_m, n_t = (live, args.active) if key == "gateway" else (kernels, BASELINE_KERNELS)
+        marginal[k] = round((out[k] * n_m - tens[k] * n_t) / (extra_ws if key == "gateway" else extra), 4)
+    for key in ("registry_cmds_per_s_per_kernel", "broker_cmds_per_s_per_kernel"):
+        if key in out:
+            marginal[key] = round((out[key]["total"] * kernels - tens[key]["total"] * BASELINE_KERNELS)
+                                  / extra, 4)
+    if "broker_messages_per_s" in out:
+        for k in ("publish", "deliver_get"):
+            marginal[f"broker_{k}_per_s_per_kernel"] = round(
+                (out["broker_messages_per_s"][k] - tens["broker_messages_per_s"][k]) / extra, 5)
+        out["broker_messages_per_s_10_live"] = tens["broker_messages_per_s"]
+    out["marginal_per_extra_kernel"] = marginal
+    return out
+
+
 async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict[str, Any]:
     n = args.kernels
     many = Stack(folder / "many", n, args.workers, gateways, args.broker)
     ten = Stack(folder / "ten", BASELINE_KERNELS, args.workers, gateways, args.broker)
+    many.gc_watch = ten.gc_watch = args.gc_log
     result: dict[str, Any] = {"kernels": n, "gateways": gateways, "workers": args.workers,
                               "broker": args.broker, "active_clients": args.active,
                               "executes_per_client_per_round": args.executes,
@@ -346,7 +381,7 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
             await interleaved(args, sides, result)
             if args.idle:
                 say(f"  idle window: {args.idle} s")
-                result["idle"] = idle = await idle_window(args, many, sockets, len(dm.kernels))
+                result["idle"] = idle = await idle_window(args, many, ten, sockets, len(dm.kernels))
                 say(f"  idle: {idle['registry_cmds_per_s_per_kernel']['total']} registry cmds/s "
                     f"per kernel, worker CPU {idle['worker_cpu_ms_per_s_per_kernel']} ms/s per "
                     f"kernel, gateway CPU {idle['gateway_cpu_ms_per_s_per_kernel']} ms/s per socket")
@@ -386,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-window", type=float, default=5.0,
                    help="seconds per gateway CPU reading while waiting for the N live to settle")
     p.add_argument("--settle-max", type=float, default=60.0)
+    p.add_argument("--gc-log", action="store_true",
+                   help="log the gateways' and workers' collections of 5 ms or more, and report "
+                        "the gateways' during each round (bench/scale_gcwatch)")
     p.add_argument("--concurrency", type=int, default=50, help="POSTs / WebSocket opens at once")
     p.add_argument("--idle", type=float, default=60, help="idle window in seconds (0: none)")
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")

@@ -41,6 +41,7 @@ class Stack:
         self.slots = slots or -(-kernels // workers) + 16
         self.threads = kernels + 128  # one gateway thread per open WebSocket, and room for REST
         self.broker_kind = broker
+        self.gc_watch = False  # log the gateways' and workers' long collections (scale_gcwatch)
         self.redis: dict[str, ManagedProcess] = {}
         self.ports: dict[str, int] = {}
         self.workers: list[ManagedProcess] = []
@@ -132,7 +133,12 @@ class Stack:
         return path
 
     def _poolgate(self, name: str, *args: str) -> ManagedProcess:
-        proc = ManagedProcess(name, [sys.executable, "-m", "poolgate", *args], self.env,
+        env = self.env
+        if self.gc_watch and name.startswith(("gateway", "worker")):  # long collections logged
+            env = dict(env, POOLGATE_BENCH_GCLOG=str(self.folder / f"gc-{name}.log"),
+                       PYTHONPATH=os.pathsep.join([str(Path(ROOT) / "bench" / "scale_gcwatch"),
+                                                   env["PYTHONPATH"]]))
+        proc = ManagedProcess(name, [sys.executable, "-m", "poolgate", *args], env,
                               self.folder / f"{name}.log", cwd=self.folder)
         proc.start()
         return proc
@@ -203,6 +209,15 @@ class Stack:
 
     def host_procs(self) -> list[psutil.Process]:
         return [p for p in self._procs(self.workers) if _is_host(p)]
+
+    def gc_pauses(self) -> list[tuple[float, str, float]]:
+        """(wall time, process, ms) of each long collection logged so far (``gc_watch``)."""
+        out = []
+        for log in sorted(self.folder.glob("gc-*.log")):
+            for line in log.read_text().splitlines():
+                t, _pid, gen, ms, *_ = line.split()
+                out.append((float(t), f"{log.stem[3:]} {gen}", float(ms.removesuffix("ms"))))
+        return out
 
     def broker_procs(self) -> list[psutil.Process]:
         """The broker's server (Redis, or the private RabbitMQ node's Erlang VM)."""

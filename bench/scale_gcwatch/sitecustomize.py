@@ -1,0 +1,33 @@
+"""Bench only: log this process's long garbage collections (bench/scale.py ``--gc-log``).
+
+Python imports ``sitecustomize`` at start-up from its path; bench/scale_stack.py puts this
+folder first on the path of the processes it watches, with ``POOLGATE_BENCH_GCLOG`` naming the
+file. Each collection of generation 1 or 2 that took at least 5 ms is one line: wall time at its
+end, generation, milliseconds, objects collected, and the objects the collector tracks now.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Any
+
+_PATH = os.environ.get("POOLGATE_BENCH_GCLOG")
+_started = [0.0]
+
+
+def _watch(phase: str, info: dict[str, Any]) -> None:
+    if info.get("generation", 0) < 1:
+        return
+    if phase == "start":
+        _started[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _started[0]) * 1000
+    if ms >= 5 and _PATH:
+        with open(_PATH, "a") as log:
+            log.write(f"{time.time():.3f} {os.getpid()} gen{info['generation']} {ms:.1f}ms "
+                      f"collected={info.get('collected', 0)} tracked={len(gc.get_objects())}\n")
+
+
+if _PATH:
+    gc.callbacks.append(_watch)
