@@ -2,13 +2,24 @@
 queued or orphaned, launches taken in order, on cheap kernels (bench/cheap/).
 
     python -m bench.scale_burst [--launches 1000] [--clients 100] [--workers 4] [--broker redis,amqp]
+    python -m bench.scale_burst --slots 25      # a full pool: 100 slots for 1,000 launches
 
-Per broker, a fresh stack (bench/scale_stack.py, one gateway). ``--clients`` client sessions
-together send ``--launches`` POSTs at once; then, from the registry: launches lost (no 201 and no
-running record), started twice (kernels in the hosts beyond the running records), the order in
-which workers took them against their tickets, the queue wait (taken - queued) p50/p99, and the
-time from the first POST to the last 201. Every kernel is then deleted, and what is left is
-counted: records, queued tickets, kernels still in the hosts.
+Per broker, a fresh stack (bench/scale_stack.py, one gateway; ``amqp`` is a private RabbitMQ
+node). ``--clients`` client sessions together send ``--launches`` POSTs at once; as each 201
+comes, the kernel's record is read (ticket, worker, timing). Reported: launches lost (no 201 and
+no running record), started twice (kernels in the hosts beyond the running records), the queue
+wait (taken - queued) p50/p99, the time from the first POST to the last 201, and the order:
+
+* the gateway gives each launch a ticket and sends it to the broker under the pool's launch
+  lock, so the broker's queue holds the launches in ticket order;
+* ``order.pool``: launches the pool's workers took (the supervisor's ``timing.taken``) before
+  one with an earlier ticket, and by how much at most;
+* ``order.within_each_worker``: the same within each worker.
+
+With ``--slots`` below launches / workers the pool is full: launches wait in the broker's queue,
+each kernel is deleted as soon as its 201 comes, and a slot freed takes the next waiting launch.
+Every kernel is then deleted, and what is left is counted: records, queued tickets, kernels
+still in the hosts (a kernel started twice has no record and stays there: ``orphans_in_hosts``).
 """
 from __future__ import annotations
 
