@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import sys
@@ -376,6 +377,10 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
                                         "fds": full["gateway"]["fds"],
                                         "threads": full["gateway"]["threads"],
                                         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+            # the bench's own heap (2,000 sockets and their readers) out of its full collections:
+            # a pause here would stall whichever side is running
+            gc.collect()
+            gc.freeze()
             result["settle"] = await settle(many, args.settle_window, args.settle_max)
             say(f"  settled after {result['settle']['seconds']} s: gateway "
                 f"{result['settle']['gateway_cores']} cores idle")
