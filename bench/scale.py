@@ -276,7 +276,7 @@ def broker_messages(a: dict[str, Any], b: dict[str, Any], secs: float, n: int) -
 
 def per_kernel(base: dict[str, Any], full: dict[str, Any], sockets: int, kernels: int) -> dict[str, Any]:
     def d(part: str, key: str, n: int, scale: float = 1.0, nd: int = 2) -> float:
-        return round((full[part][key] - base[part][key]) / n / scale, nd)
+        return round(float(full[part][key] - base[part][key]) / n / scale, nd)
     return {"gateway_rss_kb": d("gateway", "rss", sockets, 1e3, 1),
             "gateway_fds": d("gateway", "fds", sockets),
             "gateway_threads": d("gateway", "threads", sockets),
