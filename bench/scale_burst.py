@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="seconds of thread-start jitter not counted as out of order")
     p.add_argument("--json", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = p.parse_args(argv)
     import resource
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -222,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
     finally:
         reap_all()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            say(f"work folder: {work}")
+        else:
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     ok = all(r.get("lost") == 0 and r.get("started_twice") == 0 and r.get("records_left") == 0
