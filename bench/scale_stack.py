@@ -2,7 +2,10 @@
 of cheap kernels (bench/cheap/), the maintenance worker and G gateways, each a ManagedProcess.
 
 The registry and the broker get a Redis server each, so that INFO commandstats counts one
-of them alone; ``--broker amqp`` uses the machine's RabbitMQ instead (a vhost-wide count).
+of them alone. ``--broker amqp`` starts a private RabbitMQ node instead (``rabbitmq-server`` from
+the machine's install, on free loopback ports, its own data folder and Erlang cookie, with the
+management plugin enabled for it alone): its ``/api/overview`` message counts are this stack's
+only, and the machine's RabbitMQ and its plugins are left alone.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from bench.procs import ManagedProcess, free_port
 
 ROOT = str(Path(__file__).resolve().parents[1])
 POOL = "cheap"
+RABBIT_BINARIES = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/local/sbin/rabbitmq-server",
+                   "/opt/rabbitmq/sbin/rabbitmq-server")
 SPEC = {"argv": ["unused", "{connection_file}"], "display_name": "cheap (scale bench)",
         "language": "python", "interrupt_mode": "message", "metadata": {"poolgate": {"pool": POOL}}}
 
@@ -29,11 +34,15 @@ SPEC = {"argv": ["unused", "{connection_file}"], "display_name": "cheap (scale b
 class Stack:
     """Everything one scale run starts, in ``folder``."""
 
-    def __init__(self, folder: Path, kernels: int, workers: int, gateways: int, broker: str) -> None:
+    def __init__(self, folder: Path, kernels: int, workers: int, gateways: int, broker: str,
+                 slots: int | None = None) -> None:
+        """``slots`` per worker: by default room for ``kernels`` and 16 more per worker."""
         self.folder, self.workers_n, self.gateways_n = folder, workers, gateways
-        self.slots = -(-kernels // workers) + 16
+        self.slots = slots or -(-kernels // workers) + 16
         self.threads = kernels + 128  # one gateway thread per open WebSocket, and room for REST
         self.broker_kind = broker
+        self.gc_watch = False  # log the gateways' and workers' long collections (scale_gcwatch)
+        self.gc_freeze = False  # and freeze the gateways' survivors of full collections
         self.redis: dict[str, ManagedProcess] = {}
         self.ports: dict[str, int] = {}
         self.workers: list[ManagedProcess] = []
@@ -67,14 +76,52 @@ class Stack:
         self.redis[name], self.ports[name] = proc, port
         return f"redis://127.0.0.1:{port}/0"
 
+    def _rabbit(self) -> str:
+        """A private RabbitMQ node with the management plugin; returns its AMQP URL."""
+        base = self.folder / "rabbit"
+        for sub in ("mnesia", "log"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        amqp, http, dist = free_port(), free_port(), free_port()
+        (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp}\nmanagement.tcp.ip = 127.0.0.1\n"
+            f"management.tcp.port = {http}\ncollect_statistics_interval = 1000\n")
+        (base / "advanced.config").write_text("[].\n")
+        env = dict(self.env, HOME=str(base), RABBITMQ_NODENAME=f"pgscale{dist}@localhost",
+                   RABBITMQ_DIST_PORT=str(dist), RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
+                   RABBITMQ_LOG_BASE=str(base / "log"),
+                   RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
+                   RABBITMQ_CONFIG_FILE=str(base / "rabbitmq"),
+                   RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
+                   RABBITMQ_PID_FILE=str(base / "pid"))
+        # the packaged /usr/sbin wrapper switches to the rabbitmq user; the real script does not
+        binary = next((b for b in RABBIT_BINARIES if os.path.exists(b)), None)
+        if binary is None:
+            raise RuntimeError(f"--broker amqp needs rabbitmq-server (looked in {RABBIT_BINARIES})")
+        proc = ManagedProcess("rabbit", [binary], env, self.folder / "rabbit.log")
+        proc.start()
+        self.ports["rabbit_http"] = http
+        deadline = time.monotonic() + 90
+        while not self._answers_overview():
+            if time.monotonic() > deadline or proc.exited() is not None:
+                raise RuntimeError(f"rabbitmq-server did not start: {proc.log_tail()}")
+            time.sleep(0.5)
+        self.redis["rabbit"] = proc
+        return f"amqp://guest:guest@127.0.0.1:{amqp}//"
+
+    def _answers_overview(self) -> bool:
+        try:
+            return self.rabbit_overview() is not None
+        except requests.RequestException:
+            return False
+
     def _config(self) -> Path:
         registry = self._redis("registry")
-        broker = (self._redis("broker") if self.broker_kind == "redis"
-                  else "amqp://guest:guest@127.0.0.1:5672//")
+        broker = self._redis("broker") if self.broker_kind == "redis" else self._rabbit()
         specs = self.folder / "specs" / POOL
         specs.mkdir(parents=True, exist_ok=True)
         (specs / "kernel.json").write_text(json.dumps(SPEC))
-        tag = f"scale{os.getpid()}"
+        tag = f"scale{os.getpid()}{self.folder.name}"
         cfg = {"broker_url": broker, "registry_url": registry, "default_pool": POOL,
                "default_kernelspec": POOL, "kernelspec_dirs": [str(specs.parent)],
                "pools": {POOL: {"launcher": "bench.cheap.launcher:CheapLauncher",
@@ -87,7 +134,14 @@ class Stack:
         return path
 
     def _poolgate(self, name: str, *args: str) -> ManagedProcess:
-        proc = ManagedProcess(name, [sys.executable, "-m", "poolgate", *args], self.env,
+        env = self.env
+        if self.gc_watch and name.startswith(("gateway", "worker")):  # long collections logged
+            env = dict(env, POOLGATE_BENCH_GCLOG=str(self.folder / f"gc-{name}.log"),
+                       PYTHONPATH=os.pathsep.join([str(Path(ROOT) / "bench" / "scale_gcwatch"),
+                                                   env["PYTHONPATH"]]))
+            if self.gc_freeze and name.startswith("gateway"):
+                env["POOLGATE_BENCH_GCFREEZE"] = "1"
+        proc = ManagedProcess(name, [sys.executable, "-m", "poolgate", *args], env,
                               self.folder / f"{name}.log", cwd=self.folder)
         proc.start()
         return proc
@@ -98,10 +152,8 @@ class Stack:
             self.workers.append(self._poolgate(
                 f"worker-{i}", "worker", "--config", config, "--pool", POOL, "--slots",
                 str(self.slots), "--name", f"{POOL}-{i}@%h", "--log-level", "warning"))
-        if self.broker_kind == "redis":  # on the machine's RabbitMQ, the maintenance queue
-            # (one name for every poolgate) is shared with other stacks: leave it to them
-            self.others.append(self._poolgate("maintenance", "maintenance", "--config", config,
-                                              "--log-level", "warning"))
+        self.others.append(self._poolgate("maintenance", "maintenance", "--config", config,
+                                          "--log-level", "warning"))
         for i in range(self.gateways_n):
             port = free_port()
             self.gateways.append(self._poolgate(
@@ -139,6 +191,14 @@ class Stack:
     def broker(self) -> redis.Redis | None:
         return redis.Redis(port=self.ports["broker"]) if "broker" in self.ports else None
 
+    def rabbit_overview(self) -> dict[str, Any] | None:
+        """The private RabbitMQ node's /api/overview (None without one)."""
+        if "rabbit_http" not in self.ports:
+            return None
+        r = requests.get(f"http://127.0.0.1:{self.ports['rabbit_http']}/api/overview",
+                         auth=("guest", "guest"), timeout=10)
+        return dict(r.json()) if r.status_code == 200 else None
+
     @staticmethod
     def _procs(group: list[ManagedProcess]) -> list[psutil.Process]:
         return [p for m in group for p in m.tree()]
@@ -152,6 +212,19 @@ class Stack:
 
     def host_procs(self) -> list[psutil.Process]:
         return [p for p in self._procs(self.workers) if _is_host(p)]
+
+    def gc_pauses(self) -> list[tuple[float, str, float]]:
+        """(wall time, process, ms) of each long collection logged so far (``gc_watch``)."""
+        out = []
+        for log in sorted(self.folder.glob("gc-*.log")):
+            for line in log.read_text().splitlines():
+                t, _pid, gen, ms, *_rest = line.split()
+                out.append((float(t), f"{log.stem[3:]} {gen}", float(ms.removesuffix("ms"))))
+        return out
+
+    def broker_procs(self) -> list[psutil.Process]:
+        """The broker's server (Redis, or the private RabbitMQ node's Erlang VM)."""
+        return self._procs([p for k, p in self.redis.items() if k in ("broker", "rabbit")])
 
     def maintenance_procs(self) -> list[psutil.Process]:
         return self._procs(self.others)
