@@ -200,3 +200,59 @@ class KernelConnection:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+class SyncWebSocketConnection:
+    """The same execute over a gateway WebSocket with the synchronous websocket-client library
+    (a second client beside aiohttp), legacy JSON protocol; run it in a thread.
+
+    ``skip_utf8_validation``: websocket-client otherwise checks every text message in pure
+    Python (about a microsecond a byte without the optional wsaccel), which would measure the
+    client; the text is still validated by decoding it to str."""
+
+    def __init__(self, url: str, headers: dict[str, str], session_id: str,
+                 timeout: float) -> None:
+        import websocket  # websocket-client: imported here, only the iopub scenario needs it
+
+        self.session_id = session_id
+        self.ws = websocket.create_connection(
+            url, header=[f"{k}: {v}" for k, v in headers.items()], timeout=timeout,
+            skip_utf8_validation=True, enable_multithread=False)
+
+    def execute(self, code: str, timeout: float) -> ExecResult:
+        """As KernelConnection.execute: execute_reply and status idle; stdout characters."""
+        import websocket
+
+        t0 = time.perf_counter()
+        msg_id = uuid.uuid4().hex
+        header = {"msg_id": msg_id, "msg_type": "execute_request", "session": self.session_id,
+                  "username": "bench", "date": datetime.now(UTC).isoformat(), "version": "5.3"}
+        content = {"code": code, "silent": False, "store_history": False,
+                   "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+        self.ws.send(json.dumps({"channel": "shell", "header": header, "parent_header": {},
+                                 "metadata": {}, "content": content, "buffers": []}))
+        status, stdout, replied, idle = "", 0, False, False
+        deadline = t0 + timeout
+        recv, loads = self.ws.recv, json.loads
+        try:
+            while not (replied and idle) and time.perf_counter() < deadline:
+                data = recv()
+                if not isinstance(data, str):
+                    continue  # binary frames (buffers) carry no stdout
+                msg = loads(data)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind = msg["header"]["msg_type"]
+                body = msg.get("content", {})
+                if kind == "stream" and body.get("name") == "stdout":
+                    stdout += len(body.get("text", ""))
+                elif kind == "execute_reply":
+                    status, replied = str(body.get("status")), True
+                elif kind == "status" and body.get("execution_state") == "idle":
+                    idle = True
+        except websocket.WebSocketTimeoutException:
+            pass
+        return ExecResult(time.perf_counter() - t0, status, stdout, replied and idle)
+
+    def close(self) -> None:
+        self.ws.close()

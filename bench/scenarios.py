@@ -11,12 +11,13 @@ import asyncio
 import math
 import statistics
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
 
-from bench.client import KernelConnection
+from bench.client import ExecResult, KernelConnection, SyncWebSocketConnection
 from bench.config import Sizes
 from bench.procs import is_kernel, rss_mb
 from bench.progress import say
@@ -299,27 +300,66 @@ async def scenario_iopub(target: Target, sizes: Sizes) -> Metrics:
     """3: stdout throughput of one printing cell (1000-byte lines flushed every 250 lines);
     bytes that never arrived count as lost. Then the same kernel's flushed writes of 64 KiB,
     16 KiB and 8 bytes, one iopub message each: messages a second, and the gateway process's
-    own CPU per message (its CPU time over the cell / messages; the kernel's is not in it)."""
+    own CPU per message (its CPU time over the cell / messages; the kernel's is not in it);
+    for a gateway, once with the aiohttp client and once more with websocket-client (``wsc_``
+    keys; the floor has no WebSocket, so its one figure is the floor of both)."""
     lines = max(1, int(sizes.iopub_mb * 1000))
     expected = lines * 1000
     timeout = 60.0 + 1.0 * sizes.iopub_mb
-
-    async def body(conn: KernelConnection) -> Metrics:
+    ref, conn, _ = await ready_kernel(target, sizes.start_timeout)
+    try:
         await run_code(conn, "1+1", sizes.exec_timeout)
         res = await conn.execute(print_code(lines), timeout)
-        out = {"iopub.mb_s": res.stdout_bytes / 1e6 / res.seconds,
-               "iopub.lost_bytes": float(expected - res.stdout_bytes),
-               "iopub.timeouts": 0.0 if res.complete else 1.0}
-        for name, size, full in IOPUB_VARIANTS:
-            count = max(10, int(full * min(1.0, sizes.iopub_mb / 200.0)))
+        out: Metrics = {"iopub.mb_s": res.stdout_bytes / 1e6 / res.seconds,
+                        "iopub.lost_bytes": float(expected - res.stdout_bytes),
+                        "iopub.timeouts": 0.0 if res.complete else 1.0}
+        for name, size, count in iopub_variants(sizes):
             cpu0 = gateway_cpu(target)
             res = await conn.execute(flushed_code(count, size), timeout)
-            cpu = gateway_cpu(target) - cpu0
-            out[f"{name}.msg_s"] = count / res.seconds
-            out[f"{name}.lost_bytes"] = float(count * size - res.stdout_bytes)
-            out[f"{name}.gw_cpu_us"] = 1e6 * cpu / count
-        return out
-    return await with_one_kernel(target, sizes, body)
+            out.update(variant_metrics(name, "", count, size, res, gateway_cpu(target) - cpu0))
+        await conn.close()  # one client at a time: a second session would get the output too
+        where = target.ws_url(ref, uuid.uuid4().hex)
+        if where is not None:
+            out.update(await asyncio.to_thread(iopub_websocket_client, target, where, sizes))
+    finally:
+        await conn.close()
+        await target.shutdown_kernel(ref)
+    return out
+
+
+def iopub_variants(sizes: Sizes) -> list[tuple[str, int, int]]:
+    """(metric prefix, message size, messages) for this run's iopub size."""
+    return [(name, size, max(10, int(full * min(1.0, sizes.iopub_mb / 200.0))))
+            for name, size, full in IOPUB_VARIANTS]
+
+
+def variant_metrics(name: str, client: str, count: int, size: int, res: ExecResult,
+                    cpu: float) -> Metrics:
+    return {f"{name}.{client}msg_s": count / res.seconds,
+            f"{name}.{client}lost_bytes": float(count * size - res.stdout_bytes),
+            f"{name}.{client}gw_cpu_us": 1e6 * cpu / count}
+
+
+def iopub_websocket_client(target: Target, where: tuple[str, dict[str, str]],
+                           sizes: Sizes) -> Metrics:
+    """The flushed-write variants again over websocket-client (in a thread of its own)."""
+    url, headers = where
+    session_id = url.rsplit("session_id=", 1)[-1]
+    timeout = 60.0 + 1.0 * sizes.iopub_mb
+    ws = SyncWebSocketConnection(url, headers, session_id, timeout)
+    out: Metrics = {}
+    try:
+        res = ws.execute("1+1", sizes.exec_timeout)
+        if not res.complete:
+            raise RuntimeError("websocket-client: 1+1 did not complete")
+        for name, size, count in iopub_variants(sizes):
+            cpu0 = gateway_cpu(target)
+            res = ws.execute(flushed_code(count, size), timeout)
+            out.update(variant_metrics(name, "wsc_", count, size, res,
+                                       gateway_cpu(target) - cpu0))
+    finally:
+        ws.close()
+    return out
 
 
 async def scenario_concurrent(target: Target, sizes: Sizes) -> Metrics:

@@ -76,6 +76,11 @@ class Target(abc.ABC):
     async def connect(self, ref: KernelRef) -> KernelConnection:
         """Open the client connection to a started kernel."""
 
+    def ws_url(self, ref: KernelRef, session_id: str) -> tuple[str, dict[str, str]] | None:
+        """The kernel's WebSocket URL and request headers, for a second client library;
+        None for a target without a WebSocket (the floor)."""
+        return None
+
     @abc.abstractmethod
     async def shutdown_kernel(self, ref: KernelRef) -> None:
         """Shut the kernel down and forget it."""
@@ -210,11 +215,17 @@ class GatewayTarget(Target):
     def started(self, model: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Called with the model the start answered, before the start is timed as ready."""
 
+    def channels_url(self, ref: KernelRef, session_id: str) -> str:
+        return (f"ws://127.0.0.1:{self.port}/api/kernels/{ref.kernel_id}/channels"
+                f"?session_id={session_id}")
+
+    def ws_url(self, ref: KernelRef, session_id: str) -> tuple[str, dict[str, str]] | None:
+        return self.channels_url(ref, session_id), self._headers()
+
     async def connect(self, ref: KernelRef) -> KernelConnection:
         http = await self.open_http()
         session_id = uuid.uuid4().hex
-        url = (f"ws://127.0.0.1:{self.port}/api/kernels/{ref.kernel_id}/channels"
-               f"?session_id={session_id}")
+        url = self.channels_url(ref, session_id)
         ws = await http.ws_connect(url, max_msg_size=0, autoping=True, heartbeat=None,
                                    compress=15 if self.ctx.ws_compress else 0)
         return KernelConnection(WebSocketTransport(ws, session_id))

@@ -40,6 +40,10 @@ LIVENESS_EVERY = 5.0
 IDLE_WAKE = 5.0  # longest an idle pump sleeps (it wakes at once for anything it must do)
 SILENT_NAMES = frozenset(s.value for s in SILENT_STATES)  # states whose heartbeat is checked
 BATCH_BYTES = 65536  # a frame this big is sent at once, not held for the rest of the batch
+# After relaying small stream output, wait this long before looking again, so that what the
+# kernel prints next comes in a batch: one wake-up, poll, read and write for many messages, not
+# for each (issue 24). Big frames, and anything that is not stream output, go on at once.
+STREAM_LINGER = 0.001
 
 
 class Outbox:
@@ -78,6 +82,7 @@ class Pump:
         self.service = service
         self.registry = service.registry
         self.gone_for_good = gone_for_good  # Bridge.gone_for_good: is the kernel deleted?
+        self.streamed = False  # stream output was relayed since the pump last looked
 
     def _status(self, state: str) -> None:
         conn, sess = self.conn, self.sess
@@ -116,6 +121,10 @@ class Pump:
                         poller.register(p.fileno(), p.wanted())
                 polled = wanted
             if due:
+                timeout = 0.0
+            elif self.streamed:  # a burst of output: let the next messages gather
+                self.streamed = False
+                time.sleep(STREAM_LINGER)
                 timeout = 0.0
             else:
                 timeout = self._idle_timeout(last_check)
@@ -299,6 +308,9 @@ class Pump:
                 self._became_ready()
             head = wire.header_of(parts)
             pid = ""
+            if channel == "iopub" and len(parts[3]) < BATCH_BYTES \
+                    and head.get("msg_type") == "stream":
+                self.streamed = True
             if sess.orphans:
                 replay.follow_orphan(conn, sess, channel, parts, head, out.add)
             if channel == "iopub":
