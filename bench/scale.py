@@ -341,8 +341,7 @@ async def run_one(args: argparse.Namespace, gateways: int, folder: Path) -> dict
     n = args.kernels
     many = Stack(folder / "many", n, args.workers, gateways, args.broker)
     ten = Stack(folder / "ten", BASELINE_KERNELS, args.workers, gateways, args.broker)
-    many.gc_watch = ten.gc_watch = args.gc_log or args.gc_freeze
-    many.gc_freeze = ten.gc_freeze = args.gc_freeze
+    many.gc_watch = ten.gc_watch = args.gc_log
     result: dict[str, Any] = {"kernels": n, "gateways": gateways, "workers": args.workers,
                               "broker": args.broker, "active_clients": args.active,
                               "executes_per_client_per_round": args.executes,
@@ -430,9 +429,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-log", action="store_true",
                    help="log the gateways' and workers' collections of 5 ms or more, and report "
                         "the gateways' during each round (bench/scale_gcwatch)")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="experiment: the gateways gc.freeze() after each full collection "
-                        "(implies --gc-log; bench/scale_gcwatch/sitecustomize.py)")
     p.add_argument("--concurrency", type=int, default=50, help="POSTs / WebSocket opens at once")
     p.add_argument("--idle", type=float, default=60, help="idle window in seconds (0: none)")
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")

@@ -42,7 +42,6 @@ class Stack:
         self.threads = kernels + 128  # one gateway thread per open WebSocket, and room for REST
         self.broker_kind = broker
         self.gc_watch = False  # log the gateways' and workers' long collections (scale_gcwatch)
-        self.gc_freeze = False  # and freeze the gateways' survivors of full collections
         self.redis: dict[str, ManagedProcess] = {}
         self.ports: dict[str, int] = {}
         self.workers: list[ManagedProcess] = []
@@ -139,8 +138,6 @@ class Stack:
             env = dict(env, POOLGATE_BENCH_GCLOG=str(self.folder / f"gc-{name}.log"),
                        PYTHONPATH=os.pathsep.join([str(Path(ROOT) / "bench" / "scale_gcwatch"),
                                                    env["PYTHONPATH"]]))
-            if self.gc_freeze and name.startswith("gateway"):
-                env["POOLGATE_BENCH_GCFREEZE"] = "1"
         proc = ManagedProcess(name, [sys.executable, "-m", "poolgate", *args], env,
                               self.folder / f"{name}.log", cwd=self.folder)
         proc.start()
