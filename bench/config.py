@@ -21,10 +21,13 @@ class Sizes:
     exec_timeout: float = 30.0  # one `1+1`
     many: int = 200  # 8: kernels alive at once behind one gateway
     many_batch: int = 25  # 8: started this many at a time
+    parallel: tuple[int, ...] = (8, 32)  # 9: N kernels running round trips at once
+    parallel_seconds: float = 10.0  # 9: how long they run
 
 
 FULL = Sizes()
 QUICK = Sizes(starts=2, executes=20, execute_kernels=1, iopub_mb=5.0, concurrent=(1, 4), busy_kernels=4,
-              busy_seconds=2.0, memory_kernels=2, many=4, many_batch=2)
+              busy_seconds=2.0, memory_kernels=2, many=4, many_batch=2,
+              parallel=(4,), parallel_seconds=2.0)
 
-SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy", "many")
+SCENARIOS = ("memory", "start", "execute", "iopub", "concurrent", "busy", "many", "parallel")

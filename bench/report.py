@@ -61,6 +61,8 @@ LABELS: dict[str, tuple[str, bool]] = {
 PATTERNS: list[tuple[str, str, bool]] = [
     (r"concurrent\.k(\d+)\.all_ready_s", "4 {0} concurrent starts, all ready (s) ↓", True),
     (r"concurrent\.k(\d+)\.failures", "4 {0} concurrent starts, failures", False),
+    (r"parallel\.k(\d+)\.p(\d+)_ms", "9 {0} kernels in parallel, 1+1 p{1} (ms) ↓", True),
+    (r"parallel\.k(\d+)\.failures", "9 {0} kernels in parallel, failed starts", False),
     (r"launch\.timings", "7 launch hop (model's poolgate timings)", False),
     (r"launch\.(.+)@", "7 launch hop: {0} at (s after POST)", False),
     (r"launch\.(.+)", "7 launch hop: {0} (s)", False),
@@ -86,7 +88,7 @@ def label(key: str) -> tuple[str, bool]:
 def sort_key(key: str) -> tuple[str, int, int, str]:
     """By scenario number, then K, then the order of LABELS / PATTERNS."""
     text = label(key)[0]
-    m = re.match(r"concurrent\.k(\d+)\.", key)
+    m = re.match(r"(?:concurrent|parallel)\.k(\d+)\.", key)
     order = list(LABELS).index(key) if key in LABELS else len(LABELS) + next(
         (i for i, (p, _, _) in enumerate(PATTERNS) if re.fullmatch(p, key)), len(PATTERNS))
     return text[:1], int(m.group(1)) if m else 0, order, text

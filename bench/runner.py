@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.config import Sizes
+from bench.parallel import scenario_parallel
 from bench.progress import say
 from bench.scenarios import SCENARIO_FUNCS, Metrics, ready_kernel, run_code
 from bench.targets import RunContext, Target, TargetUnavailable
@@ -48,7 +49,7 @@ async def run_round(target: Target, sizes: Sizes, scenarios: list[str],
             continue
         t0 = time.perf_counter()
         try:
-            got = await SCENARIO_FUNCS[name](target, sizes)
+            got = await {**SCENARIO_FUNCS, "parallel": scenario_parallel}[name](target, sizes)
             metrics.update(got)
             shown = ", ".join(f"{k.split('.', 1)[1]}={v:.4g}" for k, v in got.items()
                               if v is not None)

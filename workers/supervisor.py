@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import queue
+import random
 import signal
 import threading
 import time
@@ -49,6 +51,13 @@ ACTIVITY_WRITE_EVERY = 5.0
 # 0.25 s 0.22 ms, and 0.5 s and 1 s cut it further). The state it reads reaches the REST API
 # this much later, at most; output waits in the socket meanwhile (one read takes what came).
 IOPUB_BATCH = 0.5
+# Where in that period each supervisor of a worker reads: kernels started together would
+# otherwise read together (their first messages came together), and a worker's reads then come
+# as one burst on one core every IOPUB_BATCH (32 kernels: 32 reads back to back) instead of
+# one small read at a time. Spread by the golden ratio from a random start, so any number of
+# supervisors is spread evenly and two workers on one machine do not read in step.
+_PHASE_START = random.random()
+_PHASES = itertools.count()
 SMALL_PART = 65536  # iopub parts under this are copied into bytes; bigger ones are viewed
 IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at once
 # Seconds between two reads of the kernel's record (target, status) by its supervisor. A stop,
@@ -66,6 +75,17 @@ class Stop(Exception):
         self.reason = reason
         self.status = status
         self.code = code  # the GatewayError code of a failed launch, for the waiting client
+
+
+def read_phase() -> float:
+    """The next supervisor's offset (seconds) within the IOPUB_BATCH period."""
+    return (_PHASE_START + next(_PHASES) * 0.6180339887498949) % 1.0 * IOPUB_BATCH
+
+
+def next_on_grid(now: float, period: float, phase: float) -> float:
+    """The first point after ``now`` on the grid ``phase + k * period``: a read or tick that
+    took long does not move a supervisor's grid, so phases stay spread for its whole life."""
+    return now - (now - phase) % period + period
 
 
 def received(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
@@ -141,6 +161,7 @@ class Supervisor:
                                        self.pool.replay_buffer_mb * 1_000_000)
         self.next_cull_check = 0.0
         self.next_record_check = 0.0
+        self.read_phase = read_phase()
         self.first_started = 0.0
         self.taken_at = 0.0
 
@@ -313,8 +334,9 @@ class Supervisor:
 
     def _loop(self) -> None:
         """Wait for commands, the kernel's iopub and the tick. Iopub is read at most every
-        IOPUB_BATCH seconds: what the kernel publishes meanwhile waits in the socket, so a
-        busy kernel costs its supervisor one wake-up per batch, not one per message."""
+        IOPUB_BATCH seconds, at this supervisor's phase (read_phase): what the kernel publishes
+        meanwhile waits in the socket, so a busy kernel costs its supervisor one wake-up per
+        batch, not one per message, and the worker's supervisors do not wake together."""
         assert self.iopub is not None
         commands = zmq.Poller()
         commands.register(self._wake_r, zmq.POLLIN)
@@ -324,6 +346,8 @@ class Supervisor:
         iopub = self.iopub
         next_tick = next_drain = 0.0
         tick = min(1.0, self.pool.heartbeat_ttl / 3)
+        # ticks (registry reads, liveness) spread like the reads, half a batch after them
+        tick_phase = (self.read_phase + IOPUB_BATCH / 2) / IOPUB_BATCH * tick
         while True:
             if self.iopub is not iopub:  # reconnected after a restart on new ports
                 poller.unregister(iopub)
@@ -344,11 +368,12 @@ class Supervisor:
                         self._obey(self.commands.get_nowait())
                 if iopub in events and self.iopub is iopub:  # not if a restart replaced it
                     more = self._drain_iopub(iopub)
-                    next_drain = time.monotonic() + (0.0 if more else IOPUB_BATCH)
+                    next_drain = 0.0 if more else next_on_grid(time.monotonic(), IOPUB_BATCH,
+                                                               self.read_phase)
                 now = time.monotonic()
                 self._record_state(now)
                 if now >= next_tick:
-                    next_tick = now + tick
+                    next_tick = next_on_grid(now, tick, tick_phase)
                     self._tick()
             except redis.RedisError as exc:
                 # A registry blip (a Redis restart): the kernel keeps running; try again soon.

@@ -1,0 +1,57 @@
+"""The parallel scenario: the round trip's tail while many kernels are busy at once.
+
+Rule: the round trip is the execute scenario's (`1+1` until execute_reply and status idle for
+that request); only the load differs. For each N in `--parallel`, N kernels each run `1+1` in
+a loop, one request in flight per kernel, for `--parallel-seconds`; p50 and p99 over every
+round trip of every kernel (the first few of each kernel are warm-up and not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.client import KernelConnection
+from bench.config import Sizes
+from bench.progress import say
+from bench.scenarios import Metrics, close_all, percentile, run_code, start_many
+from bench.targets.base import Target
+
+WARM_UP = 5  # unmeasured round trips per kernel before the clock starts
+
+
+async def timed_loop(conn: KernelConnection, start: float, deadline: float, timeout: float,
+                     out: list[tuple[float, float]]) -> None:
+    """Round trips until `deadline`; those begun after `start` go to `out` as (begun, s)."""
+    while (begun := time.perf_counter()) < deadline:
+        seconds = await run_code(conn, "1+1", timeout)
+        if begun >= start:
+            out.append((begun, seconds))
+
+
+async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
+    """N kernels each run `1+1` round trips in a loop at once; p50 and p99 per N (ms)."""
+    out: Metrics = {}
+    for k in sizes.parallel:
+        ready, failed = await start_many(target, k, sizes)
+        try:
+            if not ready:
+                raise RuntimeError("no kernel started")
+            for _ in range(WARM_UP):
+                await asyncio.gather(*(run_code(c, "1+1", sizes.exec_timeout) for _, c, _ in ready))
+            trips: list[tuple[float, float]] = []
+            start = time.perf_counter() + 0.5  # the loops are in step by then
+            deadline = start + sizes.parallel_seconds
+            await asyncio.gather(*(timed_loop(c, start, deadline, sizes.exec_timeout, trips)
+                                   for _, c, _ in ready))
+        finally:
+            await close_all(target, ready)
+        ms = [1000 * s for _, s in trips]
+        out[f"parallel.k{k}.p50_ms"] = percentile(ms, 50)
+        out[f"parallel.k{k}.p99_ms"] = percentile(ms, 99)
+        out[f"parallel.k{k}.failures"] = float(failed)
+        say(f"{target.name}: {len(ready)} kernels in parallel: {len(ms)} round trips, "
+            f"p50 {percentile(ms, 50):.2f} ms, p99 {percentile(ms, 99):.2f} ms, "
+            f"max {max(ms):.1f} ms")
+        await asyncio.sleep(1.0)
+    return out
