@@ -132,8 +132,7 @@ class PoolgateStep(bootsteps.StartStopStep):
             rt.start()
             log.info("Worker %s: %d slots for pools %s", rt.name, rt.slots, ", ".join(rt.pools))
         rt.consumer = c
-        if rt.used >= rt.slots:  # reconnected while full: stay paused
-            rt._call_consumer("cancel")
+        rt.sync_consumer()  # reconnected while full or drained: stay paused
 
 
 @worker_shutting_down.connect(weak=False)

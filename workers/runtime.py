@@ -67,7 +67,7 @@ class Runtime:
                 self._paused = True
         if full:
             log.info("Worker %s: all %d slots in use; not taking launches", self.name, self.slots)
-            self._call_consumer("cancel")
+            self.sync_consumer()
         self.beat()
 
     def take_warm(self, pool: str, req: Any) -> tuple[Any, dict[str, Any]]:
@@ -84,20 +84,37 @@ class Runtime:
                 self._paused = False
         if resume:
             log.info("Worker %s: a slot is free; taking launches again", self.name)
-            self._call_consumer("add")
+            self.sync_consumer()
         self.beat()
 
-    def _call_consumer(self, what: str) -> None:
+    def sync_consumer(self) -> None:
+        """Make the worker's consumer match the slots and drains, in the consumer's thread.
+
+        Not "cancel" and "add" commands: Celery's hub runs the callbacks of one tick in no
+        set order (``Hub._ready`` is a set), and a slot taken and one freed on two threads at
+        once queue theirs in either order anyway. A cancel run after the add that should
+        follow it left a worker with free slots consuming nothing, for good: the full-pool
+        stall of docs/scale.md. Each call instead reads the wanted state when it runs, so
+        whichever runs last leaves the consumer as the state is now.
+        """
         c = self.consumer
-        if c is None:
+        if c is not None:
+            c.call_soon(self._apply_consumer, c)
+
+    def _apply_consumer(self, c: Any) -> None:
+        if c is not self.consumer:  # a reconnect replaced it; its own sync follows
             return
+        with self._lock:
+            paused, drained = self._paused, set(self.drained)
+        tc = c.task_consumer
         for q in self.queues:
-            if what == "add" and q in self.drained:
+            want = not paused and q not in drained
+            if tc is None or want == tc.consuming_from(q):
                 continue
-            if what == "cancel":
-                c.call_soon(c.cancel_task_queue, q)
+            if want:
+                c.add_task_queue(q)
             else:
-                c.call_soon(c.add_task_queue, q)
+                c.cancel_task_queue(q)
 
     # -- heartbeat ------------------------------------------------------------------------
 
@@ -198,10 +215,7 @@ class Runtime:
         queue = self.config.pools[pool].queue
         with self._lock:
             (self.drained.add if on else self.drained.discard)(queue)
-            paused = self._paused
-        c = self.consumer
-        if c is not None and (on or not paused):
-            c.call_soon(c.cancel_task_queue if on else c.add_task_queue, queue)
+        self.sync_consumer()
         log.info("Worker %s: %s pool %s (%d kernels running)", self.name,
                  "draining" if on else "resuming", pool, len(self.supervisors))
         self.beat()
