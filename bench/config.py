@@ -23,6 +23,7 @@ class Sizes:
     many_batch: int = 25  # 8: started this many at a time
     parallel: tuple[int, ...] = (8, 32)  # 9: N kernels running round trips at once
     parallel_seconds: float = 10.0  # 9: how long they run
+    parallel_rate: float = 0.0  # 9: then paced at this many requests a second in all (0: not)
 
 
 FULL = Sizes()

@@ -4,6 +4,12 @@ Rule: the round trip is the execute scenario's (`1+1` until execute_reply and st
 that request); only the load differs. For each N in `--parallel`, N kernels each run `1+1` in
 a loop, one request in flight per kernel, for `--parallel-seconds`; p50 and p99 over every
 round trip of every kernel (the first few of each kernel are warm-up and not counted).
+
+With `--parallel-rate R` the same kernels then run paced, open-loop: together they are sent R
+requests a second (each kernel its share, on a phase of its own), so every target gets the same
+offered load, whatever its own speed; a closed loop gives the faster target more load. Each
+round trip counts from the moment its request was due, not sent, so a target that falls behind
+shows the wait (no coordinated omission).
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ async def timed_loop(conn: KernelConnection, start: float, deadline: float, time
             out.append((begun, seconds))
 
 
+async def paced_loop(conn: KernelConnection, first: float, every: float, deadline: float,
+                     timeout: float, out: list[float]) -> None:
+    """Requests due at first, first + every, ... until `deadline`; seconds from due to done."""
+    due = first
+    while due < deadline:
+        if (wait := due - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        sent = time.perf_counter()
+        seconds = await run_code(conn, "1+1", timeout)
+        out.append(sent + seconds - due)
+        due += every
+
+
 async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
     """N kernels each run `1+1` round trips in a loop at once; p50 and p99 per N (ms)."""
     out: Metrics = {}
@@ -44,8 +63,23 @@ async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
             deadline = start + sizes.parallel_seconds
             await asyncio.gather(*(timed_loop(c, start, deadline, sizes.exec_timeout, trips)
                                    for _, c, _ in ready))
+            paced: list[float] = []
+            if sizes.parallel_rate > 0:
+                every = len(ready) / sizes.parallel_rate
+                start = time.perf_counter() + 0.5
+                await asyncio.gather(*(paced_loop(c, start + every * i / len(ready), every,
+                                                  start + sizes.parallel_seconds,
+                                                  sizes.exec_timeout, paced)
+                                       for i, (_, c, _) in enumerate(ready)))
         finally:
             await close_all(target, ready)
+        if paced:
+            pms = [1000 * s for s in paced]
+            out[f"parallel.k{k}.paced_p50_ms"] = percentile(pms, 50)
+            out[f"parallel.k{k}.paced_p99_ms"] = percentile(pms, 99)
+            say(f"{target.name}: {len(ready)} kernels paced at {sizes.parallel_rate:g}/s: "
+                f"{len(pms)} round trips, p50 {percentile(pms, 50):.2f} ms, "
+                f"p99 {percentile(pms, 99):.2f} ms")
         ms = [1000 * s for _, s in trips]
         out[f"parallel.k{k}.p50_ms"] = percentile(ms, 50)
         out[f"parallel.k{k}.p99_ms"] = percentile(ms, 99)

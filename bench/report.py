@@ -62,6 +62,7 @@ PATTERNS: list[tuple[str, str, bool]] = [
     (r"concurrent\.k(\d+)\.all_ready_s", "4 {0} concurrent starts, all ready (s) ↓", True),
     (r"concurrent\.k(\d+)\.failures", "4 {0} concurrent starts, failures", False),
     (r"parallel\.k(\d+)\.p(\d+)_ms", "9 {0} kernels in parallel, 1+1 p{1} (ms) ↓", True),
+    (r"parallel\.k(\d+)\.paced_p(\d+)_ms", "9 {0} kernels paced (--parallel-rate), 1+1 p{1} (ms) ↓", True),
     (r"parallel\.k(\d+)\.failures", "9 {0} kernels in parallel, failed starts", False),
     (r"launch\.timings", "7 launch hop (model's poolgate timings)", False),
     (r"launch\.(.+)@", "7 launch hop: {0} at (s after POST)", False),
