@@ -334,8 +334,7 @@ class Bridge:
         """Every SEEN_EVERY, tell other gateways what each client got (one pipeline for all
         sessions), in case this gateway dies: they replay from there
         (gateway/channels/replay.py)."""
-        while not self._stopped.is_set():
-            time.sleep(SEEN_EVERY)
+        while not self._stopped.wait(SEEN_EVERY):
             with self._lock:
                 dirty = [s for s in self.sessions.values() if s.seen_dirty]
             if not dirty:

@@ -7,6 +7,7 @@ runs code and is removed. Each test checks that no pod, secret or per-user names
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,18 +45,49 @@ class K8sStack(Stack):
     api: FakeKubernetes
 
 
-@pytest.fixture(scope="module")
-def k8s_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
-    """A private Redis, FakeKubernetes, a gateway, and workers for two kubernetes pools."""
-    tmp = tmp_path_factory.mktemp("k8s-stack")
+@contextlib.contextmanager
+def fake_cluster(tmp: Path) -> Iterator[tuple[FakeKubernetes, Path, str]]:
+    """FakeKubernetes (its kubelet running the test image's kernels under ``tmp``) and a private
+    Redis: (api, kubeconfig, Redis URL); both stopped afterwards."""
     (tmp / "kubelet").mkdir()
     image_env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
                  "PYTHONPATH": str(ROOT), "HOME": str(tmp), "POOLGATE_TEST_RUN": RUN_ID}
     api = FakeKubernetes(tmp / "kubelet", {IMAGE: image_env}, cpu="4", memory="16Gi").start()
-    kubeconfig = api.kubeconfig(tmp / "kubeconfig")
     server = PrivateRedis(tmp)
-    server.start()
-    url = f"redis://127.0.0.1:{server.port}"
+    try:
+        server.start()
+        yield api, api.kubeconfig(tmp / "kubeconfig"), f"redis://127.0.0.1:{server.port}"
+    finally:
+        server.kill()
+        api.stop()
+
+
+def running(stack: K8sStack, pools: list[str]) -> Iterator[K8sStack]:
+    """``stack`` with a worker for each of ``pools`` and a gateway, for a module's tests."""
+    try:
+        for name in pools:
+            stack.start_worker(name)
+        stack.start_gateway(stack.port)
+    except BaseException:
+        stack.stop()
+        raise
+    STACKS.append(stack)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+@pytest.fixture(scope="module")
+def k8s_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
+    """A private Redis, FakeKubernetes, a gateway, and workers for two kubernetes pools."""
+    with fake_cluster(tmp_path_factory.mktemp("k8s-stack")) as (api, kubeconfig, url):
+        yield from k8s_pools_stack(api, kubeconfig, url)
+
+
+def k8s_pools_stack(api: FakeKubernetes, kubeconfig: Path, url: str) -> Iterator[K8sStack]:
+    tmp = kubeconfig.parent
     tag = f"t{RUN_ID}k"
     pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
              "k8s": pool(f"{tag}-k8s", kubeconfig, namespace="kernels"),
@@ -77,21 +109,7 @@ def k8s_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
     redis.Redis.from_url(stack.registry_url).flushdb()
-    try:
-        stack.start_worker("k8s")
-        stack.start_worker("k8s-user")
-        stack.start_gateway(stack.port)
-    except BaseException:
-        stack.stop()
-        server.kill()
-        api.stop()
-        raise
-    STACKS.append(stack)
-    yield stack
-    stack.stop()
-    STACKS.remove(stack)
-    server.kill()
-    api.stop()
+    yield from running(stack, ["k8s", "k8s-user"])
 
 
 def left(api: FakeKubernetes) -> list[str]:

@@ -7,40 +7,36 @@ other resources starts cold and says why; the worker's stop removes the warm pod
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from tests.client import Gateway
-from tests.conftest import RUN_ID, STACKS, PrivateRedis
+from tests.conftest import RUN_ID
 from tests.integration.test_kubernetes_pool import (
-    IMAGE,
     KERNEL_ARGV,
-    ROOT,
     TEST_LABEL,
     K8sStack,
+    fake_cluster,
     pool,
+    running,
 )
 from tests.k8s_api import FakeKubernetes
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
-    tmp = tmp_path_factory.mktemp("k8s-warm")
-    (tmp / "kubelet").mkdir()
-    image_env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
-                 "PYTHONPATH": str(ROOT), "HOME": str(tmp), "POOLGATE_TEST_RUN": RUN_ID}
-    api = FakeKubernetes(tmp / "kubelet", {IMAGE: image_env}, cpu="4", memory="16Gi").start()
-    kubeconfig = api.kubeconfig(tmp / "kubeconfig")
-    server = PrivateRedis(tmp)
-    server.start()
-    url = f"redis://127.0.0.1:{server.port}"
+    with fake_cluster(tmp_path_factory.mktemp("k8s-warm")) as (api, kubeconfig, url):
+        yield from warm_stack(api, kubeconfig, url)
+
+
+def warm_stack(api: FakeKubernetes, kubeconfig: Path, url: str) -> Iterator[K8sStack]:
+    tmp = kubeconfig.parent
     tag = f"t{RUN_ID}kw"
     pools = {"local": {"launcher": "local", "queue": f"{tag}-local", "slots": 1},
              "k8s": dict(pool(f"{tag}-k8s", kubeconfig, namespace="kernels"),
@@ -55,20 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sStack]:
         "metadata": {"poolgate": {"pool": "k8s"}}}))
     (specs / "tiny-py" / "kernel.json").unlink()  # routes to a pool this stack lacks
     (specs / "tiny-py").rmdir()
-    try:
-        st.start_worker("k8s")
-        st.start_gateway(st.port)
-    except BaseException:
-        st.stop()
-        server.kill()
-        api.stop()
-        raise
-    STACKS.append(st)
-    yield st
-    st.stop()
-    STACKS.remove(st)
-    server.kill()
-    api.stop()
+    yield from running(st, ["k8s"])
 
 
 def pods(api: FakeKubernetes) -> dict[str, str]:
