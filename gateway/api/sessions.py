@@ -39,7 +39,10 @@ def list_sessions() -> Any:
 @bp.post("/api/sessions")
 def create_session() -> Any:
     body = json_body()
-    path = body.get("path") or (body.get("notebook") or {}).get("path")
+    notebook = body.get("notebook") or {}
+    if not isinstance(notebook, dict):
+        raise BadRequest("'notebook' must be an object")
+    path = body.get("path") or notebook.get("path")
     if not isinstance(path, str) or not path:
         raise BadRequest("a session needs a 'path'")
     kernel = body.get("kernel") or {}

@@ -294,6 +294,8 @@ def test_sessions_api(stack: Stack) -> None:
     assert gw.get(f"/api/sessions/{sess['id']}").status_code == 404
     assert gw.get(f"/api/kernels/{kid}").status_code == 404
     assert gw.post("/api/sessions", json={"kernel": {"name": "python3"}}).status_code == 400
+    bad = gw.post("/api/sessions", json={"notebook": 0.5, "kernel": {"name": "python3"}})
+    assert bad.status_code == 400 and "notebook" in bad.json()["message"]  # found by fuzzing
 
 
 def test_second_gateway_serves_the_same_kernels(redis_stack: Stack) -> None:
