@@ -36,6 +36,7 @@ class Runtime:
         self.queues = queues
         self.pools = [p.name for p in config.pools.values() if p.queue in queues]
         self.slots = slots
+        self._epoch: dict[str, Any] | None = None  # the registry's data as this worker knows it
         self.runtime_dir = runtime_dir
         self.registry = Registry(config.registry_url, config.registry_secret)
         self.supervisors: dict[str, Supervisor] = {}
@@ -141,6 +142,7 @@ class Runtime:
 
     def start(self) -> None:
         self.registry.mark_epoch()
+        self._epoch = self.registry.epoch()
         self.registry.check_keys()
         for pool in self.pools:
             self.launcher(pool).prepare()
@@ -182,9 +184,12 @@ class Runtime:
 
     def _rebuild_if_lost(self) -> None:
         """The registry lost its data (a Redis that keeps nothing restarted): write our
-        kernels' records again at once, then start a new epoch."""
+        kernels' records again at once, then start a new epoch. An epoch other than the one
+        this worker knew means the same: another worker saw the loss first (this one was
+        busy, or stopped) and started the new epoch; our records are still missing."""
         try:
-            if self.registry.epoch() is not None:
+            epoch = self.registry.epoch()
+            if epoch is not None and epoch == self._epoch:
                 return
             log.warning("Worker %s: the registry lost its data; restoring %d kernel records",
                         self.name, len(self.supervisors))
@@ -192,6 +197,7 @@ class Runtime:
                 sup.restore_record()
             self.beat()
             self.registry.mark_epoch(rebuilt=True)
+            self._epoch = self.registry.epoch()
         except Exception:
             log.warning("Worker %s: cannot reach the registry", self.name, exc_info=True)
 
