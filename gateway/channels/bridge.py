@@ -8,11 +8,18 @@ session and runs a :class:`Pump` (gateway/channels/pump.py) while the connection
   the sockets (JupyterLab opens the socket twice in a row); the old one is parked, not closed.
 * Kept sessions: a session whose client went away keeps its channels for
   ``session_buffer_seconds``; one thread (:meth:`Bridge._keep`) goes on reading them meanwhile,
-  and a reconnect with the same session_id gets what came, in order.
+  and a reconnect with the same session_id gets what came, in order. As in Jupyter Server, a
+  kernel keeps one such session on a gateway, its latest client's (KEEP_PER_KERNEL), holding at
+  most KEEP_MAX_BYTES: a client that comes back to a session no longer kept gets the kernel's
+  replay buffer instead (below), as after a gateway's loss. Without these bounds every closed
+  session of a busy kernel held four kernel connections and a copy of all its output for the
+  whole window (a client opening and closing sessions on 20 busy kernels grew the gateway by 0.25–0.55 MB
+  a session, more as they piled up; `python -m bench.gc_soak` found it).
 * Replay: what each client got is recorded for other gateways (gateway/channels/replay.py).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import select
 import threading
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SEEN_EVERY = 0.05  # how often what a client got is recorded for other gateways
+KEEP_PER_KERNEL = 1  # sessions without a client kept per kernel: the latest to lose it
+KEEP_MAX_BYTES = 64 << 20  # a kept session that has read more is dropped (replay serves it)
 
 
 class Bridge:
@@ -108,11 +117,20 @@ class Bridge:
     def detach(self, sess: KernelSession, conn: Connection) -> None:
         with self._lock:
             mine = sess.owner is conn
+            older: list[KernelSession] = []
             if mine:
                 sess.owner = None
                 sess.detached_at = time.monotonic()
+                sess.kept_bytes = 0
                 self._keeping.set()
+                older = sorted((s for (k, _), s in self.sessions.items()
+                                if k == sess.kid and s is not sess and s.owner is None
+                                and s.detached_at is not None and not s.gone),
+                               key=lambda s: s.detached_at or 0.0)
+                older = older[:max(0, len(older) - (KEEP_PER_KERNEL - 1))]
             sess.released.set()
+        for s in older:  # the kernel's earlier clients' kept sessions: replay serves them
+            self._drop(s, detached_only=True)
         if mine and not conn.evicted:
             try:
                 self.registry.remove_connection(sess.kid, f"{self.instance}:{sess.session_id}")
@@ -206,11 +224,18 @@ class Bridge:
                 if sess.owner is not None or sess.gone:  # a client came back: its pump reads
                     continue
                 for peer, ev in fired.get(sess, ()):
+                    before = len(peer.inbox)
                     peer.handle(ev)
+                    for msg in itertools.islice(reversed(peer.inbox), len(peer.inbox) - before):
+                        sess.kept_bytes += sum(map(len, msg))
                 lost = any(p.retry_at is not None for p in sess.sockets.values())
-            if lost:
-                # No reconnect without a client (the kernel restarted): the supervisor's replay
-                # buffer still serves a client that comes back here.
+            if lost or sess.kept_bytes > KEEP_MAX_BYTES:
+                # No reconnect without a client (the kernel restarted), or more output than a
+                # session is kept for: the supervisor's replay buffer still serves a client
+                # that comes back here.
+                if not lost:
+                    log.info("Kernel %s: session %s kept more than %d MB without a client; "
+                             "dropped", sess.kid, sess.session_id, KEEP_MAX_BYTES >> 20)
                 self._drop(sess, detached_only=True)
 
     def _served_elsewhere(self, sess: KernelSession) -> bool:

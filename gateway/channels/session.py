@@ -93,6 +93,7 @@ class KernelSession:
         self.nudge_sent = 0.0  # 0: none sent to this kernel process yet
         self.nudge_every = NUDGE_FIRST
         self.detached_at: float | None = None
+        self.kept_bytes = 0  # read by the keeper since the client went (Bridge._keep_once)
         self.gone = False
         self.resume: dict[str, Any] | None = None  # what another gateway delivered, to replay
         self.replayed: set[str] = set()
@@ -108,12 +109,19 @@ class KernelSession:
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
+        # close() and wake() under one lock: a wake from a thread that picked this session
+        # just before it was dropped must not write to its pipe's number once that is closed
+        # (the number may be a kernel connection by then, and the byte would corrupt it)
+        self._pipe_lock = threading.Lock()
 
     def wake(self) -> None:
-        try:
-            os.write(self._w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        with self._pipe_lock:
+            if self._w < 0:
+                return
+            try:
+                os.write(self._w, b"x")
+            except (BlockingIOError, OSError):
+                pass
 
     def drain_wake(self) -> None:
         try:
@@ -184,11 +192,13 @@ class KernelSession:
 
     def close(self) -> None:
         self.close_sockets()
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._pipe_lock:
+            for fd in (self._r, self._w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._w = -1
 
     def nudge(self) -> None:
         """Ask for kernel_info so the first iopub message proves the subscription is live.

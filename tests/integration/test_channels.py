@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import redis
 import websocket
@@ -430,3 +431,48 @@ def test_sockets_follow_a_kernel_to_a_new_place(redis_stack: Stack) -> None:
     finally:
         gw.shutdown(first)
         gw.shutdown(second)
+
+
+def kernel_connections(stack: Stack) -> int:
+    """The gateway's open TCP connections other than its clients' and its registry's."""
+    procs = [psutil.Process(p.pid) for p in stack.gateways]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    redis_port = int(stack.registry_url.rsplit(":", 1)[1].split("/")[0])
+    return sum(1 for p in procs for c in p.net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.raddr
+               and c.laddr.port != stack.port and c.raddr.port != redis_port)
+
+
+def test_closed_sessions_do_not_pile_up_and_a_dropped_one_is_still_replayed(
+        redis_stack: Stack, kid: str) -> None:
+    """A client that opens and closes sessions (a page reloaded, a notebook run by nbclient
+    again and again) leaves one session kept per kernel, not one per close: the gateway's
+    connections to the kernel stay bounded. A client whose session is no longer kept (a later
+    client of the kernel went away after it) still gets the output it missed, from the kernel's
+    replay buffer."""
+    gw = redis_stack.gw
+    ch = gw.channel(kid, session="early")
+    mid = ch.send("execute_request", {"code": "import time\nfor i in range(10):\n"
+                                      "    print(i, flush=True); time.sleep(0.3)", "silent": False})
+    got = ""
+    while not got:  # the first line, then away mid-cell
+        msg = ch.recv()
+        if msg["msg_type"] == "stream":
+            got = msg["content"]["text"]
+    ch.close()
+    before = kernel_connections(redis_stack)
+    for _ in range(12):  # later sessions of the same kernel, each closed in turn
+        other = gw.channel(kid)
+        other.send("kernel_info_request", {})
+        while other.recv()["msg_type"] != "kernel_info_reply":
+            pass
+        other.close()
+    time.sleep(0.5)
+    after = kernel_connections(redis_stack)
+    assert after <= before + 4, (before, after)  # one kept session's four, not twelve times that
+    gw.wait_state(kid, "idle", timeout=30)
+    again = Channel(gw.base, kid, session="early")
+    res = again.collect(mid, timeout=30)
+    assert got + res.stdout == "".join(f"{i}\n" for i in range(10))
+    assert res.status == "ok"
+    again.close()
