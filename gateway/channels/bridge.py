@@ -13,8 +13,8 @@ session and runs a :class:`Pump` (gateway/channels/pump.py) while the connection
   most KEEP_MAX_BYTES: a client that comes back to a session no longer kept gets the kernel's
   replay buffer instead (below), as after a gateway's loss. Without these bounds every closed
   session of a busy kernel held four kernel connections and a copy of all its output for the
-  whole window (a client opening and closing sessions on 20 busy kernels grew the gateway by 0.25–0.55 MB
-  a session, more as they piled up; `python -m bench.gc_soak` found it).
+  whole window (a client opening and closing sessions on 20 busy kernels grew the gateway by
+  0.25–0.55 MB a session, more as they piled up; ``python -m bench.gc_soak`` found it).
 * Replay: what each client got is recorded for other gateways (gateway/channels/replay.py).
 """
 from __future__ import annotations
