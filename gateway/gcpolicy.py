@@ -8,10 +8,14 @@ next one walks only what came since (38 ms at most in the same 2,000-kernel run)
 ``FULL_WALK_EVERY``-th full collection unfreezes them first and walks everything, so cycles
 among old objects (a closed session's) are still freed, that many times less often. What
 reference counting frees (nearly all of a closed session) is freed at once, as before.
+
+``POOLGATE_GC_FREEZE=0`` in the gateway's environment leaves CPython's own policy in place (for
+an operator who suspects this one, and for ``python -m bench.gc_soak``, which runs both).
 """
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 FULL_WALK_EVERY = 16
@@ -31,7 +35,7 @@ def _on_collect(phase: str, info: dict[str, Any]) -> None:
 
 def install() -> None:
     """Freeze what start-up made and every full collection's survivors from now on (once)."""
-    if _state["installed"]:
+    if _state["installed"] or os.environ.get("POOLGATE_GC_FREEZE", "1") == "0":
         return
     _state["installed"] = True
     gc.collect()

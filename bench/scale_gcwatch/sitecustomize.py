@@ -16,17 +16,20 @@ import time
 from typing import Any
 
 _PATH = os.environ.get("POOLGATE_BENCH_GCLOG")
+# bench/gc_soak.py logs every full collection: generation 2 only, however short
+_MIN_GEN = int(os.environ.get("POOLGATE_BENCH_GCLOG_GEN", "1"))
+_MIN_MS = float(os.environ.get("POOLGATE_BENCH_GCLOG_MS", "5"))
 _started = [0.0]
 
 
 def _watch(phase: str, info: dict[str, Any]) -> None:
-    if info.get("generation", 0) < 1:
+    if info.get("generation", 0) < _MIN_GEN:
         return
     if phase == "start":
         _started[0] = time.perf_counter()
         return
     ms = (time.perf_counter() - _started[0]) * 1000
-    if ms >= 5 and _PATH:
+    if ms >= _MIN_MS and _PATH:
         with open(_PATH, "a") as log:
             log.write(f"{time.time():.3f} {os.getpid()} gen{info['generation']} {ms:.1f}ms "
                       f"collected={info.get('collected', 0)} tracked={len(gc.get_objects())} "

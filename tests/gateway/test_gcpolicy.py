@@ -4,6 +4,7 @@ policy changes the process's collector."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,9 +45,9 @@ print(json.dumps({"frozen_at_start": frozen_at_start, "frozen_after_full": froze
 """
 
 
-def run_policy() -> dict[str, object]:
+def run_policy(**env: str) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=120, check=True)
+                         timeout=120, check=True, env={**os.environ, **env})
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -57,3 +58,10 @@ def test_full_collections_freeze_their_survivors_and_still_free_closed_cycles() 
     assert r["plain_freed_at_once"]  # reference counting still frees a closed session at once
     assert r["cycle_freed"]  # a cycle among frozen objects is freed by a walk of everything...
     assert 1 < r["full_collections"] <= r["every"]  # ...not at once, at most FULL_WALK_EVERY later
+
+
+def test_poolgate_gc_freeze_0_leaves_cpythons_own_policy() -> None:
+    r = run_policy(POOLGATE_GC_FREEZE="0")
+    assert r["frozen_at_start"] == 0 and r["frozen_after_full"] == 0  # nothing frozen
+    assert r["plain_freed_at_once"] and r["cycle_freed"]
+    assert r["full_collections"] == 1  # every full collection walks everything: freed by the first
