@@ -194,11 +194,13 @@ class KernelSession:
         self.close_sockets()
         with self._pipe_lock:
             for fd in (self._r, self._w):
+                if fd < 0:
+                    continue  # closed already
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            self._w = -1
+            self._r = self._w = -1  # a second close() closes nothing (see wake())
 
     def nudge(self) -> None:
         """Ask for kernel_info so the first iopub message proves the subscription is live.

@@ -54,3 +54,18 @@ def test_wakes_racing_a_close_never_reach_a_reused_number() -> None:
         os.close(r)
         os.close(w)
     assert stray == b""
+
+
+def test_a_second_close_does_not_close_whatever_took_the_pipes_numbers() -> None:
+    """A session can be dropped twice (its pump's end and the reaper); the second close must
+    not close the numbers again: by then they may be a client's socket or a kernel's."""
+    sess = KernelSession("k", "s")
+    sess.close()
+    r, w = os.pipe()  # the closed pipe's numbers, taken again
+    try:
+        sess.close()
+        os.write(w, b"still mine")
+        assert os.read(r, 64) == b"still mine"
+    finally:
+        os.close(r)
+        os.close(w)
