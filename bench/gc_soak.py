@@ -30,17 +30,15 @@ import argparse
 import asyncio
 import json
 import random
-import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.procs import reap_all
+from bench.procs import work_folder
 from bench.progress import say
 from bench.scale import Driver
 from bench.scale_stack import POOL, Stack, usage
@@ -52,24 +50,13 @@ def slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of y on x (0 for fewer than two distinct x)."""
     if len({x for x, _ in points}) < 2:
         return 0.0
-    mx = statistics.fmean(x for x, _ in points)
-    my = statistics.fmean(y for _, y in points)
-    num = sum((x - mx) * (y - my) for x, y in points)
-    return num / sum((x - mx) ** 2 for x, _ in points)
+    xs, ys = zip(*points)
+    return statistics.linear_regression(xs, ys).slope
 
 
 def full_collections(stack: Stack) -> list[dict[str, float]]:
-    """The gateway's logged generation-2 collections: ms, collected, frozen after."""
-    out = []
-    for log in stack.folder.glob("gc-gateway-*.log"):
-        for line in log.read_text().splitlines():
-            _t, _pid, gen, ms, *rest = line.split()
-            if gen != "gen2":
-                continue
-            fields = dict(item.split("=", 1) for item in rest)
-            out.append({"ms": float(ms.removesuffix("ms")), "collected": int(fields["collected"]),
-                        "frozen": int(fields["frozen"])})
-    return out
+    """The gateway's logged generation-2 collections: ms, collected, frozen (before freezing)."""
+    return [c for c in stack.gc_log() if c["process"].startswith("gateway") and c["gen"] == 2]
 
 
 def summary(stack: Stack, samples: list[tuple[float, float, float]], sessions: int,
@@ -195,18 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = p.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    work = Path(tempfile.mkdtemp(prefix="poolgate-soak-"))
-    try:
+    with work_folder("poolgate-soak-", args.keep) as work:
         result = asyncio.run(soak(args, work))
-    finally:
-        reap_all()
-        if args.keep:
-            say(f"work folder: {work}")
-        else:
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

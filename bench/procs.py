@@ -8,10 +8,15 @@ PID, so no gateway or kernel outlives the bench, even after an error or Ctrl-C.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,3 +170,22 @@ def reap_all() -> None:
 
 
 atexit.register(reap_all)
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, keep: bool) -> Iterator[Path]:
+    """The work folder of a many-process run (bench.scale, scale_burst, gc_soak), with this
+    process's open-file limit raised to its hard limit (a WebSocket per kernel). On the way
+    out every process the run started is reaped, and the folder removed unless ``keep``."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        reap_all()
+        if keep:
+            from bench.progress import say
+            say(f"work folder: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)

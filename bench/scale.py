@@ -30,7 +30,6 @@ import gc
 import json
 import resource
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import aiohttp
 
 from bench.client import KernelConnection, WebSocketTransport
-from bench.procs import reap_all
+from bench.procs import work_folder
 from bench.progress import say
 from bench.scale_stack import POOL, Stack, usage
 
@@ -437,21 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.kernels < max(args.active, BASELINE_KERNELS) + 1:
         p.error("--kernels must exceed --active and 10")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one WebSocket per kernel here too
     results = []
-    work = Path(tempfile.mkdtemp(prefix="poolgate-scale-"))
-    try:
+    with work_folder("poolgate-scale-", args.keep) as work:
         for g in (int(x) for x in args.gateways.split(",")):
             res = asyncio.run(run_one(args, g, work / f"g{g}"))
             print(json.dumps(res), flush=True)
             results.append(res)
-    finally:
-        reap_all()
-        say(f"work folder: {work}" if args.keep else "")
-        if not args.keep:
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0 if all(r.get("final_execute", {}).get("answered") == r["kernels"] for r in results) else 1

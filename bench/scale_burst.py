@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from bench.cheap.launcher import ask
-from bench.procs import reap_all
+from bench.procs import work_folder
 from bench.progress import say
 from bench.scale import pct
 from bench.scale_stack import POOL, Stack
@@ -211,23 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = p.parse_args(argv)
-    import resource
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    work = Path(tempfile.mkdtemp(prefix="poolgate-burst-"))
     results = []
-    try:
+    with work_folder("poolgate-burst-", args.keep) as work:
         for broker in args.broker.split(","):
             res = run_one(args, broker, work / broker)
             print(json.dumps(res), flush=True)
             results.append(res)
-    finally:
-        reap_all()
-        if args.keep:
-            say(f"work folder: {work}")
-        else:
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     ok = all(r.get("lost") == 0 and r.get("started_twice") == 0 and r.get("records_left") == 0

@@ -210,14 +210,21 @@ class Stack:
     def host_procs(self) -> list[psutil.Process]:
         return [p for p in self._procs(self.workers) if _is_host(p)]
 
-    def gc_pauses(self) -> list[tuple[float, str, float]]:
-        """(wall time, process, ms) of each long collection logged so far (``gc_watch``)."""
+    def gc_log(self) -> list[dict[str, Any]]:
+        """Each collection logged so far (``gc_watch``): wall time, process, generation, ms,
+        and the objects collected, tracked and frozen (bench/scale_gcwatch)."""
         out = []
         for log in sorted(self.folder.glob("gc-*.log")):
             for line in log.read_text().splitlines():
-                t, _pid, gen, ms, *_rest = line.split()
-                out.append((float(t), f"{log.stem[3:]} {gen}", float(ms.removesuffix("ms"))))
+                t, _pid, gen, ms, *rest = line.split()
+                fields = {k: int(v) for k, v in (item.split("=", 1) for item in rest)}
+                out.append({"time": float(t), "process": log.stem[3:], "gen": int(gen[3:]),
+                            "ms": float(ms.removesuffix("ms")), **fields})
         return out
+
+    def gc_pauses(self) -> list[tuple[float, str, float]]:
+        """(wall time, process, ms) of each long collection logged so far (``gc_watch``)."""
+        return [(c["time"], f"{c['process']} gen{c['gen']}", c["ms"]) for c in self.gc_log()]
 
     def broker_procs(self) -> list[psutil.Process]:
         """The broker's server (Redis, or the private RabbitMQ node's Erlang VM)."""
