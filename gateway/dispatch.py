@@ -9,6 +9,10 @@ from ..workers.errors import BackendUnavailable
 log = logging.getLogger(__name__)
 
 
+def _not_watched(producer: object, task_id: str) -> None:
+    """The gateway does not subscribe to the results of the tasks it sends."""
+
+
 class Dispatcher:
     """Sends ``kernels.host`` tasks and ``poolgate_kernel`` remote-control commands."""
 
@@ -16,6 +20,12 @@ class Dispatcher:
         from ..workers.celery_app import make_celery
 
         self.app = make_celery(config)
+        # send_task subscribes the sender to each task's result channel (the backend's
+        # on_task_call) for an AsyncResult to wait on. The gateway never waits on a launch's
+        # result (the registry says how a kernel is doing), and nothing read that connection:
+        # redis-py kept every channel name and the unread confirmations piled up, one lot per
+        # launch, for the gateway's life. The worker still stores the result.
+        self.app.backend.on_task_call = _not_watched
 
     def launch(self, kernel_id: str, pool: PoolConfig, spec: str, user: str,
                expires: float) -> None:

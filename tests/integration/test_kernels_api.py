@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+import psutil
 import pytest
 import redis
 
@@ -55,6 +56,44 @@ def test_kernel_lifecycle(stack: Stack) -> None:
         assert r.status_code == 404, (method, path, r.text)
         assert set(r.json()) == {"reason", "message"}
     assert kid not in [k["id"] for k in gw.kernels()]
+
+
+def gateway_redis_clients(stack: Stack, r: redis.Redis) -> list[dict[str, Any]]:
+    """The registry's view of the connections the stack's first gateway holds."""
+    top = psutil.Process(stack.gateways[0].pid)
+    ports = {c.laddr.port for p in (top, *top.children(recursive=True))
+             for c in p.net_connections("tcp") if c.raddr and c.raddr.port == r.connection_pool
+             .connection_kwargs["port"]}
+    return [c for c in r.client_list() if int(c["addr"].rsplit(":", 1)[1]) in ports]
+
+
+def test_a_launch_leaves_no_result_subscription_and_its_result_is_still_stored(
+        stack: Stack) -> None:
+    """Celery's send_task subscribes the sender to the task's result channel. The gateway
+    never reads it: redis-py then kept every channel name (twice) and the unread replies
+    piled up on the connection, one lot per launch, for the gateway's whole life. The
+    result is still stored, for Celery's own tools (``celery result``, AsyncResult)."""
+    r = redis.Redis.from_url(stack.registry_url)
+    kids = [stack.gw.start()["id"] for _ in range(2)]
+    try:
+        for kid in kids:
+            ch = stack.gw.channel(kid)
+            assert ch.execute("1").status == "ok"
+            ch.close()
+        clients = gateway_redis_clients(stack, r)
+        assert clients, "the gateway's registry connections were not found"
+        # the gateway's own event subscription is a pattern (psubscribe); Celery's are not
+        assert [(c["cmd"], c["sub"]) for c in clients
+                if c["cmd"] in ("subscribe", "unsubscribe") or c["sub"] != "0"] == []
+    finally:
+        for kid in kids:
+            stack.gw.shutdown(kid)
+    for kid in kids:
+        key = f"celery-task-meta-{kid}"
+        deadline = time.monotonic() + 20  # stored once the kernels.host task returns
+        while r.get(key) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert json.loads(r.get(key) or b"{}").get("status") == "SUCCESS"
 
 
 def test_websocket_to_unknown_kernel_is_404(stack: Stack) -> None:
