@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..workers.config import KernelSpec, PoolConfig
-from ..workers.errors import KernelNotFound
+from ..workers.errors import KernelNotFound, cut
 from ..workers.registry import KernelRecord
 from .auth import User
 
@@ -59,7 +59,7 @@ def visible(rec: KernelRecord | None, user: User) -> KernelRecord | None:
 def check_owner(rec: KernelRecord | None, kid: str, user: User) -> None:
     """404, as for an unknown kernel, when ``rec`` exists but belongs to someone else."""
     if rec is not None and not user.owns(rec.user):
-        raise KernelNotFound(f"kernel {kid} not found")
+        raise KernelNotFound(f"kernel {cut(kid)} not found")
 
 
 def session_visible(sess: dict[str, Any], user: User) -> bool:

@@ -9,7 +9,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
-from ..workers.errors import GatewayError
+from ..workers.errors import GatewayError, cut
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def install(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
         if isinstance(exc, WebsocketMismatch):  # curl or a browser tab on a WebSocket route
-            return _reply(400, "bad_request", f"{request.path} is a WebSocket: connect to it "
+            return _reply(400, "bad_request", f"{cut(request.path)} is a WebSocket: connect to it "
                           "with a WebSocket client (ws:// or wss://), as Jupyter clients do")
         return _reply(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
                       exc.description or "")

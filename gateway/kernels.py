@@ -29,6 +29,7 @@ from ..workers.errors import (
     LaunchTimeout,
     LimitExceeded,
     UnknownKernelSpec,
+    cut,
 )
 from ..workers.kernel_socket import KernelSocket
 from ..workers.launchers import k8s_builders, spark_builders
@@ -138,7 +139,7 @@ class KernelService:
         name = name or self.config.default_kernelspec
         spec = self.config.kernelspecs.get(name)
         if spec is None:
-            raise UnknownKernelSpec(f"no kernelspec named {name!r}; GET /api/kernelspecs lists "
+            raise UnknownKernelSpec(f"no kernelspec named {cut(name)!r}; GET /api/kernelspecs lists "
                                     f"the ones this gateway serves")
         return spec
 
@@ -164,7 +165,7 @@ class KernelService:
             raise BackendUnavailable(f"kernel {kid} is not in the registry yet: the registry lost "
                                      f"its data and its workers are writing it again; retry in a "
                                      f"few seconds")
-        raise KernelNotFound(f"kernel {kid} not found")
+        raise KernelNotFound(f"kernel {cut(kid)} not found")
 
     def check_alive(self, rec: KernelRecord) -> KernelRecord | None:
         """The record as it really is (``workers/reconcile.py``): a kernel whose supervisor

@@ -27,6 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def cut(value: str, keep: int = 80) -> str:
+    """``value`` for an error message, cut to its first ``keep`` characters: a client's
+    kilobytes of name or id are not echoed back to it (nor into the log)."""
+    return value if len(value) <= keep else f"{value[:keep]}... ({len(value)} characters)"
+
+
 class GatewayError(Exception):
     """Base of every error we raise on purpose."""
 

@@ -38,3 +38,20 @@ def _watch(phase: str, info: dict[str, Any]) -> None:
 
 if _PATH:
     gc.callbacks.append(_watch)
+
+# Experiment: snapshots of what Python allocated, every minute (POOLGATE_BENCH_TRACEMALLOC=dir)
+_TM = os.environ.get("POOLGATE_BENCH_TRACEMALLOC")
+if _PATH and _TM:
+    import threading
+    import tracemalloc
+
+    tracemalloc.start(4)
+
+    def _snap() -> None:
+        n = 0
+        while True:
+            time.sleep(60)
+            n += 1
+            tracemalloc.take_snapshot().dump(f"{_TM}/{os.getpid()}-{n:03d}.snap")
+
+    threading.Thread(target=_snap, daemon=True).start()

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request, send_file
 
-from ...workers.errors import UnknownKernelSpec
+from ...workers.errors import UnknownKernelSpec, cut
 from ..access import refusal
 from ..state import state
 from . import user
@@ -54,7 +54,7 @@ def list_specs() -> Any:
 def get_spec(name: str) -> Any:
     spec = _visible(_caller()).get(name)
     if spec is None:
-        raise UnknownKernelSpec(f"no kernelspec named {name!r}")
+        raise UnknownKernelSpec(f"no kernelspec named {cut(name)!r}")
     return jsonify(spec.to_model())
 
 
@@ -62,9 +62,13 @@ def get_spec(name: str) -> Any:
 def spec_file(name: str, filename: str) -> Any:
     spec = _visible(_caller()).get(name)
     if spec is None:
-        raise UnknownKernelSpec(f"no kernelspec named {name!r}")
+        raise UnknownKernelSpec(f"no kernelspec named {cut(name)!r}")
     base = Path(spec.resource_dir).resolve()
-    path = (base / filename).resolve()
-    if base not in path.parents or not path.is_file():
-        raise UnknownKernelSpec(f"kernelspec {name!r} has no file {filename!r}")
+    try:
+        path = (base / filename).resolve()
+        found = base in path.parents and path.is_file()
+    except OSError:  # a name too long for the file system
+        found = False
+    if not found:
+        raise UnknownKernelSpec(f"kernelspec {cut(name)!r} has no file {cut(filename)!r}")
     return send_file(path, mimetype=mimetypes.guess_type(path.name)[0])

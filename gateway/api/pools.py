@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from ...workers.config import Config, PoolConfig
-from ...workers.errors import UnknownPool
+from ...workers.errors import UnknownPool, cut
 from ...workers.protocol import EXECUTION_STATE, KernelStatus
 from ...workers.registry import KernelRecord, Registry
 from ..state import state
@@ -199,5 +199,5 @@ def get_pool(name: str) -> Any:
     shared = state()
     config = shared.config
     if name not in config.pools:
-        raise UnknownPool(f"no pool named {name!r}; pools: {', '.join(config.pools)}")
+        raise UnknownPool(f"no pool named {cut(name)!r}; pools: {', '.join(config.pools)}")
     return jsonify(build_pool(config.pools[name], read_state(config, shared.registry)))

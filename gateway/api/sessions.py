@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ...workers.errors import BadRequest, KernelNotFound, SessionNotFound
+from ...workers.errors import BadRequest, KernelNotFound, SessionNotFound, cut
 from ..access import session_visible
 from ..state import state
 from . import json_body, owned, user
@@ -27,7 +27,7 @@ def _model(sess: dict[str, Any]) -> dict[str, Any]:
 def _get(sid: str) -> dict[str, Any]:
     sess = state().registry.session(sid)
     if sess is None or not session_visible(sess, user()):  # another user's is unknown too
-        raise SessionNotFound(f"session {sid} not found")
+        raise SessionNotFound(f"session {cut(sid)} not found")
     return sess
 
 

@@ -96,6 +96,23 @@ def test_a_launch_leaves_no_result_subscription_and_its_result_is_still_stored(
         assert json.loads(r.get(key) or b"{}").get("status") == "SUCCESS"
 
 
+LONG = "q" * 3000  # under the request line's limit (gunicorn's 4094, a 414 past it)
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("get", f"/api/kernels/{LONG}", 404), ("delete", f"/api/kernels/{LONG}", 404),
+    ("post", f"/api/kernels/{LONG}/interrupt", 404), ("get", f"/api/kernels/{LONG}/channels", 400),
+    ("get", f"/api/sessions/{LONG}", 404), ("get", f"/api/pools/{LONG}", 404),
+    ("get", f"/api/kernelspecs/{LONG}", 404), ("get", f"/kernelspecs/python3/{LONG}", 404)])
+def test_a_long_name_or_id_is_a_short_json_error(redis_stack: Stack, method: str, path: str,
+                                                 status: int) -> None:
+    """Kilobytes of id in a URL get a 4xx whose message does not echo them whole (and a
+    file name too long for the file system is a 404, not a 500)."""
+    r = getattr(redis_stack.gw, method)(path)
+    assert r.status_code == status, r.text[:200]
+    assert set(r.json()) == {"reason", "message"} and len(r.json()["message"]) < 400
+
+
 def test_websocket_to_unknown_kernel_is_404(stack: Stack) -> None:
     import websocket
 
@@ -111,11 +128,13 @@ BAD_BODIES = [
     ("env value not a string", b'{"name": "python3", "env": {"KERNEL_X": 1}}', {}),
     ("env value too long", ('{"name": "python3", "env": {"KERNEL_X": "' + "x" * 5000 + '"}}').encode(), {}),
     ("unknown kernelspec", b'{"name": "no-such-spec"}', {}),
+    ("unknown kernelspec, 5000 characters", ('{"name": "' + "y" * 5000 + '"}').encode(), {}),
     ("launch timeout not a number", b'{"env": {"KERNEL_LAUNCH_TIMEOUT": "soon"}}', {}),
     ("kernel id not a uuid", b'{"env": {"KERNEL_ID": "abc"}}', {}),
 ]
 # README, "The API": an unknown spec is a 404; every other bad body a 400.
-BAD_BODY_STATUS = {"unknown kernelspec": (404, "unknown_kernelspec")}
+BAD_BODY_STATUS = {"unknown kernelspec": (404, "unknown_kernelspec"),
+                   "unknown kernelspec, 5000 characters": (404, "unknown_kernelspec")}
 
 
 @pytest.mark.parametrize("label,body,headers", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
@@ -129,6 +148,7 @@ def test_bad_input_is_a_json_4xx_and_starts_nothing(redis_stack: Stack, label: s
     data = r.json()
     assert set(data) == {"reason", "message"} and data["message"]
     assert data["reason"] == reason, data
+    assert len(data["message"]) < 400, "what the client sent is not echoed back whole"
     assert gw.kernels() == before
 
 
