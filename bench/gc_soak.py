@@ -23,12 +23,16 @@ minute and at the end, RSS growth per 1,000 sessions over the second half (least
 full collections (how many, how many walked everything, their longest and median ms, and what
 the walks collected). The churn loops of both stacks run at once, from one process, so the load
 that comes and goes meets both alike. Prints one JSON object (``--json FILE`` writes it too).
+``--tracemalloc DIR``: what Python itself allocated, a snapshot a minute per process, to tell
+a leak of objects from memory Python does not track (compare two with
+``tracemalloc.Snapshot.load(b).compare_to(tracemalloc.Snapshot.load(a), "lineno")``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -181,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=float, default=20.0, help="seconds between RSS readings")
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    p.add_argument("--tracemalloc", type=Path, metavar="DIR",
+                   help="each gateway and worker writes a tracemalloc snapshot to DIR every "
+                        "minute (<pid>-<n>.snap; slows them several times)")
     args = p.parse_args(argv)
+    if args.tracemalloc:  # read by bench/scale_gcwatch/sitecustomize.py in each process
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
+        os.environ["POOLGATE_BENCH_TRACEMALLOC"] = str(args.tracemalloc.resolve())
     with work_folder("poolgate-soak-", args.keep) as work:
         result = asyncio.run(soak(args, work))
     print(json.dumps(result), flush=True)

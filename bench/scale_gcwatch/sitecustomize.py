@@ -39,19 +39,24 @@ def _watch(phase: str, info: dict[str, Any]) -> None:
 if _PATH:
     gc.callbacks.append(_watch)
 
-# Experiment: snapshots of what Python allocated, every minute (POOLGATE_BENCH_TRACEMALLOC=dir)
+# Snapshots of what Python allocated, every minute, for a soak's memory (bench/gc_soak.py
+# ``--tracemalloc DIR``): DIR/<pid>-<n>.snap, for tracemalloc.Snapshot.load. The thread is
+# started again in a forked child (gunicorn's workers are forked from its arbiter).
 _TM = os.environ.get("POOLGATE_BENCH_TRACEMALLOC")
 if _PATH and _TM:
     import threading
     import tracemalloc
 
-    tracemalloc.start(4)
-
-    def _snap() -> None:
+    def _snapshots() -> None:
         n = 0
         while True:
             time.sleep(60)
             n += 1
             tracemalloc.take_snapshot().dump(f"{_TM}/{os.getpid()}-{n:03d}.snap")
 
-    threading.Thread(target=_snap, daemon=True).start()
+    def _start() -> None:
+        threading.Thread(target=_snapshots, daemon=True).start()
+
+    tracemalloc.start(4)
+    _start()
+    os.register_at_fork(after_in_child=_start)
