@@ -8,11 +8,14 @@ kernels) is lifted to match for the few libzmq sockets left (interrupt and shutd
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import socket
 from typing import Any
 
 import zmq
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
 from . import gcpolicy
@@ -32,6 +35,16 @@ def raise_limits() -> int:
             pass
     zmq.Context.instance().set(zmq.MAX_SOCKETS, max(1024, min(soft, 1 << 16)))
     return soft
+
+
+def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot parse (a request line over 4,094 bytes, a bad
+    header...), before the app sees it: the gateway's JSON error, not gunicorn's HTML page."""
+    body = json.dumps({"reason": reason.lower().replace(" ", "_"),
+                       "message": message[:200] or reason}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]
@@ -70,4 +83,5 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 def run(settings: dict[str, Any], ip: str, port: int, threads: int,
         tls: dict[str, Any] | None = None) -> None:
+    gunicorn_util.write_error = write_json_error  # gunicorn's workers call it through the module
     GatewayServer(settings, ip, port, threads, tls).run()

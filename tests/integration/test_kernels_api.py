@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import uuid
 from typing import Any
@@ -111,6 +112,26 @@ def test_a_long_name_or_id_is_a_short_json_error(redis_stack: Stack, method: str
     r = getattr(redis_stack.gw, method)(path)
     assert r.status_code == status, r.text[:200]
     assert set(r.json()) == {"reason", "message"} and len(r.json()["message"]) < 400
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /api/kernels/" + b"q" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"NOT A REQUEST LINE\r\n\r\n", 400),
+    (b"GET /api HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400)])
+def test_a_request_the_server_cannot_parse_gets_a_json_error(
+        redis_stack: Stack, request_bytes: bytes, status: int) -> None:
+    """gunicorn answers these before the app sees them; the answer is still the API's JSON."""
+    host, port = redis_stack.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), head
+    assert b"content-type: application/json" in head.lower(), head
+    data = json.loads(body)
+    assert set(data) == {"reason", "message"} and data["message"], data
 
 
 def test_websocket_to_unknown_kernel_is_404(stack: Stack) -> None:
