@@ -14,6 +14,11 @@ from ..workers.errors import GatewayError, cut
 log = logging.getLogger(__name__)
 
 
+def reason_code(name: str) -> str:
+    """An HTTP reason phrase as the ``reason`` of a JSON error: "Not Found" -> "not_found"."""
+    return name.lower().replace(" ", "_")
+
+
 def _reply(status: int, reason: str, message: str, **extra: Any) -> Any:
     resp = jsonify({"reason": reason, "message": message, **extra})
     resp.status_code = status
@@ -34,8 +39,7 @@ def install(app: Flask) -> None:
         if isinstance(exc, WebsocketMismatch):  # curl or a browser tab on a WebSocket route
             return _reply(400, "bad_request", f"{cut(request.path)} is a WebSocket: connect to it "
                           "with a WebSocket client (ws:// or wss://), as Jupyter clients do")
-        return _reply(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"),
-                      exc.description or "")
+        return _reply(exc.code or 500, reason_code(exc.name or "error"), exc.description or "")
 
     @app.errorhandler(redis.RedisError)
     def registry_error(exc: redis.RedisError) -> Any:

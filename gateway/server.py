@@ -18,7 +18,9 @@ import zmq
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
+from ..workers.errors import cut
 from . import gcpolicy
+from .errors import reason_code
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ def raise_limits() -> int:
 def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     """gunicorn's answer to a request it cannot parse (a request line over 4,094 bytes, a bad
     header...), before the app sees it: the gateway's JSON error, not gunicorn's HTML page."""
-    body = json.dumps({"reason": reason.lower().replace(" ", "_"),
-                       "message": message[:200] or reason}).encode()
+    body = json.dumps({"reason": reason_code(reason),
+                       "message": cut(message, 200) or reason}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)

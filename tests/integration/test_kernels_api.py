@@ -62,9 +62,9 @@ def test_kernel_lifecycle(stack: Stack) -> None:
 def gateway_redis_clients(stack: Stack, r: redis.Redis) -> list[dict[str, Any]]:
     """The registry's view of the connections the stack's first gateway holds."""
     top = psutil.Process(stack.gateways[0].pid)
+    registry_port = r.connection_pool.connection_kwargs["port"]
     ports = {c.laddr.port for p in (top, *top.children(recursive=True))
-             for c in p.net_connections("tcp") if c.raddr and c.raddr.port == r.connection_pool
-             .connection_kwargs["port"]}
+             for c in p.net_connections("tcp") if c.raddr and c.raddr.port == registry_port}
     return [c for c in r.client_list() if int(c["addr"].rsplit(":", 1)[1]) in ports]
 
 
@@ -121,8 +121,7 @@ def test_a_long_name_or_id_is_a_short_json_error(redis_stack: Stack, method: str
 def test_a_request_the_server_cannot_parse_gets_a_json_error(
         redis_stack: Stack, request_bytes: bytes, status: int) -> None:
     """gunicorn answers these before the app sees them; the answer is still the API's JSON."""
-    host, port = redis_stack.url.rsplit("/", 1)[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", redis_stack.port), timeout=10) as sock:
         sock.sendall(request_bytes)
         reply = b""
         while chunk := sock.recv(65536):
