@@ -1,6 +1,6 @@
 """A memory soak of the gateway's collection policy (gateway/gcpolicy.py) under session churn.
 
-    python -m bench.gc_soak [--minutes 10] [--idle 500] [--churners 16]
+    python -m bench.gc_soak [--minutes 10] [--idle 500] [--churners 16] [--variants freeze,plain]
 
 The policy freezes each full collection's survivors and unfreezes them every 16th full
 collection, so a cycle among a closed session's objects that was frozen is freed only by such a
@@ -8,7 +8,10 @@ walk. This soak checks that the gateway's memory still levels off while sessions
 beside the same gateway under CPython's own policy (``POOLGATE_GC_FREEZE=0``).
 
 Two stacks side by side (bench/scale_stack.py, cheap kernels, one gateway each), alike but for
-that variable: "freeze" (the gateway's policy) and "plain". On each:
+that variable: "freeze" (the gateway as shipped) and "plain" (CPython's collector and glibc's
+allocator as they come); ``--variants freeze,glibc`` compares the gateway with and without its
+allocator settings (malloc_trim after each full collection, no per-thread caches: see
+gateway/gcpolicy.py), ``freeze,no-trim`` with and without the trim alone. On each:
 1. ``--idle`` kernels are started, each with a WebSocket held open for the whole soak (the
    long-lived objects a full collection would walk, as on a busy gateway);
 2. for ``--minutes``, ``--churners`` clients per stack loop: three times in four they open a
@@ -26,6 +29,10 @@ that comes and goes meets both alike. Prints one JSON object (``--json FILE`` wr
 ``--tracemalloc DIR``: what Python itself allocated, a snapshot a minute per process, to tell
 a leak of objects from memory Python does not track (compare two with
 ``tracemalloc.Snapshot.load(b).compare_to(tracemalloc.Snapshot.load(a), "lineno")``).
+``--memmap DIR``: where each gateway's and worker's resident memory lies, a line a minute in
+DIR/<pid>.jsonl (RSS by kind of mapping: brk heap, glibc thread arenas, thread stacks, other
+anonymous, files; glibc's bytes in use and free; Python's allocated blocks): cheap enough to
+leave on for a long soak.
 """
 from __future__ import annotations
 
@@ -47,7 +54,16 @@ from bench.progress import say
 from bench.scale import Driver
 from bench.scale_stack import POOL, Stack, usage
 
-VARIANTS = {"freeze": "1", "plain": "0"}  # POOLGATE_GC_FREEZE per stack
+# the gateway's environment per stack: "freeze" is the gateway as shipped (its collection
+# policy, malloc_trim after each full collection, glibc's per-thread caches off); "no-trim" that
+# without malloc_trim; "glibc" the policy alone, on glibc's defaults (the gateway before the
+# malloc changes); "plain" none of it (CPython's and glibc's own behaviour)
+GLIBC_DEFAULTS = {"POOLGATE_MALLOC_TRIM": "0", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
+VARIANTS: dict[str, dict[str, str]] = {
+    "freeze": {},
+    "no-trim": {"POOLGATE_MALLOC_TRIM": "0"},
+    "glibc": GLIBC_DEFAULTS,
+    "plain": {"POOLGATE_GC_FREEZE": "0", **GLIBC_DEFAULTS}}
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -119,13 +135,13 @@ async def churn(d: Driver, idle: list[str], deadline: float, counts: dict[str, i
 
 async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     stacks = {name: Stack(folder / name, args.idle + args.churners, 1, 1, "redis")
-              for name in VARIANTS}
+              for name in args.variants}
     result: dict[str, Any] = {"minutes": args.minutes, "idle_sockets": args.idle,
                               "churners_per_stack": args.churners}
     try:
         for name, stack in stacks.items():
             stack.gc_watch = True
-            stack.env.update(POOLGATE_GC_FREEZE=VARIANTS[name], POOLGATE_BENCH_GCLOG_GEN="2",
+            stack.env.update(VARIANTS[name], POOLGATE_BENCH_GCLOG_GEN="2",
                              POOLGATE_BENCH_GCLOG_MS="0")
             say(f"{name}: starting a worker, a gateway, registry and broker")
             stack.start()
@@ -183,12 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=int, default=500, help="idle kernels with a WebSocket each")
     p.add_argument("--churners", type=int, default=16, help="churning clients per stack")
     p.add_argument("--sample", type=float, default=20.0, help="seconds between RSS readings")
+    p.add_argument("--variants", default="freeze,plain",
+                   help=f"stacks to compare, side by side (of {', '.join(VARIANTS)})")
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     p.add_argument("--tracemalloc", type=Path, metavar="DIR",
                    help="each gateway and worker writes a tracemalloc snapshot to DIR every "
                         "minute (<pid>-<n>.snap; slows them several times)")
+    p.add_argument("--memmap", type=Path, metavar="DIR",
+                   help="each gateway and worker writes where its memory lies (smaps, mallinfo2) "
+                        "to DIR/<pid>.jsonl every minute")
     args = p.parse_args(argv)
+    args.variants = args.variants.split(",")
+    if not set(args.variants) <= set(VARIANTS):
+        p.error(f"--variants: of {', '.join(VARIANTS)}")
+    if args.memmap:  # read by bench/scale_gcwatch/sitecustomize.py in each process
+        args.memmap.mkdir(parents=True, exist_ok=True)
+        os.environ["POOLGATE_BENCH_MEMMAP"] = str(args.memmap.resolve())
     if args.tracemalloc:  # read by bench/scale_gcwatch/sitecustomize.py in each process
         args.tracemalloc.mkdir(parents=True, exist_ok=True)
         os.environ["POOLGATE_BENCH_TRACEMALLOC"] = str(args.tracemalloc.resolve())
@@ -198,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     ok = "error" not in result and all(
-        result[n]["errors"] == 0 and result[n]["idle_answered"] == args.idle for n in VARIANTS)
+        result[n]["errors"] == 0 and result[n]["idle_answered"] == args.idle for n in args.variants)
     return 0 if ok else 1
 
 

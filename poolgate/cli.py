@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         if args.command == "gateway":
-            return gateway(args)
+            return gateway(args, own_process=argv is None)
         if args.command in admin.COMMANDS:
             return admin.run(args)
         if args.command == "maintenance":
@@ -135,7 +135,11 @@ def tls_options(gw: Any) -> dict[str, Any]:
     return out
 
 
-def gateway(args: argparse.Namespace) -> int:
+def gateway(args: argparse.Namespace, own_process: bool = False) -> int:
+    from .gateway import gcpolicy
+
+    if own_process:  # a thread per WebSocket: glibc's caches per thread held memory
+        gcpolicy.no_thread_caches()
     from .gateway.server import run
     from .workers.config import find_config, load_config
 

@@ -65,3 +65,99 @@ def test_poolgate_gc_freeze_0_leaves_cpythons_own_policy() -> None:
     assert r["frozen_at_start"] == 0 and r["frozen_after_full"] == 0  # nothing frozen
     assert r["plain_freed_at_once"] and r["cycle_freed"]
     assert r["full_collections"] == 1  # every full collection walks everything: freed by the first
+
+
+TRIM_SCRIPT = r"""
+import gc, json, os, threading
+from poolgate.gateway import gcpolicy
+
+gcpolicy.install()
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+kept = []
+def session():  # a WebSocket's thread: its allocations come from a glibc heap of its own
+    blocks = [bytes(4000) for _ in range(20000)]    # ~80 MB
+    kept.extend(blocks[::8])                         # an eighth stays, spread over all of it
+t = threading.Thread(target=session)
+t.start()
+t.join()
+before = rss()
+gc.collect()
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+def rss_around_a_full_collection(**env: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True, env={**os.environ, **env})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["before"], r["after"]
+
+
+def test_a_full_collection_gives_memory_freed_between_live_blocks_back_to_the_system() -> None:
+    # ~70 MB freed by a thread, in holes between blocks still alive: glibc keeps it resident
+    # until something trims its heaps; the gateway does after each full collection
+    before, after = rss_around_a_full_collection()
+    assert before - after > 40e6
+    before, after = rss_around_a_full_collection(POOLGATE_MALLOC_TRIM="0")
+    assert abs(before - after) < 10e6  # without it nothing goes back
+
+
+CACHE_SCRIPT = r"""
+import ctypes, json, os, random, threading
+from poolgate.gateway import gcpolicy
+
+gcpolicy.no_thread_caches()  # as the gateway command does: this script runs again, once
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+go_on = threading.Event()
+done = threading.Semaphore(0)
+
+def session(seed):  # a WebSocket's thread: messages of assorted sizes come and go
+    rng = random.Random(seed)
+    for _ in range(20):
+        messages = [bytes(rng.randrange(520, 1030)) for _ in range(200)]
+        del messages
+    done.release()
+    go_on.wait()  # the thread lives on, as the gateway's threads do
+
+in_use = libc.mallinfo2().uordblks
+threads = [threading.Thread(target=session, args=(i,)) for i in range(300)]
+for t in threads:
+    t.start()
+for _ in threads:
+    done.acquire()
+held = libc.mallinfo2().uordblks - in_use
+go_on.set()
+for t in threads:
+    t.join()
+print(json.dumps({"held": held, "tunables": os.environ.get("GLIBC_TUNABLES")}))
+"""
+
+
+def held_by_idle_threads(env: dict[str, str]) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True, env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["held"], r["tunables"]
+
+
+def test_the_gateways_threads_keep_no_freed_memory_for_themselves() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    held, tunables = held_by_idle_threads(env)
+    assert tunables == "glibc.malloc.tcache_count=0"
+    assert held < 15e6  # 300 threads that freed everything hold next to nothing
+    # with glibc's own caches (an operator's GLIBC_TUNABLES naming tcache_count is kept), each
+    # thread keeps up to seven freed chunks of each size for itself
+    held, tunables = held_by_idle_threads({**env, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"})
+    assert tunables == "glibc.malloc.tcache_count=7"
+    assert held > 30e6
