@@ -21,20 +21,14 @@ six minutes, of which 15–23 MB was glibc's own free memory, while what Python 
 (docs/scale.md). ``POOLGATE_MALLOC_TRIM=0`` turns this off; it does nothing where the C library
 is not glibc.
 
-Trimming cannot reach glibc's per-thread caches: each thread keeps up to seven freed chunks of
-each size up to 1 KiB for itself (``tcache``), counted as in use, and a gateway's threads live
-as long as it does: up to ~230 KB a thread, ~115 MB at 500, held for no one. So the gateway
-command starts the gateway with those caches off (``no_thread_caches``: it executes itself
-again with ``glibc.malloc.tcache_count=0`` added to ``GLIBC_TUNABLES``, which glibc reads only
-when a program starts), unless ``GLIBC_TUNABLES`` already names ``tcache_count``.
+Trimming cannot reach glibc's per-thread caches; the gateway and worker commands turn those off
+(workers/threadcache.py).
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,18 +47,6 @@ def _on_collect(phase: str, info: dict[str, Any]) -> None:
             gc.unfreeze()  # this collection walks everything again
     else:
         gc.freeze()
-
-
-def no_thread_caches() -> None:
-    """Execute this program again with glibc's per-thread malloc caches off, once (see above);
-    nothing on another C library, or where ``GLIBC_TUNABLES`` already sets ``tcache_count``."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "tcache_count" in tunables or platform.libc_ver()[0] != "glibc":
-        return
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.tcache_count=0"]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, sys.orig_argv)
 
 
 def malloc_trim() -> Callable[[], object] | None:

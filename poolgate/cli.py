@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return admin.run(args)
         if args.command == "maintenance":
             return maintenance(args)
-        return worker(args)
+        return worker(args, own_process=argv is None)
     except ConfigError as exc:
         print(f"poolgate: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -136,10 +136,10 @@ def tls_options(gw: Any) -> dict[str, Any]:
 
 
 def gateway(args: argparse.Namespace, own_process: bool = False) -> int:
-    from .gateway import gcpolicy
-
     if own_process:  # a thread per WebSocket: glibc's caches per thread held memory
-        gcpolicy.no_thread_caches()
+        from .workers.threadcache import no_thread_caches
+
+        no_thread_caches()
     from .gateway.server import run
     from .workers.config import find_config, load_config
 
@@ -202,7 +202,11 @@ def default_worker_name(pools: list[str], index: int, hostname: str | None = Non
     return name
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, own_process: bool = False) -> int:
+    if own_process:  # a thread per slot and per kernel: as the gateway's (workers/threadcache.py)
+        from .workers.threadcache import no_thread_caches
+
+        no_thread_caches()
     from .workers import launchers
     from .workers.celery_app import make_celery
     from .workers.config import load_config

@@ -588,7 +588,11 @@ class Supervisor:
                 log.exception("Kernel %s: cleanup failed; an operator should check %s",
                               self.kid, self.handle.to_dict())
         if status is S.FAILED:
-            log.warning("Kernel %s on pool %s failed: %s", self.kid, self.pool.name, reason)
+            # its worker stopping (an operator's Ctrl-C, a drain) is no fault of the kernel's:
+            # clients still see it dead, but the log does not warn once per kernel
+            worker_stopped = reason == f"worker {self.rt.name} shut down"
+            (log.info if worker_stopped else log.warning)(
+                "Kernel %s on pool %s failed: %s", self.kid, self.pool.name, reason)
             self.reg.transition(self.kid, S.FAILED, pool=self.pool.name, reason=reason,
                                 execution_state="dead", error=code)
             self.reg.expire_failed(self.kid)

@@ -55,6 +55,9 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     kid = gw.start()["id"]
     ch = gw.channel(kid)
     assert ch.execute("'embedded'").result == "'embedded'"
+    # the worker runs with glibc's per-thread caches off (workers/threadcache.py); its kernels
+    # get the environment it was given, and with it glibc's defaults
+    assert ch.execute("'GLIBC_TUNABLES' in __import__('os').environ").result == "False"
     ch.close()
     handle = json.loads(redis.Redis(unix_socket_path=str(data / "redis.sock"))
                         .hget(f"pg:k:{kid}", "handle"))
@@ -67,6 +70,7 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     said = ("".join(lines) + out).lower().count("no registry_secret configured")
     assert said == 1, out  # once, by serve, not by the gateway and each worker
     assert out.rstrip().endswith("poolgate: stopped"), out  # says when it is done
+    assert "WARNING" not in out, out  # its kernel stopping with it is no fault to warn of
     assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == "zombie"
     assert _children_of(data) == []
 
