@@ -5,7 +5,7 @@
 The policy freezes each full collection's survivors and unfreezes them every 16th full
 collection, so a cycle among a closed session's objects that was frozen is freed only by such a
 walk. This soak checks that the gateway's memory still levels off while sessions come and go,
-beside the same gateway under CPython's own policy (``POOLGATE_GC_FREEZE=0``).
+beside the same gateway without it (``--variants``, below).
 
 Two stacks side by side (bench/scale_stack.py, cheap kernels, one gateway each), alike but for
 that variable: "freeze" (the gateway as shipped) and "plain" (CPython's collector and glibc's
@@ -213,12 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = args.variants.split(",")
     if not set(args.variants) <= set(VARIANTS):
         p.error(f"--variants: of {', '.join(VARIANTS)}")
-    if args.memmap:  # read by bench/scale_gcwatch/sitecustomize.py in each process
-        args.memmap.mkdir(parents=True, exist_ok=True)
-        os.environ["POOLGATE_BENCH_MEMMAP"] = str(args.memmap.resolve())
-    if args.tracemalloc:  # read by bench/scale_gcwatch/sitecustomize.py in each process
-        args.tracemalloc.mkdir(parents=True, exist_ok=True)
-        os.environ["POOLGATE_BENCH_TRACEMALLOC"] = str(args.tracemalloc.resolve())
+    for folder, variable in ((args.memmap, "POOLGATE_BENCH_MEMMAP"),
+                             (args.tracemalloc, "POOLGATE_BENCH_TRACEMALLOC")):
+        if folder:  # read by bench/scale_gcwatch/sitecustomize.py in each process
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(folder.resolve())
     with work_folder("poolgate-soak-", args.keep) as work:
         result = asyncio.run(soak(args, work))
     print(json.dumps(result), flush=True)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 FULL_WALK_EVERY = 16
+# trims: how many and how long, read by the bench's memory soak (bench/scale_gcwatch)
 _state: dict[str, Any] = {"full": 0, "installed": False,
                          "trims": 0, "trim_seconds": 0.0, "trim_max": 0.0}
 

@@ -79,6 +79,11 @@ def setup_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if argv is None and args.command in ("gateway", "worker"):
+        # a thread per WebSocket, per slot and per kernel: glibc's caches per thread held memory
+        from .workers.threadcache import no_thread_caches
+
+        no_thread_caches()  # executes this command again, once
     os.environ["POOLGATE_LOG_FORMAT"] = args.log_format  # also for the processes serve starts
     try:
         if args.command == "serve":
@@ -86,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         if args.command == "gateway":
-            return gateway(args, own_process=argv is None)
+            return gateway(args)
         if args.command in admin.COMMANDS:
             return admin.run(args)
         if args.command == "maintenance":
             return maintenance(args)
-        return worker(args, own_process=argv is None)
+        return worker(args)
     except ConfigError as exc:
         print(f"poolgate: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -135,11 +140,7 @@ def tls_options(gw: Any) -> dict[str, Any]:
     return out
 
 
-def gateway(args: argparse.Namespace, own_process: bool = False) -> int:
-    if own_process:  # a thread per WebSocket: glibc's caches per thread held memory
-        from .workers.threadcache import no_thread_caches
-
-        no_thread_caches()
+def gateway(args: argparse.Namespace) -> int:
     from .gateway.server import run
     from .workers.config import find_config, load_config
 
@@ -202,11 +203,7 @@ def default_worker_name(pools: list[str], index: int, hostname: str | None = Non
     return name
 
 
-def worker(args: argparse.Namespace, own_process: bool = False) -> int:
-    if own_process:  # a thread per slot and per kernel: as the gateway's (workers/threadcache.py)
-        from .workers.threadcache import no_thread_caches
-
-        no_thread_caches()
+def worker(args: argparse.Namespace) -> int:
     from .workers import launchers
     from .workers.celery_app import make_celery
     from .workers.config import load_config

@@ -454,10 +454,15 @@ class Supervisor:
             pass
         self.reg.hand_replay(token, self.replay_buf.blobs(), REPLAY_HANDOFF_TTL)
 
+    @property
+    def _worker_shut_down(self) -> str:
+        """Why a kernel ends with its worker (FAILED for its clients, no fault of its own)."""
+        return f"worker {self.rt.name} shut down"
+
     def _tick(self) -> None:
         assert self.handle is not None
         if self.rt.shutting_down.is_set():
-            raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
+            raise Stop(self._worker_shut_down, S.FAILED)
         now = time.monotonic()
         if now >= self.next_record_check:
             self.next_record_check = now + RECORD_CHECK_EVERY
@@ -528,7 +533,7 @@ class Supervisor:
         elif action.startswith("replay:"):
             self.replay(action.split(":", 1)[1])
         elif action == "shutdown-worker":
-            raise Stop(f"worker {self.rt.name} shut down", S.FAILED)
+            raise Stop(self._worker_shut_down, S.FAILED)
 
     def _auto_restart(self, died: str) -> None:
         assert self.handle is not None
@@ -590,8 +595,7 @@ class Supervisor:
         if status is S.FAILED:
             # its worker stopping (an operator's Ctrl-C, a drain) is no fault of the kernel's:
             # clients still see it dead, but the log does not warn once per kernel
-            worker_stopped = reason == f"worker {self.rt.name} shut down"
-            (log.info if worker_stopped else log.warning)(
+            (log.info if reason == self._worker_shut_down else log.warning)(
                 "Kernel %s on pool %s failed: %s", self.kid, self.pool.name, reason)
             self.reg.transition(self.kid, S.FAILED, pool=self.pool.name, reason=reason,
                                 execution_state="dead", error=code)

@@ -45,7 +45,7 @@ print(json.dumps({"held": held, "tunables": os.environ.get("GLIBC_TUNABLES")}))
 """
 
 
-def held_by_idle_threads(env: dict[str, str]) -> tuple[int, str]:
+def held_by_idle_threads(env: dict[str, str]) -> tuple[int, str | None]:
     out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True,
                          timeout=120, check=True, env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
