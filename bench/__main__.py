@@ -24,7 +24,8 @@ from bench.runner import TargetResult, run_target
 from bench.targets import TARGETS, RunContext
 
 DEFAULT_TARGETS = "floor,poolgate,poolgate-redis,eg,kg"
-EXTRA_ARG_NAMES = ("eg", "kg", "poolgate", "poolgate-redis:worker", "poolgate-redis:gateway")
+EXTRA_ARG_NAMES = ("eg", "kg", "poolgate", "poolgate-before", "poolgate-redis:worker",
+                   "poolgate-redis:gateway")
 
 
 def csv(text: str) -> list[str]:
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-logs", action="store_true", help="keep the work folder with logs")
     p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
                    help="extra arguments for one process, e.g. 'poolgate=--slots 128'; NAME "
-                        "is eg, kg, poolgate, poolgate-redis:worker or poolgate-redis:gateway "
+                        "is eg, kg, poolgate, poolgate-before, poolgate-redis:worker or "
+                        "poolgate-redis:gateway "
                         "(repeatable; default: none, as a user would start it)")
     for f in dataclasses.fields(Sizes):
         tuple_valued = isinstance(getattr(FULL, f.name), tuple)
@@ -92,6 +94,25 @@ def write_kernelspec(root: Path, name: str) -> Path:
     return root
 
 
+def bench_workdir(prefix: str, kernel_name: str) -> tuple[Path, Path]:
+    """A work folder and the kernelspec root in it. The floor runs in this process: the same
+    kernelspec, its connection files in the work folder."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    spec_root = write_kernelspec(workdir / "jupyter", kernel_name)
+    os.environ["JUPYTER_PATH"] = str(spec_root)
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(workdir / "floor-runtime")
+    return workdir, spec_root
+
+
+def extra_args(items: list[str]) -> dict[str, list[str]]:
+    """--args NAME=ARGS, repeatable: the extra arguments of each named process."""
+    extra: dict[str, list[str]] = {}
+    for item in items:
+        name, text = item.split("=", 1)
+        extra[name] = [*extra.get(name, []), *shlex.split(text)]
+    return extra
+
+
 async def run_all(args: argparse.Namespace, ctx: RunContext, sizes: Sizes, rounds: int,
                   results: list[TargetResult]) -> None:
     """Round by round, each target in turn (started, measured, stopped): every target's round
@@ -120,15 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = sizes_from(args)
     rounds = args.rounds or (1 if args.quick else 3)
-    workdir = Path(tempfile.mkdtemp(prefix="poolgate-bench-"))
-    spec_root = write_kernelspec(workdir / "jupyter", args.kernel_name)
-    # The floor runs in this process: same kernelspec, connection files in the work folder.
-    os.environ["JUPYTER_PATH"] = str(spec_root)
-    os.environ["JUPYTER_RUNTIME_DIR"] = str(workdir / "floor-runtime")
-    extra: dict[str, list[str]] = {}
-    for item in args.args:
-        name, text = item.split("=", 1)
-        extra[name] = [*extra.get(name, []), *shlex.split(text)]
+    workdir, spec_root = bench_workdir("poolgate-bench-", args.kernel_name)
+    extra = extra_args(args.args)
     ctx = RunContext(workdir=workdir, kernelspec_dir=spec_root, kernel_name=args.kernel_name,
                      token=args.token, extra_args=extra, ws_compress=args.ws_compress)
     t0 = time.time()

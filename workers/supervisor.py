@@ -25,6 +25,7 @@ import redis
 import zmq
 
 from . import jmsg
+from .config import PoolConfig
 from .errors import GatewayError, LaunchRejected
 from .hosting import WorkerHost
 from .kernel_socket import KernelSocket
@@ -98,6 +99,14 @@ def received(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
     return [f.bytes if len(f) < SMALL_PART else f.buffer for f in frames]
 
 
+def reads_status_only(pool: PoolConfig) -> bool:
+    """Whether a supervisor of this pool needs only its kernel's status messages: with no
+    replay buffer to fill, and busy kernels never culled (so output while busy is no activity
+    that counts), it does, and narrows its subscription to them (Supervisor._narrow): the
+    kernel then stops sending it a second copy of all its output."""
+    return not pool.replay_buffer and not pool.cull_busy
+
+
 class ReplayBuffer:
     """The newest iopub messages of one kernel, as received: at most ``count`` messages and
     ``max_bytes`` bytes; a message larger than REPLAY_MAX_MESSAGE is not kept."""
@@ -155,6 +164,8 @@ class Supervisor:
         self.written_state: str | None = None  # the execution state the registry holds
         self.state_due = 0.0  # when a pending "busy" is written
         self.activity_written = 0.0
+        self.status_only = reads_status_only(self.pool)  # then iopub is narrowed (_narrow)
+        self.narrowed = False
         # The replay buffer: the newest iopub messages, as received, for clients of a gateway
         # that died (handed over on request: see replay()).
         self.replay_buf = ReplayBuffer(self.pool.replay_buffer,
@@ -326,6 +337,7 @@ class Supervisor:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(conn.url("iopub"))
         self.iopub = sock
+        self.narrowed = False  # a new kernel process: its topics are learnt again
 
     # -- supervising ----------------------------------------------------------------------
 
@@ -407,6 +419,8 @@ class Supervisor:
                     state = json.loads(bytes(parts[3])).get("execution_state", state)
                     if state == "starting":  # ipykernel's first status: for a running kernel
                         state = "idle"       # that is idle ("starting" means still launching)
+                    if self.status_only and not self.narrowed:
+                        self._narrow(sock, msg[0])
             except (ValueError, IndexError, AttributeError, TypeError):
                 continue
         if got:
@@ -414,6 +428,17 @@ class Supervisor:
         if state is not None:
             self.state = state
         return more
+
+    def _narrow(self, sock: zmq.Socket[bytes], topic: bytes | memoryview) -> None:
+        """From now on receive only messages with this status message's topic (ipykernel:
+        ``kernel.<id>.status``), not all output. A kernel that publishes without topics
+        (the first frame is the delimiter) keeps sending everything."""
+        self.narrowed = True
+        topic = bytes(topic)
+        if not topic or topic == jmsg.DELIM:
+            return
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+        sock.setsockopt(zmq.UNSUBSCRIBE, b"")
 
     def _record_state(self, now: float) -> None:
         """Write execution state and activity to the registry: a change to idle at once, busy

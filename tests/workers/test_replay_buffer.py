@@ -80,7 +80,7 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
             sub.recv()
             break
     sup = SimpleNamespace(replay_buf=ReplayBuffer(count=100, max_bytes=1e9), state="idle",
-                          active_at=0.0)
+                          active_at=0.0, status_only=False, narrowed=False)
     drain = supervisor.Supervisor._drain_iopub
     try:
         pub.send_multipart(status("starting"))
