@@ -112,6 +112,7 @@ class Runner:
         self.run: dict[str, Callable[[str], Awaitable[ExecResult]]] = {}
         self.kernel: dict[str, psutil.Process] = {}
         self.target: dict[str, Target] = {}
+        self.sync_sockets: list[SyncWebSocketConnection] = []  # closed by close()
 
     def new_kernel(self, target: Target) -> psutil.Process:
         """The kernel process that appeared since the last call (one per kernel started)."""
@@ -136,7 +137,12 @@ class Runner:
         assert where is not None
         url, headers = where
         ws = SyncWebSocketConnection(url, headers, url.rsplit("session_id=", 1)[-1], 300.0)
+        self.sync_sockets.append(ws)
         self.run[key] = lambda code: asyncio.to_thread(ws.execute, code, 300.0)
+
+    def close(self) -> None:
+        for ws in self.sync_sockets:
+            ws.close()
 
     async def cell(self, key: str, code: str, count: int, size: int) -> None:
         target, kernel = self.target[key], self.kernel[key]
@@ -201,6 +207,7 @@ async def measure(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
                                       "gateway_us": statistics.median(cells.gateway_us),
                                       "rates": cells.rates}
     finally:
+        runner.close()
         for target in targets:
             try:
                 await target.cleanup()
