@@ -91,15 +91,10 @@ def pin(proc: psutil.Process, cpu: int) -> None:
             continue
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) ``proc`` has used so far."""
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 class Runner:
@@ -128,7 +123,6 @@ class Runner:
     async def add(self, key: str, target: Target, websocket_client: bool) -> None:
         ref, conn, _ = await ready_kernel(target, 120.0)
         self.kernel[key], self.target[key] = self.new_kernel(target), target
-        self.cells[key] = Cells()
         if not websocket_client:
             self.run[key] = lambda code: conn.execute(code, 300.0)
             return
@@ -147,7 +141,7 @@ class Runner:
     async def cell(self, key: str, code: str, count: int, size: int) -> None:
         target, kernel = self.target[key], self.kernel[key]
         gateway = target.server_processes() is not None
-        k0, g0 = cpu_seconds([kernel]), gateway_cpu(target) if gateway else 0.0
+        k0, g0 = cpu_seconds(kernel), gateway_cpu(target) if gateway else 0.0
         t0 = time.perf_counter()
         res = await self.run[key](code)
         seconds = time.perf_counter() - t0
@@ -156,7 +150,7 @@ class Runner:
                                f"complete={res.complete}")
         cells = self.cells[key]
         cells.rates.append(count / seconds)
-        cells.kernel_us.append(1e6 * (cpu_seconds([kernel]) - k0) / count)
+        cells.kernel_us.append(1e6 * (cpu_seconds(kernel) - k0) / count)
         cells.gateway_us.append(1e6 * (gateway_cpu(target) - g0) / count if gateway else 0.0)
 
 
