@@ -58,6 +58,12 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     # the worker runs with glibc's per-thread caches off (workers/threadcache.py); its kernels
     # get the environment it was given, and with it glibc's defaults
     assert ch.execute("'GLIBC_TUNABLES' in __import__('os').environ").result == "False"
+    # the packaged spec turns off debugpy's check for frozen modules: every kernel ran it at
+    # start and printed four lines of "Debugger warning" to stderr, which a client connected
+    # across an auto-restart received (the check run again, as the kernel's start runs it)
+    again = ch.execute("import runpy, sys; runpy.run_path(sys.modules['pydevd_file_utils']"
+                       ".__file__); 1")
+    assert (again.result, again.stderr) == ("1", ""), again.stderr
     ch.close()
     handle = json.loads(redis.Redis(unix_socket_path=str(data / "redis.sock"))
                         .hget(f"pg:k:{kid}", "handle"))
