@@ -280,7 +280,8 @@ def flushed_code(count: int, size: int) -> str:
 
 
 # 3's message-size variants: (metric prefix, message size in bytes, messages at iopub_mb=200)
-IOPUB_VARIANTS = (("iopub64k", 65536, 1600), ("iopub16k", 16384, 4000), ("iopub_small", 8, 10000))
+IOPUB_VARIANTS = (("iopub4m", 4 << 20, 48), ("iopub64k", 65536, 1600), ("iopub16k", 16384, 4000),
+                  ("iopub_small", 8, 10000))
 
 
 def gateway_cpu(target: Target) -> float:
@@ -298,9 +299,10 @@ def gateway_cpu(target: Target) -> float:
 
 async def scenario_iopub(target: Target, sizes: Sizes) -> Metrics:
     """3: stdout throughput of one printing cell (1000-byte lines flushed every 250 lines);
-    bytes that never arrived count as lost. Then the same kernel's flushed writes of 64 KiB,
-    16 KiB and 8 bytes, one iopub message each: messages a second, and the gateway process's
-    own CPU per message (its CPU time over the cell / messages; the kernel's is not in it);
+    bytes that never arrived count as lost. Then the same kernel's flushed writes of 4 MiB (a
+    large image or table), 64 KiB, 16 KiB and 8 bytes, one iopub message each: messages a
+    second, and the gateway process's own CPU per message (its CPU time over the cell /
+    messages; the kernel's is not in it);
     for a gateway, once with the aiohttp client and once more with websocket-client (``wsc_``
     keys; the floor has no WebSocket, so its one figure is the floor of both)."""
     lines = max(1, int(sizes.iopub_mb * 1000))

@@ -237,12 +237,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="gateway targets beside the floor (comma-separated: poolgate, "
                         "poolgate-before, kg, eg)")
     p.add_argument("--pairs", type=int, default=10, help="pairs per variant")
-    p.add_argument("--variants", default="iopub64k,iopub16k,iopub_small")
+    p.add_argument("--variants", default="iopub64k,iopub16k,iopub_small",
+                   help="of iopub4m, iopub64k, iopub16k, iopub_small")
     p.add_argument("--clients", default="aiohttp,websocket-client",
                    help="aiohttp, and websocket-client too unless left out")
     p.add_argument("--scale", type=float, default=0.5,
                    help="messages per cell as a fraction of the iopub scenario's at 200 MB "
-                        "(1600 × 64 KiB, 4000 × 16 KiB, 10000 small)")
+                        "(48 × 4 MiB, 1600 × 64 KiB, 4000 × 16 KiB, 10000 small)")
     p.add_argument("--spin-idle", action="store_true",
                    help="keep every CPU busy with a SCHED_IDLE loop (see above)")
     p.add_argument("--pin-kernels", type=int, metavar="CPU",

@@ -21,10 +21,9 @@ NO_STATUS, PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1005, 1002, 1007, 100
 MAX_MESSAGE_SIZE = 64 << 20  # FrameReader's default: see its docstring
 
 
-def ws_header(data: bytes, text: bool) -> bytes:
-    """A server's (unmasked, final) WebSocket frame header for ``data`` (RFC 6455, 5.2)."""
+def ws_header(n: int, text: bool) -> bytes:
+    """A server's (unmasked, final) WebSocket frame header for ``n`` bytes (RFC 6455, 5.2)."""
     op = 0x81 if text else 0x82
-    n = len(data)
     if n < 126:
         return bytes((op, n))
     if n < 65536:

@@ -9,7 +9,8 @@ Two protocols, as Jupyter Server speaks them:
   channel name, then the raw header, parent, metadata, content and buffers.
 
 Relaying kernel → client keeps the JSON parts as bytes and splices them, so content is never
-decoded and encoded again; only the small header is read (for msg_id and msg_type).
+decoded and encoded again, nor, when long, copied (:class:`Frame`); only the small header is
+read (for msg_id and msg_type).
 """
 from __future__ import annotations
 
@@ -29,22 +30,39 @@ class BadFrame(ValueError):
     """A client frame we cannot turn into a message."""
 
 
-class Text(bytes):
-    """A legacy-protocol message for a WebSocket text frame, kept as its UTF-8 bytes: a frame
-    of megabytes of output is not decoded to str and encoded back to be sent."""
+# A message whose parts are shorter than this is written as one piece (joined: cheap), so a
+# socket write of many small messages stays a short list; a longer one is written from its
+# parts as they came from the kernel, never copied into one more buffer of megabytes.
+JOIN_UNDER = 64 << 10
 
-    __slots__ = ()
+
+class Frame:
+    """One WebSocket message for the client: the pieces its payload is written from, in order
+    (the connection writes them with its header in one ``sendmsg``), and whether it is a text
+    frame (else binary). ``len()`` is the payload's size, ``bytes()`` the payload."""
+
+    __slots__ = ("pieces", "text", "size")
+
+    def __init__(self, pieces: tuple[bytes, ...], text: bool) -> None:
+        self.pieces, self.text = pieces, text
+        self.size = sum(map(len, pieces))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
 
 
-def text(body: bytes) -> Text:
-    """``body`` as a text frame's payload: UTF-8, with what is not (a kernel may send lone
-    surrogates) replaced by U+FFFD, as decoding it to str would."""
-    if not body.isascii():
+def _utf8(piece: bytes) -> bytes:
+    """``piece`` as UTF-8, with what is not (a kernel may send lone surrogates) replaced by
+    U+FFFD, as decoding it to str would."""
+    if not piece.isascii():
         try:
-            body.decode()
+            piece.decode()
         except UnicodeDecodeError:
-            body = body.decode("utf-8", errors="replace").encode()
-    return Text(body)
+            return piece.decode("utf-8", errors="replace").encode()
+    return piece
 
 
 def json_part(part: bytes) -> dict[str, Any]:
@@ -61,42 +79,63 @@ def header_of(parts: list[bytes]) -> dict[str, Any]:
 
 
 def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
-              protocol: str | None, head: dict[str, Any] | None = None) -> bytes:
-    """A kernel message (raw JSON parts) as one WebSocket frame for the client: :class:`Text`
-    for a text frame, else bytes for a binary one. The content is copied once (join)."""
+              protocol: str | None, head: dict[str, Any] | None = None) -> Frame:
+    """A kernel message (raw JSON parts) as one WebSocket frame for the client. The parts are
+    spliced as they are: content is never decoded and encoded again, and a long one is not
+    copied at all (see :class:`Frame`)."""
     if protocol == V1:
-        return to_v1(channel, parts + buffers)
+        return _frame(v1_pieces(channel, parts + buffers), text=False)
     h, p, m, c = parts
     if head is None:
         head = header_of(parts)
-    body = b"".join((b'{"header":', h, b',"msg_id":', pack(head.get("msg_id", "")),
-                     b',"msg_type":', pack(head.get("msg_type", "")), b',"parent_header":', p,
-                     b',"metadata":', m, b',"content":', c, b',"buffers":[],"channel":',
-                     pack(channel), b"}"))
-    if not buffers:
-        return text(body)
-    return binary_legacy(body, buffers)
+    body = (b'{"header":', h, b',"msg_id":', pack(head.get("msg_id", "")),
+            b',"msg_type":', pack(head.get("msg_type", "")), b',"parent_header":', p,
+            b',"metadata":', m, b',"content":', c, b',"buffers":[],"channel":',
+            pack(channel), b"}")
+    if buffers:
+        return _frame(binary_legacy_pieces(body, buffers), text=False)
+    if len(c) < JOIN_UNDER:  # most messages: one piece, checked at once
+        return Frame((_utf8(b"".join(body)),), text=True)
+    return Frame(tuple(_utf8(piece) for piece in body), text=True)
+
+
+def _frame(pieces: tuple[bytes, ...], text: bool) -> Frame:
+    frame = Frame(pieces, text)
+    if frame.size < JOIN_UNDER:
+        frame.pieces = (b"".join(pieces),)
+    return frame
+
+
+def binary_legacy_pieces(body: tuple[bytes, ...], buffers: list[bytes]) -> tuple[bytes, ...]:
+    """Jupyter Server's ``serialize_binary_message``: offsets, the JSON (``body``, in
+    pieces), then the buffers."""
+    sizes = [sum(map(len, body)), *map(len, buffers)]
+    nbufs = len(sizes)
+    offsets = [4 * (nbufs + 1)]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    return (struct.pack("!" + "I" * (nbufs + 1), nbufs, *offsets), *body, *buffers)
 
 
 def binary_legacy(body: bytes, buffers: list[bytes]) -> bytes:
-    """Jupyter Server's ``serialize_binary_message``: offsets, JSON, then buffers."""
-    bufs = [body, *buffers]
-    nbufs = len(bufs)
-    offsets = [4 * (nbufs + 1)]
-    for b in bufs[:-1]:
-        offsets.append(offsets[-1] + len(b))
-    return b"".join((struct.pack("!" + "I" * (nbufs + 1), nbufs, *offsets), *bufs))
+    """A legacy binary frame's payload in one piece (as a client sends it)."""
+    return b"".join(binary_legacy_pieces((body,), buffers))
 
 
-def to_v1(channel: str, msg_list: list[bytes]) -> bytes:
-    """Jupyter Server's ``serialize_msg_to_ws_v1``."""
+def v1_pieces(channel: str, msg_list: list[bytes]) -> tuple[bytes, ...]:
+    """Jupyter Server's ``serialize_msg_to_ws_v1``, in pieces."""
     ch = channel.encode()
     offsets = [8 * (1 + 1 + len(msg_list) + 1)]
     offsets.append(len(ch) + offsets[-1])
     for part in msg_list:
         offsets.append(len(part) + offsets[-1])
     head = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
-    return b"".join((head, ch, *msg_list))
+    return (head, ch, *msg_list)
+
+
+def to_v1(channel: str, msg_list: list[bytes]) -> bytes:
+    """A v1 frame's payload in one piece (as a client sends it)."""
+    return b"".join(v1_pieces(channel, msg_list))
 
 
 def from_client(frame: str | bytes, protocol: str | None) -> tuple[str, list[bytes], list[bytes]]:

@@ -142,8 +142,14 @@ class Connection:
         self.max_frame, self.max_message, self.max_frames = max_frame, max_message, max_frames
         self.state = State.GREETING
         self.outgoing: list[bytes] = []
-        self.rbuf = bytearray()  # bytes of a frame (or the greeting) not yet whole
+        self.rbuf = bytearray()  # bytes of a header, command or greeting not yet whole
         self.need = 0  # how long rbuf must grow before it is parsed again
+        # The body of a long message frame not yet whole, as the chunks that came: joined once
+        # when the last one comes (a kernel's 50 MB of output is copied once, not three times)
+        self.body: list[bytes] = []
+        self.body_flags = 0
+        self.body_left = 0  # bytes of it still to come
+        self.body_have = 0
         self.parts: list[bytes] = []  # frames of the message being received
         # Bytes the message being received may still take in long frames (256 bytes and more,
         # counted from their header); its short frames are bounded by max_frames.
@@ -167,16 +173,25 @@ class Connection:
         frames; commands are handled here. Raises ZmtpError, and nothing else, on bad input."""
         if self.state is State.FAILED:
             raise ZmtpError("the connection has failed")
+        messages: list[list[bytes]] = []
+        pos = 0
+        if self.body_left:
+            try:
+                pos = self._take_body(data, messages)
+            except ZmtpError as exc:
+                self._failed(exc, messages)
+                raise
+            if pos == len(data):
+                return messages
         buf = self.rbuf
         if buf:
-            buf += data
+            buf += memoryview(data)[pos:]
             if len(buf) < self.need:  # the frame begun is not whole yet: parse it once it is
-                return []
-            data = bytes(buf)
+                return messages
+            data, pos = bytes(buf), 0
             buf.clear()
-        messages: list[list[bytes]] = []
         try:
-            used = self._parse(data, messages)
+            used = self._parse(data, messages, pos)
         except ZmtpError as exc:
             self._failed(exc, messages)
             raise
@@ -188,14 +203,41 @@ class Connection:
             buf += memoryview(data)[used:]
         return messages
 
+    @property
+    def held(self) -> int:
+        """Bytes held of frames not yet whole."""
+        return len(self.rbuf) + self.body_have
+
     def _failed(self, exc: ZmtpError, messages: list[list[bytes]]) -> None:
         self.state, self.parts, exc.messages = State.FAILED, [], messages
         self.rbuf.clear()
+        self.body, self.body_left, self.body_have = [], 0, 0
 
-    def _parse(self, data: bytes, messages: list[list[bytes]]) -> int:
-        """Take whole frames from ``data`` into ``messages``; return how many bytes were used,
-        and set ``need`` to how many the rest must reach before a frame can be taken from it."""
-        pos, end = 0, len(data)
+    def _take_body(self, data: bytes, messages: list[list[bytes]]) -> int:
+        """Add what ``data`` holds of the long frame being received; once it is whole, take
+        it as :meth:`_parse` takes a frame. Returns how many bytes of ``data`` were used."""
+        n = self.body_left
+        if len(data) < n:
+            self.body.append(data)
+            self.body_left -= len(data)
+            self.body_have += len(data)
+            return len(data)
+        self.body.append(data[:n])  # all of data, not copied, when the frame ends with it
+        body = b"".join(self.body)
+        self.body, self.body_left, self.body_have = [], 0, 0
+        self.parts.append(body)
+        if not self.body_flags & MORE:
+            messages.append(self.parts)
+            self.parts, self.room = [], self.max_message
+        elif len(self.parts) > self.max_frames:
+            raise ZmtpError(f"a message of over {self.max_frames} frames")
+        return n
+
+    def _parse(self, data: bytes, messages: list[list[bytes]], pos: int = 0) -> int:
+        """Take whole frames from ``data`` (from ``pos`` on) into ``messages``; return how far
+        ``data`` was used, and set ``need`` to how many bytes the rest must reach before a
+        frame can be taken from it (or begin the body of a long frame that is not whole)."""
+        end = len(data)
         self.need = 0
         if self.state is State.GREETING:
             if end < GREETING_SIZE:
@@ -225,6 +267,12 @@ class Connection:
                 size = data[pos + 1]
                 start = pos + 2
             if end - start < size:
+                if is_open and flags & 0xFC == 0 and size > 255:  # a long message frame
+                    self.body, self.body_flags = [data[start:]], flags
+                    self.body_have = end - start
+                    self.body_left = size - self.body_have
+                    pos = end  # its size was counted against room from its header
+                    break
                 self.need = start + size - pos
                 if flags & LONG and not flags & COMMAND:
                     room += size  # counted again when the frame is whole

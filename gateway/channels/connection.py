@@ -67,13 +67,13 @@ class Connection:
         self.sock.setblocking(False)
         simple_ws.replace_socket(ws, ClientSocket(self, self.sock))
 
-    def send(self, frame: bytes, block: bool = False) -> None:
+    def send(self, frame: wire.Frame, block: bool = False) -> None:
         self.send_many([frame], block=block)
 
-    def send_many(self, frames: list[bytes], done: Callable[[], None] | None = None,
+    def send_many(self, frames: list[wire.Frame], done: Callable[[], None] | None = None,
                   block: bool = False) -> None:
         """Send frames (from wire.to_client) in order, in as few socket writes as the kernel
-        allows: a wire.Text as a text frame, other bytes as a binary one.
+        allows.
 
         The socket does not block: what it does not take now waits in ``pending`` for the
         pump (polling for POLLOUT) while the pump goes on reading the kernel, so a slow client
@@ -85,11 +85,12 @@ class Connection:
                 raise ConnectionClosed(ws.close_reason, ws.close_message)
             parts = self.pending
             for frame in frames:
-                text = isinstance(frame, wire.Text)
                 if self.plain:
-                    parts += (framing.ws_header(frame, text), frame)
+                    parts.append(framing.ws_header(frame.size, frame.text))
+                    parts += frame.pieces
                 else:  # wsproto frames str as text, bytes as binary
-                    message = Message(data=frame.decode()) if text else Message(data=frame)
+                    data = bytes(frame)
+                    message = Message(data=data.decode()) if frame.text else Message(data=data)
                     parts.append(simple_ws.encode(ws, message))
             if done is not None:
                 self.on_flushed.append(done)

@@ -53,10 +53,10 @@ class Outbox:
 
     def __init__(self, conn: Connection, sess: KernelSession) -> None:
         self.conn, self.sess = conn, sess
-        self.frames: list[bytes] = []
+        self.frames: list[wire.Frame] = []
         self.marks: list[tuple[str, dict[str, Any], str]] = []
 
-    def add(self, frame: bytes, channel: str, head: dict[str, Any], pid: str) -> None:
+    def add(self, frame: wire.Frame, channel: str, head: dict[str, Any], pid: str) -> None:
         self.frames.append(frame)
         self.marks.append((channel, head, pid))
 

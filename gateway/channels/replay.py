@@ -119,7 +119,7 @@ def replay(conn: Connection, sess: KernelSession, buffered: list[bytes]) -> None
 
 
 def follow_orphan(conn: Connection, sess: KernelSession, channel: str, parts: list[bytes],
-                  head: dict[str, Any], add: Callable[[bytes, str, dict[str, Any], str], None]
+                  head: dict[str, Any], add: Callable[[wire.Frame, str, dict[str, Any], str], None]
                   ) -> None:
     """Follow a cell a lost gateway sent: its count and error from iopub, and at its idle
     the execute_reply the kernel sent to that gateway, rebuilt (before the idle)."""

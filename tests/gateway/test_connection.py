@@ -47,13 +47,14 @@ def read_all(conn: Connection, b: socket.socket, client: WSConnection) -> list[A
 def test_a_client_that_reads_nothing_does_not_block_the_pump(pair: Any) -> None:
     conn, b, client = pair
     done: list[int] = []
-    frames = [wire.Text(('{"n": %d, "x": "%s"}' % (i, "y" * 100_000)).encode()) for i in range(40)]
+    frames = [wire.Frame((('{"n": %d, "x": "%s"}' % (i, "y" * 100_000)).encode(),), text=True)
+              for i in range(40)]
     for i, frame in enumerate(frames):  # 4 MB, far beyond the socket's buffers: returns at once
         conn.send_many([frame], lambda i=i: done.append(i))
     assert conn.pending and len(done) < 40  # waiting, so not counted as delivered
     events = read_all(conn, b, client)
     texts = "".join(e.data for e in events if isinstance(e, TextMessage))
-    assert texts == "".join(f.decode() for f in frames)  # whole, in order
+    assert texts == "".join(bytes(f).decode() for f in frames)  # whole, in order
     assert done == list(range(40)) and not conn.pending
 
 
@@ -61,7 +62,7 @@ def test_a_pong_waits_behind_a_half_written_frame(pair: Any) -> None:
     """simple-websocket's own writes (pongs, the close) go behind pending bytes, not into
     the middle of a frame."""
     conn, b, client = pair
-    conn.send_many([b"\x01" * 1_000_000])  # binary; most of it waits
+    conn.send_many([wire.Frame((b"\x01" * 1_000_000,), text=False)])  # most of it waits
     assert conn.pending
     b.sendall(client.send(Ping(b"hi")))
     assert conn.read() == []
@@ -82,7 +83,7 @@ def test_a_blocking_send_waits_for_a_reader(pair: Any) -> None:
 
     t = threading.Thread(target=reader)
     t.start()
-    conn.send(b"\x02" * 2_000_000, block=True)
+    conn.send(wire.Frame((b"\x02" * 2_000_000,), text=False), block=True)
     assert not conn.pending
     t.join(10)
     client.receive_data(bytes(got))

@@ -20,7 +20,8 @@ PARTS = [json.dumps({"msg_id": "m1", "msg_type": "stream", "session": "s", "user
 
 def test_legacy_text_frame_is_jupyter_servers_json() -> None:
     frame = wire.to_client("iopub", PARTS, [], None)
-    msg = json.loads(frame)
+    assert frame.text
+    msg = json.loads(bytes(frame))
     assert msg["channel"] == "iopub" and msg["msg_type"] == "stream" and msg["msg_id"] == "m1"
     assert msg["content"] == {"name": "stdout", "text": "héllo"}
     assert msg["parent_header"] == {"msg_id": "p0"} and msg["buffers"] == []
@@ -28,14 +29,15 @@ def test_legacy_text_frame_is_jupyter_servers_json() -> None:
 
 def test_legacy_binary_frame_matches_jupyter_server() -> None:
     frame = wire.to_client("shell", PARTS, [b"\x00\x01", b"xyz"], None)
-    msg = deserialize_binary_message(frame)
+    assert not frame.text
+    msg = deserialize_binary_message(bytes(frame))
     assert msg["buffers"] == [b"\x00\x01", b"xyz"] and msg["channel"] == "shell"
     assert msg["content"]["text"] == "héllo"
 
 
 def test_v1_matches_jupyter_server() -> None:
     frame = wire.to_client("iopub", PARTS, [b"buf"], wire.V1)
-    channel, parts = deserialize_msg_from_ws_v1(frame)
+    channel, parts = deserialize_msg_from_ws_v1(bytes(frame))
     assert channel == "iopub" and parts == [*PARTS, b"buf"]
     back = serialize_msg_to_ws_v1(parts, "shell")
     ch, got, bufs = wire.from_client(back, wire.V1)
@@ -93,17 +95,39 @@ def test_binary_legacy_frame_that_is_not_utf8_is_a_bad_frame() -> None:
         wire.from_client(frame, None)
 
 
+BIG = b'{"name":"stdout","text":"' + b"x" * wire.JOIN_UNDER + b'"}'
+
+
+@pytest.mark.parametrize("protocol,buffers", [(None, []), (None, [b"\x00buf"]), (wire.V1, [])])
+def test_long_content_is_written_from_the_kernels_bytes_not_copied(
+        protocol: str | None, buffers: list[bytes]) -> None:
+    """A kernel's megabytes of output go to the socket as the bytes it sent (one sendmsg of
+    the pieces), with no joined copy of the whole frame; Jupyter Server reads the frame."""
+    frame = wire.to_client("iopub", [*PARTS[:3], BIG], buffers, protocol)
+    assert any(piece is BIG for piece in frame.pieces)
+    assert len(frame) == len(bytes(frame))
+    if protocol == wire.V1:
+        msg_list = deserialize_msg_from_ws_v1(bytes(frame))[1]
+        assert msg_list == [*PARTS[:3], BIG]
+        return
+    msg = json.loads(bytes(frame)) if frame.text else deserialize_binary_message(bytes(frame))
+    assert msg["content"]["text"] == "x" * wire.JOIN_UNDER and msg["channel"] == "iopub"
+    assert frame.text is not buffers and msg["buffers"] == buffers
+
+
 def test_text_frame_is_utf8_with_what_is_not_replaced() -> None:
     content = b'{"name":"stdout","text":"h\xc3\xa9 \xed\xa0\x80"}'  # é, then a lone surrogate
     frame = wire.to_client("iopub", [*PARTS[:3], content], [], None)
-    assert isinstance(frame, wire.Text)
-    assert json.loads(frame)["content"]["text"] == "hé " + b"\xed\xa0\x80".decode(errors="replace")
+    assert frame.text
+    assert json.loads(bytes(frame))["content"]["text"] == "hé " + b"\xed\xa0\x80".decode(errors="replace")
 
 
 @pytest.mark.parametrize("deflate", [False, True])
-def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool) -> None:
+@pytest.mark.parametrize("content", [PARTS[3], BIG])
+def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool,
+                                                                   content: bytes) -> None:
     """Both ways of framing: written here (no extension) and by wsproto (permessage-deflate,
-    as browsers ask), seen by a wsproto client."""
+    as browsers ask), seen by a wsproto client; short frames and long ones (in pieces)."""
     import socket
 
     from wsproto.events import BytesMessage, TextMessage
@@ -116,9 +140,10 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
 
     conn = Connection(FakeWs(a, server))
     assert conn.plain is not deflate
-    text = wire.to_client("iopub", PARTS, [], None)
-    binary = wire.to_client("shell", PARTS, [b"\x00buf"], None)
-    conn.send_many([text, binary])
+    parts = [*PARTS[:3], content]
+    text = wire.to_client("iopub", parts, [], None)
+    binary = wire.to_client("shell", parts, [b"\x00buf"], None)
+    conn.send_many([text, binary], block=True)
     a.close()
     data = b""
     while chunk := b.recv(65536):
@@ -126,9 +151,11 @@ def test_connection_sends_text_frames_as_text_and_binary_as_binary(deflate: bool
     b.close()
     client.receive_data(data)
     got = [e for e in client.events() if isinstance(e, TextMessage | BytesMessage)]
-    assert isinstance(got[0], TextMessage) and json.loads(got[0].data)["content"]["text"] == "héllo"
-    assert isinstance(got[1], BytesMessage) and deserialize_binary_message(
-        bytes(got[1].data))["buffers"] == [b"\x00buf"]
+    want = json.loads(content)["text"]
+    assert isinstance(got[0], TextMessage) and json.loads(got[0].data)["content"]["text"] == want
+    assert isinstance(got[1], BytesMessage)
+    msg = deserialize_binary_message(bytes(got[1].data))
+    assert msg["buffers"] == [b"\x00buf"] and msg["content"]["text"] == want
 
 
 @pytest.mark.parametrize("channel", [["shell"], {"a": 1}, 3, True])
