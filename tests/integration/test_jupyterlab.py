@@ -7,8 +7,10 @@ A user's notebook session: open a notebook on a poolgate kernel, run a cell, wat
 lines arrive while it runs, interrupt a sleeping cell, restart (JupyterLab must show no
 "Kernel Restarting ... appears to have died" dialog, the variable is gone, the next cell runs),
 "Restart Kernel and Run All Cells", change the kernel, shut it down; and the page logs no
-console error from the kernel connection. Then the same user behind two gateway replicas that a
-round-robin TCP proxy shares out, so every reconnect lands on the other replica.
+console error from the kernel connection. A cell that kills its kernel: JupyterLab's "appears
+to have died" dialog, the kernel back under its id, the next cell run in it. Then the same user
+behind two gateway replicas that a round-robin TCP proxy shares out, so every reconnect lands
+on the other replica.
 
 The lab's user settings skip the "Restart Kernel?" confirmation (the user ticked "Do not ask
 me again"), so any dialog seen while restarting is JupyterLab reacting to the kernel.
@@ -365,6 +367,38 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
         page.no_dialog(0, "on shutdown")
 
         assert not kernel_errors(browser.errors), browser.errors
+    finally:
+        lab.stop()
+
+
+def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: Browser,
+                                                  tmp_path: Path) -> None:
+    """A cell that ends the kernel's process: JupyterLab says so as it does on Jupyter Server's
+    own kernels (its "appears to have died. It will restart automatically" dialog, from the
+    ``restarting`` status the gateway sends), the kernel is back under the same id within
+    seconds, and the next cell runs in it, with a fresh namespace."""
+    lab = Lab(tmp_path, redis_stack.url)
+    try:
+        lab.write_notebook("crash.ipynb")
+        page = Page(browser, lab)
+        kid = page.open("crash.ipynb")["kernel"]["id"]
+        assert text_of(page.run(0)) == "out 42\n"
+        browser.evaluate("pg.panel().content.widgets[2].model.sharedModel.setSource("
+                         "'import os\\nos._exit(1)')")
+        browser.evaluate("pg.run(2)")
+        browser.wait(lambda: any("appears to have died" in d and "restart automatically" in d
+                                 for d in page.state()["dialogs"]), 20,
+                     "JupyterLab's dialog for a kernel that died")
+        state = page.idle(30, "the kernel restarted after its death")
+        assert state["kernel"]["id"] == kid
+        assert "restarting" in state["statuses"]
+        assert page.run(3)["outputs"][0]["text"] == "False\n"  # x is gone: a new process
+        live = [k["id"] for k in redis_stack.live_kernels()]
+        assert live == [kid], live
+        assert not kernel_errors(browser.errors), browser.errors
+        page.command("notebook:shutdown-kernel")
+        browser.wait(lambda: not redis_stack.live_kernels(), 30,
+                     "poolgate to have no kernel left")
     finally:
         lab.stop()
 
