@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 
 from tests.client import Gateway
@@ -27,7 +29,26 @@ def _children_of(folder: Path) -> list[psutil.Process]:
     return out
 
 
-def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+@pytest.fixture
+def serves() -> Iterator[list[subprocess.Popen[str]]]:
+    """The ``poolgate serve`` processes a test starts: those still running when it ends (an
+    assertion failed before its Ctrl-C) get one, then a kill, so no serve and no kernel of a
+    failed test is left on the machine."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path,
+                                                        serves: list[subprocess.Popen[str]]
+                                                        ) -> None:
     port = free_port()
     data = tmp_path / "data"
     env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
@@ -37,6 +58,7 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir", str(data),
          "--auth-token", "s3cret", "--base-url", "/pg", "--slots", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serves.append(proc)
     assert proc.stdout is not None
     lines = []
     deadline = time.monotonic() + 60
@@ -110,7 +132,8 @@ def test_bad_config_stops_startup_with_the_path(tmp_path: Path) -> None:
     assert "pools.local.slotz: unknown key; did you mean 'slots'?" in r.stderr
 
 
-def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
+def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path,
+                                                     serves: list[subprocess.Popen[str]]) -> None:
     """``poolgate serve --log-format json``: its own lines (ready, stopping) are JSON log
     objects too, as its gateway's and workers' are, from start to Ctrl-C."""
     env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
@@ -120,6 +143,7 @@ def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
         [sys.executable, "-m", "poolgate", "serve", "--port", str(free_port()), "--data-dir",
          str(tmp_path / "data"), "--log-format", "json"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serves.append(proc)
     assert proc.stdout is not None
     lines = []
     while "poolgate is ready" not in (line := proc.stdout.readline()):
