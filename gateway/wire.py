@@ -100,10 +100,10 @@ def to_client(channel: str, parts: list[bytes], buffers: list[bytes],
 
 
 def _frame(pieces: tuple[bytes, ...], text: bool) -> Frame:
-    frame = Frame(pieces, text)
-    if frame.size < JOIN_UNDER:
-        frame.pieces = (b"".join(pieces),)
-    return frame
+    """A Frame of ``pieces``, joined into one when the whole is short (see JOIN_UNDER)."""
+    if sum(map(len, pieces)) < JOIN_UNDER:
+        pieces = (b"".join(pieces),)
+    return Frame(pieces, text)
 
 
 def binary_legacy_pieces(body: tuple[bytes, ...], buffers: list[bytes]) -> tuple[bytes, ...]:

@@ -149,7 +149,6 @@ class Connection:
         self.body: list[bytes] = []
         self.body_flags = 0
         self.body_left = 0  # bytes of it still to come
-        self.body_have = 0
         self.parts: list[bytes] = []  # frames of the message being received
         # Bytes the message being received may still take in long frames (256 bytes and more,
         # counted from their header); its short frames are bounded by max_frames.
@@ -175,7 +174,8 @@ class Connection:
             raise ZmtpError("the connection has failed")
         messages: list[list[bytes]] = []
         pos = 0
-        if self.body_left:
+        buf = self.rbuf
+        if self.body_left:  # (then rbuf is empty: the body began where the data ended)
             try:
                 pos = self._take_body(data, messages)
             except ZmtpError as exc:
@@ -183,12 +183,11 @@ class Connection:
                 raise
             if pos == len(data):
                 return messages
-        buf = self.rbuf
-        if buf:
-            buf += memoryview(data)[pos:]
+        elif buf:
+            buf += data
             if len(buf) < self.need:  # the frame begun is not whole yet: parse it once it is
-                return messages
-            data, pos = bytes(buf), 0
+                return []
+            data = bytes(buf)
             buf.clear()
         try:
             used = self._parse(data, messages, pos)
@@ -206,12 +205,12 @@ class Connection:
     @property
     def held(self) -> int:
         """Bytes held of frames not yet whole."""
-        return len(self.rbuf) + self.body_have
+        return len(self.rbuf) + sum(map(len, self.body))
 
     def _failed(self, exc: ZmtpError, messages: list[list[bytes]]) -> None:
         self.state, self.parts, exc.messages = State.FAILED, [], messages
         self.rbuf.clear()
-        self.body, self.body_left, self.body_have = [], 0, 0
+        self.body, self.body_left = [], 0
 
     def _take_body(self, data: bytes, messages: list[list[bytes]]) -> int:
         """Add what ``data`` holds of the long frame being received; once it is whole, take
@@ -220,11 +219,10 @@ class Connection:
         if len(data) < n:
             self.body.append(data)
             self.body_left -= len(data)
-            self.body_have += len(data)
             return len(data)
         self.body.append(data[:n])  # all of data, not copied, when the frame ends with it
         body = b"".join(self.body)
-        self.body, self.body_left, self.body_have = [], 0, 0
+        self.body, self.body_left = [], 0
         self.parts.append(body)
         if not self.body_flags & MORE:
             messages.append(self.parts)
@@ -269,8 +267,7 @@ class Connection:
             if end - start < size:
                 if is_open and flags & 0xFC == 0 and size > 255:  # a long message frame
                     self.body, self.body_flags = [data[start:]], flags
-                    self.body_have = end - start
-                    self.body_left = size - self.body_have
+                    self.body_left = size - (end - start)
                     pos = end  # its size was counted against room from its header
                     break
                 self.need = start + size - pos

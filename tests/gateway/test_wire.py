@@ -112,7 +112,7 @@ def test_long_content_is_written_from_the_kernels_bytes_not_copied(
         return
     msg = json.loads(bytes(frame)) if frame.text else deserialize_binary_message(bytes(frame))
     assert msg["content"]["text"] == "x" * wire.JOIN_UNDER and msg["channel"] == "iopub"
-    assert frame.text is not buffers and msg["buffers"] == buffers
+    assert frame.text == (not buffers) and msg["buffers"] == buffers
 
 
 def test_text_frame_is_utf8_with_what_is_not_replaced() -> None:
