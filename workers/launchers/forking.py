@@ -201,14 +201,16 @@ class ForkServer:
                 return False
             time.sleep(0.02)
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_file: Path) -> Forked | None:
-        """Fork a kernel; None if the server cannot (not ready yet, gone): exec it instead."""
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_file: Path,
+              lean: bool = True) -> Forked | None:
+        """Fork a kernel; None if the server cannot (not ready yet, gone): exec it instead.
+        ``lean``: the kernel's execute skips ipykernel's empty waits (forkserver.py: _lean)."""
         with self._lock:
             if not self._usable():
                 return None
             try:
                 reply = self._request({"op": "spawn", "argv": argv, "env": env, "cwd": cwd,
-                                       "log": str(log_file)})
+                                       "log": str(log_file), "lean": lean})
             except (OSError, ValueError) as exc:
                 self._fail(str(exc))
                 return None

@@ -6,7 +6,7 @@ Run by the local launcher as ``<python> forkserver.py FD`` with the kernelspec's
 interpreter; FD is one end of a socket pair. It uses only the standard library and what the
 kernel imports, so any Python with ipykernel can run it. One JSON object a line each way:
 
-  -> {"op": "spawn", "argv": [...], "env": {...}, "cwd": "...", "log": "..."}
+  -> {"op": "spawn", "argv": [...], "env": {...}, "cwd": "...", "log": "...", "lean": true}
   <- {"pid": 1234} | {"error": "..."}
   -> {"op": "status", "pid": 1234}
   <- {"code": 0} | {"code": null}      (null: still running, or not one of ours)
@@ -39,6 +39,37 @@ def _preload() -> None:
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.zmqshell  # noqa: F401
+
+
+def _lean() -> None:
+    """A forked kernel's execute without the waits that carry nothing (option ``lean_execute``,
+    README "Forked kernels"). After each execute ipykernel flushes stdout and stderr, each flush
+    a hand-off to its iopub thread and back even when nothing was written, then sleeps 0.5 ms
+    (``Kernel._execute_sleep``, a config trait; its comment: a mitigation, not understood).
+    Here a flush with nothing buffered, nothing scheduled and no echo returns at once: all that
+    was written is with the iopub thread already, and what that thread sends (this output,
+    then the status idle) keeps its order. The sleep's default becomes 0; a kernel config that
+    sets it still wins. Only ipykernel versions with the attributes used are changed."""
+    try:
+        from ipykernel import iostream, kernelbase
+        stock = iostream.OutStream.flush
+        sleep = kernelbase.Kernel.class_traits()["_execute_sleep"]
+    except (ImportError, AttributeError, KeyError):
+        return
+    needed = ("_buffer_lock", "_buffers", "_flush_pending", "_subprocess_flush_pending", "echo")
+
+    def flush(self: Any) -> None:
+        if all(hasattr(self, name) for name in needed) and self.echo is None \
+                and not self._flush_pending and not self._subprocess_flush_pending:
+            with self._buffer_lock:
+                empty = not any(buf.tell() for buf in self._buffers.values())
+            if empty:
+                return
+        stock(self)  # type: ignore[no-untyped-call]
+
+    flush.__doc__ = stock.__doc__
+    iostream.OutStream.flush = flush  # type: ignore[method-assign]
+    sleep.default_value = 0.0
 
 
 def _stat_fields() -> list[str]:
@@ -107,6 +138,8 @@ def _child(req: dict[str, Any], sock: socket.socket) -> None:
         sys.path[0] = os.getcwd()
         sys.argv = ["-m", *argv[3:]]
         sys.orig_argv = list(argv)
+        if req.get("lean"):
+            _lean()
         import runpy
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
         code = 0

@@ -23,6 +23,7 @@ class LocalOptions:
     max_cpus_per_kernel: float = 0.0   # most cpus a kernel may ask (KERNEL_CPUS); 0: no limit
     max_memory_per_kernel: str = ""    # most memory a kernel may ask, e.g. "8Gi"; "": no limit
     fork_kernels: bool = True      # ipykernel kernels forked from a process that imported it
+    lean_execute: bool = True      # forked kernels skip ipykernel's empty waits after an execute
 
 
 def parse_port_range(text: str) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -103,6 +104,65 @@ def test_forked_kernel_is_what_an_execd_one_is(launcher: LocalLauncher, tmp_path
         launcher.stop(b, grace=0)
     assert not psutil.pid_exists(int(a.data["pid"])) or \
         psutil.Process(int(a.data["pid"])).status() == psutil.STATUS_ZOMBIE
+
+
+# In a cell: how many hand-offs to the iopub thread a flush of empty stdout and one after a
+# write take, and the sleep after each execute (forkserver.py: _lean).
+HANDOFFS = """\
+import sys
+pub, seen = sys.stdout.pub_thread, []
+pub.schedule = lambda f, _s=pub.schedule: (seen.append(f), _s(f))[1]
+sys.stdout.flush(); empty = len(seen)
+print('x', end=''); sys.stdout.flush(); written = len(seen) - empty
+del pub.schedule
+print('|', empty, written, get_ipython().kernel._execute_sleep)"""
+
+
+def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path) -> None:
+    """A forked kernel's flush of nothing hands nothing to ipykernel's iopub thread and its
+    execute does not sleep after; a flush after a write still waits for the send. Every
+    output of a cell still reaches the client before the cell's idle (execute_interactive
+    stops there)."""
+    h = start(launcher, "le", tmp_path)
+    try:
+        mark, empty, written, sleep = run(h, HANDOFFS).split()
+        assert (mark, empty, sleep) == ("x|", "0", "0.0") and int(written) >= 2
+        kc = BlockingKernelClient()
+        kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
+        kc.start_channels()
+        try:
+            for i in range(30):  # stdout's and stderr's order between them is ipykernel's
+                got = {"stdout": "", "stderr": ""}
+
+                def hook(msg: dict[str, Any]) -> None:
+                    if msg["msg_type"] == "stream":
+                        got[msg["content"]["name"]] += msg["content"]["text"]
+
+                code = f"import sys; print('a{i}'); sys.stderr.write('b{i}'); print('c{i}', end='')"
+                kc.execute_interactive(code, timeout=30, output_hook=hook)
+                assert got == {"stdout": f"a{i}\nc{i}", "stderr": f"b{i}"}
+        finally:
+            kc.stop_channels()
+        code = "import time; print('early'); time.sleep(0.3)"  # sent before the cell ends
+        assert run(h, code) == "early\n"
+    finally:
+        launcher.stop(h, grace=0)
+    pool = PoolConfig(name="local", launcher="local", queue="local",
+                      options={"lean_execute": False})
+    (tmp_path / "stock").mkdir()
+    stock = launchers.create(pool, str(tmp_path / "stock"))
+    assert isinstance(stock, LocalLauncher)
+    stock.prepare()
+    assert stock._forkserver(sys.executable).wait_ready(60)
+    h = start(stock, "ls", tmp_path)
+    try:
+        assert psutil.Process(int(h.data["pid"])).ppid() == \
+            stock._forkserver(sys.executable)._proc.pid  # type: ignore[union-attr]
+        # stock ipykernel: two hand-offs for nothing, the same for a write as above
+        assert run(h, HANDOFFS).split() == ["x|", "2", written, "0.0005"]
+    finally:
+        stock.stop(h, grace=0)
+        stock.close()
 
 
 def test_exit_code_of_a_forked_kernel(launcher: LocalLauncher, tmp_path: Path) -> None:
