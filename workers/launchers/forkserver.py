@@ -42,30 +42,49 @@ def _preload() -> None:
 
 
 def _lean() -> None:
-    """A forked kernel's execute without the waits that carry nothing (option ``lean_execute``,
+    """A forked kernel's flushes without the waits that carry nothing (option ``lean_execute``,
     README "Forked kernels"). After each execute ipykernel flushes stdout and stderr, each flush
     a hand-off to its iopub thread and back even when nothing was written, then sleeps 0.5 ms
     (``Kernel._execute_sleep``, a config trait; its comment: a mitigation, not understood).
     Here a flush with nothing buffered, nothing scheduled and no echo returns at once: all that
     was written is with the iopub thread already, and what that thread sends (this output,
-    then the status idle) keeps its order. The sleep's default becomes 0; a kernel config that
-    sets it still wins. Only ipykernel versions with the attributes used are changed."""
+    then the status idle) keeps its order. A flush with something to send hands the iopub
+    thread one callback that sends and then wakes the caller, where ipykernel hands it two (the
+    send, then the wake-up): the same order, one hand-off fewer for every flushed write. The
+    sleep's default becomes 0; a kernel config that sets it still wins. Only ipykernel versions
+    with the attributes used are changed; anything else takes ipykernel's own flush."""
     try:
+        import threading
+
         from ipykernel import iostream, kernelbase
         stock = iostream.OutStream.flush
         sleep = kernelbase.Kernel.class_traits()["_execute_sleep"]
     except (ImportError, AttributeError, KeyError):
         return
-    needed = ("_buffer_lock", "_buffers", "_flush_pending", "_subprocess_flush_pending", "echo")
+    needed = ("_buffer_lock", "_buffers", "_flush_pending", "_subprocess_flush_pending", "echo",
+              "pub_thread", "flush_timeout", "_flush")
 
     def flush(self: Any) -> None:
-        if all(hasattr(self, name) for name in needed) and self.echo is None \
-                and not self._flush_pending and not self._subprocess_flush_pending:
+        thread = getattr(getattr(self, "pub_thread", None), "thread", None)
+        if not all(hasattr(self, name) for name in needed) or thread is None \
+                or not thread.is_alive() or thread.ident == threading.get_ident():
+            stock(self)  # type: ignore[no-untyped-call]
+            return
+        if self.echo is None and not self._flush_pending and not self._subprocess_flush_pending:
             with self._buffer_lock:
-                empty = not any(buf.tell() for buf in self._buffers.values())
-            if empty:
-                return
-        stock(self)  # type: ignore[no-untyped-call]
+                if not any(buf.tell() for buf in self._buffers.values()):
+                    return
+        sent = threading.Event()
+
+        def send_then_wake() -> None:
+            try:
+                self._flush()
+            finally:
+                sent.set()
+
+        self.pub_thread.schedule(send_then_wake)
+        if not sent.wait(self.flush_timeout):
+            print("IOStream.flush timed out", file=sys.__stderr__)
 
     flush.__doc__ = stock.__doc__
     iostream.OutStream.flush = flush  # type: ignore[method-assign]
