@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.stream_pairs import summarise
+from bench.stream_pairs import summarise, table
 
 
 def test_paired_ratio_compares_each_cell_with_its_own_floor_cell() -> None:
@@ -33,3 +33,20 @@ def test_pairs_must_match() -> None:
         summarise([1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         summarise([], [])
+
+
+def test_cells_that_lost_output_show_in_the_table() -> None:
+    """A gateway that drops messages (one did: 4 of 500 64 KiB writes) is named in its row,
+    with how much it lost, instead of ending the run or reading as a plain rate."""
+    row = {"median_msg_s": 3000.0, "ratio_of_medians": 0.9, "paired_median": 0.9,
+           "paired_p10": 0.8, "paired_p90": 1.0, "kernel_us": 300.0, "gateway_us": 500.0}
+    results = {"iopub64k": {"messages": 800, "bytes": 65536,
+                            "floor": {"median_msg_s": 3300.0, "kernel_us": 290.0},
+                            "kg": {**row, "lost_bytes": [0, 262144, 0, 65536]},
+                            "poolgate": {**row, "lost_bytes": [0, 0, 0, 0]}}}
+    lines = table(results).splitlines()
+    kg = next(line for line in lines if "| kg aiohttp |" in line)
+    poolgate = next(line for line in lines if "| poolgate aiohttp |" in line)
+    assert kg.endswith("| 2 of 4 (327,680 bytes) |")
+    assert poolgate.endswith("| 0 |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
