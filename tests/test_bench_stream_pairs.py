@@ -36,7 +36,7 @@ def test_pairs_must_match() -> None:
 
 
 def test_cells_that_lost_output_show_in_the_table() -> None:
-    """A gateway that drops messages (one did: 4 of 500 64 KiB writes) is named in its row,
+    """A gateway that drops messages (one did: 16 of 2,000 16 KiB writes) is named in its row,
     with how much it lost, instead of ending the run or reading as a plain rate."""
     row = {"median_msg_s": 3000.0, "ratio_of_medians": 0.9, "paired_median": 0.9,
            "paired_p10": 0.8, "paired_p90": 1.0, "kernel_us": 300.0, "gateway_us": 500.0}
