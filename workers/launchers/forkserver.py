@@ -29,7 +29,9 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import sys
+import types
 from typing import Any
 
 
@@ -41,7 +43,7 @@ def _preload() -> None:
     import ipykernel.zmqshell  # noqa: F401
 
 
-def _lean() -> None:
+def _lean(history: bool = True) -> None:
     """A forked kernel's flushes without the waits that carry nothing (option ``lean_execute``,
     README "Forked kernels"). After each execute ipykernel flushes stdout and stderr, each flush
     a hand-off to its iopub thread and back even when nothing was written, then sleeps 0.5 ms
@@ -52,7 +54,8 @@ def _lean() -> None:
     thread one callback that sends and then wakes the caller, where ipykernel hands it two (the
     send, then the wake-up): the same order, one hand-off fewer for every flushed write. The
     sleep's default becomes 0; a kernel config that sets it still wins. Only ipykernel versions
-    with the attributes used are changed; anything else takes ipykernel's own flush."""
+    with the attributes used are changed; anything else takes ipykernel's own flush. And the
+    kernel's IPython history commits without fsync (``_lean_history``)."""
     try:
         import threading
 
@@ -89,6 +92,43 @@ def _lean() -> None:
     flush.__doc__ = stock.__doc__
     iostream.OutStream.flush = flush  # type: ignore[method-assign]
     sleep.default_value = 0.0
+    if history:  # False only for bench.kernel_pairs, which measures the history part apart
+        _lean_history()
+
+
+class _HistorySqlite(types.ModuleType):
+    """The ``sqlite3`` that IPython's history module sees in a lean kernel: the real module,
+    but each connection commits without waiting for the disk (``PRAGMA synchronous=OFF``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sqlite3, name)
+
+    @staticmethod
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = sqlite3.connect(*args, **kwargs)
+        try:
+            conn.execute("PRAGMA synchronous=OFF")
+        except sqlite3.Error:
+            pass  # a history file that cannot take it is written as IPython would
+        return conn
+
+
+def _lean_history() -> None:
+    """IPython stores each cell's input in its history database (``history.sqlite`` in the
+    profile, one file for every kernel of a user) from a thread of its own, one commit per
+    cell, and holds the lock on its input cache while it commits, so the next cell waits for
+    the last one's commit. By default each commit waits for the disk twice (fsync of the
+    journal and of the file), and kernels that share the file wait for each other's: under
+    parallel load that is where round trips stalled (README "Lean execute"). A lean kernel's
+    history connections skip the fsync: a kernel that crashes loses nothing (the data is with
+    the OS); a machine that loses power may lose the last cells' history or leave a file that
+    IPython moves aside as corrupt and starts afresh."""
+    try:
+        from IPython.core import history
+    except ImportError:
+        return
+    if getattr(history, "sqlite3", None) is sqlite3:
+        history.sqlite3 = _HistorySqlite("sqlite3")  # type: ignore[attr-defined]
 
 
 def _stat_fields() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -160,9 +161,37 @@ def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path)
             stock._forkserver(sys.executable)._proc.pid  # type: ignore[union-attr]
         # stock ipykernel: two hand-offs for nothing, one more than above for a write
         assert run(h, HANDOFFS).split() == ["x|", "2", str(int(written) + 1), "0.0005"]
+        assert run(h, SYNCHRONOUS).strip() == "2"  # IPython's history commits: FULL (fsync)
     finally:
         stock.stop(h, grace=0)
         stock.close()
+
+
+SYNCHRONOUS = "print(get_ipython().history_manager.db.execute('pragma synchronous').fetchone()[0])"
+
+
+def test_lean_history_is_kept_without_waiting_for_the_disk(launcher: LocalLauncher,
+                                                         tmp_path: Path) -> None:
+    """A lean kernel's IPython history connections commit without fsync (synchronous OFF; the
+    stock setting, FULL, is checked in the test above), and every cell still reaches the
+    history database, where `%history -g` and a console's up-arrow find it."""
+    h = start(launcher, "lh", tmp_path, env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    try:
+        assert run(h, SYNCHRONOUS).strip() == "0"
+        cells = [f"marker_{i} = {i}" for i in range(20)]
+        for code in cells:
+            run(h, code)
+        db = tmp_path / "ipython" / "profile_default" / "history.sqlite"
+        deadline = time.monotonic() + 10
+        while True:  # IPython's history thread writes each cell a moment after it ran
+            with sqlite3.connect(db) as conn:
+                stored = [r[0] for r in conn.execute("SELECT source_raw FROM history")]
+            if all(c in stored for c in cells) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [c for c in stored if c.startswith("marker_")] == cells
+    finally:
+        launcher.stop(h, grace=0)
 
 
 def test_exit_code_of_a_forked_kernel(launcher: LocalLauncher, tmp_path: Path) -> None:
