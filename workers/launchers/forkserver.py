@@ -31,7 +31,6 @@ import signal
 import socket
 import sqlite3
 import sys
-import types
 from typing import Any
 
 
@@ -96,21 +95,15 @@ def _lean(history: bool = True) -> None:
         _lean_history()
 
 
-class _HistorySqlite(types.ModuleType):
-    """The ``sqlite3`` that IPython's history module sees in a lean kernel: the real module,
-    but each connection commits without waiting for the disk (``PRAGMA synchronous=OFF``)."""
+class _NoSyncConnection(sqlite3.Connection):
+    """A connection that commits without waiting for the disk (``PRAGMA synchronous=OFF``)."""
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(sqlite3, name)
-
-    @staticmethod
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn: sqlite3.Connection = sqlite3.connect(*args, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         try:
-            conn.execute("PRAGMA synchronous=OFF")
+            self.execute("PRAGMA synchronous=OFF")
         except sqlite3.Error:
             pass  # a history file that cannot take it is written as IPython would
-        return conn
 
 
 def _lean_history() -> None:
@@ -122,13 +115,28 @@ def _lean_history() -> None:
     parallel load that is where round trips stalled (README "Lean execute"). A lean kernel's
     history connections skip the fsync: a kernel that crashes loses nothing (the data is with
     the OS); a machine that loses power may lose the last cells' history or leave a file that
-    IPython moves aside as corrupt and starts afresh."""
+    IPython moves aside as corrupt and starts afresh. How: the shell makes its history manager
+    from the name ``HistoryManager`` in IPython.core.interactiveshell (IPython 8 and 9); that
+    name becomes a subclass whose default ``connection_options`` (the keyword arguments of
+    both of its ``sqlite3.connect`` calls, a config trait) add a connection factory. A config
+    that sets ``HistoryManager.connection_options`` still wins."""
     try:
-        from IPython.core import history
+        from IPython.core import history, interactiveshell
+        from traitlets import default
     except ImportError:
         return
-    if getattr(history, "sqlite3", None) is sqlite3:
-        history.sqlite3 = _HistorySqlite("sqlite3")  # type: ignore[attr-defined]
+    if getattr(interactiveshell, "HistoryManager", None) is not history.HistoryManager:
+        return  # a layout this was not written for: IPython's own history
+
+    class LeanHistoryManager(history.HistoryManager):
+        @default("connection_options")
+        def _lean_connection_options(self) -> dict[str, Any]:
+            stock = getattr(super(), "_default_connection_options", None)
+            options: dict[str, Any] = dict(stock()) if callable(stock) else {}
+            options["factory"] = _NoSyncConnection
+            return options
+
+    interactiveshell.HistoryManager = LeanHistoryManager  # type: ignore[attr-defined]
 
 
 def _stat_fields() -> list[str]:
