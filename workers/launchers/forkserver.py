@@ -54,7 +54,9 @@ def _lean(history: bool = True) -> None:
     send, then the wake-up): the same order, one hand-off fewer for every flushed write. The
     sleep's default becomes 0; a kernel config that sets it still wins. Only ipykernel versions
     with the attributes used are changed; anything else takes ipykernel's own flush. And the
-    kernel's IPython history commits without fsync (``_lean_history``)."""
+    kernel's IPython history commits without fsync (``_lean_history``), whatever ipykernel."""
+    if history:  # False only for bench.kernel_pairs, which measures the history part apart
+        _lean_history()
     try:
         import threading
 
@@ -91,8 +93,6 @@ def _lean(history: bool = True) -> None:
     flush.__doc__ = stock.__doc__
     iostream.OutStream.flush = flush  # type: ignore[method-assign]
     sleep.default_value = 0.0
-    if history:  # False only for bench.kernel_pairs, which measures the history part apart
-        _lean_history()
 
 
 class _NoSyncConnection(sqlite3.Connection):
