@@ -51,7 +51,9 @@ def _lean(history: bool = True) -> None:
     was written is with the iopub thread already, and what that thread sends (this output,
     then the status idle) keeps its order. A flush with something to send hands the iopub
     thread one callback that sends and then wakes the caller, where ipykernel hands it two (the
-    send, then the wake-up): the same order, one hand-off fewer for every flushed write. The
+    send, then the wake-up): the same order, one hand-off fewer for every flushed write. A flush
+    that finds the iopub thread inside a timed flush of its own (the buffer taken, its message
+    not yet queued) waits for it too, or the cell's idle could overtake that output. The
     sleep's default becomes 0; a kernel config that sets it still wins. Only ipykernel versions
     with the attributes used are changed; anything else takes ipykernel's own flush. And the
     kernel's IPython history commits without fsync (``_lean_history``), whatever ipykernel."""
@@ -67,6 +69,16 @@ def _lean(history: bool = True) -> None:
         return
     needed = ("_buffer_lock", "_buffers", "_flush_pending", "_subprocess_flush_pending", "echo",
               "pub_thread", "flush_timeout", "_flush")
+    stock_inner = iostream.OutStream._flush
+
+    def inner(self: Any) -> None:
+        # Set before ipykernel clears _flush_pending, cleared once the message is queued: a
+        # flush that reads _flush_pending, then this, both false, has nothing in between.
+        self._lean_flushing += 1
+        try:
+            stock_inner(self)  # type: ignore[no-untyped-call]
+        finally:
+            self._lean_flushing -= 1
 
     def flush(self: Any) -> None:
         thread = getattr(getattr(self, "pub_thread", None), "thread", None)
@@ -74,7 +86,8 @@ def _lean(history: bool = True) -> None:
                 or not thread.is_alive() or thread.ident == threading.get_ident():
             stock(self)  # type: ignore[no-untyped-call]
             return
-        if self.echo is None and not self._flush_pending and not self._subprocess_flush_pending:
+        if self.echo is None and not self._flush_pending and not self._subprocess_flush_pending \
+                and not self._lean_flushing:
             with self._buffer_lock:
                 if not any(buf.tell() for buf in self._buffers.values()):
                     return
@@ -91,6 +104,9 @@ def _lean(history: bool = True) -> None:
             print("IOStream.flush timed out", file=sys.__stderr__)
 
     flush.__doc__ = stock.__doc__
+    inner.__doc__ = stock_inner.__doc__
+    iostream.OutStream._lean_flushing = 0  # type: ignore[attr-defined]
+    iostream.OutStream._flush = inner  # type: ignore[method-assign]
     iostream.OutStream.flush = flush  # type: ignore[method-assign]
     sleep.default_value = 0.0
 

@@ -119,6 +119,20 @@ del pub.schedule
 print('|', empty, written, get_ipython().kernel._execute_sleep)"""
 
 
+SLOW_FLUSH = """\
+import sys, time
+class Slow:  # stdout's session, sending 'late' a moment after the buffer was taken
+    def __init__(self, session):
+        self.session = session
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+    def send(self, stream, msg, *args, **kw):
+        if isinstance(msg, dict) and 'late' in str(msg.get('content', {}).get('text')):
+            time.sleep(0.4)
+        return self.session.send(stream, msg, *args, **kw)
+sys.stdout.session = Slow(sys.stdout.session)"""
+
+
 def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path) -> None:
     """A forked kernel's flush of nothing hands nothing to ipykernel's iopub thread, a flush
     after a write hands it one callback where ipykernel hands two, and its execute does not
@@ -146,6 +160,11 @@ def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path)
             kc.stop_channels()
         code = "import time; print('early'); time.sleep(0.3)"  # sent before the cell ends
         assert run(h, code) == "early\n"
+        # The iopub thread's timed flush caught in the middle, between taking the buffer and
+        # queueing its message (a session that sleeps holds it there): the cell's end
+        # must wait for that message, which goes out before the idle.
+        run(h, SLOW_FLUSH)
+        assert run(h, "import time; print('late'); time.sleep(0.3)") == "late\n"
     finally:
         launcher.stop(h, grace=0)
     pool = PoolConfig(name="local", launcher="local", queue="local",
@@ -162,6 +181,8 @@ def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path)
         # stock ipykernel: two hand-offs for nothing, one more than above for a write
         assert run(h, HANDOFFS).split() == ["x|", "2", str(int(written) + 1), "0.0005"]
         assert run(h, SYNCHRONOUS).strip() == "2"  # IPython's history commits: FULL (fsync)
+        run(h, SLOW_FLUSH)  # ipykernel's own flush keeps the order too
+        assert run(h, "import time; print('late'); time.sleep(0.3)") == "late\n"
     finally:
         stock.stop(h, grace=0)
         stock.close()
