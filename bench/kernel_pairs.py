@@ -12,7 +12,9 @@ most (a single run on this kind of machine moves by ×2 between minutes). Varian
 - ``stock``: ipykernel as it is (the floor's kernels, exec'd kernels);
 - ``lean``: a forked kernel's, lean execute (workers/launchers/forkserver.py ``_lean``);
 - ``lean-no-history``: lean execute without its history part (``_lean(history=False)``), to
-  show what committing IPython's history without fsync is worth on its own.
+  show what committing IPython's history without fsync is worth on its own;
+- ``lean-nosubshells``: lean, and no shell-channel thread (``_without_subshells``, a pool's
+  ``subshells: false``).
 
 Kernels start with the caller's environment, so all of them share the one IPython history
 file, as every kernel of a user does.
@@ -38,6 +40,8 @@ VARIANTS = {
     "lean": "from poolgate.workers.launchers.forkserver import _lean; _lean()\n",
     "lean-no-history": "from poolgate.workers.launchers.forkserver import _lean\n"
                        "_lean(history=False)\n",
+    "lean-nosubshells": "from poolgate.workers.launchers.forkserver import _lean, "
+                        "_without_subshells\n_lean()\n_without_subshells()\n",
 }
 KERNEL = "{prelude}from ipykernel import kernelapp\nkernelapp.launch_new_instance()\n"
 
@@ -51,25 +55,38 @@ def drive(connection_file: str, kernel_pid: int, start_at: float, seconds: float
     kc = BlockingKernelClient(connection_file=connection_file)
     kc.load_connection_file()
     kc.start_channels()
-    for _ in range(40):  # no heartbeat check: a kernel starting on a busy machine misses it
-        kc.kernel_info()
+
+    def idle(mid: str, timeout: float) -> None:
+        """Until request ``mid``'s status idle comes on iopub."""
+        while True:
+            msg = kc.get_iopub_msg(timeout=timeout)
+            if msg["parent_header"].get("msg_id") == mid and msg["msg_type"] == "status" \
+                    and msg["content"]["execution_state"] == "idle":
+                return
+
+    def reply(mid: str, timeout: float) -> None:
+        """Until request ``mid``'s reply comes on shell."""
+        while kc.get_shell_msg(timeout=timeout)["parent_header"].get("msg_id") != mid:
+            pass
+
+    # Ready once a request's status reaches iopub: a kernel_info reply alone does not show
+    # that the iopub subscription is in place, and what is published before it is lost.
+    # No heartbeat check: a kernel starting on a busy machine misses it.
+    for _ in range(40):
+        mid = kc.kernel_info()
         try:
-            kc.get_shell_msg(timeout=3)
+            idle(mid, 3)
             break
         except queue.Empty:
             if psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE:
                 raise RuntimeError("the kernel exited before it answered") from None
     else:
-        raise RuntimeError("the kernel did not answer kernel_info")
+        raise RuntimeError("the kernel did not answer kernel_info on iopub")
 
     def round_trip() -> None:
         mid = kc.execute("1+1")
-        while True:
-            msg = kc.get_iopub_msg(timeout=60)
-            if msg["parent_header"].get("msg_id") == mid and msg["msg_type"] == "status" \
-                    and msg["content"]["execution_state"] == "idle":
-                break
-        kc.get_shell_msg(timeout=60)
+        idle(mid, 60)
+        reply(mid, 60)
 
     for _ in range(10):
         round_trip()
