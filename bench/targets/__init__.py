@@ -6,6 +6,7 @@ from bench.targets.base import RunContext, Target, TargetUnavailable
 from bench.targets.floor import FloorTarget
 from bench.targets.poolgate import (
                                     PoolgateBeforeTarget,
+                                    PoolgateNoSubshellsTarget,
                                     PoolgateRedisTarget,
                                     PoolgateTarget,
                                     PoolgateWarmTarget,
@@ -19,6 +20,7 @@ TARGETS: dict[str, type[Target]] = {
     "poolgate-before": PoolgateBeforeTarget,
     "poolgate-redis": PoolgateRedisTarget,
     "poolgate-warm": PoolgateWarmTarget,
+    "poolgate-nosubshells": PoolgateNoSubshellsTarget,
     "poolgate-ssh": PoolgateSSHTarget,
     "poolgate-ssh-warm": PoolgateSSHWarmTarget,
     "eg": EnterpriseGatewayTarget,

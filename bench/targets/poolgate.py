@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,24 @@ class PoolgateBeforeTarget(PoolgateTarget):
         await self.wait_for(proc, "poolgate is ready at")
 
 
+def packaged_config(target: PoolgateTarget, change: Callable[[dict[str, Any], str], None]) -> str:
+    """Write the packaged queues.yaml, changed by ``change(raw, default_pool)``, into the
+    target's workdir and pass it as ``--config``; the default pool's name."""
+    import yaml
+
+    from poolgate.workers.config import packaged_data
+
+    raw = yaml.safe_load((packaged_data() / "queues.yaml").read_text())
+    pool = str(raw.get("default_pool") or next(iter(raw["pools"])))
+    change(raw, pool)
+    workdir = target.ctx.workdir / target.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "queues.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    target.ctx.extra_args.setdefault(target.name, [])[:0] = ["--config", str(config)]
+    return pool
+
+
 class PoolgateWarmTarget(PoolgateTarget):
     """`poolgate serve --config C` where C is the packaged queues.yaml with one warm kernel
     of the bench's kernelspec in the default pool (`warm: {python3: 1}`); runs the start
@@ -131,18 +150,10 @@ class PoolgateWarmTarget(PoolgateTarget):
     scenarios = ("start",)
 
     async def start(self) -> None:
-        import yaml
+        def warm(raw: dict[str, Any], pool: str) -> None:
+            raw["pools"][pool]["warm"] = {self.ctx.kernel_name: 1}
 
-        from poolgate.workers.config import packaged_data
-
-        raw = yaml.safe_load((packaged_data() / "queues.yaml").read_text())
-        self.pool = raw.get("default_pool") or next(iter(raw["pools"]))
-        raw["pools"][self.pool]["warm"] = {self.ctx.kernel_name: 1}
-        workdir = self.ctx.workdir / self.name
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "queues.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        self.ctx.extra_args.setdefault(self.name, [])[:0] = ["--config", str(config)]
+        self.pool = packaged_config(self, warm)
         await super().start()
 
     async def before_start(self) -> None:
@@ -163,6 +174,21 @@ class PoolgateWarmTarget(PoolgateTarget):
         if isinstance(launch, (int, float)):
             say(f"{self.name}: warm kernel handed over in {launch * 1000:.0f} ms "
                 f"(worker's launch time)")
+
+
+class PoolgateNoSubshellsTarget(PoolgateTarget):
+    """`poolgate serve --config C` where C is the packaged queues.yaml with `subshells: false`
+    in the default pool's options: forked kernels without ipykernel's shell-channel thread
+    (README, "Forked kernels")."""
+
+    name = "poolgate-nosubshells"
+
+    async def start(self) -> None:
+        def off(raw: dict[str, Any], pool: str) -> None:
+            raw["pools"][pool].setdefault("options", {})["subshells"] = False
+
+        packaged_config(self, off)
+        await super().start()
 
 
 class PoolgateRedisTarget(_PoolgateBase):

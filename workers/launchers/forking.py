@@ -202,15 +202,18 @@ class ForkServer:
             time.sleep(0.02)
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_file: Path,
-              lean: bool = True) -> Forked | None:
+              lean: bool = True, subshells: bool = True) -> Forked | None:
         """Fork a kernel; None if the server cannot (not ready yet, gone): exec it instead.
-        ``lean``: the kernel's execute skips ipykernel's empty waits (forkserver.py: _lean)."""
+        ``lean``: the kernel's execute skips ipykernel's empty waits (forkserver.py: _lean);
+        ``subshells`` False: it runs without ipykernel's shell-channel thread (there:
+        _without_subshells)."""
         with self._lock:
             if not self._usable():
                 return None
             try:
                 reply = self._request({"op": "spawn", "argv": argv, "env": env, "cwd": cwd,
-                                       "log": str(log_file), "lean": lean})
+                                       "log": str(log_file), "lean": lean,
+                                       "subshells": subshells})
             except (OSError, ValueError) as exc:
                 self._fail(str(exc))
                 return None

@@ -111,6 +111,22 @@ def _lean(history: bool = True) -> None:
     sleep.default_value = 0.0
 
 
+def _without_subshells() -> None:
+    """The kernel runs without ipykernel's shell-channel thread (option ``subshells: false``).
+    ipykernel 7 reads the shell socket in a thread of its own, for kernel subshells (JEP 91),
+    and hands every request to the main thread and every reply back through a pair of inproc
+    sockets: two more thread hand-offs per request, which under parallel load are where round
+    trips wait. Without the thread ipykernel reads the shell socket on its main thread, as
+    ipykernel 6 did, and its kernel_info_reply no longer lists "kernel subshells", so clients
+    (JupyterLab's comms, its subshell consoles) do not ask for them."""
+    try:
+        from ipykernel import kernelapp
+    except ImportError:
+        return
+    if hasattr(kernelapp, "ShellChannelThread"):  # ipykernel 7: with None, no thread is made
+        kernelapp.ShellChannelThread = lambda *args, **kwargs: None
+
+
 class _NoSyncConnection(sqlite3.Connection):
     """A connection that commits without waiting for the disk (``PRAGMA synchronous=OFF``)."""
 
@@ -223,6 +239,8 @@ def _child(req: dict[str, Any], sock: socket.socket) -> None:
         sys.orig_argv = list(argv)
         if req.get("lean"):
             _lean()
+        if req.get("subshells") is False:
+            _without_subshells()
         import runpy
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
         code = 0

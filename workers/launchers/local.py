@@ -162,7 +162,8 @@ class LocalLauncher(Launcher):
         if reason:
             log.debug("Kernel %s is exec'd: %s", env.get("KERNEL_ID"), reason)
             return None
-        return server.spawn(cmd, env, cwd or os.getcwd(), log_file, self.options.lean_execute)
+        return server.spawn(cmd, env, cwd or os.getcwd(), log_file, self.options.lean_execute,
+                            self.options.subshells)
 
     def close(self) -> None:
         for server in list(self._forkservers.values()):

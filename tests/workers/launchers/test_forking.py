@@ -331,3 +331,72 @@ def test_forking_with_fds_past_1024(launcher: LocalLauncher, tmp_path: Path) -> 
             launcher.stop(h, grace=0)
         for fd in held:
             os.close(fd)
+
+
+THREADS = "import threading; print(sorted(t.name for t in threading.enumerate()))"
+
+
+def subshell_session(handle: KernelHandle) -> tuple[list[str], str | None]:
+    """The kernel's supported_features, and what a cell run in a new subshell printed (None
+    where it offers none: clients must not ask then, and ipykernel would not answer)."""
+    kc = BlockingKernelClient()
+    kc.load_connection_info(handle.connection.to_dict())  # type: ignore[union-attr]
+    kc.start_channels()
+    try:
+        info = kc.kernel_info(reply=True, timeout=30)
+        features = list(info["content"].get("supported_features", []))
+        if "kernel subshells" not in features:
+            return features, None
+        kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
+        reply = kc.control_channel.get_msg(timeout=30)["content"]
+        assert reply.get("status") == "ok", reply
+        msg = kc.session.msg("execute_request", {"code": "import threading; "
+                             "print(threading.current_thread().name)", "silent": False})
+        msg["header"]["subshell_id"] = reply["subshell_id"]
+        kc.shell_channel.send(msg)
+        out = ""
+        while True:
+            m = kc.get_iopub_msg(timeout=30)
+            if m["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                continue
+            if m["msg_type"] == "stream":
+                out += m["content"]["text"]
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                return features, out
+    finally:
+        kc.stop_channels()
+
+
+def test_subshells_are_kept_unless_a_pool_turns_them_off(launcher: LocalLauncher,
+                                                         tmp_path: Path) -> None:
+    """By default a forked kernel is ipykernel's: it offers kernel subshells (JEP 91), which
+    JupyterLab uses for widgets' comms, and runs a subshell's cell in a thread of its own.
+    With ``subshells: false`` the kernel has no shell-channel thread and says it has no
+    subshells (so clients do not ask), and cells run as before, output in order."""
+    h = start(launcher, "ss", tmp_path)
+    try:
+        assert "'Shell channel'" in run(h, THREADS)
+        features, out = subshell_session(h)
+        assert "kernel subshells" in features
+        assert out is not None and out.startswith("subshell-")
+    finally:
+        launcher.stop(h, grace=0)
+    pool = PoolConfig(name="local", launcher="local", queue="local",
+                      options={"subshells": False})
+    (tmp_path / "off").mkdir()
+    off = launchers.create(pool, str(tmp_path / "off"))
+    assert isinstance(off, LocalLauncher)
+    off.prepare()
+    assert off._forkserver(sys.executable).wait_ready(60)
+    h = start(off, "so", tmp_path)
+    try:
+        assert psutil.Process(int(h.data["pid"])).ppid() == \
+            off._forkserver(sys.executable)._proc.pid  # type: ignore[union-attr]
+        assert "'Shell channel'" not in run(h, THREADS)
+        assert subshell_session(h) == ([f for f in features if f != "kernel subshells"], None)
+        for i in range(20):
+            assert run(h, f"print('a{i}'); print('b{i}')") == f"a{i}\nb{i}\n"
+        assert run(h, "import time; print('early'); time.sleep(0.3)") == "early\n"
+    finally:
+        off.stop(h, grace=0)
+        off.close()
