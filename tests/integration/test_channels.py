@@ -151,6 +151,32 @@ def test_comms(redis_stack: Stack, kid: str) -> None:
     ch.close()
 
 
+def test_a_subshell_runs_a_cell_while_the_main_shell_is_busy(redis_stack: Stack,
+                                                            kid: str) -> None:
+    """Kernel subshells (JEP 91) through the gateway, as JupyterLab 4.4+ uses them for widgets'
+    comms: the kernel offers them, a control request makes one, and a cell sent to it with
+    its subshell_id runs while the main shell is still busy with another."""
+    ch = redis_stack.gw.channel(kid)
+    info = ch.collect(ch.send("kernel_info_request", {}), timeout=30).reply
+    assert "kernel subshells" in info["supported_features"]
+    busy = ch.start_cell()  # prints, then runs for a minute
+    made = ch.collect(ch.send("create_subshell_request", {}, channel="control"), timeout=30)
+    assert made.reply["status"] == "ok"
+    mid = uuid.uuid4().hex
+    ch.ws.send(json.dumps({
+        "header": {"msg_id": mid, "msg_type": "execute_request", "username": "test",
+                   "session": ch.session, "date": "2026-01-01T00:00:00Z", "version": "5.5",
+                   "subshell_id": made.reply["subshell_id"]},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": "import threading; print(threading.current_thread().name)",
+                    "silent": False}}))
+    res = ch.collect(mid, timeout=30)
+    assert res.status == "ok" and res.stdout.startswith("subshell-")
+    assert not any(m.get("parent_header", {}).get("msg_id") == busy
+                   and m["msg_type"] == "execute_reply" for m in ch.other)  # still running
+    ch.close()
+
+
 def test_five_megabyte_output_intact(redis_stack: Stack, kid: str) -> None:
     ch = redis_stack.gw.channel(kid)
     res = ch.execute("import hashlib\ns = ''.join(chr(65 + i % 26) for i in range(5_000_000))\n"
