@@ -35,6 +35,23 @@ def launcher(tmp_path: Path) -> LocalLauncher:
     made.close()
 
 
+def launcher_with(folder: Path, options: dict[str, object]) -> LocalLauncher:
+    """A local launcher of a pool with these options, its fork server ready."""
+    folder.mkdir()
+    made = launchers.create(PoolConfig(name="local", launcher="local", queue="local",
+                                       options=options), str(folder))
+    assert isinstance(made, LocalLauncher)
+    made.prepare()
+    assert made._forkserver(sys.executable).wait_ready(60)
+    return made
+
+
+def forked(handle: KernelHandle, launcher: LocalLauncher) -> bool:
+    """Whether the kernel is a child of the launcher's fork server (forked, not exec'd)."""
+    server = launcher._forkserver(sys.executable)._proc
+    return server is not None and psutil.Process(int(handle.data["pid"])).ppid() == server.pid
+
+
 def run(handle: KernelHandle, code: str) -> str:
     """``code``'s printed output, run in the kernel over its own ZMQ sockets."""
     kc = BlockingKernelClient()
@@ -167,17 +184,10 @@ def test_lean_execute_skips_empty_waits(launcher: LocalLauncher, tmp_path: Path)
         assert run(h, "import time; print('late'); time.sleep(0.3)") == "late\n"
     finally:
         launcher.stop(h, grace=0)
-    pool = PoolConfig(name="local", launcher="local", queue="local",
-                      options={"lean_execute": False})
-    (tmp_path / "stock").mkdir()
-    stock = launchers.create(pool, str(tmp_path / "stock"))
-    assert isinstance(stock, LocalLauncher)
-    stock.prepare()
-    assert stock._forkserver(sys.executable).wait_ready(60)
+    stock = launcher_with(tmp_path / "stock", {"lean_execute": False})
     h = start(stock, "ls", tmp_path)
     try:
-        assert psutil.Process(int(h.data["pid"])).ppid() == \
-            stock._forkserver(sys.executable)._proc.pid  # type: ignore[union-attr]
+        assert forked(h, stock)
         # stock ipykernel: two hand-offs for nothing, one more than above for a write
         assert run(h, HANDOFFS).split() == ["x|", "2", str(int(written) + 1), "0.0005"]
         assert run(h, SYNCHRONOUS).strip() == "2"  # IPython's history commits: FULL (fsync)
@@ -381,17 +391,10 @@ def test_subshells_are_kept_unless_a_pool_turns_them_off(launcher: LocalLauncher
         assert out is not None and out.startswith("subshell-")
     finally:
         launcher.stop(h, grace=0)
-    pool = PoolConfig(name="local", launcher="local", queue="local",
-                      options={"subshells": False})
-    (tmp_path / "off").mkdir()
-    off = launchers.create(pool, str(tmp_path / "off"))
-    assert isinstance(off, LocalLauncher)
-    off.prepare()
-    assert off._forkserver(sys.executable).wait_ready(60)
+    off = launcher_with(tmp_path / "off", {"subshells": False})
     h = start(off, "so", tmp_path)
     try:
-        assert psutil.Process(int(h.data["pid"])).ppid() == \
-            off._forkserver(sys.executable)._proc.pid  # type: ignore[union-attr]
+        assert forked(h, off)
         assert "'Shell channel'" not in run(h, THREADS)
         assert subshell_session(h) == ([f for f in features if f != "kernel subshells"], None)
         for i in range(20):
