@@ -10,7 +10,10 @@ A *pair* is one such run of each variant, in turn, so variants are compared minu
 most (a single run on this kind of machine moves by ×2 between minutes). Variants:
 
 - ``stock``: ipykernel as it is (the floor's kernels, exec'd kernels);
-- ``lean``: a forked kernel's, lean execute (workers/launchers/forkserver.py ``_lean``);
+- ``lean``: a forked kernel's by default: lean execute (workers/launchers/forkserver.py
+  ``_lean``), and the shell channel forwarded in C until a subshell is asked for
+  (shellforward.py);
+- ``lean-python-shell``: lean execute alone, with ipykernel's shell channel thread as it is;
 - ``lean-no-history``: lean execute without its history part (``_lean(history=False)``), to
   show what committing IPython's history without fsync is worth on its own;
 - ``lean-nosubshells``: lean, and no shell-channel thread (``_without_subshells``, a pool's
@@ -37,9 +40,11 @@ import psutil
 
 VARIANTS = {
     "stock": "",
-    "lean": "from poolgate.workers.launchers.forkserver import _lean; _lean()\n",
-    "lean-no-history": "from poolgate.workers.launchers.forkserver import _lean\n"
-                       "_lean(history=False)\n",
+    "lean": "from poolgate.workers.launchers.forkserver import _lean, forward_shell_in_c\n"
+            "_lean()\nforward_shell_in_c()\n",
+    "lean-python-shell": "from poolgate.workers.launchers.forkserver import _lean; _lean()\n",
+    "lean-no-history": "from poolgate.workers.launchers.forkserver import _lean, "
+                       "forward_shell_in_c\n_lean(history=False)\nforward_shell_in_c()\n",
     "lean-nosubshells": "from poolgate.workers.launchers.forkserver import _lean, "
                         "_without_subshells\n_lean()\n_without_subshells()\n",
 }

@@ -33,6 +33,11 @@ import sqlite3
 import sys
 from typing import Any
 
+try:
+    from .shellforward import forward_shell_in_c
+except ImportError:  # run as a script (the launcher's way): this folder is sys.path[0]
+    from shellforward import forward_shell_in_c  # type: ignore[no-redef]
+
 
 def _preload() -> None:
     import runpy  # noqa: F401
@@ -241,6 +246,8 @@ def _child(req: dict[str, Any], sock: socket.socket) -> None:
             _lean()
         if req.get("subshells") is False:
             _without_subshells()
+        elif req.get("lean"):
+            forward_shell_in_c()
         import runpy
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
         code = 0

@@ -403,3 +403,105 @@ def test_subshells_are_kept_unless_a_pool_turns_them_off(launcher: LocalLauncher
     finally:
         off.stop(h, grace=0)
         off.close()
+
+
+FORWARDING = "print(get_ipython().kernel.shell_channel_thread.forwarding)"
+
+
+class Requests:
+    """Execute requests sent on one client without waiting, and their outcomes as they come
+    (replies and output are kept by request, whatever order they arrive in)."""
+
+    def __init__(self, kc: BlockingKernelClient) -> None:
+        self.kc = kc
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.out: dict[str, str] = {}
+        self.idle: set[str] = set()
+
+    def send(self, code: str, subshell: str | None = None) -> str:
+        msg = self.kc.session.msg("execute_request", {"code": code, "silent": False,
+                                                      "stop_on_error": True})
+        if subshell is not None:
+            msg["header"]["subshell_id"] = subshell
+        self.kc.shell_channel.send(msg)
+        return str(msg["header"]["msg_id"])
+
+    def read(self, timeout: float) -> None:
+        """What each channel has, waiting up to ``timeout`` on each."""
+        for get in (self.kc.get_iopub_msg, self.kc.get_shell_msg):
+            try:
+                m = get(timeout=timeout)
+            except Exception:  # noqa: BLE001 - queue.Empty: nothing there
+                continue
+            parent = m["parent_header"].get("msg_id", "")
+            if m["msg_type"] == "stream":
+                self.out[parent] = self.out.get(parent, "") + m["content"]["text"]
+            elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                self.idle.add(parent)
+            elif m["msg_type"].endswith("_reply"):
+                self.replies[parent] = m
+
+    def outcome(self, msg_id: str) -> tuple[str, str, str]:
+        """The reply's status and ename, and what the request printed, once its idle came."""
+        deadline = time.monotonic() + 30
+        while msg_id not in self.replies or msg_id not in self.idle:
+            assert time.monotonic() < deadline, f"no reply and idle for {msg_id}"
+            self.read(0.02)
+        content = self.replies[msg_id]["content"]
+        return content["status"], content.get("ename", ""), self.out.get(msg_id, "")
+
+
+def test_shell_forwarded_in_c_until_a_subshell_is_asked_for(launcher: LocalLauncher,
+                                                            tmp_path: Path) -> None:
+    """A forked kernel's shell channel thread forwards in C until a client asks for a subshell
+    (shellforward.py), and the kernel behaves as ipykernel's throughout: a request for a
+    subshell that is not there gets the "unknown subshell" error; after an error the executes
+    already queued are aborted and the next one runs; a subshell asked for while the main
+    shell runs a cell comes at once and runs its own cell meanwhile, and the main shell's cell
+    still gets its reply; the same behaviour after; and the kernel shuts down on request."""
+    h = start(launcher, "cf", tmp_path)
+    kc = BlockingKernelClient()
+    kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
+    kc.start_channels()
+    r = Requests(kc)
+    try:
+        kc.kernel_info(reply=True, timeout=30)
+        for forwarding in ("True", "False"):
+            assert r.outcome(r.send(FORWARDING)) == ("ok", "", forwarding + "\n")
+            failing, queued = r.send("1/0"), r.send("print('aborted')")
+            assert r.outcome(failing)[:2] == ("error", "ZeroDivisionError")
+            assert r.outcome(queued) == ("aborted", "", "")
+            assert r.outcome(r.send("print('next')")) == ("ok", "", "next\n")
+            assert r.outcome(r.send("print('x')", subshell="nope")) == \
+                ("error", "UnknownSubshellError", "")
+            if forwarding == "False":
+                break
+            busy = r.send("import time; time.sleep(1.5); print('main')")
+            kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
+            reply = kc.control_channel.get_msg(timeout=30)["content"]
+            assert reply["status"] == "ok"
+            side = r.send("import threading; print(threading.current_thread().name)",
+                          subshell=reply["subshell_id"])
+            status, _, out = r.outcome(side)
+            assert (status, out.startswith("subshell-")) == ("ok", True)
+            r.read(0)
+            assert busy not in r.replies  # the main shell's cell still runs
+            assert r.outcome(busy) == ("ok", "", "main\n")
+        kc.shutdown()
+        ended(launcher, h)
+        assert launcher.poll(h) is not None
+    finally:
+        kc.stop_channels()
+        launcher.stop(h, grace=0)
+    h = start(launcher, "cs", tmp_path)  # shut down while it forwards in C
+    try:
+        assert run(h, FORWARDING) == "True\n"
+        kc = BlockingKernelClient()
+        kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
+        kc.start_channels()
+        kc.shutdown()
+        ended(launcher, h)
+        kc.stop_channels()
+        assert launcher.poll(h) is not None
+    finally:
+        launcher.stop(h, grace=0)
