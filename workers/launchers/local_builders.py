@@ -24,6 +24,7 @@ class LocalOptions:
     max_memory_per_kernel: str = ""    # most memory a kernel may ask, e.g. "8Gi"; "": no limit
     fork_kernels: bool = True      # ipykernel kernels forked from a process that imported it
     lean_execute: bool = True      # forked kernels skip ipykernel's empty waits after an execute
+    #                                and forward the shell channel in C until a subshell is asked
     subshells: bool = True         # false: forked kernels run without ipykernel's shell-channel
     #                                thread, so without kernel subshells, one hand-off fewer each way
 
