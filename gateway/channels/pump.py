@@ -216,7 +216,7 @@ class Pump:
             return
         if sess.sockets and rec.generation == sess.generation:
             if not sess.ready and not sess.nudging:  # held for a restart that did not happen
-                sess.nudge()
+                sess.nudge(busy=rec.execution_state == "busy")
             return
         info = self.registry.connection(sess.kid)
         if info is None:
@@ -226,7 +226,7 @@ class Pump:
             sess.renudge()  # same place, new process: confirm iopub again
         else:
             sess.connect(info, rec.generation)
-        sess.nudge()
+        sess.nudge(busy=rec.execution_state == "busy")
 
     def _handle_events(self) -> None:
         sess = self.sess

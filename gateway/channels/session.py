@@ -35,6 +35,10 @@ from .connection import Connection
 DEALERS = ("shell", "control", "stdin")
 NUDGE_FIRST = 0.02  # a nudge that brought nothing on iopub is sent again after this...
 NUDGE_EVERY = 0.25  # ...doubling up to this
+# A kernel busy when the session connects answers a nudge on shell only after its cell (the
+# request waits behind it); the control nudge answers at once. The shell nudge is sent too
+# once this long has passed with nothing on iopub (a kernel that does not answer on control).
+BUSY_SHELL_NUDGE = 5.0
 
 
 class Readiness(enum.Enum):
@@ -92,6 +96,7 @@ class KernelSession:
         self.nudges: set[str] = set()
         self.nudge_sent = 0.0  # 0: none sent to this kernel process yet
         self.nudge_every = NUDGE_FIRST
+        self.shell_nudge_from = 0.0  # monotonic time from which nudges go on shell too
         self.detached_at: float | None = None
         self.kept_bytes = 0  # read by the keeper since the client went (Bridge._keep_once)
         self.gone = False
@@ -182,6 +187,7 @@ class KernelSession:
         self.nudges.clear()
         self.nudge_sent = 0.0
         self.nudge_every = NUDGE_FIRST
+        self.shell_nudge_from = 0.0
 
     def close_sockets(self) -> None:
         for s in self.sockets.values():
@@ -202,7 +208,7 @@ class KernelSession:
                     pass
             self._r = self._w = -1  # a second close() closes nothing (see wake())
 
-    def nudge(self) -> None:
+    def nudge(self, busy: bool = False) -> None:
         """Ask for kernel_info so the first iopub message proves the subscription is live.
 
         Sent once the shell and iopub connections are both up (asked earlier, the kernel may
@@ -210,18 +216,32 @@ class KernelSession:
         first, then less often. The kernel's XPUB takes a new subscription in only when it
         next looks at its commands, which may be after it published its answer; a warm kernel
         answers within a millisecond, and waiting a full NUDGE_EVERY for the second try made
-        its hand-over take 0.28 s instead of 0.03 s."""
+        its hand-over take 0.28 s instead of 0.03 s.
+
+        It goes on control as well as shell: ipykernel answers kernel_info on its control
+        thread while a cell runs, so a client that connects to a busy kernel (a second tab,
+        JupyterLab's subshell console) is not held until the cell ends. ``busy`` (the
+        registry's execution state when the session connected): the shell nudge, which would
+        wait behind the cell and be answered after the session stopped looking for it, waits
+        BUSY_SHELL_NUDGE first."""
         self.advance(Readiness.NUDGING)
         shell, iopub = self.sockets.get("shell"), self.sockets.get("iopub")
         if shell is None or iopub is None or not (shell.ready and iopub.ready):
             return  # the pump asks again after the handshakes
         assert self.signer is not None
+        now = time.monotonic()
+        if busy:
+            self.shell_nudge_from = now + BUSY_SHELL_NUDGE
         if self.nudge_sent:
             self.nudge_every = min(self.nudge_every * 2, NUDGE_EVERY)
-        msg_id, frames = jmsg.build(self.signer, "kernel_info_request", {}, self.session_id)
-        self.nudges.add(msg_id)
-        shell.send(frames)
-        self.nudge_sent = time.monotonic()
+        control = self.sockets.get("control")
+        for peer in (control, shell if now >= self.shell_nudge_from else None):
+            if peer is not None and peer.ready:
+                msg_id, frames = jmsg.build(self.signer, "kernel_info_request", {},
+                                            self.session_id)
+                self.nudges.add(msg_id)
+                peer.send(frames)
+        self.nudge_sent = now
 
     def nudge_due(self, now: float) -> bool:
         return self.nudging and (not self.nudge_sent or now - self.nudge_sent > self.nudge_every)

@@ -71,3 +71,30 @@ def test_an_unanswered_nudge_is_sent_again_soon_then_less_often(sess: KernelSess
     sess.renudge()  # a new kernel process at the same place: soon again
     sess.nudge()
     assert sess.nudge_every == NUDGE_FIRST and len(shell.sent) == 9
+
+
+def test_a_busy_kernel_is_nudged_on_control_and_on_shell_only_later(sess: KernelSession,
+                                                                   monkeypatch) -> None:
+    """ipykernel answers kernel_info on its control thread while a cell runs, so a session
+    that connects to a busy kernel is confirmed at once (a second tab, JupyterLab's subshell
+    console). A nudge on shell would wait behind the cell: it is sent only if nothing came on
+    iopub for BUSY_SHELL_NUDGE (a kernel that does not answer on control). An idle kernel is
+    nudged on both."""
+    from poolgate.gateway.channels import session as session_module
+
+    shell, control = sess.sockets["shell"], sess.sockets["control"]
+    shell.ready = control.ready = sess.sockets["iopub"].ready = True
+    clock = [1000.0]
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    sess.nudge(busy=True)
+    assert (kinds(control), kinds(shell)) == (["kernel_info_request"], [])
+    assert sess.is_nudge([b"{}", control.sent[0][2], b"{}", b"{}"])
+    clock[0] += session_module.BUSY_SHELL_NUDGE - 0.1
+    sess.nudge()  # a try before that: control only
+    assert (len(control.sent), len(shell.sent)) == (2, 0)
+    clock[0] += 0.2
+    sess.nudge()
+    assert (len(control.sent), kinds(shell)) == (3, ["kernel_info_request"])
+    sess.renudge()  # a new kernel process: not busy
+    sess.nudge()
+    assert (len(control.sent), len(shell.sent)) == (4, 2)

@@ -403,6 +403,69 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
         lab.stop()
 
 
+# What JupyterLab's subshell console does (JupyterLab 4.4+): ask the notebook's kernel for a
+# subshell, then send a cell to it on a clone of the kernel connection with its subshell id.
+SUBSHELL = r"""
+(function () {
+  const k = pg.panel().sessionContext.session.kernel;
+  pg.sub = {done: false, out: '', status: null, error: null, offered: k.supportsSubshells};
+  k.requestCreateSubshell({}).done.then(function (reply) {
+    const sub = k.clone({subshellId: reply.content.subshell_id});
+    const f = sub.requestExecute(
+      {code: 'import threading; print(threading.current_thread().name)'});
+    f.onIOPub = function (m) {
+      if (m.header.msg_type === 'stream') pg.sub.out += m.content.text; };
+    return f.done.then(function (r) {
+      pg.sub.status = r.content.status; pg.sub.done = true; sub.dispose(); });
+  }).catch(function (e) { pg.sub.error = String(e); pg.sub.done = true; });
+  return true;
+})()
+"""
+
+
+def test_jupyterlab_subshell_while_a_cell_runs(redis_stack: Stack, browser: Browser,
+                                               tmp_path: Path) -> None:
+    """JupyterLab asks a poolgate kernel for a subshell while a notebook cell runs (as its
+    subshell console and its widgets' comms do): the kernel, which forwarded its shell channel
+    in C until then (README, "Forked kernels", Subshells), gives one at once, the subshell's
+    cell runs and answers while the notebook's cell still runs, that cell then ends with its
+    output, and the notebook's next cells run."""
+    lab = Lab(tmp_path, redis_stack.url)
+    try:
+        lab.write_notebook("sub.ipynb")
+        page = Page(browser, lab)
+        page.open("sub.ipynb")
+        sources = ["print(get_ipython().kernel.shell_channel_thread.forwarding)",
+                   "import time\ntime.sleep(8)\nprint('main done')"]
+        for i, source in enumerate(sources):
+            browser.evaluate(f"pg.panel().content.widgets[{i}].model.sharedModel"
+                             f".setSource({json.dumps(source)})")
+        assert text_of(page.run(0)) == "True\n"
+        browser.evaluate("pg.run(1)")
+        browser.wait(lambda: page.state()["kernel"]["status"] == "busy", 10,
+                     "the notebook's cell to run")
+        browser.evaluate(SUBSHELL)
+
+        def subshell_done() -> dict[str, Any] | None:
+            got: dict[str, Any] = json.loads(browser.evaluate("JSON.stringify(pg.sub)"))
+            return got if got["done"] else None
+        sub = browser.wait(subshell_done, 30, "the subshell's cell")
+        assert (sub["offered"], sub["error"], sub["status"]) == (True, None, "ok"), sub
+        assert sub["out"].startswith("subshell-"), sub
+        # the notebook's cell still runs (it prints when it ends); JupyterLab's status shows
+        # the subshell's idle, so it is not what tells
+        state = page.state()
+        assert (state["cells"][1]["outputs"], text_of(state["cells"][1])) == ([], ""), state
+        browser.wait(lambda: text_of(page.state()["cells"][1]) == "main done\n", 30,
+                     "the notebook's cell to end with its output")
+        page.idle()
+        assert text_of(page.run(0)) == "False\n"  # ipykernel's loop from then on
+        assert text_of(page.run(3)) == "False\n"
+        assert not kernel_errors(browser.errors), browser.errors
+    finally:
+        lab.stop()
+
+
 class RoundRobinProxy:
     """A loopback TCP proxy in front of gateway replicas, as a load balancer without
     stickiness: each new connection goes to the next replica. Kernel WebSockets (a GET of
