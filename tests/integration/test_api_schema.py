@@ -175,6 +175,10 @@ def test_fuzz_without_credentials_is_401_everywhere(schema_stack: Stack) -> None
                         if not (k.lower() == "authorization" and TOKEN in str(v))}
         case.query = {k: v for k, v in (case.query or {}).items() if v != TOKEN}
         response = case.call(base_url=schema_stack.url, timeout=60)
+        if response.status_code == 414:  # a request line over 4,094 bytes: refused before the
+            # API reads it, credentials or not (README, "API"); not an answer about them
+            assert response.json()["reason"] == "uri_too_long", response.text
+            return
         assert response.status_code == 401, (case.method, case.formatted_path, response.text)
         assert response.json()["reason"] == "unauthorized"
         assert set(response.json()) == {"reason", "message"}

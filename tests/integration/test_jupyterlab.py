@@ -386,9 +386,17 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
         browser.evaluate("pg.panel().content.widgets[2].model.sharedModel.setSource("
                          "'import os\\nos._exit(1)')")
         browser.evaluate("pg.run(2)")
-        browser.wait(lambda: any("appears to have died" in d and "restart automatically" in d
-                                 for d in page.state()["dialogs"]), 20,
-                     "JupyterLab's dialog for a kernel that died")
+        try:
+            browser.wait(lambda: any("appears to have died" in d and "restart automatically"
+                                     in d for d in page.state()["dialogs"]), 20,
+                         "JupyterLab's dialog for a kernel that died")
+        except AssertionError:  # what JupyterLab saw, and the lab's log, for the next reader
+            s = page.state()
+            raise AssertionError(
+                f"no 'died' dialog within 20 s: kernel {s['kernel']}, statuses "
+                f"{s['statuses']}, connections {s['connections']}, dialogs {s['dialogs']}, "
+                f"gateway's view {redis_stack.gw.kernels()}\n--- jupyter lab log:\n"
+                f"{lab.log()}") from None
         state = page.idle(30, "the kernel restarted after its death")
         assert state["kernel"]["id"] == kid
         assert "restarting" in state["statuses"]
