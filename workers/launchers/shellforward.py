@@ -27,16 +27,15 @@ What the C forwarder cannot do, the pieces around it do:
   "stop aborting" marker behind what the proxy has forwarded, as its loop would;
 - stopping the thread (the kernel's shutdown) ends the proxy before the loop is asked to stop.
 
-Applied by the fork server (option ``subshells``, default true) to ipykernel versions with
-the layout this was written for (7.4 and later 7.x); any other version runs as it is.
+Applied by the fork server to lean kernels (option ``lean_execute``, default true) unless the
+pool turns subshells off (``subshells: false``), and only to ipykernel versions with the
+layout this was written for (7.4 and later 7.x); any other version runs as it is.
 Standard library, pyzmq and ipykernel only: the fork server runs with the kernel's Python.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any
-
-C_FORWARD_THREAD_NAME = "Shell channel"  # ipykernel's name: tools that look for it find it
 
 
 def forward_shell_in_c() -> bool:
@@ -52,16 +51,16 @@ def forward_shell_in_c() -> bool:
     stock_thread = shellchannel.ShellChannelThread
     manager_class = subshell_manager.SubshellManager
     kernel_class = kernelbase.Kernel
-    if not (7, 4) <= tuple(version_info[:2]) < (8,) or getattr(kernelapp, "ShellChannelThread", None) \
-            is not stock_thread or not hasattr(zmq, "proxy_steerable") or not all(
-                hasattr(manager_class, name) for name in (
-                    "get_subshell_to_shell_channel_socket", "get_shell_channel_to_subshell_socket",
-                    "set_on_recv_callback", "_send_on_shell_channel", "close")) or not all(
-                hasattr(kernel_class, name) for name in (
-                    "start", "shell_main", "_abort_queues", "create_subshell_request",
-                    "delete_subshell_request", "list_subshell_request", "init_metadata",
-                    "finish_metadata", "_publish_status")) or not hasattr(
-                        subshell_manager, "UnknownSubshellError"):
+    needed = {manager_class: ("get_subshell_to_shell_channel_socket",
+                              "get_shell_channel_to_subshell_socket", "set_on_recv_callback",
+                              "_send_on_shell_channel", "close"),
+              kernel_class: ("start", "shell_main", "_abort_queues", "create_subshell_request",
+                             "delete_subshell_request", "list_subshell_request",
+                             "init_metadata", "finish_metadata", "_publish_status"),
+              subshell_manager: ("UnknownSubshellError",), zmq: ("proxy_steerable",)}
+    if not (7, 4) <= tuple(version_info[:2]) < (8,) \
+            or getattr(kernelapp, "ShellChannelThread", None) is not stock_thread \
+            or not all(hasattr(owner, name) for owner, names in needed.items() for name in names):
         return False
 
     class ThroughStream:
