@@ -296,11 +296,9 @@ class Pump:
                 parts, buffers = jmsg.split(msg)
             except ValueError:
                 continue
-            if sess.nudges and sess.ready and time.monotonic() > sess.nudge_sent + 3.0:
-                sess.nudges.clear()
             if channel == "iopub" and sess.nudging:  # what it sends goes after these
                 out.flush()
-            if sess.nudges and sess.is_nudge(parts):
+            if sess.nudges and sess.is_nudge(channel, parts):
                 if channel == "iopub":
                     self._became_ready()
                 continue

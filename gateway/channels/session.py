@@ -39,6 +39,12 @@ NUDGE_EVERY = 0.25  # ...doubling up to this
 # request waits behind it); the control nudge answers at once. The shell nudge is sent too
 # once this long has passed with nothing on iopub (a kernel that does not answer on control).
 BUSY_SHELL_NUDGE = 5.0
+# A nudge's own messages (its reply, then its busy and idle on iopub) are kept from the client.
+# Its id is remembered until its reply came and this long after (the busy and idle trail it),
+# or, for a control nudge the kernel never answered, this long after the session was ready. A
+# shell nudge waits behind a running cell, however long: its id stays until it is answered.
+NUDGE_TRAIL = 3.0
+NUDGES_KEPT = 64  # ids remembered at most (the oldest go first)
 
 
 class Readiness(enum.Enum):
@@ -93,7 +99,10 @@ class KernelSession:
         # What the client was told, not readiness: a restart after a death was announced, so
         # the kernel's coming back is announced too (Pump._became_ready).
         self.restarted = False
-        self.nudges: set[str] = set()
+        # Nudges out: msg_id -> (channel, when it is forgotten; inf until answered).
+        self.nudges: dict[str, tuple[str, float]] = {}
+        self._nudge_ids: tuple[bytes, ...] = ()
+        self._nudges_checked = float("inf")  # the earliest time a nudge may be forgotten
         self.nudge_sent = 0.0  # 0: none sent to this kernel process yet
         self.nudge_every = NUDGE_FIRST
         self.shell_nudge_from = 0.0  # monotonic time from which nudges go on shell too
@@ -178,6 +187,10 @@ class KernelSession:
         if self.readiness is not Readiness.NUDGING:
             return False
         self.advance(Readiness.READY)
+        trail = time.monotonic() + NUDGE_TRAIL
+        for msg_id, (channel, when) in list(self.nudges.items()):
+            if channel != "shell" and when > trail:
+                self._remember(msg_id, channel, trail)
         return True
 
     def renudge(self) -> None:
@@ -185,6 +198,8 @@ class KernelSession:
         if self.readiness is Readiness.READY:
             self.hold()
         self.nudges.clear()
+        self._nudge_ids = ()
+        self._nudges_checked = float("inf")
         self.nudge_sent = 0.0
         self.nudge_every = NUDGE_FIRST
         self.shell_nudge_from = 0.0
@@ -235,19 +250,54 @@ class KernelSession:
         if self.nudge_sent:
             self.nudge_every = min(self.nudge_every * 2, NUDGE_EVERY)
         control = self.sockets.get("control")
-        for peer in (control, shell if now >= self.shell_nudge_from else None):
+        for channel, peer in (("control", control),
+                              ("shell", shell if now >= self.shell_nudge_from else None)):
             if peer is not None and peer.ready:
                 msg_id, frames = jmsg.build(self.signer, "kernel_info_request", {},
                                             self.session_id)
-                self.nudges.add(msg_id)
+                self._remember(msg_id, channel, float("inf"))
                 peer.send(frames)
         self.nudge_sent = now
 
     def nudge_due(self, now: float) -> bool:
         return self.nudging and (not self.nudge_sent or now - self.nudge_sent > self.nudge_every)
 
-    def is_nudge(self, parts: list[bytes]) -> bool:
-        return bool(self.nudges) and wire.json_part(parts[1]).get("msg_id") in self.nudges
+    def _remember(self, msg_id: str, channel: str, forget_at: float) -> None:
+        self.nudges.pop(msg_id, None)
+        self.nudges[msg_id] = (channel, forget_at)
+        while len(self.nudges) > NUDGES_KEPT:
+            del self.nudges[next(iter(self.nudges))]
+        self._nudge_ids = tuple(m.encode() for m in self.nudges)
+        self._nudges_checked = min(self._nudges_checked, forget_at)
+
+    def _forget_nudges(self, now: float) -> None:
+        if now < self._nudges_checked:
+            return
+        for msg_id, (_, when) in list(self.nudges.items()):
+            if when <= now:
+                del self.nudges[msg_id]
+        self._nudge_ids = tuple(m.encode() for m in self.nudges)
+        self._nudges_checked = min((when for _, when in self.nudges.values()),
+                                   default=float("inf"))
+
+    def is_nudge(self, channel: str, parts: list[bytes]) -> bool:
+        """Whether a message from the kernel answers one of this session's nudges (it is
+        not the client's). Most messages answer none: their parent header is searched for the
+        ids as bytes before it is parsed. A nudge's reply starts its NUDGE_TRAIL."""
+        if not self.nudges:
+            return False
+        now = time.monotonic()
+        self._forget_nudges(now)
+        parent = parts[1]
+        if not any(m in parent for m in self._nudge_ids):
+            return False
+        msg_id = wire.json_part(parent).get("msg_id")
+        if msg_id not in self.nudges:
+            return False
+        sent_on, when = self.nudges[msg_id]
+        if channel == sent_on and when == float("inf"):
+            self._remember(msg_id, sent_on, now + NUDGE_TRAIL)
+        return True
 
     def delivered(self, channel: str, head: dict[str, Any], pid: str) -> None:
         """A message reached the client: an execute's reply, or iopub up to ``head``; an idle

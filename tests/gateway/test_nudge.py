@@ -49,7 +49,7 @@ def test_no_nudge_before_both_channels_are_up(sess: KernelSession) -> None:
     iopub.ready = True
     sess.nudge()
     assert kinds(shell) == ["kernel_info_request"]
-    assert sess.is_nudge([b"{}", shell.sent[0][2], b"{}", b"{}"])
+    assert sess.is_nudge("iopub", [b"{}", shell.sent[0][2], b"{}", b"{}"])
 
 
 def test_an_unanswered_nudge_is_sent_again_soon_then_less_often(sess: KernelSession) -> None:
@@ -88,7 +88,7 @@ def test_a_busy_kernel_is_nudged_on_control_and_on_shell_only_later(sess: Kernel
     monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
     sess.nudge(busy=True)
     assert (kinds(control), kinds(shell)) == (["kernel_info_request"], [])
-    assert sess.is_nudge([b"{}", control.sent[0][2], b"{}", b"{}"])
+    assert sess.is_nudge("iopub", [b"{}", control.sent[0][2], b"{}", b"{}"])
     clock[0] += session_module.BUSY_SHELL_NUDGE - 0.1
     sess.nudge()  # a try before that: control only
     assert (len(control.sent), len(shell.sent)) == (2, 0)
@@ -98,3 +98,39 @@ def test_a_busy_kernel_is_nudged_on_control_and_on_shell_only_later(sess: Kernel
     sess.renudge()  # a new kernel process: not busy
     sess.nudge()
     assert (len(control.sent), len(shell.sent)) == (4, 2)
+
+
+def test_a_shell_nudge_is_known_until_answered_however_long_the_cell(sess: KernelSession,
+                                                                    monkeypatch) -> None:
+    """A shell nudge sent while a cell runs is answered when the cell ends, perhaps minutes
+    after the session was ready: its reply and its busy/idle are still the gateway's, not the
+    client's (a client that never asked would see a kernel_info_reply and a busy/idle with a
+    parent it never sent). Once answered, its id is dropped after NUDGE_TRAIL; an unanswered
+    control nudge NUDGE_TRAIL after the session was ready."""
+    from poolgate.gateway.channels import session as session_module
+
+    shell, control = sess.sockets["shell"], sess.sockets["control"]
+    shell.ready = control.ready = sess.sockets["iopub"].ready = True
+    clock = [1000.0]
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    sess.nudge()
+    on_shell, on_control = shell.sent[0][2], control.sent[0][2]
+    sess.nudge_sent = 0.0
+    sess.nudge()  # a second try, also unanswered on control
+    second_control = control.sent[1][2]
+
+    def answers(channel: str, parent: bytes) -> bool:
+        return sess.is_nudge(channel, [b"{}", parent, b"{}", b"{}"])
+
+    assert answers("iopub", on_control)  # the control nudge's busy: the session is ready
+    assert sess.became_ready()
+    assert answers("control", on_control)
+    clock[0] += 600  # a cell of ten minutes; the client's own messages are not nudges
+    assert not answers("iopub", json.dumps({"msg_id": "the-clients"}).encode())
+    assert not answers("iopub", second_control)  # forgotten NUDGE_TRAIL after ready
+    assert answers("shell", on_shell)  # the cell ended: the shell nudge's reply
+    clock[0] += session_module.NUDGE_TRAIL - 0.1
+    assert answers("iopub", on_shell)  # its idle
+    clock[0] += 0.2
+    assert not answers("iopub", on_shell)
+    assert list(sess.nudges) == [json.loads(shell.sent[1][2])["msg_id"]]  # the 2nd, unanswered

@@ -177,6 +177,35 @@ def test_a_subshell_runs_a_cell_while_the_main_shell_is_busy(redis_stack: Stack,
     ch.close()
 
 
+def test_a_second_client_gets_only_what_it_asked_for(redis_stack: Stack, kid: str) -> None:
+    """A client that connects while another's cell has just begun (before the registry shows
+    the kernel busy) is ready at once through the gateway's nudge on control; the nudge on
+    shell waits behind the cell and is answered when it ends, seconds later. That answer (a
+    kernel_info_reply and its busy/idle) is the gateway's: the client sees only the cell's
+    output, which goes to every client, and the answers to its own requests."""
+    gw = redis_stack.gw
+    a = gw.channel(kid)
+    a.execute("1+1", timeout=30)
+    cell = a.send("execute_request", {"code": "import time; time.sleep(5)", "silent": False})
+    time.sleep(0.02)
+    b = gw.channel(kid)
+    mine = b.send("execute_request", {"code": "2+2", "silent": False})
+    seen: list[dict] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        seen.append(b.recv(deadline - time.monotonic()))
+        if seen[-1]["parent_header"].get("msg_id") == mine and seen[-1]["msg_type"] == "status" \
+                and seen[-1]["content"]["execution_state"] == "idle":
+            break
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        print("after the client's own idle:", b.recv(1.5))  # a late nudge's answer?
+    parents = {m["parent_header"].get("msg_id") for m in seen}
+    assert parents <= {cell, mine}, [(m["msg_type"], m["parent_header"]) for m in seen]
+    assert [m["msg_type"] for m in seen if m["channel"] == "shell"] == ["execute_reply"]
+    a.close()
+    b.close()
+
+
 def test_five_megabyte_output_intact(redis_stack: Stack, kid: str) -> None:
     ch = redis_stack.gw.channel(kid)
     res = ch.execute("import hashlib\ns = ''.join(chr(65 + i % 26) for i in range(5_000_000))\n"
