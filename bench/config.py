@@ -24,6 +24,7 @@ class Sizes:
     parallel: tuple[int, ...] = (8, 32)  # 9: N kernels running round trips at once
     parallel_seconds: float = 10.0  # 9: how long they run
     parallel_rate: float = 0.0  # 9: then paced at this many requests a second in all (0: not)
+    parallel_sched: int = 0  # 9: 1: also CPU, run-queue wait and switches per round trip
 
 
 FULL = Sizes()

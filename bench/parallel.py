@@ -5,6 +5,10 @@ that request); only the load differs. For each N in `--parallel`, N kernels each
 a loop, one request in flight per kernel, for `--parallel-seconds`; p50 and p99 over every
 round trip of every kernel (the first few of each kernel are warm-up and not counted).
 
+With `--parallel-sched 1` the closed loop also reports, per round trip, the CPU time and the
+run-queue wait of the kernels, the gateway, the client and the rest, and a table by thread
+(bench/schedstat.py).
+
 With `--parallel-rate R` the same kernels then run paced, open-loop: together they are sent R
 requests a second (each kernel its share, on a phase of its own), so every target gets the same
 offered load, whatever its own speed; a closed loop gives the faster target more load. Each
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from bench import schedstat
 from bench.client import KernelConnection
 from bench.config import Sizes
 from bench.progress import say
@@ -48,6 +53,16 @@ async def paced_loop(conn: KernelConnection, first: float, every: float, deadlin
         due += every
 
 
+async def watch_sched(target: Target, start: float, deadline: float) -> tuple[
+        dict[tuple[int, int], schedstat.Counters], dict[tuple[int, int], schedstat.Counters]]:
+    """The bench tree's thread counters as the timed loop begins and as it ends (read in a
+    thread of their own, not on the loop that times round trips)."""
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    before = await asyncio.to_thread(schedstat.snapshot, target)
+    await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+    return before, await asyncio.to_thread(schedstat.snapshot, target)
+
+
 async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
     """N kernels each run `1+1` round trips in a loop at once; p50 and p99 per N (ms)."""
     out: Metrics = {}
@@ -61,8 +76,16 @@ async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
             trips: list[tuple[float, float]] = []
             start = time.perf_counter() + 0.5  # the loops are in step by then
             deadline = start + sizes.parallel_seconds
+            watch = asyncio.create_task(
+                watch_sched(target, start, deadline)) if sizes.parallel_sched else None
             await asyncio.gather(*(timed_loop(c, start, deadline, sizes.exec_timeout, trips)
                                    for _, c, _ in ready))
+            if watch is not None:
+                rows = schedstat.per_round_trip(*await watch, len(trips))
+                for line in schedstat.lines(rows):
+                    say(f"{target.name}: {line}")
+                out.update({f"parallel.k{k}.{name}": value
+                            for name, value in schedstat.totals(rows).items()})
             paced: list[float] = []
             if sizes.parallel_rate > 0:
                 every = len(ready) / sizes.parallel_rate

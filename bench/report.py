@@ -71,6 +71,8 @@ PATTERNS: list[tuple[str, str, bool]] = [
     (r"parallel\.k(\d+)\.p(\d+)_ms", "9 {0} kernels in parallel, 1+1 p{1} (ms) ↓", True),
     (r"parallel\.k(\d+)\.paced_p(\d+)_ms", "9 {0} kernels paced (--parallel-rate), 1+1 p{1} (ms) ↓", True),
     (r"parallel\.k(\d+)\.failures", "9 {0} kernels in parallel, failed starts", False),
+    (r"parallel\.k(\d+)\.(kernel|gateway|client|other)_(cpu|wait)_ms",
+     "9 {0} kernels in parallel, {1} {2} per round trip (ms, --parallel-sched) ↓", True),
     (r"launch\.timings", "7 launch hop (model's poolgate timings)", False),
     (r"launch\.(.+)@", "7 launch hop: {0} at (s after POST)", False),
     (r"launch\.(.+)", "7 launch hop: {0} (s)", False),
