@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psutil
 
 from bench.procs import is_kernel, tree_of
+from bench.scenarios import server_tree
 from bench.targets.base import Target
 
 COLUMNS = ("cpu_ms", "wait_ms", "runs", "woken", "preempted")
@@ -63,9 +64,8 @@ def snapshot(target: Target | None) -> dict[tuple[int, int], Counters]:
     """Every thread of the bench's process tree now: (pid, tid) -> its counters; the
     target's gateway processes are of kind "gateway"."""
     procs = tree_of(os.getpid())
-    servers = [p for mp in (target.server_processes() if target else None) or []
-               for p in mp.tree()]
-    gateway_pids = {p.pid for p in servers if not is_kernel(p) and target.is_gateway_process(p)}
+    gateway_pids = {p.pid for p in server_tree(target)
+                    if not is_kernel(p) and target.is_gateway_process(p)} if target else set()
     out: dict[tuple[int, int], Counters] = {}
     for proc in procs:
         kind = kind_of(proc, gateway_pids)

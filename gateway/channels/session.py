@@ -101,8 +101,6 @@ class KernelSession:
         self.restarted = False
         # Nudges out: msg_id -> (channel, when it is forgotten; inf until answered).
         self.nudges: dict[str, tuple[str, float]] = {}
-        self._nudge_ids: tuple[bytes, ...] = ()
-        self._nudges_checked = float("inf")  # the earliest time a nudge may be forgotten
         self.nudge_sent = 0.0  # 0: none sent to this kernel process yet
         self.nudge_every = NUDGE_FIRST
         self.shell_nudge_from = 0.0  # monotonic time from which nudges go on shell too
@@ -198,8 +196,6 @@ class KernelSession:
         if self.readiness is Readiness.READY:
             self.hold()
         self.nudges.clear()
-        self._nudge_ids = ()
-        self._nudges_checked = float("inf")
         self.nudge_sent = 0.0
         self.nudge_every = NUDGE_FIRST
         self.shell_nudge_from = 0.0
@@ -267,18 +263,6 @@ class KernelSession:
         self.nudges[msg_id] = (channel, forget_at)
         while len(self.nudges) > NUDGES_KEPT:
             del self.nudges[next(iter(self.nudges))]
-        self._nudge_ids = tuple(m.encode() for m in self.nudges)
-        self._nudges_checked = min(self._nudges_checked, forget_at)
-
-    def _forget_nudges(self, now: float) -> None:
-        if now < self._nudges_checked:
-            return
-        for msg_id, (_, when) in list(self.nudges.items()):
-            if when <= now:
-                del self.nudges[msg_id]
-        self._nudge_ids = tuple(m.encode() for m in self.nudges)
-        self._nudges_checked = min((when for _, when in self.nudges.values()),
-                                   default=float("inf"))
 
     def is_nudge(self, channel: str, parts: list[bytes]) -> bool:
         """Whether a message from the kernel answers one of this session's nudges (it is
@@ -287,9 +271,11 @@ class KernelSession:
         if not self.nudges:
             return False
         now = time.monotonic()
-        self._forget_nudges(now)
+        for sent, (_, when) in list(self.nudges.items()):  # a few at most
+            if when <= now:
+                del self.nudges[sent]
         parent = parts[1]
-        if not any(m in parent for m in self._nudge_ids):
+        if not any(m.encode() in parent for m in self.nudges):
             return False
         msg_id = wire.json_part(parent).get("msg_id")
         if msg_id not in self.nudges:
