@@ -2,9 +2,12 @@
 maintenance task; registry operations only).
 
 * a live kernel whose supervisor stopped beating is FAILED ("worker lost"), so clients see dead;
-  not while the registry rebuilds after losing its data (the heartbeats were lost with it);
+  not while the registry rebuilds after losing its data (the heartbeats were lost with it),
+  and only when a later look, after its worker had its chance to beat again, finds it still
+  missing (a paused machine expires every heartbeat at once: Registry.missing_for);
 * a launch still queued past its timeout is withdrawn, so it never starts later;
-* connection entries of gateways that went away are dropped, so culling can see the truth.
+* connection entries of gateways that went away (confirmed as kernels' are) are dropped, so
+  culling can see the truth.
 """
 from __future__ import annotations
 
@@ -15,11 +18,17 @@ from typing import Any
 
 from .config import PoolConfig
 from .protocol import KernelStatus
-from .registry import KernelRecord, Registry
+from .registry import GATEWAY_BEAT, KernelRecord, Registry
 
 log = logging.getLogger(__name__)
 S = KernelStatus
 SILENT_STATES = (S.RUNNING, S.RESTARTING, S.STOPPING)
+
+
+def confirm_after(beat: float) -> float:
+    """How long a heartbeat written every ``beat`` seconds must stay missing before its writer
+    is taken for gone: past the writer's next beat, with a second to be scheduled in."""
+    return max(1.5 * beat, beat + 1.0)
 
 
 def settle(registry: Registry, rec: KernelRecord, pools: Mapping[str, PoolConfig]
@@ -38,6 +47,8 @@ def settle(registry: Registry, rec: KernelRecord, pools: Mapping[str, PoolConfig
             # heartbeat proves nothing until the workers had their chance to write them.
             return rec, False
         ttl = pools[rec.pool].heartbeat_ttl if rec.pool in pools else 0
+        if registry.missing_for("hb:" + rec.id) < confirm_after(ttl / 3):
+            return rec, False  # its worker may be beating again in a moment
         reason = f"worker {rec.worker} lost: no heartbeat for {ttl:.0f}s; the kernel is considered dead"
         ok, _ = registry.transition(rec.id, S.FAILED, pool=rec.pool, reason=reason,
                                     execution_state="dead")
@@ -59,6 +70,8 @@ def reconcile(registry: Registry, pools: Mapping[str, PoolConfig]) -> dict[str, 
     records = registry.all()
     alive = registry.beating([r.id for r in records if r.status in SILENT_STATES])
     holders = registry.connection_holders([r.id for r in records])
+    silent = {h.decode().split(":", 1)[0] for held in holders.values() for h in held} - gateways
+    gateways |= {g for g in silent if registry.missing_for("gw:" + g) < confirm_after(GATEWAY_BEAT)}
     for rec in records:
         was = rec.status
         now: KernelRecord | None

@@ -9,6 +9,9 @@ Keys (prefix ``pg:``)::
     pg:sendlock:<pool> held while a launch takes its ticket and is sent (Registry.launch_lock)
     pg:hb:<id>         the supervisor's heartbeat (expires after the pool's heartbeat TTL)
     pg:w:<name>        a worker's heartbeat and capacity (expires)
+    pg:gw:<instance>   a gateway's heartbeat (expires after GATEWAY_TTL)
+    pg:miss:<what>     when a heartbeat (``hb:<id>``, ``gw:<instance>``) was first found missing
+                       (Registry.missing_for; expires after MISSING_WINDOW)
     pg:workers         set of worker names (those whose heartbeat expired are pruned on read)
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<db>:<id>    pub/sub channel: the kernel's state changes (<db>: pub/sub has no databases)
@@ -44,6 +47,9 @@ PREFIX = "pg:"
 FAILED_RETENTION = 3600  # seconds a FAILED record stays readable (status: dead)
 WORKER_TTL = 10.0  # seconds a worker's heartbeat (pg:w:<name>) lives; workers beat every third
 REBUILD_GRACE = 5.0  # after a rebuild, a missing kernel is "not yet" (503) for this long
+GATEWAY_TTL = 10.0  # seconds a gateway's heartbeat (pg:gw:<instance>) lives
+GATEWAY_BEAT = 2.0  # gateways beat this often
+MISSING_WINDOW = 60.0  # a heartbeat found missing this long ago and not since is found anew
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -366,7 +372,8 @@ class Registry:
         pool = pool or _text(pool_user[0])
         user = _text(pool_user[1])
         pipe = self.r.pipeline()
-        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid)
+        pipe.delete(PREFIX + "k:" + kid, PREFIX + "hb:" + kid, PREFIX + "c:" + kid,
+                    PREFIX + "miss:hb:" + kid)
         pipe.set(PREFIX + "gone:" + kid, reason or "shut down", ex=FAILED_RETENTION)
         pipe.srem(PREFIX + "kernels", kid)
         for key in self._live_keys(pool, user):
@@ -541,8 +548,26 @@ class Registry:
     def heartbeat_alive(self, kid: str) -> bool:
         return bool(self.r.exists(PREFIX + "hb:" + kid))
 
-    def gateway_heartbeat(self, instance: str, ttl: float) -> None:
+    def gateway_heartbeat(self, instance: str, ttl: float = GATEWAY_TTL) -> None:
         self.r.set(PREFIX + "gw:" + instance, "1", px=int(ttl * 1000))
+
+    def missing_for(self, what: str) -> float:
+        """Seconds since a heartbeat (``hb:<id>``, ``gw:<instance>``) that is missing now was
+        first found missing: 0.0 the first time. Asked only when it is missing.
+
+        An expired heartbeat alone does not prove its writer gone: when the whole machine (or
+        Redis's) was paused past the TTL (a VM suspended or migrated, a laptop asleep), every
+        heartbeat expires at once the moment Redis runs again, and the writers beat again only
+        a beat later. So a checker confirms a missing heartbeat on a later look, once its
+        writer has had its chance (``workers/reconcile.py``). The first finding is kept for
+        MISSING_WINDOW seconds: a heartbeat that came back and went again within that time is
+        confirmed at once."""
+        key, now = PREFIX + "miss:" + what, time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(key, repr(now), nx=True, px=int(MISSING_WINDOW * 1000))
+        pipe.get(key)
+        _, first = pipe.execute()
+        return max(0.0, now - float(first)) if first else 0.0
 
     def live_gateways(self) -> set[str]:
         return {k.decode()[len(PREFIX) + 3:] for k in self.r.scan_iter(PREFIX + "gw:*", count=500)}

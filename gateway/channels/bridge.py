@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from simple_websocket import ConnectionClosed
 
+from ...workers.registry import GATEWAY_BEAT
 from .. import zmtp
 from . import replay
 from .connection import Connection
@@ -162,10 +163,10 @@ class Bridge:
     def _reap(self) -> None:
         while not self._stopped.is_set():
             try:  # connection counts held by a gateway without this heartbeat are stale
-                self.registry.gateway_heartbeat(self.instance, 10.0)
+                self.registry.gateway_heartbeat(self.instance)
             except Exception:
                 log.debug("cannot reach the registry", exc_info=True)
-            if self._stopped.wait(2.0):
+            if self._stopped.wait(GATEWAY_BEAT):
                 return
             now = time.monotonic()
             with self._lock:

@@ -53,6 +53,42 @@ def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis
         STACKS.remove(stack)
 
 
+def test_a_paused_machine_kills_no_kernel(tmp_path: Path, private_redis: PrivateRedis) -> None:
+    """The gateway's and the worker's machine paused past the heartbeat TTL (a VM suspended or
+    migrated): the kernel's heartbeat expired meanwhile. The gateway runs again a moment before
+    the worker and looks first; the kernel must not be declared dead for that."""
+    from poolgate.workers.reconcile import confirm_after
+
+    stack = Stack(tmp_path, "redis", db=0, redis_url=f"redis://127.0.0.1:{private_redis.port}").start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        ch = gw.channel(kid)
+        assert ch.execute("x = 41").status == "ok"
+        gateway, worker = stack.gateways[0].pid, stack.workers["local"].pid
+        ttl = stack.pools["local"]["heartbeat_ttl"]
+        os.kill(worker, signal.SIGSTOP)
+        os.kill(gateway, signal.SIGSTOP)
+        try:
+            time.sleep(ttl + 1.5)  # the worker beats every ttl/3: its beat has expired
+            os.kill(gateway, signal.SIGCONT)
+            r = gw.get(f"/api/kernels/{kid}")  # a look before the worker could beat again
+            assert r.status_code == 200 and r.json()["execution_state"] != "dead", r.text
+        finally:
+            os.kill(worker, signal.SIGCONT)
+            os.kill(gateway, signal.SIGCONT)
+        time.sleep(confirm_after(ttl / 3) + 0.5)
+        r = gw.get(f"/api/kernels/{kid}")  # the look that would confirm it gone
+        assert r.status_code == 200 and r.json()["execution_state"] != "dead", r.text
+        assert ch.execute("x + 1", timeout=30).result == "42"  # same kernel, same session
+        ch.close()
+        gw.shutdown(kid)
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
 def test_limits_hold_under_concurrent_starts(tmp_path: Path) -> None:
     pools = {"local": {"launcher": "local", "queue": f"lim{tmp_path.name[-6:]}", "slots": 6,
                        "heartbeat_ttl": 3, "max_kernels_per_user": 2, "max_kernels": 3}}
