@@ -92,7 +92,8 @@ def test_a_launch_leaves_no_result_subscription_and_its_result_is_still_stored(
     for kid in kids:
         key = f"celery-task-meta-{kid}"
         deadline = time.monotonic() + 20  # stored once the kernels.host task returns
-        while r.get(key) is None and time.monotonic() < deadline:
+        while json.loads(r.get(key) or b"{}").get("status") != "SUCCESS" \
+                and time.monotonic() < deadline:  # RUNNING (track_started) until then
             time.sleep(0.1)
         assert json.loads(r.get(key) or b"{}").get("status") == "SUCCESS"
 
