@@ -34,7 +34,7 @@ from ..workers.errors import (
 from ..workers.kernel_socket import KernelSocket
 from ..workers.launchers import k8s_builders, spark_builders
 from ..workers.protocol import EXECUTION_STATE, KernelStatus, LaunchRequest
-from ..workers.reconcile import settle
+from ..workers.reconcile import settle, settle_all
 from ..workers.registry import WORKER_TTL, KernelRecord, Registry, now_iso
 from . import access
 from .auth import User
@@ -175,15 +175,18 @@ class KernelService:
             self.dispatch.revoke(rec.id)
         return now
 
-    def model(self, rec: KernelRecord) -> dict[str, Any]:
-        """The Jupyter kernel model, plus poolgate's own details under ``poolgate``."""
+    def model(self, rec: KernelRecord, positions: dict[str, int | None] | None = None
+              ) -> dict[str, Any]:
+        """The Jupyter kernel model, plus poolgate's own details under ``poolgate``;
+        ``positions``: queued launches' places in their queues, when already read."""
         state = rec.execution_state if rec.status is S.RUNNING else EXECUTION_STATE[rec.status]
         extra: dict[str, Any] = {"pool": rec.pool, "status": rec.status.value,
                                  "worker": rec.worker, "host": rec.host}
         if rec.reason:
             extra["reason"] = rec.reason
         if rec.status is S.QUEUED:
-            extra["queue_position"] = self.registry.queue_position(rec.pool, rec.id)
+            extra["queue_position"] = (positions.get(rec.id) if positions is not None
+                                       else self.registry.queue_position(rec.pool, rec.id))
         if rec.timing:
             extra["timing"] = rec.timing
         extra.update(resources.shown(rec.request, rec.handle))  # the GPUs it got, its limits
@@ -191,10 +194,18 @@ class KernelService:
                 "execution_state": state, "connections": rec.connections, "poolgate": extra}
 
     def list(self, user: User | None = None) -> list[dict[str, Any]]:
-        """The kernels ``user`` may see (all without one)."""
-        live = (self.check_alive(r) for r in self.registry.all()
-                if user is None or user.owns(r.user))
-        return [self.model(r) for r in live if r is not None]
+        """The kernels ``user`` may see (all without one), each as check_alive finds it."""
+        owner = None if user is None or user.admin else user.name  # a user's: their own sets
+        records = [r for r in self.registry.all(owner) if user is None or user.owns(r.user)]
+        live = []
+        for rec, now, withdrawn in settle_all(self.registry, records, self.config.pools):
+            if withdrawn:
+                self.dispatch.revoke(rec.id)
+            if now is not None:
+                live.append(now)
+        queued = [(r.pool, r.id) for r in live if r.status is S.QUEUED]
+        positions = dict(zip((kid for _, kid in queued), self.registry.queue_positions(queued)))
+        return [self.model(r, positions) for r in live]
 
     def workers_of(self, pool: str) -> builtins.list[dict[str, Any]]:  # list: the method above
         """The live workers of a pool, from their heartbeats."""

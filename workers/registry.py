@@ -13,6 +13,10 @@ Keys (prefix ``pg:``)::
     pg:miss:<what>     when a heartbeat (``hb:<id>``, ``gw:<instance>``) was first found missing
                        (Registry.missing_for; expires after MISSING_WINDOW)
     pg:workers         set of worker names (those whose heartbeat expired are pruned on read)
+    pg:live[:pool:<pool>|:user:<user>|:pooluser:<pool>:<user>]
+                       sets of the live (not ended) kernels' ids: the kernel limits count them
+    pg:ended:user:<user>  set of the user's FAILED kernels' ids (their records expire; pruned
+                       on read): with pg:live:user:<user>, what the user's kernel list reads
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<db>:<id>    pub/sub channel: the kernel's state changes (<db>: pub/sub has no databases)
     pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
@@ -68,6 +72,7 @@ if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   redis.call('SREM', 'pg:live:pool:' .. pool, KEYS[4])
   redis.call('SREM', 'pg:live:user:' .. user, KEYS[4])
   redis.call('SREM', 'pg:live:pooluser:' .. pool .. ':' .. user, KEYS[4])
+  if ARGV[2] == 'FAILED' then redis.call('SADD', 'pg:ended:user:' .. user, KEYS[4]) end
   -- an ending names its user: the record may be deleted before a listener reads it
   local ev = cjson.decode(event)
   ev['user'] = user
@@ -318,9 +323,15 @@ class Registry:
     def ids(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(PREFIX + "kernels"))  # type: ignore[union-attr]
 
-    def all(self) -> list[KernelRecord]:
-        """Every record, in creation order; drops ids whose record has gone."""
-        ids = self.ids()
+    def all(self, owner: str | None = None) -> list[KernelRecord]:
+        """Every record (only ``owner``'s when given: their live and failed kernels, read
+        from their own sets, not from every kernel's), in creation order; drops ids whose
+        record has gone."""
+        if owner is None:
+            ids = self.ids()
+        else:
+            owned = self.r.sunion(PREFIX + "live:user:" + owner, PREFIX + "ended:user:" + owner)
+            ids = sorted(m.decode() for m in owned)  # type: ignore[union-attr]
         pipe = self.r.pipeline()
         for kid in ids:
             pipe.hgetall(PREFIX + "k:" + kid)
@@ -331,6 +342,8 @@ class Registry:
             data, conns = raw[2 * i], raw[2 * i + 1]
             if not data or b"status" not in data:
                 self.r.srem(PREFIX + "kernels", kid)
+                if owner is not None:
+                    self.r.srem(PREFIX + "ended:user:" + owner, kid)
                 continue
             rec = KernelRecord.from_hash(data)
             rec.connections = int(conns)
@@ -378,6 +391,7 @@ class Registry:
         pipe.srem(PREFIX + "kernels", kid)
         for key in self._live_keys(pool, user):
             pipe.srem(key, kid)
+        pipe.srem(PREFIX + "ended:user:" + user, kid)
         if pool:
             pipe.zrem(PREFIX + "q:" + pool, kid)
         pipe.publish(self.events_prefix + kid, json.dumps({"id": kid, "status": "DELETED"}))
@@ -449,8 +463,14 @@ class Registry:
 
     def queue_position(self, pool: str, kid: str) -> int | None:
         """1 for the next launch to be taken, None when not waiting."""
-        rank = self.r.zrank(PREFIX + "q:" + pool, kid)
-        return None if rank is None else int(rank) + 1  # type: ignore[arg-type]
+        return self.queue_positions([(pool, kid)])[0]
+
+    def queue_positions(self, launches: Sequence[tuple[str, str]]) -> list[int | None]:
+        """queue_position of each (pool, id), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for pool, kid in launches:
+            pipe.zrank(PREFIX + "q:" + pool, kid)
+        return [None if rank is None else int(rank) + 1 for rank in pipe.execute()]
 
     def waiting(self, pool: str) -> int:
         return int(self.r.zcard(PREFIX + "q:" + pool))

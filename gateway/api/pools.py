@@ -17,13 +17,13 @@ from flask import Blueprint, jsonify
 from ...workers.config import Config, PoolConfig
 from ...workers.errors import UnknownPool, cut
 from ...workers.protocol import EXECUTION_STATE, KernelStatus
+from ...workers.reconcile import SILENT_STATES
 from ...workers.registry import KernelRecord, Registry
 from ..state import state
 from ..tally import Tally
 
 bp = Blueprint("pools", __name__)
 S = KernelStatus
-BEATING = (S.RUNNING, S.RESTARTING, S.STOPPING)
 
 
 @dataclass
@@ -40,11 +40,13 @@ class ClusterState:
 
 def read_state(config: Config, registry: Registry) -> ClusterState:
     """Read workers, kernel records, queues and failures; a kernel whose supervisor stopped
-    beating is shown as FAILED (worker lost), as ``/api/kernels`` shows it."""
+    beating is shown as FAILED (worker lost); ``/api/kernels`` says so too once a second look
+    confirms it (``workers/reconcile.py``)."""
     tally = Tally(registry)
     records = registry.all()
+    alive = registry.beating([r.id for r in records if r.status in SILENT_STATES])
     for rec in records:
-        if rec.status in BEATING and not registry.heartbeat_alive(rec.id):
+        if rec.status in SILENT_STATES and rec.id not in alive:
             rec.status = S.FAILED
             rec.reason = rec.reason or f"worker {rec.worker} lost: no heartbeat"
     names = list(config.pools)

@@ -1,0 +1,153 @@
+"""Checking every kernel at once (GET /api/kernels, the reconciler): what each finds, in a
+number of registry round trips that does not grow with the kernels (issue 24)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from poolgate.workers.config import PoolConfig
+from poolgate.workers.protocol import KernelStatus
+from poolgate.workers.reconcile import confirm_after, settle_all
+from poolgate.workers.registry import KernelRecord, Registry
+from tests.conftest import PrivateRedis
+
+S = KernelStatus
+POOLS = {"local": PoolConfig(name="local", launcher="local", queue="local", heartbeat_ttl=3)}
+
+
+def queued(reg: Registry, kid: str, user: str = "") -> None:
+    assert reg.create(KernelRecord(id=kid, name="python3", pool="local", status=S.QUEUED,
+                                   user=user, worker="w@h", created=time.time(),
+                                   launch_timeout=60)) == ""
+
+
+def running(reg: Registry, kid: str, beating: bool, user: str = "") -> None:
+    queued(reg, kid, user)
+    reg.transition(kid, S.STARTING, pool="local")
+    reg.transition(kid, S.RUNNING, pool="local")
+    if beating:
+        reg.heartbeat(kid, "w@h", 60)
+
+
+def round_trips(reg: Registry) -> list[int]:
+    """A counter of the connections taken from the client's pool: one per round trip (a
+    command, or a pipeline's execute)."""
+    pool, taken = reg.r.connection_pool, [0]
+    get = pool.get_connection
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        taken[0] += 1
+        return get(*args, **kwargs)
+
+    pool.get_connection = counted  # type: ignore[method-assign]
+    return taken
+
+
+def test_every_kernel_is_checked_in_round_trips_that_do_not_grow_with_them(
+        private_redis: PrivateRedis) -> None:
+    reg = Registry(f"redis://127.0.0.1:{private_redis.port}/0")
+    reg.mark_epoch()
+    for n in range(300):
+        running(reg, f"k{n}", beating=True)
+    running(reg, "silent", beating=False)  # its worker is gone
+    records = reg.all()
+    taken = round_trips(reg)
+    found = {rec.id: now for rec, now, _ in settle_all(reg, records, POOLS)}
+    assert all(found[f"k{n}"] is not None and found[f"k{n}"].status is S.RUNNING
+               for n in range(300))
+    # one round trip for the heartbeats, and the missing one's own check: a first finding
+    assert taken[0] <= 4, taken[0]
+    assert found["silent"] is not None and found["silent"].status is S.RUNNING
+    time.sleep(confirm_after(3 / 3) + 0.1)
+    found = {rec.id: now for rec, now, _ in settle_all(reg, reg.all(), POOLS)}
+    assert found["silent"] is not None and found["silent"].status is S.FAILED
+    assert "no heartbeat" in found["silent"].reason
+    assert found["k0"] is not None and found["k0"].status is S.RUNNING
+
+
+def test_listing_kernels_takes_round_trips_that_do_not_grow_with_them(
+        tmp_path: Path, private_redis: PrivateRedis) -> None:
+    """GET /api/kernels, which JupyterLab asks every few seconds per open tab: every kernel's
+    heartbeat and every queued launch's place, each read in one round trip."""
+    from poolgate.gateway.app import create_app
+    from poolgate.gateway.state import state
+
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text(yaml.safe_dump({"broker_url": "memory://", "registry_url": url,
+                                   "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
+    app = create_app({"CONFIG_PATH": str(cfg)})
+    reg = state(app).registry
+    try:
+        for n in range(200):
+            running(reg, f"k{n}", beating=True)
+        for n in range(100):
+            queued(reg, f"q{n}")
+        taken = round_trips(reg)
+        r = app.test_client().get("/api/kernels")
+        assert r.status_code == 200 and r.json is not None
+        # the records, the heartbeats, the queue places (and perhaps the gateway's heartbeat)
+        assert taken[0] <= 5, taken[0]
+        models = {k["id"]: k for k in r.json}
+        assert len(models) == 300
+        assert models["k7"]["poolgate"]["status"] == "RUNNING"
+        assert models["k7"]["execution_state"] != "dead"
+        assert [models[f"q{n}"]["poolgate"]["queue_position"] for n in range(100)] == \
+            list(range(1, 101))  # in the order they were queued
+    finally:
+        state(app).bridge.stop()
+        state(app).service.events.stop()
+
+
+def test_a_users_kernel_list_reads_only_their_kernels(
+        tmp_path: Path, private_redis: PrivateRedis) -> None:
+    """With users (here a proxy's header), each user's list reads that user's records alone:
+    their live kernels and their failed ones (shown dead), never every kernel's."""
+    from poolgate.gateway.app import create_app
+    from poolgate.gateway.state import state
+
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "broker_url": "memory://", "registry_url": url,
+        "gateway": {"auth": {"kind": "header", "trusted_proxies": ["127.0.0.1"],
+                             "admin_users": ["root"]}},
+        "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
+    app = create_app({"CONFIG_PATH": str(cfg)})
+    reg = state(app).registry
+    client = redis.Redis(port=private_redis.port)
+    web = app.test_client()
+
+    def listed(who: str) -> dict[str, str]:
+        r = web.get("/api/kernels", headers={"X-Forwarded-User": who},
+                    environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        assert r.status_code == 200 and r.json is not None, r.text
+        return {k["id"]: k["execution_state"] for k in r.json}
+
+    try:
+        for n in range(50):
+            running(reg, f"bob{n}", beating=True, user="bob")
+        running(reg, "ann-live", beating=True, user="ann")
+        running(reg, "ann-failed", beating=True, user="ann")
+        reg.transition("ann-failed", S.FAILED, pool="local", reason="it crashed",
+                       execution_state="dead")
+        queued(reg, "ann-queued", user="ann")
+        before = client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+        ann = listed("ann")
+        after = client.info("commandstats")["cmdstat_hgetall"]["calls"]
+        assert ann == {"ann-live": ann["ann-live"], "ann-failed": "dead",
+                       "ann-queued": ann["ann-queued"]} and ann["ann-live"] != "dead"
+        assert after - before == 3  # ann's three records, none of bob's fifty
+        assert len(listed("bob")) == 50
+        assert len(listed("root")) == 53  # an admin sees every kernel
+        reg.delete("ann-live", "local")
+        client.delete("pg:k:ann-failed")  # what its expiry (an hour after it failed) does
+        assert listed("ann") == {"ann-queued": "starting"}
+        assert client.smembers("pg:ended:user:ann") == set()  # the expired one pruned
+    finally:
+        state(app).bridge.stop()
+        state(app).service.events.stop()
