@@ -330,7 +330,7 @@ class Registry:
         if owner is None:
             ids = self.ids()
         else:
-            owned = self.r.sunion(PREFIX + "live:user:" + owner, PREFIX + "ended:user:" + owner)
+            owned = self.r.sunion([PREFIX + "live:user:" + owner, PREFIX + "ended:user:" + owner])
             ids = sorted(m.decode() for m in owned)  # type: ignore[union-attr]
         pipe = self.r.pipeline()
         for kid in ids:
