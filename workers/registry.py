@@ -16,7 +16,8 @@ Keys (prefix ``pg:``)::
     pg:live[:pool:<pool>|:user:<user>|:pooluser:<pool>:<user>]
                        sets of the live (not ended) kernels' ids: the kernel limits count them
     pg:ended:user:<user>  set of the user's FAILED kernels' ids (their records expire; pruned
-                       on read): with pg:live:user:<user>, what the user's kernel list reads
+                       on read, and the set expires with its newest member's record): with
+                       pg:live:user:<user>, what the user's kernel list reads
     pg:s:<id>          hash: a /api/sessions session
     pg:ev:<db>:<id>    pub/sub channel: the kernel's state changes (<db>: pub/sub has no databases)
     pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
@@ -72,7 +73,10 @@ if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
   redis.call('SREM', 'pg:live:pool:' .. pool, KEYS[4])
   redis.call('SREM', 'pg:live:user:' .. user, KEYS[4])
   redis.call('SREM', 'pg:live:pooluser:' .. pool .. ':' .. user, KEYS[4])
-  if ARGV[2] == 'FAILED' then redis.call('SADD', 'pg:ended:user:' .. user, KEYS[4]) end
+  if ARGV[2] == 'FAILED' then  -- the set lives as long as its newest member (FAILED_RETENTION)
+    redis.call('SADD', 'pg:ended:user:' .. user, KEYS[4])
+    redis.call('EXPIRE', 'pg:ended:user:' .. user, FAILED_RETENTION)
+  end
   -- an ending names its user: the record may be deleted before a listener reads it
   local ev = cjson.decode(event)
   ev['user'] = user
@@ -80,7 +84,7 @@ if ARGV[2] == 'STOPPED' or ARGV[2] == 'FAILED' then
 end
 redis.call('PUBLISH', KEYS[2], event)
 return {1, cur}
-"""
+""".replace("FAILED_RETENTION", str(FAILED_RETENTION))
 
 # Admission: check every kernel limit and write the QUEUED record in one atomic step, so
 # concurrent starts cannot overshoot a limit. ARGV: id, pool, user, 4 limits (0: none), then

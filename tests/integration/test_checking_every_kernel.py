@@ -135,6 +135,7 @@ def test_a_users_kernel_list_reads_only_their_kernels(
         running(reg, "ann-failed", beating=True, user="ann")
         reg.transition("ann-failed", S.FAILED, pool="local", reason="it crashed",
                        execution_state="dead")
+        assert 3500 < client.ttl("pg:ended:user:ann") <= 3600  # gone with its records
         queued(reg, "ann-queued", user="ann")
         before = client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
         ann = listed("ann")
