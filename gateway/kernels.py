@@ -197,6 +197,12 @@ class KernelService:
         """The kernels ``user`` may see (all without one), each as check_alive finds it."""
         owner = None if user is None or user.admin else user.name  # a user's: their own sets
         records = [r for r in self.registry.all(owner) if user is None or user.owns(r.user)]
+        return list(self.models(records).values())
+
+    def models(self, records: builtins.list[KernelRecord]) -> dict[str, dict[str, Any]]:
+        """The models of ``records`` (by id) as check_alive finds them, those still there: in
+        round trips that do not grow with the records (one each for all their heartbeats and
+        all queued launches' places)."""
         live = []
         for rec, now, withdrawn in settle_all(self.registry, records, self.config.pools):
             if withdrawn:
@@ -205,7 +211,7 @@ class KernelService:
                 live.append(now)
         queued = [(r.pool, r.id) for r in live if r.status is S.QUEUED]
         positions = dict(zip((kid for _, kid in queued), self.registry.queue_positions(queued)))
-        return [self.model(r, positions) for r in live]
+        return {r.id: self.model(r, positions) for r in live}
 
     def workers_of(self, pool: str) -> builtins.list[dict[str, Any]]:  # list: the method above
         """The live workers of a pool, from their heartbeats."""

@@ -18,7 +18,9 @@ Keys (prefix ``pg:``)::
     pg:ended:user:<user>  set of the user's FAILED kernels' ids (their records expire; pruned
                        on read, and the set expires with its newest member's record): with
                        pg:live:user:<user>, what the user's kernel list reads
-    pg:s:<id>          hash: a /api/sessions session
+    pg:s:<id>          a /api/sessions session (JSON)
+    pg:sessions        set of the sessions' ids (pg:sessions:indexed: sessions saved before
+                       the set existed were added to it)
     pg:ev:<db>:<id>    pub/sub channel: the kernel's state changes (<db>: pub/sub has no databases)
     pg:keyring         fingerprint of the secret kernel keys are encrypted with (check_keys)
 
@@ -336,23 +338,27 @@ class Registry:
         else:
             owned = self.r.sunion([PREFIX + "live:user:" + owner, PREFIX + "ended:user:" + owner])
             ids = sorted(m.decode() for m in owned)  # type: ignore[union-attr]
-        pipe = self.r.pipeline()
+        found = self.records(ids)
+        for kid in set(ids) - found.keys():
+            self.r.srem(PREFIX + "kernels", kid)
+            if owner is not None:
+                self.r.srem(PREFIX + "ended:user:" + owner, kid)
+        return sorted(found.values(), key=lambda r: r.created)
+
+    def records(self, ids: Sequence[str]) -> dict[str, KernelRecord]:
+        """The records of ``ids`` that exist, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
         for kid in ids:
             pipe.hgetall(PREFIX + "k:" + kid)
             pipe.hlen(PREFIX + "c:" + kid)
         raw = pipe.execute()
-        out = []
+        out = {}
         for i, kid in enumerate(ids):
             data, conns = raw[2 * i], raw[2 * i + 1]
-            if not data or b"status" not in data:
-                self.r.srem(PREFIX + "kernels", kid)
-                if owner is not None:
-                    self.r.srem(PREFIX + "ended:user:" + owner, kid)
-                continue
-            rec = KernelRecord.from_hash(data)
-            rec.connections = int(conns)
-            out.append(rec)
-        return sorted(out, key=lambda r: r.created)
+            if data and b"status" in data:
+                out[kid] = rec = KernelRecord.from_hash(data)
+                rec.connections = int(conns)
+        return out
 
     def transition(self, kid: str, new: KernelStatus, pool: str = "",
                    note: dict[str, Any] | None = None, **fields: Any) -> tuple[bool, str]:
@@ -659,20 +665,33 @@ class Registry:
     # -- sessions (/api/sessions) ---------------------------------------------------------
 
     def save_session(self, sid: str, data: dict[str, Any]) -> None:
-        self.r.set(PREFIX + "s:" + sid, json.dumps(data))
+        pipe = self.r.pipeline()
+        pipe.set(PREFIX + "s:" + sid, json.dumps(data))
+        pipe.sadd(PREFIX + "sessions", sid)
+        pipe.execute()
 
     def session(self, sid: str) -> dict[str, Any] | None:
         raw = self.r.get(PREFIX + "s:" + sid)
         return json.loads(raw) if raw else None
 
     def sessions(self) -> list[dict[str, Any]]:
-        keys = list(self.r.scan_iter(PREFIX + "s:*", count=500))
-        if not keys:
+        """Every session, from the set of their ids (a SCAN for ``pg:s:*`` walked the whole
+        keyspace, issue 24). Sessions saved before the set existed are added to it once."""
+        if not self.r.exists(PREFIX + "sessions:indexed"):
+            for key in self.r.scan_iter(PREFIX + "s:*", count=500):
+                self.r.sadd(PREFIX + "sessions", key.decode()[len(PREFIX) + 2:])
+            self.r.set(PREFIX + "sessions:indexed", "1")
+        sids = sorted(m.decode() for m in self.r.smembers(PREFIX + "sessions"))  # type: ignore[union-attr]
+        if not sids:
             return []
-        return [json.loads(v) for v in self.r.mget(keys) if v]
+        values = self.r.mget([PREFIX + "s:" + sid for sid in sids])
+        return [json.loads(v) for v in values if v]
 
     def delete_session(self, sid: str) -> None:
-        self.r.delete(PREFIX + "s:" + sid)
+        pipe = self.r.pipeline()
+        pipe.delete(PREFIX + "s:" + sid)
+        pipe.srem(PREFIX + "sessions", sid)
+        pipe.execute()
 
     def pubsub(self) -> redis.client.PubSub:
         return self.r.pubsub(ignore_subscribe_messages=True)

@@ -14,14 +14,21 @@ from . import json_body, owned, user
 bp = Blueprint("sessions", __name__)
 
 
-def _model(sess: dict[str, Any]) -> dict[str, Any]:
-    service = state().service
-    try:
-        kernel = service.model(service.record(sess["kernel_id"]))
-    except KernelNotFound:
-        kernel = None
+def _shape(sess: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
     return {"id": sess["id"], "path": sess["path"], "name": sess["name"], "type": sess["type"],
             "kernel": kernel, "notebook": {"path": sess["path"], "name": sess["name"]}}
+
+
+def _model(sess: dict[str, Any]) -> dict[str, Any]:
+    """The session with its kernel's model. A session whose kernel is gone (shut down, culled,
+    its failure forgotten) is deleted and not found, as Jupyter Server does ("culled")."""
+    service = state().service
+    try:
+        return _shape(sess, service.model(service.record(sess["kernel_id"])))
+    except KernelNotFound as gone:
+        state().registry.delete_session(sess["id"])
+        raise SessionNotFound(f"session {cut(sess['id'])} not found: its kernel is gone "
+                              f"({gone})") from None
 
 
 def _get(sid: str) -> dict[str, Any]:
@@ -33,7 +40,20 @@ def _get(sid: str) -> dict[str, Any]:
 
 @bp.get("/api/sessions")
 def list_sessions() -> Any:
-    return jsonify([_model(s) for s in state().registry.sessions() if session_visible(s, user())])
+    """Every session the user may see, its kernels read together (KernelService.models);
+    those whose kernel is gone are deleted and left out."""
+    registry = state().registry
+    sessions = [s for s in registry.sessions() if session_visible(s, user())]
+    kernels = state().service.models(
+        list(registry.records(sorted({s["kernel_id"] for s in sessions})).values()))
+    out = []
+    for sess in sessions:
+        kernel = kernels.get(sess["kernel_id"])
+        if kernel is not None:
+            out.append(_shape(sess, kernel))
+        elif not registry.rebuilding():  # a lost registry's kernels are being written again
+            registry.delete_session(sess["id"])
+    return jsonify(out)
 
 
 @bp.post("/api/sessions")

@@ -2,13 +2,18 @@
 number of registry round trips that does not grow with the kernels (issue 24)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
+from flask import Flask
 
+from poolgate.gateway.state import state
 from poolgate.workers.config import PoolConfig
 from poolgate.workers.protocol import KernelStatus
 from poolgate.workers.reconcile import confirm_after, settle_all
@@ -47,6 +52,23 @@ def round_trips(reg: Registry) -> list[int]:
     return taken
 
 
+@contextlib.contextmanager
+def gateway_app(tmp_path: Path, redis_port: int, **gateway: Any) -> Iterator[Flask]:
+    """A gateway app (no workers) on the test's own Redis; ``gateway``: its options."""
+    from poolgate.gateway.app import create_app
+
+    cfg = tmp_path / "queues.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "broker_url": "memory://", "registry_url": f"redis://127.0.0.1:{redis_port}/0",
+        "gateway": gateway, "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
+    app = create_app({"CONFIG_PATH": str(cfg)})
+    try:
+        yield app
+    finally:
+        state(app).bridge.stop()
+        state(app).service.events.stop()
+
+
 def test_every_kernel_is_checked_in_round_trips_that_do_not_grow_with_them(
         private_redis: PrivateRedis) -> None:
     reg = Registry(f"redis://127.0.0.1:{private_redis.port}/0")
@@ -73,16 +95,8 @@ def test_listing_kernels_takes_round_trips_that_do_not_grow_with_them(
         tmp_path: Path, private_redis: PrivateRedis) -> None:
     """GET /api/kernels, which JupyterLab asks every few seconds per open tab: every kernel's
     heartbeat and every queued launch's place, each read in one round trip."""
-    from poolgate.gateway.app import create_app
-    from poolgate.gateway.state import state
-
-    url = f"redis://127.0.0.1:{private_redis.port}/0"
-    cfg = tmp_path / "queues.yaml"
-    cfg.write_text(yaml.safe_dump({"broker_url": "memory://", "registry_url": url,
-                                   "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
-    app = create_app({"CONFIG_PATH": str(cfg)})
-    reg = state(app).registry
-    try:
+    with gateway_app(tmp_path, private_redis.port) as app:
+        reg = state(app).registry
         for n in range(200):
             running(reg, f"k{n}", beating=True)
         for n in range(100):
@@ -98,37 +112,25 @@ def test_listing_kernels_takes_round_trips_that_do_not_grow_with_them(
         assert models["k7"]["execution_state"] != "dead"
         assert [models[f"q{n}"]["poolgate"]["queue_position"] for n in range(100)] == \
             list(range(1, 101))  # in the order they were queued
-    finally:
-        state(app).bridge.stop()
-        state(app).service.events.stop()
 
 
 def test_a_users_kernel_list_reads_only_their_kernels(
         tmp_path: Path, private_redis: PrivateRedis) -> None:
     """With users (here a proxy's header), each user's list reads that user's records alone:
     their live kernels and their failed ones (shown dead), never every kernel's."""
-    from poolgate.gateway.app import create_app
-    from poolgate.gateway.state import state
+    with gateway_app(tmp_path, private_redis.port, auth={
+            "kind": "header", "trusted_proxies": ["127.0.0.1"],
+            "admin_users": ["root"]}) as app:
+        reg = state(app).registry
+        client = redis.Redis(port=private_redis.port)
+        web = app.test_client()
 
-    url = f"redis://127.0.0.1:{private_redis.port}/0"
-    cfg = tmp_path / "queues.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "broker_url": "memory://", "registry_url": url,
-        "gateway": {"auth": {"kind": "header", "trusted_proxies": ["127.0.0.1"],
-                             "admin_users": ["root"]}},
-        "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
-    app = create_app({"CONFIG_PATH": str(cfg)})
-    reg = state(app).registry
-    client = redis.Redis(port=private_redis.port)
-    web = app.test_client()
+        def listed(who: str) -> dict[str, str]:
+            r = web.get("/api/kernels", headers={"X-Forwarded-User": who},
+                        environ_base={"REMOTE_ADDR": "127.0.0.1"})
+            assert r.status_code == 200 and r.json is not None, r.text
+            return {k["id"]: k["execution_state"] for k in r.json}
 
-    def listed(who: str) -> dict[str, str]:
-        r = web.get("/api/kernels", headers={"X-Forwarded-User": who},
-                    environ_base={"REMOTE_ADDR": "127.0.0.1"})
-        assert r.status_code == 200 and r.json is not None, r.text
-        return {k["id"]: k["execution_state"] for k in r.json}
-
-    try:
         for n in range(50):
             running(reg, f"bob{n}", beating=True, user="bob")
         running(reg, "ann-live", beating=True, user="ann")
@@ -149,6 +151,41 @@ def test_a_users_kernel_list_reads_only_their_kernels(
         client.delete("pg:k:ann-failed")  # what its expiry (an hour after it failed) does
         assert listed("ann") == {"ann-queued": "starting"}
         assert client.smembers("pg:ended:user:ann") == set()  # the expired one pruned
-    finally:
-        state(app).bridge.stop()
-        state(app).service.events.stop()
+
+
+def test_sessions_are_listed_without_walking_the_keyspace_and_go_with_their_kernels(
+        tmp_path: Path, private_redis: PrivateRedis) -> None:
+    """/api/sessions reads the sessions from a set of their ids and their kernels together;
+    a session whose kernel is gone is deleted, as Jupyter Server deletes a culled kernel's."""
+    with gateway_app(tmp_path, private_redis.port) as app:
+        reg = state(app).registry
+        client = redis.Redis(port=private_redis.port)
+        web = app.test_client()
+
+        def session(sid: str, kid: str) -> dict[str, str]:
+            return {"id": sid, "path": f"{sid}.ipynb", "name": sid, "type": "notebook",
+                    "kernel_id": kid, "user": ""}
+
+        # one saved before the set of ids existed: a key alone, as older gateways wrote it
+        running(reg, "k-old", beating=True)
+        client.set("pg:s:old", json.dumps(session("old", "k-old")))
+        for n in range(20):
+            running(reg, f"k{n}", beating=True)
+            reg.save_session(f"s{n}", session(f"s{n}", f"k{n}"))
+        reg.save_session("orphan", session("orphan", "k-gone"))  # its kernel was shut down
+        client.mset({f"pg:other:{n}": "x" for n in range(3000)})  # what a SCAN would walk
+        r = web.get("/api/sessions")
+        assert r.status_code == 200 and r.json is not None
+        assert sorted(s["id"] for s in r.json) == sorted(["old", *(f"s{n}" for n in range(20))])
+        assert {s["id"]: s["kernel"]["id"] for s in r.json}["s3"] == "k3"
+        assert client.get("pg:s:orphan") is None  # deleted with its kernel gone
+        scans = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+        taken = round_trips(reg)
+        r = web.get("/api/sessions")
+        assert r.status_code == 200 and len(r.json or []) == 21
+        assert client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == scans
+        assert taken[0] <= 8, taken[0]  # not one or more per session
+        reg.delete("k3", "local")  # its kernel shut down
+        assert web.get("/api/sessions/s3").status_code == 404
+        assert "s3" not in {s["id"] for s in web.get("/api/sessions").json or []}
+        assert client.get("pg:s:s3") is None and not client.sismember("pg:sessions", "s3")
