@@ -33,8 +33,12 @@ class EventHub:
         self._thread.start()
         self._ready.wait(5)
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """End the listener; with ``wait``, wait that long for its thread to end (it looks
+        every second)."""
         self._stop.set()
+        if wait and self._thread.is_alive():
+            self._thread.join(wait)
 
     def add(self, kid: str, fn: Listener) -> None:
         with self._lock:

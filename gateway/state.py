@@ -34,11 +34,13 @@ class AppState:
     def close(self) -> None:
         """Stop the app's background threads: its event and tally listeners and the bridge's.
         A gateway process never calls it; a test that builds an app in its own process does,
-        or the app would go on counting, beating and listening for the cluster it joined."""
+        or the app would go on counting, beating and listening for the cluster it joined
+        (and, once that cluster's Redis is gone, logging its reconnections into later tests).
+        The listeners are waited for (a second or two)."""
         self.bridge.stop()
-        self.service.events.stop()
+        self.service.events.stop(wait=5.0)
         if self.tally is not None:
-            self.tally.stop()
+            self.tally.stop(wait=5.0)
 
 
 def install(app: Flask, shared: AppState) -> None:

@@ -134,8 +134,12 @@ class TallyListener:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """End the listener; with ``wait``, wait that long for its thread to end (it looks
+        every second)."""
         self._stop.set()
+        if wait and self._thread.is_alive():
+            self._thread.join(wait)
 
     def _run(self) -> None:
         while not self._stop.is_set():

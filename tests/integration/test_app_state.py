@@ -16,9 +16,7 @@ def test_views_read_the_one_state(redis_stack: Stack) -> None:
     try:
         check(app, shared)
     finally:  # its listener threads would go on claiming the stack's launches for this process
-        assert shared.tally is not None
-        shared.tally.stop()
-        shared.service.events.stop()
+        shared.close()
 
 
 def check(app: Flask, shared: AppState) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,12 +62,16 @@ def gateway_app(tmp_path: Path, redis_port: int, **gateway: Any) -> Iterator[Fla
     cfg.write_text(yaml.safe_dump({
         "broker_url": "memory://", "registry_url": f"redis://127.0.0.1:{redis_port}/0",
         "gateway": gateway, "pools": {"local": {"launcher": "local", "heartbeat_ttl": 3}}}))
+    before = set(threading.enumerate())
     app = create_app({"CONFIG_PATH": str(cfg)})
     try:
         yield app
-    finally:
-        state(app).bridge.stop()
-        state(app).service.events.stop()
+    finally:  # before the test's Redis goes: its threads would log their reconnections
+        state(app).close()
+        started = set(threading.enumerate()) - before
+        for thread in started:
+            thread.join(10)
+        assert [t.name for t in started if t.is_alive()] == []
 
 
 def test_every_kernel_is_checked_in_round_trips_that_do_not_grow_with_them(
