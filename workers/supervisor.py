@@ -217,6 +217,7 @@ class Supervisor:
         self.started_at = self.first_started = time.time()
         self._watch_iopub(conn)
         self._confirm_iopub(conn)
+        self._record_state(time.monotonic())
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         self.beating = True
         log.info("Kernel %s: adopted by worker %s after its restart", self.kid, self.rt.name)
@@ -225,18 +226,25 @@ class Supervisor:
         return True
 
     def _confirm_iopub(self, conn: ConnectionInfo, wait: float = 5.0) -> None:
-        """Ask for kernel_info until iopub answers: an adopted kernel's state is unknown, and
-        what it publishes before the subscription is live is lost to us."""
+        """Ask for kernel_info until iopub answers: what the kernel publishes before the
+        subscription is live is lost to us. For a kernel just launched, that was the busy of a
+        cell its client began the moment it read RUNNING: its supervisor took a kernel busy
+        with a silent cell for idle, and culled it mid-cell (seen in the suite). For an
+        adopted kernel, its state."""
         assert self.iopub is not None
         with KernelSocket(conn) as sock:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 sock.send("kernel_info_request")
                 if self.iopub.poll(200):
-                    time.sleep(0.05)  # let the reply's idle follow its busy
                     self._drain_iopub(self.iopub)
-                    self._record_state(time.monotonic())
+                    settle = time.monotonic() + 0.2  # the reply's idle follows its busy
+                    while self.state == "busy" and time.monotonic() < settle \
+                            and self.iopub.poll(20):
+                        self._drain_iopub(self.iopub)
                     return
+            log.warning("Kernel %s: its iopub did not answer within %.0fs; its state may be "
+                        "missed until it publishes again", self.kid, wait)
 
     def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
@@ -290,6 +298,7 @@ class Supervisor:
         self.started_at = time.time()
         self.first_started = self.first_started or self.started_at
         self._watch_iopub(self.handle.connection)
+        self._confirm_iopub(self.handle.connection)  # before a client can start a cell
         timing = dict(self.record.timing if self.record else {})
         timing.update(launch=round(self.started_at - t0, 4), taken=self.taken_at, **note)
         # Connection and heartbeat first: a gateway that reads RUNNING without a heartbeat
