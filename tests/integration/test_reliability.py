@@ -3,22 +3,37 @@ kernel limits under concurrent starts, idle culling and maximum lifetime."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from tests.client import Channel
 from tests.conftest import DB_BASE, STACKS, PrivateRabbit, PrivateRedis, Stack
 
 
-def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis) -> None:
+@contextlib.contextmanager
+def kernel_with_state(tmp_path: Path, private_redis: PrivateRedis
+                      ) -> Iterator[tuple[Stack, str, Channel]]:
+    """A stack on the test's own Redis and a kernel on it that holds ``x = 41``, with the
+    channel that set it."""
     stack = Stack(tmp_path, "redis", db=0, redis_url=f"redis://127.0.0.1:{private_redis.port}").start()
     STACKS.append(stack)
     try:
-        gw = stack.gw
-        kid = gw.start()["id"]
-        ch = gw.channel(kid)
+        kid = stack.gw.start()["id"]
+        ch = stack.gw.channel(kid)
         assert ch.execute("x = 41").status == "ok"
+        yield stack, kid, ch
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis) -> None:
+    with kernel_with_state(tmp_path, private_redis) as (stack, kid, ch):
+        gw = stack.gw
         # The kernel's worker is held still while Redis restarts, so that the window before its
         # supervisor writes the record again is certain to be seen, not won by a race.
         worker = stack.workers["local"].pid
@@ -48,9 +63,6 @@ def test_redis_restart_loses_nothing(tmp_path: Path, private_redis: PrivateRedis
         gw.shutdown(other)
         gw.shutdown(kid)
         assert gw.get(f"/api/kernels/{kid}").status_code == 404
-    finally:
-        stack.stop()
-        STACKS.remove(stack)
 
 
 def test_a_paused_machine_kills_no_kernel(tmp_path: Path, private_redis: PrivateRedis) -> None:
@@ -59,13 +71,8 @@ def test_a_paused_machine_kills_no_kernel(tmp_path: Path, private_redis: Private
     the worker and looks first; the kernel must not be declared dead for that."""
     from poolgate.workers.reconcile import confirm_after
 
-    stack = Stack(tmp_path, "redis", db=0, redis_url=f"redis://127.0.0.1:{private_redis.port}").start()
-    STACKS.append(stack)
-    try:
+    with kernel_with_state(tmp_path, private_redis) as (stack, kid, ch):
         gw = stack.gw
-        kid = gw.start()["id"]
-        ch = gw.channel(kid)
-        assert ch.execute("x = 41").status == "ok"
         gateway, worker = stack.gateways[0].pid, stack.workers["local"].pid
         ttl = stack.pools["local"]["heartbeat_ttl"]
         os.kill(worker, signal.SIGSTOP)
@@ -84,9 +91,6 @@ def test_a_paused_machine_kills_no_kernel(tmp_path: Path, private_redis: Private
         assert ch.execute("x + 1", timeout=30).result == "42"  # same kernel, same session
         ch.close()
         gw.shutdown(kid)
-    finally:
-        stack.stop()
-        STACKS.remove(stack)
 
 
 def test_limits_hold_under_concurrent_starts(tmp_path: Path) -> None:
