@@ -17,7 +17,7 @@ from flask import Blueprint, jsonify
 from ...workers.config import Config, PoolConfig
 from ...workers.errors import UnknownPool, cut
 from ...workers.protocol import EXECUTION_STATE, KernelStatus
-from ...workers.reconcile import SILENT_STATES
+from ...workers.reconcile import settle_all
 from ...workers.registry import KernelRecord, Registry
 from ..state import state
 from ..tally import Tally
@@ -39,16 +39,13 @@ class ClusterState:
 
 
 def read_state(config: Config, registry: Registry) -> ClusterState:
-    """Read workers, kernel records, queues and failures; a kernel whose supervisor stopped
-    beating is shown as FAILED (worker lost); ``/api/kernels`` says so too once a second look
-    confirms it (``workers/reconcile.py``)."""
+    """Read workers, kernel records, queues and failures. The kernels are settled as
+    ``/api/kernels`` settles them (``workers/reconcile.py``), so the two always agree: a kernel
+    whose supervisor stopped beating is FAILED (worker lost) once a second look confirms it,
+    and a launch withdrawn from its queue is left out."""
     tally = Tally(registry)
-    records = registry.all()
-    alive = registry.beating([r.id for r in records if r.status in SILENT_STATES])
-    for rec in records:
-        if rec.status in SILENT_STATES and rec.id not in alive:
-            rec.status = S.FAILED
-            rec.reason = rec.reason or f"worker {rec.worker} lost: no heartbeat"
+    records = [now for _, now, _ in settle_all(registry, registry.all(), config.pools)
+               if now is not None]
     names = list(config.pools)
     return ClusterState(workers=registry.workers(), records=records,
                         queued={p: registry.queued(p) for p in names},

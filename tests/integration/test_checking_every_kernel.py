@@ -194,3 +194,30 @@ def test_sessions_are_listed_without_walking_the_keyspace_and_go_with_their_kern
         assert web.get("/api/sessions/s3").status_code == 404
         assert "s3" not in {s["id"] for s in web.get("/api/sessions").json or []}
         assert client.get("pg:s:s3") is None and not client.sismember("pg:sessions", "s3")
+
+
+def test_the_pools_view_and_the_kernel_list_agree_on_a_missing_heartbeat(
+        tmp_path: Path, private_redis: PrivateRedis) -> None:
+    """/api/pools (and /metrics, and `poolgate status`) declare a kernel dead when
+    /api/kernels does: not on a heartbeat missing at one look (a paused machine expires them
+    all at once), but on a second look that confirms it."""
+    with gateway_app(tmp_path, private_redis.port) as app:
+        reg = state(app).registry
+        web = app.test_client()
+        running(reg, "silent", beating=False)
+        running(reg, "beating", beating=True)
+
+        def views() -> tuple[dict[str, str], dict[str, str]]:
+            pools = web.get("/api/pools/local")
+            kernels = web.get("/api/kernels")
+            assert pools.status_code == kernels.status_code == 200
+            assert pools.json is not None and kernels.json is not None
+            return ({k["id"]: k["status"] for k in pools.json["kernels"]},
+                    {k["id"]: k["poolgate"]["status"] for k in kernels.json})
+
+        assert views() == ({"silent": "RUNNING", "beating": "RUNNING"},) * 2
+        time.sleep(confirm_after(3 / 3) + 0.1)
+        pools, kernels = views()
+        assert pools == {"beating": "RUNNING"}  # the pool's view lists live kernels only
+        assert kernels == {"silent": "FAILED", "beating": "RUNNING"}
+        assert "no heartbeat" in (reg.get("silent") or KernelRecord(id="")).reason
