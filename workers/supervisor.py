@@ -9,6 +9,7 @@ good, everything the launch created is cleaned up and the task returns the reaso
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -67,6 +68,24 @@ IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at on
 # (1 s), it was the registry's largest cost per idle kernel (issue 24: 1 of 2.9 commands/s).
 RECORD_CHECK_EVERY = 5.0
 
+# Requests whose busy and idle say nothing of a cell: most go on the control channel, which
+# ipykernel answers while a cell runs, so their idle comes mid-cell. Jupyter Server tracks
+# the state the same way (its untracked_message_types). A gateway's kernel_info nudge on
+# control, when a second tab connected to a kernel busy with a silent cell, made the kernel
+# read idle, and idle culling ended it mid-cell.
+UNTRACKED_PARENTS = frozenset({
+    "kernel_info_request", "comm_info_request", "shutdown_request", "interrupt_request",
+    "debug_request", "usage_request", "create_subshell_request", "delete_subshell_request",
+    "list_subshell_request"})
+
+
+def tracked(parent: bytes | memoryview) -> bool:
+    """Whether a status message (its parent header's frame) tells the main shell's state:
+    an execute's does, and ipykernel's first (no parent)."""
+    try:
+        return json.loads(bytes(parent)).get("msg_type") not in UNTRACKED_PARENTS
+    except (ValueError, AttributeError):
+        return True
 
 class Stop(Exception):
     """Raised inside the loop when the kernel must end; carries the reason."""
@@ -216,7 +235,10 @@ class Supervisor:
         self.generation = rec.generation
         self.started_at = self.first_started = time.time()
         self._watch_iopub(conn)
-        self._confirm_iopub(conn)
+        # What its last supervisor wrote, until the kernel says otherwise: a cell that prints
+        # nothing says nothing on iopub, and taken for idle it would be culled mid-cell.
+        self.state = self.written_state = "busy" if rec.execution_state == "busy" else "idle"
+        self._confirm_iopub(conn, shell_state=True)
         self._record_state(time.monotonic())
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
         self.beating = True
@@ -225,23 +247,29 @@ class Supervisor:
                          name=f"adopted-{self.kid[:8]}").start()
         return True
 
-    def _confirm_iopub(self, conn: ConnectionInfo, wait: float = 5.0) -> None:
+    def _confirm_iopub(self, conn: ConnectionInfo, wait: float = 5.0,
+                       shell_state: bool = False) -> None:
         """Ask for kernel_info until iopub answers: what the kernel publishes before the
         subscription is live is lost to us. For a kernel just launched, that was the busy of a
         cell its client began the moment it read RUNNING: its supervisor took a kernel busy
-        with a silent cell for idle, and culled it mid-cell (seen in the suite). For an
-        adopted kernel, its state."""
+        with a silent cell for idle, and culled it mid-cell (seen in the suite).
+
+        ``shell_state`` (an adopted kernel, whose state is not known): ask on control as well,
+        which ipykernel answers while a cell runs, and take the kernel for idle if its main
+        shell answers too (a shell busy with a cell answers only after it)."""
         assert self.iopub is not None
-        with KernelSocket(conn) as sock:
+        with contextlib.ExitStack() as stack:
+            shell = stack.enter_context(KernelSocket(conn))
+            control = stack.enter_context(KernelSocket(conn, "control")) if shell_state else None
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                sock.send("kernel_info_request")
+                for sock in (shell, control):
+                    if sock is not None:
+                        sock.send("kernel_info_request")
                 if self.iopub.poll(200):
-                    self._drain_iopub(self.iopub)
-                    settle = time.monotonic() + 0.2  # the reply's idle follows its busy
-                    while self.state == "busy" and time.monotonic() < settle \
-                            and self.iopub.poll(20):
-                        self._drain_iopub(self.iopub)
+                    if shell_state and shell.answered(0.2):
+                        self.state = "idle"  # then what iopub says after its answer
+                    self._drain_iopub(self.iopub)  # its busy and idle are not a cell's
                     return
             log.warning("Kernel %s: its iopub did not answer within %.0fs; its state may be "
                         "missed until it publishes again", self.kid, wait)
@@ -425,9 +453,10 @@ class Supervisor:
             try:
                 parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
-                    state = json.loads(bytes(parts[3])).get("execution_state", state)
-                    if state == "starting":  # ipykernel's first status: for a running kernel
-                        state = "idle"       # that is idle ("starting" means still launching)
+                    if tracked(parts[1]):
+                        state = json.loads(bytes(parts[3])).get("execution_state", state)
+                        if state == "starting":  # ipykernel's first status: for a running
+                            state = "idle"       # kernel that is idle ("starting": launching)
                     if self.status_only and not self.narrowed:
                         self._narrow(sock, msg[0])
             except (ValueError, IndexError, AttributeError, TypeError):

@@ -178,6 +178,43 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
         STACKS.remove(stack)
 
 
+def test_a_client_connecting_to_a_busy_kernel_leaves_it_busy(tmp_path: Path) -> None:
+    """A second tab opened on a kernel busy with a long, silent cell: its connection asks the
+    kernel for kernel_info on the control channel, which ipykernel answers at once, with a
+    busy and an idle of its own on iopub. That idle is not the cell's: the kernel stays busy
+    in /api/kernels, and idle culling leaves it alone, as Jupyter Server does (it tracks state
+    only from statuses whose request went to the shell)."""
+    pools = {"local": {"launcher": "local", "queue": f"tab{tmp_path.name[-6:]}", "slots": 2,
+                       "heartbeat_ttl": 3, "cull_idle_timeout": 3, "cull_interval": 0.5}}
+    stack = Stack(tmp_path, "redis", db=DB_BASE + 3, pools=pools, specs={"tiny-py": None}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        first = gw.channel(kid)
+        first.start_cell("print('running', flush=True)\nimport time; time.sleep(20)")
+        gw.wait_state(kid, "busy")
+        second = gw.channel(kid)  # the gateway nudges the kernel on control (and shell)
+        asked = second.send("kernel_info_request", {}, channel="control")  # as a client may
+        while not ((msg := second.recv(10))["parent_header"].get("msg_id") == asked
+                   and msg["msg_type"] == "kernel_info_reply"):
+            pass  # answered at once, while the cell runs
+        for ch in (first, second):  # both tabs closed: only its being busy keeps it
+            ch.close()
+        quiet_since = time.monotonic()
+        while time.monotonic() < quiet_since + 3 + 2:  # past the idle timeout, and a cull
+            r = gw.get(f"/api/kernels/{kid}")
+            assert r.status_code == 200, f"a busy kernel was culled: {r.text}"
+            assert r.json()["execution_state"] == "busy", r.text
+            time.sleep(0.25)
+        assert gw.post(f"/api/kernels/{kid}/interrupt").status_code == 204
+        gw.wait_state(kid, "idle")  # the cell's own idle is still taken
+        gw.shutdown(kid)
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
 def test_rabbitmq_restart_under_load(tmp_path: Path, private_rabbit: PrivateRabbit) -> None:
     stack = Stack(tmp_path, private_rabbit.url, db=DB_BASE + 3).start()
     STACKS.append(stack)

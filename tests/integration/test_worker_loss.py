@@ -91,3 +91,40 @@ def test_worker_back_within_ttl_adopts_its_kernels(tmp_path) -> None:  # type: i
     finally:
         stack.stop()
         STACKS.remove(stack)
+
+
+def test_a_kernel_adopted_mid_cell_stays_busy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker that comes back while its kernel runs a silent cell takes the kernel as busy,
+    as its last supervisor recorded, not idle: idle culling leaves it alone until the cell
+    ends, and then sees it idle."""
+    from tests.conftest import DB_BASE, REDIS, STACKS
+
+    pools = {"local": {"launcher": "local", "queue": f"adopt{tmp_path.name[-6:]}", "slots": 2,
+                       "heartbeat_ttl": 12, "cull_idle_timeout": 3, "cull_interval": 0.5}}
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3, pools=pools, specs={"tiny-py": None}).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        kid = gw.start()["id"]
+        pid = _kernel_pid(stack, kid)
+        ch = gw.channel(kid)
+        ch.start_cell("print('running', flush=True)\nimport time; time.sleep(12)")
+        ch.close()  # no client: only its being busy keeps it
+        gw.wait_state(kid, "busy")
+        stack.kill_worker("local")
+        stack.start_worker("local")  # back well within the 12 s TTL: it adopts the kernel
+        quiet_since = time.monotonic()
+        while time.monotonic() < quiet_since + 3 + 3:  # past the idle timeout, and a cull
+            r = gw.get(f"/api/kernels/{kid}")
+            assert r.status_code == 200, f"a busy kernel was culled: {r.text}"
+            assert r.json()["execution_state"] == "busy", r.text
+            time.sleep(0.25)
+        assert _kernel_pid(stack, kid) == pid  # adopted, not started again
+        deadline = time.monotonic() + 30
+        while (r := gw.get(f"/api/kernels/{kid}")).status_code == 200:  # the cell ends...
+            assert time.monotonic() < deadline, f"never culled once idle: {r.text}"
+            time.sleep(0.2)
+        assert "culled: idle" in r.json()["message"]  # ...and the cell's idle was seen
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
