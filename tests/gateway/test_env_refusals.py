@@ -7,6 +7,7 @@ that passes meets the 503 of a pool with no worker (so nothing was queued or sub
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ DASK_ENV = {"DASK_YARN_ENVIRONMENT": "python:///opt/conda/bin/python",
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> FlaskClient:
+def client(tmp_path: Path) -> Iterator[FlaskClient]:
     from poolgate.gateway.app import create_app
+    from poolgate.gateway.state import state
 
     need_redis()
     for name, pool, argv, env in (
@@ -47,7 +49,9 @@ def client(tmp_path: Path) -> FlaskClient:
                   "yarn": {"launcher": "yarn", "options": {"rm_address": "http://127.0.0.1:1"}},
                   "spark": {"launcher": "yarn", "options": {
                       "rm_address": "http://127.0.0.1:1", "submit": "spark-submit"}}}}))
-    return create_app({"CONFIG_PATH": str(cfg)}).test_client()
+    app = create_app({"CONFIG_PATH": str(cfg)})
+    yield app.test_client()
+    state(app).close()  # its background threads
 
 
 @pytest.mark.parametrize("spec,value", [("py-ssh", "a\nb"), ("py-yarn", "a\r\nb"),

@@ -2,7 +2,9 @@
 ways, and both swagger routes serve it (under a base URL too)."""
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ from tests.conftest import DB_BASE, REDIS, need_redis
 METHODS = {"get", "post", "put", "patch", "delete"}
 
 
-def _app(tmp_path: Path, base: str = "") -> Flask:
+@contextlib.contextmanager
+def _app(tmp_path: Path, base: str = "") -> Iterator[Flask]:
+    """The app, its background threads stopped after the test."""
     from poolgate.gateway.app import create_app
+    from poolgate.gateway.state import state
 
     need_redis()
     cfg = tmp_path / "queues.yaml"
@@ -25,7 +30,11 @@ def _app(tmp_path: Path, base: str = "") -> Flask:
         "broker_url": "memory://", "registry_url": f"{REDIS}/{DB_BASE + 29}",
         "gateway": {"auth_token": "t", "base_url": base},
         "pools": {"local": {"launcher": "local", "slots": 1}}}))
-    return create_app({"CONFIG_PATH": str(cfg)})
+    app = create_app({"CONFIG_PATH": str(cfg)})
+    try:
+        yield app
+    finally:
+        state(app).close()
 
 
 def app_routes(app: Flask, base: str = "") -> set[tuple[str, str]]:
@@ -43,10 +52,11 @@ def spec_routes(spec: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def test_the_description_has_every_route_and_no_other(tmp_path: Path) -> None:
-    app = _app(tmp_path)
+    with _app(tmp_path) as app:
+        routes = app_routes(app)
     spec = swagger.description()
-    assert app_routes(app) - spec_routes(spec) == set(), "routes missing from gateway/openapi.yaml"
-    assert spec_routes(spec) - app_routes(app) == set(), "gateway/openapi.yaml has routes the app lacks"
+    assert routes - spec_routes(spec) == set(), "routes missing from gateway/openapi.yaml"
+    assert spec_routes(spec) - routes == set(), "gateway/openapi.yaml has routes the app lacks"
 
 
 def test_path_parameters_are_declared(tmp_path: Path) -> None:
@@ -62,14 +72,14 @@ def test_path_parameters_are_declared(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("base", ["", "/prefix"])
 def test_both_routes_serve_the_description(tmp_path: Path, base: str) -> None:
-    app = _app(tmp_path, base)
-    client = app.test_client()
-    auth = {"Authorization": "token t"}
-    as_json = client.get(f"{base}/api/swagger.json", headers=auth)
-    as_yaml = client.get(f"{base}/api/swagger.yaml", headers=auth)
-    assert as_json.status_code == as_yaml.status_code == 200
-    assert as_yaml.mimetype == "application/yaml"
-    assert as_json.json == yaml.safe_load(as_yaml.data)
-    assert as_json.json["paths"] == swagger.description()["paths"]
-    assert as_json.json["servers"] == [{"url": base}]
-    assert client.get(f"{base}/api/swagger.json").status_code == 401  # it needs credentials too
+    with _app(tmp_path, base) as app:
+        client = app.test_client()
+        auth = {"Authorization": "token t"}
+        as_json = client.get(f"{base}/api/swagger.json", headers=auth)
+        as_yaml = client.get(f"{base}/api/swagger.yaml", headers=auth)
+        assert as_json.status_code == as_yaml.status_code == 200
+        assert as_yaml.mimetype == "application/yaml"
+        assert as_json.json == yaml.safe_load(as_yaml.data)
+        assert as_json.json["paths"] == swagger.description()["paths"]
+        assert as_json.json["servers"] == [{"url": base}]
+        assert client.get(f"{base}/api/swagger.json").status_code == 401  # it needs credentials too
