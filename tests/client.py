@@ -58,14 +58,18 @@ class Channel:
         self.ws.close()
 
     def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell",
-             msg_id: str | None = None) -> str:
+             msg_id: str | None = None, subshell: str | None = None) -> str:
         """Send a message; ``msg_id`` sends one again under the same id (after a reconnect,
-        JupyterLab sends what it could not send before, unchanged)."""
+        JupyterLab sends what it could not send before, unchanged); ``subshell``: to that
+        subshell of the kernel (JEP 91)."""
         mid = msg_id or uuid.uuid4().hex
+        header = {"msg_id": mid, "msg_type": msg_type, "username": "test",
+                  "session": self.session, "date": "2026-01-01T00:00:00.000000Z",
+                  "version": "5.3"}
+        if subshell is not None:
+            header["subshell_id"] = subshell
         self.ws.send(json.dumps({
-            "header": {"msg_id": mid, "msg_type": msg_type, "username": "test",
-                       "session": self.session, "date": "2026-01-01T00:00:00.000000Z",
-                       "version": "5.3"},
+            "header": header,
             "parent_header": {}, "metadata": {}, "content": content, "channel": channel,
             "buffers": []}))
         return mid

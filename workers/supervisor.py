@@ -79,13 +79,19 @@ UNTRACKED_PARENTS = frozenset({
     "list_subshell_request"})
 
 
-def tracked(parent: bytes | memoryview) -> bool:
-    """Whether a status message (its parent header's frame) tells the main shell's state:
-    an execute's does, and ipykernel's first (no parent)."""
+def status_shell(parent: bytes | memoryview) -> str | None:
+    """Whose state a status message (its parent header's frame) tells: "" the main shell's
+    (an execute's, or ipykernel's first, with no parent), a subshell's id (JEP 91: the
+    request's header names it), None nobody's (a request in UNTRACKED_PARENTS)."""
     try:
-        return json.loads(bytes(parent)).get("msg_type") not in UNTRACKED_PARENTS
-    except (ValueError, AttributeError):
-        return True
+        head = json.loads(bytes(parent))
+    except ValueError:
+        return ""
+    if not isinstance(head, dict):
+        return ""
+    if head.get("msg_type") in UNTRACKED_PARENTS:
+        return None
+    return str(head.get("subshell_id") or "")
 
 class Stop(Exception):
     """Raised inside the loop when the kernel must end; carries the reason."""
@@ -179,7 +185,8 @@ class Supervisor:
         self.record: KernelRecord | None = None
         self.beating = False  # the worker's heartbeat thread refreshes this kernel's heartbeat
         self.active_at = time.monotonic()  # the kernel's last iopub message, for culling
-        self.state = "idle"
+        self.state = "idle"  # the main shell's execution state
+        self.busy_subshells: set[str] = set()  # subshells (JEP 91) running a request
         self.written_state: str | None = None  # the execution state the registry holds
         self.state_due = 0.0  # when a pending "busy" is written
         self.activity_written = 0.0
@@ -340,6 +347,7 @@ class Supervisor:
         if not ok:
             raise Stop(f"the record moved to {prev or 'deleted'} while starting")
         self.state = self.written_state = "idle"
+        self.busy_subshells.clear()  # a new kernel process
         self.beating = True
         log.info("Kernel %s running on %s after %.2fs", self.kid, self.handle.host, self.started_at - t0)
         if self.task is not None and first:
@@ -435,7 +443,8 @@ class Supervisor:
         True if there may be more (the next read comes at once, not after a batch).
 
         Nothing here talks to the registry: a message costs a receive and an append."""
-        state = None
+        state = None  # the main shell's, as the last of its statuses read here says
+        subshells = self.busy_subshells
         keep = self.replay_buf.add
         got = False
         more = True
@@ -453,10 +462,17 @@ class Supervisor:
             try:
                 parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
-                    if tracked(parts[1]):
-                        state = json.loads(bytes(parts[3])).get("execution_state", state)
-                        if state == "starting":  # ipykernel's first status: for a running
-                            state = "idle"       # kernel that is idle ("starting": launching)
+                    shell = status_shell(parts[1])
+                    said = json.loads(bytes(parts[3])).get("execution_state") \
+                        if shell is not None else None
+                    if said == "starting":  # ipykernel's first status: for a running kernel
+                        said = "idle"       # that is idle ("starting" means launching)
+                    if shell and said == "busy":
+                        subshells.add(shell)
+                    elif shell:
+                        subshells.discard(shell)
+                    elif said is not None:
+                        state = said
                     if self.status_only and not self.narrowed:
                         self._narrow(sock, msg[0])
             except (ValueError, IndexError, AttributeError, TypeError):
@@ -478,18 +494,25 @@ class Supervisor:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
         sock.setsockopt(zmq.UNSUBSCRIBE, b"")
 
+    @property
+    def shown_state(self) -> str:
+        """The kernel's execution state: busy while its main shell or a subshell runs a
+        request (a subshell's idle is not the main shell's)."""
+        return "busy" if self.busy_subshells and self.state == "idle" else self.state
+
     def _record_state(self, now: float) -> None:
         """Write execution state and activity to the registry: a change to idle at once, busy
         only once it lasted BUSY_WRITE_DELAY (a quick cell writes nothing), activity at most
         every ACTIVITY_WRITE_EVERY seconds."""
         fields: dict[str, Any] = {}
-        if self.state == self.written_state:
+        state = self.shown_state
+        if state == self.written_state:
             self.state_due = 0.0
         else:
-            if self.state == "busy" and not self.state_due:
+            if state == "busy" and not self.state_due:
                 self.state_due = now + BUSY_WRITE_DELAY
-            if self.state != "busy" or now >= self.state_due:
-                fields["execution_state"] = self.state
+            if state != "busy" or now >= self.state_due:
+                fields["execution_state"] = state
         if self.active_at > self.activity_written and (
                 fields or now - self.activity_written >= ACTIVITY_WRITE_EVERY):
             fields["last_activity"] = now_iso()
@@ -497,12 +520,12 @@ class Supervisor:
             self.reg.update(self.kid, **fields)
             self.activity_written = now
             if "execution_state" in fields:
-                self.written_state, self.state_due = self.state, 0.0
+                self.written_state, self.state_due = state, 0.0
 
     def _state_due(self) -> float:
         """When _record_state has something to write (inf: nothing pending)."""
         due = float("inf")
-        if self.state != self.written_state and self.state_due:
+        if self.shown_state != self.written_state and self.state_due:
             due = self.state_due
         if self.active_at > self.activity_written:
             due = min(due, self.activity_written + ACTIVITY_WRITE_EVERY)
@@ -565,7 +588,7 @@ class Supervisor:
             return
         self.next_cull_check = now + min(self.pool.cull_interval, timeout)
         idle = now - self.active_at
-        if idle < timeout or (self.state == "busy" and not self.pool.cull_busy):
+        if idle < timeout or (self.shown_state == "busy" and not self.pool.cull_busy):
             return
         if not self.pool.cull_connected and self.reg.connection_count(self.kid) > 0:
             return
@@ -580,7 +603,7 @@ class Supervisor:
         self.record.target = "RUNNING"
         self.record.handle = stored(self.handle)
         self.record.generation = self.generation
-        self.record.execution_state = self.written_state = self.state
+        self.record.execution_state = self.written_state = self.shown_state
         # The heartbeat first, as at launch: a gateway that reads a RUNNING record without
         # one declares the kernel dead ("worker lost").
         self.reg.heartbeat(self.kid, self.rt.name, self.pool.heartbeat_ttl)
@@ -619,6 +642,7 @@ class Supervisor:
         if not ok:
             return
         self.state = self.written_state = "restarting"
+        self.busy_subshells.clear()
         if graceful:
             self._ask_shutdown(restart=True)
         self.launcher.stop(self.handle, grace=1.0 if graceful else 0)

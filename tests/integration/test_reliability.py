@@ -181,9 +181,10 @@ def test_idle_culling_and_max_lifetime(tmp_path: Path) -> None:
 def test_a_client_connecting_to_a_busy_kernel_leaves_it_busy(tmp_path: Path) -> None:
     """A second tab opened on a kernel busy with a long, silent cell: its connection asks the
     kernel for kernel_info on the control channel, which ipykernel answers at once, with a
-    busy and an idle of its own on iopub. That idle is not the cell's: the kernel stays busy
-    in /api/kernels, and idle culling leaves it alone, as Jupyter Server does (it tracks state
-    only from statuses whose request went to the shell)."""
+    busy and an idle of its own on iopub, and the tab runs a cell in a subshell (JupyterLab
+    does, for a widget's comm), which ends with an idle too. Neither idle is the cell's: the
+    kernel stays busy in /api/kernels, and idle culling leaves it alone. (Jupyter Server
+    ignores the first idle, not the second.)"""
     pools = {"local": {"launcher": "local", "queue": f"tab{tmp_path.name[-6:]}", "slots": 2,
                        "heartbeat_ttl": 3, "cull_idle_timeout": 3, "cull_interval": 0.5}}
     stack = Stack(tmp_path, "redis", db=DB_BASE + 3, pools=pools, specs={"tiny-py": None}).start()
@@ -199,6 +200,12 @@ def test_a_client_connecting_to_a_busy_kernel_leaves_it_busy(tmp_path: Path) -> 
         while not ((msg := second.recv(10))["parent_header"].get("msg_id") == asked
                    and msg["msg_type"] == "kernel_info_reply"):
             pass  # answered at once, while the cell runs
+        second.send("create_subshell_request", {}, channel="control")
+        while (msg := second.recv(10))["msg_type"] != "create_subshell_reply":
+            pass
+        side = second.send("execute_request", {"code": "1 + 1", "silent": False},
+                           subshell=msg["content"]["subshell_id"])
+        assert second.collect(side, timeout=10).result == "2"  # its reply, and its idle
         for ch in (first, second):  # both tabs closed: only its being busy keeps it
             ch.close()
         quiet_since = time.monotonic()

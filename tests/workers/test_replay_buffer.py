@@ -64,8 +64,8 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
 
     from poolgate.workers import supervisor
 
-    def status(state: str) -> list[bytes]:
-        parts = [jmsg.pack(jmsg.header("status", "s")), b"{}", b"{}",
+    def status(state: str, parent: dict[str, str] | None = None) -> list[bytes]:
+        parts = [jmsg.pack(jmsg.header("status", "s")), jmsg.pack(parent or {}), b"{}",
                  jmsg.pack({"execution_state": state})]
         return [b"kernel.status", *jmsg.frames(SIGNER, parts)]
 
@@ -80,7 +80,7 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
             sub.recv()
             break
     sup = SimpleNamespace(replay_buf=ReplayBuffer(count=100, max_bytes=1e9), state="idle",
-                          active_at=0.0, status_only=False, narrowed=False)
+                          active_at=0.0, status_only=False, narrowed=False, busy_subshells=set())
     drain = supervisor.Supervisor._drain_iopub
     try:
         pub.send_multipart(status("starting"))
@@ -99,6 +99,22 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
         assert drain(sup, sub) is True   # 3 read, one left
         assert drain(sup, sub) is False  # the last one
         assert len(sup.replay_buf.messages) == 9
+        # The kernel is busy with a cell. What ipykernel answers beside it (on control) says nothing of it...
+        for state in ("busy", "idle"):
+            pub.send_multipart(status(state, {"msg_type": "kernel_info_request"}))
+        assert sub.poll(5000)
+        assert drain(sup, sub) is False and sup.state == "busy"
+        # ...and a subshell's request is the subshell's: the kernel is busy while either runs.
+        sub_cell = {"msg_type": "execute_request", "subshell_id": "s1"}
+        pub.send_multipart(status("busy", sub_cell))
+        pub.send_multipart(status("idle", {"msg_type": "execute_request"}))  # the main cell's
+        assert sub.poll(5000)
+        assert drain(sup, sub) is False and sup.state == "idle" and sup.busy_subshells == {"s1"}
+        assert supervisor.Supervisor.shown_state.fget(sup) == "busy"  # type: ignore[attr-defined]
+        pub.send_multipart(status("idle", sub_cell))
+        assert sub.poll(5000)
+        assert drain(sup, sub) is False and sup.busy_subshells == set()
+        assert supervisor.Supervisor.shown_state.fget(sup) == "idle"  # type: ignore[attr-defined]
     finally:
         pub.close(linger=0)
         sub.close(linger=0)
