@@ -464,6 +464,15 @@ def test_jupyterlab_subshell_while_a_cell_runs(redis_stack: Stack, browser: Brow
         # the subshell's idle, so it is not what tells
         state = page.state()
         assert (state["cells"][1]["outputs"], text_of(state["cells"][1])) == ([], ""), state
+        # the gateway's model does: the subshell's idle is not the notebook cell's (its
+        # supervisor reads iopub every 0.5 s, writes busy once it lasted 0.5 s, idle at once)
+        kid = state["kernel"]["id"]
+        redis_stack.gw.wait_state(kid, "busy", timeout=5)
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            model = redis_stack.gw.get(f"/api/kernels/{kid}").json()
+            assert model["execution_state"] == "busy", model
+            time.sleep(0.1)
         browser.wait(lambda: text_of(page.state()["cells"][1]) == "main done\n", 30,
                      "the notebook's cell to end with its output")
         page.idle()
