@@ -441,12 +441,15 @@ class Supervisor:
     def _drain_iopub(self, sock: zmq.Socket[bytes]) -> bool:
         """Read what the kernel published: execution state, activity, the replay buffer.
         True if there may be more (the next read comes at once, not after a batch).
+        Activity, for culling and ``last_activity``, is any message but the statuses of
+        untracked requests (as in Jupyter Server): a tab that connects, or reconnects after a
+        network blip, has the gateway ask for kernel_info, and that is not the user's work.
 
         Nothing here talks to the registry: a message costs a receive and an append."""
         state = None  # the main shell's, as the last of its statuses read here says
         subshells = self.busy_subshells
         keep = self.replay_buf.add
-        got = False
+        activity = 0  # messages read that count as activity
         more = True
         big = False  # the last message was big: the next one likely is too (see received)
         for _ in range(IOPUB_READ_MAX):
@@ -457,12 +460,14 @@ class Supervisor:
             except zmq.Again:
                 more = False
                 break
-            got = True
             big = keep(msg) >= SMALL_PART
+            activity += 1
             try:
                 parts, _ = jmsg.split(msg)
                 if b'"status"' in parts[0]:
                     shell = status_shell(parts[1])
+                    if shell is None:
+                        activity -= 1  # a nudge's status is not the user's activity
                     said = json.loads(bytes(parts[3])).get("execution_state") \
                         if shell is not None else None
                     if said == "starting":  # ipykernel's first status: for a running kernel
@@ -477,7 +482,7 @@ class Supervisor:
                         self._narrow(sock, msg[0])
             except (ValueError, IndexError, AttributeError, TypeError):
                 continue
-        if got:
+        if activity:
             self.active_at = time.monotonic()
         if state is not None:
             self.state = state

@@ -259,6 +259,31 @@ def test_cull_busy_culls_a_kernel_busy_without_output(policy_stack: Stack) -> No
         gw.shutdown(kid)
 
 
+def test_a_tab_that_connects_is_not_activity(policy_stack: Stack) -> None:
+    """What JupyterHub's idle culler and idle culling go by: ``last_activity`` moves with the
+    kernel's work, not with a tab that (re)connects. The gateway asks a new connection's
+    kernel for kernel_info, and its statuses are not activity, as in Jupyter Server."""
+    from poolgate.workers.supervisor import ACTIVITY_WRITE_EVERY
+
+    gw = policy_stack.gw
+    kid = gw.start()["id"]
+    try:
+        ch = gw.channel(kid)
+        assert ch.execute("1 + 1").result == "2"
+        ch.close()
+        time.sleep(ACTIVITY_WRITE_EVERY + 1)  # the cell's activity is written by now
+        before = gw.get(f"/api/kernels/{kid}").json()["last_activity"]
+        for _ in range(3):  # a tab opened, and reconnecting after network blips
+            tab = gw.channel(kid)
+            tab.send("kernel_info_request", {})  # what JupyterLab asks first
+            _wait_state(tab, "idle")
+            tab.close()
+        time.sleep(ACTIVITY_WRITE_EVERY + 1)
+        assert gw.get(f"/api/kernels/{kid}").json()["last_activity"] == before
+    finally:
+        gw.shutdown(kid)
+
+
 # -- session_buffer_seconds ----------------------------------------------------------------
 
 

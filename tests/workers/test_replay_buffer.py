@@ -99,11 +99,13 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
         assert drain(sup, sub) is True   # 3 read, one left
         assert drain(sup, sub) is False  # the last one
         assert len(sup.replay_buf.messages) == 9
-        # The kernel is busy with a cell. What ipykernel answers beside it (on control) says nothing of it...
+        # The kernel is busy with a cell. What ipykernel answers beside it (on control) says
+        # nothing of it, and is not activity (a tab's connection asks for kernel_info)...
+        sup.active_at = 0.0
         for state in ("busy", "idle"):
             pub.send_multipart(status(state, {"msg_type": "kernel_info_request"}))
         assert sub.poll(5000)
-        assert drain(sup, sub) is False and sup.state == "busy"
+        assert drain(sup, sub) is False and sup.state == "busy" and sup.active_at == 0.0
         # ...and a subshell's request is the subshell's: the kernel is busy while either runs.
         sub_cell = {"msg_type": "execute_request", "subshell_id": "s1"}
         pub.send_multipart(status("busy", sub_cell))
