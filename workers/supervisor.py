@@ -93,6 +93,7 @@ def status_shell(parent: bytes | memoryview) -> str | None:
         return None
     return str(head.get("subshell_id") or "")
 
+
 class Stop(Exception):
     """Raised inside the loop when the kernel must end; carries the reason."""
 
