@@ -9,6 +9,7 @@ good, everything the launch created is cleaned up and the task returns the reaso
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -67,6 +68,7 @@ IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at on
 # command that got lost, and says whether a gateway declared the kernel dead. Read every tick
 # (1 s), it was the registry's largest cost per idle kernel (issue 24: 1 of 2.9 commands/s).
 RECORD_CHECK_EVERY = 5.0
+ADOPT_AT_ONCE = 16  # kernels a restarted worker adopts at once (reap_orphans)
 
 # Requests whose busy and idle say nothing of a cell: most go on the control channel, which
 # ipykernel answers while a cell runs, so their idle comes mid-cell. Jupyter Server tracks
@@ -711,20 +713,29 @@ def reap_orphans(runtime: WorkerHost) -> int:
     """Adopt or kill what is recorded under this worker's name from an earlier life of it.
 
     A kernel still RUNNING (the worker came back within the heartbeat TTL) and alive is
-    adopted; anything else recorded under this name (FAILED is final) is stopped.
+    adopted; anything else recorded under this name (FAILED is final) is stopped. Kernels are
+    adopted ADOPT_AT_ONCE at a time: each adoption takes a moment (up to 0.2 s for a kernel
+    busy with a cell, whose shell does not answer), and one by one, a worker with a hundred
+    busy kernels took longer than the heartbeat TTL, so the last of them were declared dead
+    before it reached them.
     """
+    mine = [rec for rec in runtime.registry.all()
+            if rec.worker == runtime.name and rec.id not in runtime.supervisors
+            and rec.status is not S.STOPPED and not (rec.status is S.FAILED and not rec.handle)]
+
+    def adopted(rec: KernelRecord) -> bool:
+        if rec.status is not S.RUNNING or rec.pool not in runtime.config.pools:
+            return False
+        try:
+            return Supervisor(runtime, rec.id, rec.pool).adopt(rec)
+        except Exception:
+            log.exception("Kernel %s: could not adopt it; stopping it", rec.id)
+            return False
+
+    with concurrent.futures.ThreadPoolExecutor(ADOPT_AT_ONCE, "adopting") as pool:
+        kept = list(pool.map(adopted, mine))
     count = 0
-    for rec in runtime.registry.all():
-        if rec.worker != runtime.name or rec.id in runtime.supervisors:
-            continue
-        if rec.status is S.STOPPED or (rec.status is S.FAILED and not rec.handle):
-            continue
-        if rec.status is S.RUNNING and rec.pool in runtime.config.pools:
-            try:
-                if Supervisor(runtime, rec.id, rec.pool).adopt(rec):
-                    continue
-            except Exception:
-                log.exception("Kernel %s: could not adopt it; stopping it", rec.id)
+    for rec in (rec for rec, ok in zip(mine, kept) if not ok):
         reason = f"worker {runtime.name} restarted; its earlier kernels were stopped"
         if rec.handle and rec.pool in runtime.config.pools:
             handle = KernelHandle.from_dict(rec.handle)

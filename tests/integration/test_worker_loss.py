@@ -2,6 +2,7 @@
 the restarted worker leaves no untracked kernel process behind."""
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import psutil
@@ -125,6 +126,42 @@ def test_a_kernel_adopted_mid_cell_stays_busy(tmp_path) -> None:  # type: ignore
             assert time.monotonic() < deadline, f"never culled once idle: {r.text}"
             time.sleep(0.2)
         assert "culled: idle" in r.json()["message"]  # ...and the cell's idle was seen
+    finally:
+        stack.stop()
+        STACKS.remove(stack)
+
+
+def test_a_worker_back_within_ttl_adopts_many_busy_kernels_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Thirty kernels each busy with a silent cell: a worker killed and started again within
+    the heartbeat TTL (3 s here) adopts them all before their heartbeats are missed twice.
+    Adopted one by one, each busy kernel took 0.2 s (its shell does not answer until the
+    cell ends), and the last ones were declared dead while still running."""
+    from tests.conftest import DB_BASE, REDIS, STACKS
+
+    stack = Stack(tmp_path, REDIS, db=DB_BASE + 3, slots=32, ttl=3).start()
+    STACKS.append(stack)
+    try:
+        gw = stack.gw
+        def busy_kernel(_: int) -> str:
+            kid = gw.start()["id"]
+            ch = gw.channel(kid)
+            ch.start_cell("print('running', flush=True)\nimport time; time.sleep(600)")
+            ch.close()
+            return str(kid)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            kids = list(pool.map(busy_kernel, range(30)))
+        pids = {kid: _kernel_pid(stack, kid) for kid in kids}
+        stack.kill_worker("local")
+        stack.start_worker("local")
+        until = time.monotonic() + 3 + 2 + 3  # the TTL, the second look, and a margin
+        while time.monotonic() < until:  # every list settles every kernel (a second look)
+            dead = [k["id"] for k in gw.kernels() if k["execution_state"] == "dead"]
+            assert dead == [], f"{len(dead)} of 30 busy kernels declared dead"
+            time.sleep(0.5)
+        assert {kid: _kernel_pid(stack, kid) for kid in kids} == pids  # adopted, not restarted
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(gw.shutdown, kids))
     finally:
         stack.stop()
         STACKS.remove(stack)
