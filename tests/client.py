@@ -213,3 +213,22 @@ class Gateway:
                     return model
             time.sleep(0.2)
         raise AssertionError(f"kernel {kid} never reached {state}: {model}")
+
+    def holds_state(self, kid: str, state: str, seconds: float, every: float = 0.25) -> None:
+        """Assert that the kernel is there and in ``state`` at every look for ``seconds``
+        (a negative check needs the time to pass: a busy kernel not culled, not idle)."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            r = self.get(f"/api/kernels/{kid}")
+            assert r.status_code == 200, f"kernel {kid} ended while {state}: {r.text}"
+            assert r.json()["execution_state"] == state, r.text
+            time.sleep(every)
+
+    def wait_gone(self, kid: str, timeout: float = 30) -> dict[str, Any]:
+        """Poll until the kernel answers 404 (culled, ended); its error body."""
+        deadline = time.monotonic() + timeout
+        while (r := self.get(f"/api/kernels/{kid}")).status_code == 200:
+            assert time.monotonic() < deadline, f"kernel {kid} was never removed: {r.text}"
+            time.sleep(0.2)
+        assert r.status_code == 404, r.text
+        return r.json()  # type: ignore[no-any-return]

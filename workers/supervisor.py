@@ -735,7 +735,9 @@ def reap_orphans(runtime: WorkerHost) -> int:
     with concurrent.futures.ThreadPoolExecutor(ADOPT_AT_ONCE, "adopting") as pool:
         kept = list(pool.map(adopted, mine))
     count = 0
-    for rec in (rec for rec, ok in zip(mine, kept) if not ok):
+    for rec, ok in zip(mine, kept):
+        if ok:
+            continue
         reason = f"worker {runtime.name} restarted; its earlier kernels were stopped"
         if rec.handle and rec.pool in runtime.config.pools:
             handle = KernelHandle.from_dict(rec.handle)

@@ -468,11 +468,7 @@ def test_jupyterlab_subshell_while_a_cell_runs(redis_stack: Stack, browser: Brow
         # supervisor reads iopub every 0.5 s, writes busy once it lasted 0.5 s, idle at once)
         kid = state["kernel"]["id"]
         redis_stack.gw.wait_state(kid, "busy", timeout=5)
-        until = time.monotonic() + 1.5
-        while time.monotonic() < until:
-            model = redis_stack.gw.get(f"/api/kernels/{kid}").json()
-            assert model["execution_state"] == "busy", model
-            time.sleep(0.1)
+        redis_stack.gw.holds_state(kid, "busy", 1.5, every=0.1)
         browser.wait(lambda: text_of(page.state()["cells"][1]) == "main done\n", 30,
                      "the notebook's cell to end with its output")
         page.idle()

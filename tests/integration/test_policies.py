@@ -74,18 +74,6 @@ def policy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     STACKS.remove(stack)
 
 
-def _wait_gone(stack: Stack, kid: str, timeout: float = 30) -> dict[str, Any]:
-    """Poll (with a deadline) until the kernel answers 404; its error body."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = stack.gw.get(f"/api/kernels/{kid}")
-        if r.status_code == 404:
-            return r.json()  # type: ignore[no-any-return]
-        assert r.status_code == 200, r.text
-        time.sleep(0.2)
-    raise AssertionError(f"kernel {kid} was never removed: {r.text}")
-
-
 def _kernel_process(kid: str) -> psutil.Process | None:
     for p in psutil.process_iter(["environ"]):
         try:
@@ -237,7 +225,7 @@ def test_a_kernelspecs_cull_idle_timeout_wins_over_its_pools(policy_stack: Stack
     plain = gw.start()["id"]  # the same pool: cull_idle_timeout 600
     culled = gw.start("cull-py")["id"]  # metadata.poolgate.cull_idle_timeout: 2
     try:
-        body = _wait_gone(policy_stack, culled, timeout=30)
+        body = policy_stack.gw.wait_gone(culled)
         assert "culled: idle" in body["message"] and "cull_idle_timeout: 2s" in body["message"]
         assert gw.get(f"/api/kernels/{plain}").json()["execution_state"] == "idle"  # not culled
     finally:
@@ -253,7 +241,7 @@ def test_cull_busy_culls_a_kernel_busy_without_output(policy_stack: Stack) -> No
         ch.send("execute_request", {"code": "import time; time.sleep(120)", "silent": False})
         _wait_state(ch, "busy")
         ch.close()  # cull_connected is off: only a kernel without clients is culled
-        body = _wait_gone(policy_stack, kid, timeout=30)
+        body = policy_stack.gw.wait_gone(kid)
         assert "culled: idle" in body["message"]
     finally:
         gw.shutdown(kid)
