@@ -17,7 +17,11 @@ most (a single run on this kind of machine moves by ×2 between minutes). Varian
 - ``lean-no-history``: lean execute without its history part (``_lean(history=False)``), to
   show what committing IPython's history without fsync is worth on its own;
 - ``lean-nosubshells``: lean, and no shell-channel thread (``_without_subshells``, a pool's
-  ``subshells: false``).
+  ``subshells: false``);
+- ``lean-history-each-cell``: lean, but IPython's history thread commits each cell as it
+  comes, as IPython's does, instead of gathering them (``HISTORY_GATHER = 0``);
+- ``lean-stock-calls``: lean without ``_lean_calls`` (ipykernel's signature lookup and the
+  ``decorator`` package's argument binding on every execute, as they are).
 
 Kernels start with the caller's environment, so all of them share the one IPython history
 file, as every kernel of a user does.
@@ -47,6 +51,11 @@ VARIANTS = {
                        "forward_shell_in_c\n_lean(history=False)\nforward_shell_in_c()\n",
     "lean-nosubshells": "from poolgate.workers.launchers.forkserver import _lean, "
                         "_without_subshells\n_lean()\n_without_subshells()\n",
+    "lean-history-each-cell": "from poolgate.workers.launchers import forkserver\n"
+                              "forkserver.HISTORY_GATHER = 0\nforkserver._lean()\n"
+                              "forkserver.forward_shell_in_c()\n",
+    "lean-stock-calls": "from poolgate.workers.launchers.forkserver import _lean, "
+                        "forward_shell_in_c\n_lean(calls=False)\nforward_shell_in_c()\n",
 }
 KERNEL = "{prelude}from ipykernel import kernelapp\nkernelapp.launch_new_instance()\n"
 

@@ -31,6 +31,9 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -47,7 +50,7 @@ def _preload() -> None:
     import ipykernel.zmqshell  # noqa: F401
 
 
-def _lean(history: bool = True) -> None:
+def _lean(history: bool = True, calls: bool = True) -> None:
     """A forked kernel's flushes without the waits that carry nothing (option ``lean_execute``,
     README "Forked kernels"). After each execute ipykernel flushes stdout and stderr, each flush
     a hand-off to its iopub thread and back even when nothing was written, then sleeps 0.5 ms
@@ -61,12 +64,14 @@ def _lean(history: bool = True) -> None:
     not yet queued) waits for it too, or the cell's idle could overtake that output. The
     sleep's default becomes 0; a kernel config that sets it still wins. Only ipykernel versions
     with the attributes used are changed; anything else takes ipykernel's own flush. And the
-    kernel's IPython history commits without fsync (``_lean_history``), whatever ipykernel."""
+    kernel's IPython history commits without fsync and gathers cells (``_lean_history``),
+    and two lookups IPython and ipykernel repeat for every execute are done once
+    (``_lean_calls``), whatever ipykernel."""
     if history:  # False only for bench.kernel_pairs, which measures the history part apart
         _lean_history()
+    if calls:  # likewise
+        _lean_calls()
     try:
-        import threading
-
         from ipykernel import iostream, kernelbase
         stock = iostream.OutStream.flush
         sleep = kernelbase.Kernel.class_traits()["_execute_sleep"]
@@ -132,6 +137,90 @@ def _without_subshells() -> None:
         kernelapp.ShellChannelThread = lambda *args, **kwargs: None
 
 
+def _lean_calls() -> None:
+    """Work that an execute repeats and whose answer cannot change, done once. About a tenth
+    of the main thread's CPU for a ``1+1`` (README "Lean execute"):
+
+    - ipykernel asks, for every execute, which of ``cell_id`` and ``cell_meta`` the shell's
+      ``run_cell`` takes (``_accepts_parameters``: ``inspect.signature`` of the method each
+      time). A function's parameters are fixed, so the answer is kept per function; a shell
+      whose ``run_cell`` is replaced by another function is asked afresh.
+    - IPython's formatters are wrapped by ``catch_format_error``, made with the ``decorator``
+      package, whose wrapper binds every call's arguments to the method's signature before it
+      calls the decorator's own code: twelve bindings per displayed result. A call with just
+      the object (``formatter(obj)``, how IPython's display calls all but one) goes to the
+      same code without the binding; any other call goes through the ``decorator`` wrapper as
+      before.
+
+    Only what has the shape this was written for is changed (ipykernel's module function,
+    wrappers made by ``decorator.decorate`` around ``(self, obj, ...)`` methods)."""
+    import inspect
+
+    try:
+        from ipykernel import ipkernel as kernel_module
+        module: Any = kernel_module
+        stock_accepts = module._accepts_parameters
+    except (ImportError, AttributeError):
+        pass
+    else:
+        known: dict[tuple[Any, tuple[str, ...]], dict[str, bool]] = {}
+
+        def accepts(meth: Any, param_names: Any) -> Any:
+            try:
+                key = (getattr(meth, "__func__", meth), tuple(param_names))
+                answer = known.get(key)
+            except TypeError:  # an unhashable callable
+                return stock_accepts(meth, param_names)
+            if answer is None:
+                answer = known[key] = stock_accepts(meth, param_names)
+            return dict(answer)
+
+        accepts.__doc__ = stock_accepts.__doc__
+        module._accepts_parameters = accepts
+    try:
+        from IPython.core import formatters
+    except ImportError:
+        return
+    for cls in list(vars(formatters).values()):
+        if isinstance(cls, type) and callable(cls.__dict__.get("__call__")):
+            fast = _unbound_call(cls.__dict__["__call__"], inspect)
+            if fast is not None:
+                cls.__call__ = fast  # type: ignore[method-assign]
+
+
+def _unbound_call(wrapper: Any, inspect: Any) -> Any:
+    """For a method wrapped by ``decorator.decorate`` (no extras, no kwsyntax), a wrapper
+    that calls the same caller for ``(self, obj)`` without binding the arguments to the
+    signature, and the original wrapper for anything else; None for anything else."""
+    import functools
+
+    code = getattr(wrapper, "__code__", None)
+    if code is None or getattr(wrapper, "__wrapped__", None) is None or wrapper.__closure__ is None \
+            or inspect.iscoroutinefunction(wrapper) or inspect.isgeneratorfunction(wrapper):
+        return None
+    cells = dict(zip(code.co_freevars, wrapper.__closure__, strict=False))
+    if not {"caller", "func", "extras", "kwsyntax", "sig"} <= cells.keys():
+        return None
+    try:
+        caller, func = cells["caller"].cell_contents, cells["func"].cell_contents
+        extras, kwsyntax = cells["extras"].cell_contents, cells["kwsyntax"].cell_contents
+        params = list(inspect.signature(func).parameters.values())
+    except (ValueError, TypeError):  # an empty cell, a signature that cannot be read
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if extras != () or kwsyntax or len(params) < 2 or params[0].kind not in positional \
+            or params[1].kind not in positional \
+            or any(p.default is p.empty for p in params[2:] if p.kind in positional):
+        return None
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs:
+            return caller(func, self, args[0])
+        return wrapper(self, *args, **kwargs)
+
+    return functools.update_wrapper(call, wrapper)
+
+
 class _NoSyncConnection(sqlite3.Connection):
     """A connection that commits without waiting for the disk (``PRAGMA synchronous=OFF``)."""
 
@@ -143,6 +232,28 @@ class _NoSyncConnection(sqlite3.Connection):
             pass  # a history file that cannot take it is written as IPython would
 
 
+#: How long IPython's history thread, woken by a cell, waits before it writes (``_lean_history``)
+HISTORY_GATHER = 0.05
+
+
+class _GatheringFlag(threading.Event):
+    """IPython's history save flag (``HistoryManager.save_flag``), set by the kernel's main
+    thread after each cell and waited on by the history thread alone. Once it is set, the
+    waiter stays away ``HISTORY_GATHER`` seconds more before it writes, so cells that follow
+    each other within that time share one commit and one wake-up of the thread, unless the
+    thread is being stopped (then it goes at once, as IPython's does)."""
+
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        super().__init__()
+        self._stopping = stopping
+
+    def wait(self, timeout: float | None = None) -> bool:
+        flagged = super().wait(timeout)
+        if flagged and HISTORY_GATHER > 0 and not self._stopping():
+            time.sleep(HISTORY_GATHER)
+        return flagged
+
+
 def _lean_history() -> None:
     """IPython stores each cell's input in its history database (``history.sqlite`` in the
     profile, one file for every kernel of a user) from a thread of its own, one commit per
@@ -152,14 +263,22 @@ def _lean_history() -> None:
     parallel load that is where round trips stalled (README "Lean execute"). A lean kernel's
     history connections skip the fsync: a kernel that crashes loses nothing (the data is with
     the OS); a machine that loses power may lose the last cells' history or leave a file that
-    IPython moves aside as corrupt and starts afresh. How: the shell makes its history manager
-    from the name ``HistoryManager`` in IPython.core.interactiveshell (IPython 8 and 9); that
-    name becomes a subclass whose default ``connection_options`` (the keyword arguments of
-    both of its ``sqlite3.connect`` calls, a config trait) add a connection factory. A config
-    that sets ``HistoryManager.connection_options`` still wins."""
+    IPython moves aside as corrupt and starts afresh. And its history thread gathers the
+    cells of ``HISTORY_GATHER`` seconds into one commit (``_GatheringFlag``): a kernel
+    running cells back to back (a loop of small requests, a notebook run top to bottom)
+    wakes that thread and commits a few times a second, not once a cell. What IPython reads
+    from the database (``%history -g``, a console's up-arrow) it writes out first from the
+    main thread, so nothing waiting in the cache is missed; a kernel killed outright loses
+    what its last 0.05 s stored, where IPython's own loses what its thread had not yet run
+    for. How: the shell makes its history manager from the name ``HistoryManager`` in
+    IPython.core.interactiveshell (IPython 8 and 9); that name becomes a subclass whose
+    default ``connection_options`` (the keyword arguments of both of its ``sqlite3.connect``
+    calls, a config trait) add a connection factory, and whose ``save_flag`` (a trait, made
+    in its ``__init__``) is a ``_GatheringFlag``. A config that sets
+    ``HistoryManager.connection_options`` still wins."""
     try:
         from IPython.core import history, interactiveshell
-        from traitlets import default
+        from traitlets import default, validate
     except ImportError:
         return
     if getattr(interactiveshell, "HistoryManager", None) is not history.HistoryManager:
@@ -172,6 +291,17 @@ def _lean_history() -> None:
             options: dict[str, Any] = dict(stock()) if callable(stock) else {}
             options["factory"] = _NoSyncConnection
             return options
+
+        @validate("save_flag")
+        def _lean_save_flag(self, proposal: Any) -> Any:
+            flag = proposal["value"]
+            if type(flag) is not threading.Event:
+                return flag  # None, or one already gathering
+
+            def stopping() -> bool:
+                return bool(getattr(getattr(self, "save_thread", None), "stop_now", False))
+
+            return _GatheringFlag(stopping)
 
     interactiveshell.HistoryManager = LeanHistoryManager  # type: ignore[attr-defined]
 

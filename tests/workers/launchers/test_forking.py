@@ -207,22 +207,125 @@ def test_lean_history_is_kept_without_waiting_for_the_disk(launcher: LocalLaunch
     stock setting, FULL, is checked in the test above), and every cell still reaches the
     history database, where `%history -g` and a console's up-arrow find it."""
     h = start(launcher, "lh", tmp_path, env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    db = tmp_path / "ipython" / "profile_default" / "history.sqlite"
+
+    def stored() -> list[str]:
+        with sqlite3.connect(db) as conn:
+            return [r[0] for r in conn.execute("SELECT source_raw FROM history")
+                    if r[0].startswith("marker_")]
+
     try:
         assert run(h, SYNCHRONOUS).strip() == "0"
         cells = [f"marker_{i} = {i}" for i in range(20)]
         for code in cells:
             run(h, code)
-        db = tmp_path / "ipython" / "profile_default" / "history.sqlite"
         deadline = time.monotonic() + 10
-        while True:  # IPython's history thread writes each cell a moment after it ran
-            with sqlite3.connect(db) as conn:
-                stored = [r[0] for r in conn.execute("SELECT source_raw FROM history")]
-            if all(c in stored for c in cells) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert [c for c in stored if c.startswith("marker_")] == cells
+        while stored() != cells and time.monotonic() < deadline:
+            time.sleep(0.1)  # IPython's history thread writes the cells a moment after they ran
+        assert stored() == cells
+        # The history thread gathers cells into one commit; what it holds when the kernel
+        # is asked to shut down is still written, and the shutdown does not wait for it.
+        kc = BlockingKernelClient()
+        kc.load_connection_info(h.connection.to_dict())  # type: ignore[union-attr]
+        kc.start_channels()
+        try:
+            more = [f"marker_{i} = {i}" for i in range(20, 30)]
+            for code in more:
+                kc.execute_interactive(code, timeout=30)
+            kc.shutdown()
+            asked = time.monotonic()
+            ended(launcher, h)
+            assert launcher.poll(h) is not None and time.monotonic() - asked < 5
+        finally:
+            kc.stop_channels()
+        assert stored() == cells + more
     finally:
         launcher.stop(h, grace=0)
+
+
+# Results as IPython displays them: a plain value, rich reprs, a repr that declines
+# (NotImplementedError: no output, no error) and one that fails (its traceback, and the other
+# formats still shown), through the execute result and through display().
+DISPLAYS = [
+    "1+1",
+    """\
+class Rich:
+    def _repr_html_(self): return '<b>rich</b>'
+    def _repr_markdown_(self): return '**rich**'
+    def _repr_latex_(self): raise NotImplementedError
+    def _repr_json_(self): return {'a': 1}, {'expanded': True}
+    def __repr__(self): return 'Rich()'
+class Broken:
+    def _repr_html_(self): raise ValueError('no html today')
+    def __repr__(self): return 'Broken()'
+Rich()""",
+    "Broken()",
+    "display(Rich(), Broken(), 3.5); print('after')",
+    "from IPython.display import HTML; HTML('<i>x</i>')",
+]
+SHORTCUTS = """\
+from IPython.core import formatters
+import ipykernel.ipkernel
+print(formatters.BaseFormatter.__call__.__code__.co_filename.endswith('forkserver.py'),
+      ipykernel.ipkernel._accepts_parameters.__code__.co_filename.endswith('forkserver.py'))"""
+
+
+def displays(handle: KernelHandle) -> list[list[tuple[str, Any]]]:
+    """What each of DISPLAYS puts on iopub: (type, content) of every message between busy
+    and idle (an error's traceback left out: it names the kernel's own temporary files), and
+    the status of its execute_reply."""
+    kc = BlockingKernelClient()
+    kc.load_connection_info(handle.connection.to_dict())  # type: ignore[union-attr]
+    kc.start_channels()
+    try:
+        cells = []
+        for code in DISPLAYS:
+            got: list[tuple[str, Any]] = []
+
+            def hook(msg: dict[str, Any], into: list[tuple[str, Any]] = got) -> None:
+                content = {k: v for k, v in msg["content"].items() if k != "traceback"}
+                if msg["msg_type"] != "status":
+                    into.append((msg["msg_type"], content))
+
+            reply = kc.execute_interactive(code, timeout=30, output_hook=hook)
+            got.append(("execute_reply", reply["content"]["status"]))
+            cells.append(got)
+        return cells
+    finally:
+        kc.stop_channels()
+
+
+def test_lean_kernel_displays_what_ipykernel_displays(launcher: LocalLauncher,
+                                                      tmp_path: Path) -> None:
+    """A lean kernel skips work IPython and ipykernel repeat for every execute (forkserver.py:
+    _lean_calls): every result, rich repr, declining repr and failing repr still reaches the
+    client exactly as from stock ipykernel."""
+    stock = launcher_with(tmp_path / "stock", {"lean_execute": False})
+    lean_kernel = start(launcher, "ld", tmp_path)
+    stock_kernel = start(stock, "sd", tmp_path)
+    try:
+        assert run(lean_kernel, SHORTCUTS).split() == ["True", "True"]
+        assert run(stock_kernel, SHORTCUTS).split() == ["False", "False"]
+        lean, stocks = displays(lean_kernel), displays(stock_kernel)
+        assert lean == stocks
+        n = lean[0][0][1]["execution_count"]
+        assert lean[0] == [("execute_input", {"code": "1+1", "execution_count": n}),
+                           ("execute_result", {"data": {"text/plain": "2"}, "metadata": {},
+                                               "execution_count": n}),
+                           ("execute_reply", "ok")]
+        rich = lean[1][-2][1]
+        assert rich["data"] == {"text/plain": "Rich()", "text/html": "<b>rich</b>",
+                                "text/markdown": "**rich**", "application/json": {"a": 1}}
+        assert rich["metadata"] == {"application/json": {"expanded": True}}
+        error, result, _ = lean[2][1:]
+        assert error[0] == "error" and error[1]["evalue"] == "no html today"
+        assert result[1]["data"] == {"text/plain": "Broken()"}
+        assert [m[0] for m in lean[3][1:-1]] == ["display_data", "error", "display_data",
+                                                 "display_data", "stream"]
+    finally:
+        launcher.stop(lean_kernel, grace=0)
+        stock.stop(stock_kernel, grace=0)
+        stock.close()
 
 
 def test_exit_code_of_a_forked_kernel(launcher: LocalLauncher, tmp_path: Path) -> None:
