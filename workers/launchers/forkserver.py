@@ -261,7 +261,7 @@ def _lean_history() -> None:
     the last one's commit. By default each commit waits for the disk twice (fsync of the
     journal and of the file), and kernels that share the file wait for each other's: under
     parallel load that is where round trips stalled (README "Lean execute"). A lean kernel's
-    history connections skip the fsync: a kernel that crashes loses nothing (the data is with
+    history connections skip the fsync: a kernel that crashes loses no commit (the data is with
     the OS); a machine that loses power may lose the last cells' history or leave a file that
     IPython moves aside as corrupt and starts afresh. And its history thread gathers the
     cells of ``HISTORY_GATHER`` seconds into one commit (``_GatheringFlag``): a kernel
