@@ -145,9 +145,11 @@ def _lean_calls() -> None:
       ``run_cell`` takes (``_accepts_parameters``: ``inspect.signature`` of the method each
       time). A function's parameters are fixed, so the answer is kept per function; a shell
       whose ``run_cell`` is replaced by another function is asked afresh.
-    - IPython's formatters are wrapped by ``catch_format_error``, made with the ``decorator``
-      package, whose wrapper binds every call's arguments to the method's signature before it
-      calls the decorator's own code: twelve bindings per displayed result. A call with just
+    - IPython 8's formatters are wrapped by ``catch_format_error``, made with the
+      ``decorator`` package, whose wrapper binds every call's arguments to the method's
+      signature before it calls the decorator's own code: twelve bindings per displayed
+      result (IPython 9 wraps them with ``functools.wraps``, which does not bind, and is
+      left as it is). A call with just
       the object (``formatter(obj)``, how IPython's display calls all but one) goes to the
       same code without the binding; any other call goes through the ``decorator`` wrapper as
       before.
@@ -273,9 +275,9 @@ def _lean_history() -> None:
     for. How: the shell makes its history manager from the name ``HistoryManager`` in
     IPython.core.interactiveshell (IPython 8 and 9); that name becomes a subclass whose
     default ``connection_options`` (the keyword arguments of both of its ``sqlite3.connect``
-    calls, a config trait) add a connection factory, and whose ``save_flag`` (a trait, made
-    in its ``__init__``) is a ``_GatheringFlag``. A config that sets
-    ``HistoryManager.connection_options`` still wins."""
+    calls, a config trait) add a connection factory, and whose save flag (the manager's in
+    IPython 8, its thread's in 9) becomes a ``_GatheringFlag`` when the thread is made, before
+    it starts. A config that sets ``HistoryManager.connection_options`` still wins."""
     try:
         from IPython.core import history, interactiveshell
         from traitlets import default, validate
@@ -292,16 +294,21 @@ def _lean_history() -> None:
             options["factory"] = _NoSyncConnection
             return options
 
-        @validate("save_flag")
-        def _lean_save_flag(self, proposal: Any) -> Any:
-            flag = proposal["value"]
-            if type(flag) is not threading.Event:
-                return flag  # None, or one already gathering
+        @validate("save_thread")
+        def _lean_save_thread(self, proposal: Any) -> Any:
+            thread = proposal["value"]  # set before the thread starts, in IPython 8 and 9
+            if thread is None:
+                return thread
 
-            def stopping() -> bool:
-                return bool(getattr(getattr(self, "save_thread", None), "stop_now", False))
+            def stopping() -> bool:  # IPython 8 names it stop_now, 9 _stop_now
+                return bool(getattr(thread, "stop_now", False)
+                            or getattr(thread, "_stop_now", False))
 
-            return _GatheringFlag(stopping)
+            # The flag is the manager's (a trait) in IPython 8, the thread's in IPython 9.
+            owner = thread if "save_flag" in vars(thread) else self
+            if type(getattr(owner, "save_flag", None)) is threading.Event:
+                owner.save_flag = _GatheringFlag(stopping)
+            return thread
 
     interactiveshell.HistoryManager = LeanHistoryManager  # type: ignore[attr-defined]
 
