@@ -104,13 +104,23 @@ def sort_key(key: str) -> tuple[str, int, int, str]:
     return text[:1], int(m.group(1)) if m else 0, order, text
 
 
+def counted(key: str) -> bool:
+    """Whether a metric counts failures: reported as the total over rounds, since the median
+    of rounds hides a failure that happened in fewer than half of them."""
+    return key.endswith("failures")
+
+
 def medians(result: TargetResult) -> dict[str, float | None]:
-    """Per metric, the median of the rounds that have a number; None if none has."""
+    """Per metric, the median of the rounds that have a number (a count of failures: their
+    total); None if none has."""
     keys = {k for r in result.rounds for k in r}
     out: dict[str, float | None] = {}
     for key in keys:
         values = [v for r in result.rounds if (v := r.get(key)) is not None]
-        out[key] = statistics.median(values) if values else None
+        if not values:
+            out[key] = None
+        else:
+            out[key] = float(sum(values)) if counted(key) else statistics.median(values)
     return out
 
 
@@ -150,7 +160,7 @@ def table(results: list[TargetResult]) -> str:
             lines.append(f"{r.name}: error: {err.splitlines()[0]}")
     lines += pair_ratios(meds)
     lines.append("↓ lower is better, ↑ higher is better; (×N) = value / floor's value; "
-                 "values are medians over rounds.")
+                 "values are medians over rounds, failures their total over all rounds.")
     return "\n".join(lines)
 
 
