@@ -149,15 +149,12 @@ def _lean_calls() -> None:
       ``decorator`` package, whose wrapper binds every call's arguments to the method's
       signature before it calls the decorator's own code: twelve bindings per displayed
       result (IPython 9 wraps them with ``functools.wraps``, which does not bind, and is
-      left as it is). A call with just
-      the object (``formatter(obj)``, how IPython's display calls all but one) goes to the
-      same code without the binding; any other call goes through the ``decorator`` wrapper as
-      before.
+      left as it is). A call with just the object (``formatter(obj)``, how IPython's display
+      calls all but one) goes to the same code without the binding; any other call goes
+      through the ``decorator`` wrapper as before.
 
     Only what has the shape this was written for is changed (ipykernel's module function,
     wrappers made by ``decorator.decorate`` around ``(self, obj, ...)`` methods)."""
-    import inspect
-
     try:
         from ipykernel import ipkernel as kernel_module
         module: Any = kernel_module
@@ -185,16 +182,17 @@ def _lean_calls() -> None:
         return
     for cls in list(vars(formatters).values()):
         if isinstance(cls, type) and callable(cls.__dict__.get("__call__")):
-            fast = _unbound_call(cls.__dict__["__call__"], inspect)
+            fast = _unbound_call(cls.__dict__["__call__"])
             if fast is not None:
                 cls.__call__ = fast  # type: ignore[method-assign]
 
 
-def _unbound_call(wrapper: Any, inspect: Any) -> Any:
+def _unbound_call(wrapper: Any) -> Any:
     """For a method wrapped by ``decorator.decorate`` (no extras, no kwsyntax), a wrapper
     that calls the same caller for ``(self, obj)`` without binding the arguments to the
     signature, and the original wrapper for anything else; None for anything else."""
     import functools
+    import inspect
 
     code = getattr(wrapper, "__code__", None)
     if code is None or getattr(wrapper, "__wrapped__", None) is None or wrapper.__closure__ is None \
