@@ -22,7 +22,6 @@ from .config import Config
 log = logging.getLogger(__name__)
 _RUNTIMES: list[Any] = []
 MAINTENANCE_QUEUE = "poolgate.maintenance"
-RECONCILE_EVERY = 15.0
 
 
 def result_backend_url(registry_url: str) -> str:
@@ -77,8 +76,8 @@ def make_celery(config: Config, slots: int | None = None, runtime_dir: str | Non
         enable_utc=True,
     )
     app.conf.beat_schedule = {"poolgate-reconcile": {
-        "task": "poolgate.reconcile", "schedule": RECONCILE_EVERY,
-        "options": {"queue": MAINTENANCE_QUEUE, "expires": RECONCILE_EVERY}}}
+        "task": "poolgate.reconcile", "schedule": config.reconcile_interval,
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": config.reconcile_interval}}}
     app.poolgate_config = config  # type: ignore[attr-defined]
     app.poolgate_runtime_dir = runtime_dir or os.path.join(  # type: ignore[attr-defined]
         tempfile.gettempdir(), f"poolgate-{os.getuid()}")

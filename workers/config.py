@@ -195,6 +195,7 @@ class Config:
     source: str = ""
     max_kernels: int = 0               # live kernels at most, all pools together
     max_kernels_per_user: int = 0      # live kernels of one KERNEL_USERNAME, all pools
+    reconcile_interval: float = 15.0   # seconds between the maintenance worker's reconcile passes
 
     def pool_of(self, spec_name: str) -> PoolConfig:
         return self.pools[self.kernelspecs[spec_name].pool]
@@ -321,7 +322,7 @@ def find_config(explicit: str | None = None) -> Path:
 _TOP_KEYS = {
     "broker_url", "registry_url", "default_pool", "default_kernelspec", "kernelspec_dirs",
     "env_allowlist", "process_proxy_map", "registry_secret", "gateway", "pools",
-    "max_kernels", "max_kernels_per_user",
+    "max_kernels", "max_kernels_per_user", "reconcile_interval",
 }
 
 
@@ -429,6 +430,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         source=str(cfg_path),
         max_kernels=_limit(raw.get("max_kernels"), "max_kernels"),
         max_kernels_per_user=_limit(raw.get("max_kernels_per_user"), "max_kernels_per_user"),
+        reconcile_interval=_interval(raw.get("reconcile_interval", 15.0)),
     )
 
 
@@ -441,6 +443,13 @@ def _secrets(value: Any) -> tuple[str, ...]:
         raise ConfigError("registry_secret: expected a string or a list of strings (the first "
                           "encrypts, all decrypt)")
     return keyring.parse(value)
+
+
+def _interval(value: Any) -> float:
+    """``reconcile_interval``: seconds, > 0."""
+    seconds = float(_coerce(value, float, "reconcile_interval"))
+    _positive(seconds, "reconcile_interval")
+    return seconds
 
 
 def _limit(value: Any, path: str) -> int:

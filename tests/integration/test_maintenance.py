@@ -93,13 +93,16 @@ def test_maintenance_worker_reconciles_on_its_own(tmp_path: Path, private_redis:
     reg.mark_epoch()  # as gateways and workers do at start: a registry without one is rebuilding
     _record(reg, "silent", KernelStatus.RUNNING, time.time())
     cfg = tmp_path / "queues.yaml"
-    cfg.write_text(yaml.safe_dump({"broker_url": url, "registry_url": url, "pools": POOLS}))
+    cfg.write_text(yaml.safe_dump({"broker_url": url, "registry_url": url, "pools": POOLS,
+                                   "reconcile_interval": 2}))  # the default is 15 s
     env = dict(os.environ, POOLGATE_DATA_DIR=str(tmp_path), POOLGATE_TEST_RUN=RUN_ID)
     proc = subprocess.Popen([sys.executable, "-m", "poolgate", "maintenance", "--config", str(cfg)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60  # two reconcile passes, 15 s apart
+        # Two reconcile passes 2 s apart, after a start of a few seconds; at the default
+        # interval (15 s) the second would come after the deadline.
+        deadline = time.monotonic() + 14
         while time.monotonic() < deadline:
             rec = reg.get("silent")
             assert rec is not None

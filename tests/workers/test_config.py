@@ -65,6 +65,10 @@ def test_local_queues_yaml_wins_and_env_overrides(tmp_path: Path, monkeypatch: p
     ({"pools": {"local": {"launcher": "local"}}, "default_pool": "gpu"}, "default_pool: no pool 'gpu'"),
     ({"pools": {"local": {"launcher": "local", "kernelspecs": ["nope"]}}},
      "pools.local.kernelspecs: no kernelspec 'nope'"),
+    ({"pools": {"local": {"launcher": "local"}}, "reconcile_interval": 0},
+     "reconcile_interval: expected a number > 0, got 0.0"),
+    ({"pools": {"local": {"launcher": "local"}}, "reconcile_interval": "1m"},
+     'reconcile_interval: expected a number, got "1m"'),
 ])
 def test_bad_config_names_path_and_fix(tmp_path: Path, data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
