@@ -63,6 +63,26 @@ async def watch_sched(target: Target, start: float, deadline: float) -> tuple[
     return before, await asyncio.to_thread(schedstat.snapshot, target)
 
 
+def fairness(per_kernel: list[list[tuple[float, float]]]) -> list[str]:
+    """Whether the slow round trips are some kernels' (unfair) or everyone's by turns: each
+    kernel's round trips and p50, and which kernels the slowest 1% came from."""
+    trips = sorted(((s, i, b) for i, mine in enumerate(per_kernel) for b, s in mine),
+                   reverse=True)
+    if not trips:
+        return []
+    slowest = trips[:max(1, len(trips) // 100)]
+    together = sum(any(j != i and b2 < b + s and b < b2 + s2 for s2, j, b2 in slowest)
+                   for s, i, b in slowest)
+    counts = [len(m) for m in per_kernel]
+    p50s = sorted(percentile([1000 * s for _, s in m], 50) for m in per_kernel if m)
+    share = [0] * len(per_kernel)
+    for _, i, _ in slowest:
+        share[i] += 1
+    return [f"round trips per kernel {min(counts)}–{max(counts)}, p50 per kernel "
+            f"{p50s[0]:.1f}–{p50s[-1]:.1f} ms; the slowest 1% ({len(slowest)}) by kernel: "
+            f"{sorted(share, reverse=True)}, {together} of them overlapping another kernel's"]
+
+
 async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
     """N kernels each run `1+1` round trips in a loop at once; p50 and p99 per N (ms)."""
     out: Metrics = {}
@@ -73,13 +93,14 @@ async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
                 raise RuntimeError("no kernel started")
             for _ in range(WARM_UP):
                 await asyncio.gather(*(run_code(c, "1+1", sizes.exec_timeout) for _, c, _ in ready))
-            trips: list[tuple[float, float]] = []
+            per_kernel: list[list[tuple[float, float]]] = [[] for _ in ready]
             start = time.perf_counter() + 0.5  # the loops are in step by then
             deadline = start + sizes.parallel_seconds
             watch = asyncio.create_task(
                 watch_sched(target, start, deadline)) if sizes.parallel_sched else None
-            await asyncio.gather(*(timed_loop(c, start, deadline, sizes.exec_timeout, trips)
-                                   for _, c, _ in ready))
+            await asyncio.gather(*(timed_loop(c, start, deadline, sizes.exec_timeout, mine)
+                                   for (_, c, _), mine in zip(ready, per_kernel)))
+            trips = [t for mine in per_kernel for t in mine]
             if watch is not None:
                 rows = schedstat.per_round_trip(*await watch, len(trips))
                 for line in schedstat.lines(rows):
@@ -104,6 +125,8 @@ async def scenario_parallel(target: Target, sizes: Sizes) -> Metrics:
                 f"{len(pms)} round trips, p50 {percentile(pms, 50):.2f} ms, "
                 f"p99 {percentile(pms, 99):.2f} ms")
         ms = [1000 * s for _, s in trips]
+        for line in fairness(per_kernel):
+            say(f"{target.name}: {len(ready)} kernels: {line}")
         out[f"parallel.k{k}.p50_ms"] = percentile(ms, 50)
         out[f"parallel.k{k}.p99_ms"] = percentile(ms, 99)
         out[f"parallel.k{k}.failures"] = float(failed)
