@@ -182,6 +182,27 @@ def test_a_subshell_runs_a_cell_while_the_main_shell_is_busy(redis_stack: Stack,
     ch.close()
 
 
+def test_a_subshell_deleted_mid_cell_leaves_the_kernel_idle(redis_stack: Stack, kid: str) -> None:
+    """A subshell console closed while its cell runs: JupyterLab deletes the subshell. The
+    kernel must not stay busy in /api/kernels afterwards (busy kernels are never culled by
+    default), and iopub does not say which subshell a delete removed. ipykernel (7.4) answers
+    the delete only once the subshell's cell has ended, and publishes that cell's idle first,
+    which ends the subshell's busy in the worker's view."""
+    gw = redis_stack.gw
+    ch = gw.channel(kid)
+    made = ch.collect(ch.send("create_subshell_request", {}, channel="control"), timeout=30)
+    subshell = made.reply["subshell_id"]
+    ch.send("execute_request", {"code": "import time; time.sleep(3)", "silent": False},
+            subshell=subshell)  # silent: only its statuses say it runs
+    gw.wait_state(kid, "busy")
+    gone = ch.collect(ch.send("delete_subshell_request", {"subshell_id": subshell},
+                              channel="control"), timeout=30)
+    assert gone.reply["status"] == "ok"
+    gw.wait_state(kid, "idle", timeout=5)
+    assert ch.execute("1+1", timeout=30).result == "2"
+    ch.close()
+
+
 def test_a_second_client_gets_only_what_it_asked_for(redis_stack: Stack, kid: str) -> None:
     """A client that connects while another's cell has just begun (before the registry shows
     the kernel busy) is ready at once through the gateway's nudge on control; the nudge on
