@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -69,6 +68,10 @@ IOPUB_READ_MAX = 5000  # messages read in one go; more waiting: read again at on
 # (1 s), it was the registry's largest cost per idle kernel (issue 24: 1 of 2.9 commands/s).
 RECORD_CHECK_EVERY = 5.0
 ADOPT_AT_ONCE = 16  # kernels a restarted worker adopts at once (reap_orphans)
+# An adopted kernel's shell that answers late (Supervisor._check_probe): how long iopub has,
+# after the answer came, to say otherwise (a status it published before answering may still
+# be on its way) before the answer is taken for idle.
+PROBE_GRACE = 1.0
 
 # Requests whose busy and idle say nothing of a cell: most go on the control channel, which
 # ipykernel answers while a cell runs, so their idle comes mid-cell. Jupyter Server tracks
@@ -204,6 +207,10 @@ class Supervisor:
         self.read_phase = read_phase()
         self.first_started = 0.0
         self.taken_at = 0.0
+        # An adopted kernel's shell that did not answer kernel_info in time (_confirm_iopub),
+        # kept until it answers or iopub says the main shell's state (_check_probe).
+        self.shell_probe: KernelSocket | None = None
+        self.probe_answered = 0.0  # when it answered (monotonic); 0: not yet
 
     # -- called from the worker's control thread ------------------------------------------
 
@@ -268,21 +275,61 @@ class Supervisor:
         which ipykernel answers while a cell runs, and take the kernel for idle if its main
         shell answers too (a shell busy with a cell answers only after it)."""
         assert self.iopub is not None
-        with contextlib.ExitStack() as stack:
-            shell = stack.enter_context(KernelSocket(conn))
-            control = stack.enter_context(KernelSocket(conn, "control")) if shell_state else None
+        self._end_probe()
+        shell: KernelSocket | None = KernelSocket(conn)
+        control = KernelSocket(conn, "control") if shell_state else None
+        try:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 for sock in (shell, control):
                     if sock is not None:
                         sock.send("kernel_info_request")
                 if self.iopub.poll(200):
-                    if shell_state and shell.answered(0.2):
+                    assert shell is not None
+                    answered = shell_state and shell.answered(0.2)
+                    if answered:
                         self.state = "idle"  # then what iopub says after its answer
                     self._drain_iopub(self.iopub)  # its busy and idle are not a cell's
+                    if shell_state and not answered and self.state == "busy":
+                        # Busy with a cell, or slow: its answer, whenever it comes, is
+                        # after any cell the shell was running (_check_probe).
+                        self.shell_probe, shell = shell, None
                     return
             log.warning("Kernel %s: its iopub did not answer within %.0fs; its state may be "
                         "missed until it publishes again", self.kid, wait)
+        finally:
+            for sock in (shell, control):
+                if sock is not None:
+                    sock.close()
+
+    def _check_probe(self, now: float) -> None:
+        """An adopted kernel taken for busy (its last supervisor's record) whose shell did not
+        answer at once: when the answer comes, the main shell is free. Taken for idle unless
+        iopub says the main shell's state meanwhile: any such status ends the probe
+        (_drain_iopub), since iopub's word is newer. Without it, an idle kernel that was slow
+        to answer (a loaded machine), or whose cell ended while no supervisor was listening,
+        stayed busy until its next cell, and idle culling never ended it."""
+        probe = self.shell_probe
+        if probe is None:
+            return
+        if not self.probe_answered:
+            if probe.answered(0):
+                self.probe_answered = now
+            return
+        if now - self.probe_answered < PROBE_GRACE:
+            return
+        while self.iopub is not None and self._drain_iopub(self.iopub):
+            pass
+        if self.shell_probe is probe:  # iopub said nothing of the main shell
+            self._end_probe()
+            self.state = "idle"
+            self.active_at = now  # idle from now, for culling: when the cell ended is unknown
+            log.info("Kernel %s: its shell answered; taken for idle", self.kid)
+
+    def _end_probe(self) -> None:
+        if self.shell_probe is not None:
+            self.shell_probe.close()
+        self.shell_probe, self.probe_answered = None, 0.0
 
     def _supervise(self, t0: float, adopted: bool) -> dict[str, Any]:
         self.rt.supervisors[self.kid] = self
@@ -298,6 +345,7 @@ class Supervisor:
             log.exception("Kernel %s: supervisor failed", self.kid)
             status, reason = S.FAILED, f"supervisor error: {exc}"
         finally:
+            self._end_probe()
             self._finish(status, reason, code)
             self.rt.supervisors.pop(self.kid, None)
             self.rt.release_slot()
@@ -386,6 +434,7 @@ class Supervisor:
         sock.connect(conn.url("iopub"))
         self.iopub = sock
         self.narrowed = False  # a new kernel process: its topics are learnt again
+        self._end_probe()
 
     # -- supervising ----------------------------------------------------------------------
 
@@ -489,6 +538,8 @@ class Supervisor:
             self.active_at = time.monotonic()
         if state is not None:
             self.state = state
+            if self.shell_probe is not None:
+                self._end_probe()  # iopub's word on the main shell is newer than a probe's
         return more
 
     def _narrow(self, sock: zmq.Socket[bytes], topic: bytes | memoryview) -> None:
@@ -558,6 +609,7 @@ class Supervisor:
         if self.rt.shutting_down.is_set():
             raise Stop(self._worker_shut_down, S.FAILED)
         now = time.monotonic()
+        self._check_probe(now)
         if now >= self.next_record_check:
             self.next_record_check = now + RECORD_CHECK_EVERY
             self._check_record()

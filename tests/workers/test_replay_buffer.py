@@ -80,7 +80,8 @@ def test_supervisor_reads_iopub_state_and_says_when_more_waits(monkeypatch) -> N
             sub.recv()
             break
     sup = SimpleNamespace(replay_buf=ReplayBuffer(count=100, max_bytes=1e9), state="idle",
-                          active_at=0.0, status_only=False, narrowed=False, busy_subshells=set())
+                          active_at=0.0, status_only=False, narrowed=False, busy_subshells=set(),
+                          shell_probe=None)
     drain = supervisor.Supervisor._drain_iopub
     try:
         pub.send_multipart(status("starting"))

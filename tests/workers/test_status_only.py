@@ -21,7 +21,7 @@ from poolgate.workers.supervisor import ReplayBuffer, Supervisor, reads_status_o
 def fake_supervisor(status_only: bool, keep: int = 0) -> Any:
     sup = SimpleNamespace(replay_buf=ReplayBuffer(count=keep, max_bytes=1e9), state="idle",
                           active_at=0.0, status_only=status_only, narrowed=False,
-                          busy_subshells=set())
+                          busy_subshells=set(), shell_probe=None)
     sup._narrow = lambda sock, topic: Supervisor._narrow(sup, sock, topic)  # type: ignore
     return sup
 
