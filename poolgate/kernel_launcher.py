@@ -3,7 +3,8 @@
 Runs inside the kernel's container, pod or YARN container as ``python -m
 poolgate.kernel_launcher -- ARGV...`` (``{connection_file}`` in ARGV is substituted). It picks
 free ports (or takes ``--ports``), writes the connection file, starts the kernel in a process
-group of its own, waits until the kernel listens on all five ports, and sends host, ports and
+group of its own, waits until the kernel listens on all five ports (a port it picked that
+another process took first starts the kernel again on fresh ones), and sends host, ports and
 key back to the launching worker in one authenticated, encrypted reply (Fernet). A kernel that
 fails to start is reported the same way, with the tail of its output, so the client's error
 says why. Afterwards it forwards SIGINT/SIGTERM to the kernel, listens (same authentication)
@@ -69,6 +70,10 @@ ENV_PREFIX = "POOLGATE_"
 SECRET_ENV = ("POOLGATE_RESPONSE_ADDRESS", "POOLGATE_RESPONSE_KEY", "POOLGATE_RESPONSE_TOKEN",
               "POOLGATE_LAUNCH_ID")
 TAIL_BYTES = 4000
+PORT_TAKEN = "one of the kernel's ports was taken"
+# Starts on fresh ports when one of the free ports picked was taken before the kernel bound it
+# (another process took it in between): the kernel is started again, up to this many times.
+PORT_ATTEMPTS = 3
 
 
 # -- the wire format (shared with workers/launchers/reply.py) ----------------------------------
@@ -208,7 +213,7 @@ def wait_listening(kernel: Kernel, ip: str, ports: list[int], timeout: float) ->
             time.sleep(0.1)  # let the pump read its last words
             return f"the kernel exited with status {code} while starting"
         if "Address already in use" in kernel.output():
-            return "one of the kernel's ports was taken"
+            return PORT_TAKEN
         if listening(probe_ip, ports):
             return None
         time.sleep(0.1)
@@ -372,16 +377,11 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     ip = args.ip or route_ip(address)
     # Listening on the reported address only: with host networking, not on every interface.
     args.bind_ip = args.bind_ip or ("0.0.0.0" if args.ip else ip)
+    ours = not ports  # ports picked here may be picked again when one is taken
     ports = ports or free_ports(args.bind_ip, 5)
     conn_key = secrets.token_hex(16)
     cfile = args.connection_file or os.path.join(
         tempfile.mkdtemp(prefix="poolgate-"), f"kernel-{kernel_id or 'x'}.json")
-    connection = {"ip": args.bind_ip, "key": conn_key, "transport": "tcp",
-                  "signature_scheme": "hmac-sha256", "kernel_name": "",
-                  **{f"{c}_port": p for c, p in zip(CHANNELS, ports)}}
-    fd = os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(connection, f)
     if env.get("POOLGATE_YARN_AM") == "1":
         try:
             am = register_am(env, ip)
@@ -398,22 +398,36 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         am.start_heartbeat(shutdown)
     kernel_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     kernel_argv = [a.replace("{connection_file}", cfile) for a in args.argv]
-    try:
-        kernel = Kernel(kernel_argv, kernel_env)
-    except OSError as exc:
-        return fail(f"could not start {kernel_argv[0]!r}: {exc}")
-    kernels.append(kernel)
 
     def forward(signum: int, _frame: Any) -> None:
         signalled.append(signum)
-        kernel.signal(signum)
+        if kernels:
+            kernels[-1].signal(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, forward)
-    why = wait_listening(kernel, args.bind_ip, ports, args.ready_timeout)
-    if why is not None:
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        connection = {"ip": args.bind_ip, "key": conn_key, "transport": "tcp",
+                      "signature_scheme": "hmac-sha256", "kernel_name": "",
+                      **{f"{c}_port": p for c, p in zip(CHANNELS, ports)}}
+        fd = os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(connection, f)
+        try:
+            kernel = Kernel(kernel_argv, kernel_env)
+        except OSError as exc:
+            return fail(f"could not start {kernel_argv[0]!r}: {exc}")
+        kernels.append(kernel)
+        why = wait_listening(kernel, args.bind_ip, ports, args.ready_timeout)
+        if why is None:
+            break
         kernel.signal(signal.SIGKILL)
-        return fail(why, kernel.output())
+        if why != PORT_TAKEN or not ours or attempt == PORT_ATTEMPTS or signalled:
+            return fail(why, kernel.output())
+        kernel.proc.wait()
+        log.warning("%s; starting it again on fresh ports (attempt %d of %d)", why,
+                    attempt + 1, PORT_ATTEMPTS)
+        ports = free_ports(args.bind_ip, 5)
     try:
         commands = CommandPort(args.bind_ip, args.command_port, kernel_id, conn_key, kernel)
     except OSError as exc:

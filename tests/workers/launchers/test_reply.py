@@ -147,6 +147,47 @@ def test_real_launcher_starts_a_kernel_and_obeys_commands(listener: ReplyListene
             proc.wait()
 
 
+# A kernel whose first start finds a port taken (as ipykernel says it), then starts for real;
+# it keeps the connection file of each start.
+CLASH_ONCE = """
+import json, os, shutil, sys, time
+cfile, tries = sys.argv[1], sys.argv[2]
+n = len(os.listdir(tries))
+shutil.copy(cfile, os.path.join(tries, str(n)))
+if n == 0:
+    sys.stderr.write("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:1')\\n")
+    sys.stderr.flush()
+    time.sleep(60)
+os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", cfile])
+"""
+
+
+def test_real_launcher_starts_again_on_fresh_ports_when_one_was_taken(
+        listener: ReplyListener, tmp_path: Path) -> None:
+    """A free port picked for the kernel can be taken by another process before the kernel
+    binds it. The launcher then starts the kernel again on fresh ports (it picked them), and
+    the worker gets the second start's ports, not an error."""
+    exp = listener.expect("kid-clash", "127.0.0.1")
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    proc = run_launcher(exp, [sys.executable, "-c", CLASH_ONCE, "{connection_file}", str(tries)])
+    try:
+        reply = listener.wait(exp, time.monotonic() + 60, died=lambda: (
+            None if proc.poll() is None else f"launcher exited {proc.returncode}"))
+        assert sorted(os.listdir(tries)) == ["0", "1"]  # started twice
+        second = json.loads((tries / "1").read_text())  # its connection file, ports picked anew
+        ports = [f"{c}_port" for c in kl.CHANNELS]
+        assert [reply.connection.to_dict()[p] for p in ports] == [second[p] for p in ports]
+        socket.create_connection(("127.0.0.1", reply.connection.shell_port), timeout=2).close()
+        assert send_command("127.0.0.1", reply.command_port, reply.connection.key, "kid-clash",
+                            signal.SIGTERM) == "ok"
+        assert proc.wait(20) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_real_launcher_reports_a_kernel_that_dies(listener: ReplyListener) -> None:
     exp = listener.expect("kid-dead", "127.0.0.1")
     proc = run_launcher(exp, [sys.executable, "-c", "import sys; sys.stderr.write("
