@@ -430,7 +430,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         source=str(cfg_path),
         max_kernels=_limit(raw.get("max_kernels"), "max_kernels"),
         max_kernels_per_user=_limit(raw.get("max_kernels_per_user"), "max_kernels_per_user"),
-        reconcile_interval=_interval(raw.get("reconcile_interval", 15.0)),
+        reconcile_interval=_interval(raw.get("reconcile_interval", Config.reconcile_interval)),
     )
 
 

@@ -274,8 +274,7 @@ class Supervisor:
         ``shell_state`` (an adopted kernel, whose state is not known): ask on control as well,
         which ipykernel answers while a cell runs, and take the kernel for idle if its main
         shell answers too (a shell busy with a cell answers only after it)."""
-        assert self.iopub is not None
-        self._end_probe()
+        assert self.iopub is not None  # watched (_watch_iopub, which ended any probe)
         shell: KernelSocket | None = KernelSocket(conn)
         control = KernelSocket(conn, "control") if shell_state else None
         try:
