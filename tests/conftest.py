@@ -192,6 +192,17 @@ class Stack:
         path = self.logs / f"{name}.log"
         return path.read_text()[-4000:] if path.exists() else ""
 
+    def report(self) -> str:
+        """The gateway's view of its kernels and the end of each process's log, for the message
+        of a failure whose cause may lie on poolgate's side."""
+        try:
+            view: Any = self.gw.kernels()
+        except (AssertionError, OSError) as exc:
+            view = f"not readable ({exc})"
+        logs = "".join(f"\n--- {path.stem} log, its end:\n{self.log(path.stem)}"
+                       for path in sorted(self.logs.glob("*.log")))
+        return f"--- the gateway's kernels: {view}{logs}"
+
     @property
     def gw(self) -> Gateway:
         return Gateway(self.url, self.token, **self.client)

@@ -170,9 +170,10 @@ class Lab:
 class Page:
     """The browser's JupyterLab tab, with the steps a test takes on its notebook."""
 
-    def __init__(self, browser: Browser, lab: Lab) -> None:
+    def __init__(self, browser: Browser, lab: Lab, stack: Stack) -> None:
         self.browser = browser
         self.lab = lab
+        self.stack = stack  # the poolgate behind the lab: its side goes into failures' messages
 
     def open(self, notebook: str) -> dict[str, Any]:
         self.browser.open(f"{self.lab.url}/lab/tree/{notebook}?reset", wait=60)
@@ -201,7 +202,8 @@ class Page:
             raise AssertionError(
                 f"timed out waiting for {what}: kernel {s.get('kernel')}, statuses "
                 f"{s.get('statuses')}, connection {s.get('connections')}, dialogs "
-                f"{s.get('dialogs')}\n--- jupyter lab log:\n{self.lab.log()}") from None
+                f"{s.get('dialogs')}\n--- jupyter lab log:\n{self.lab.log()}\n"
+                f"{self.stack.report()}") from None
 
     def run(self, index: int, timeout: float = 30) -> dict[str, Any]:
         """Run one cell and wait until it has finished (a new execution count, kernel idle)."""
@@ -218,7 +220,8 @@ class Page:
             s = last["state"]
             raise AssertionError(
                 f"cell {index} got no execute_reply within {timeout} s: the cell shows "
-                f"{s['cells'][index]}, kernel {s['kernel']}, statuses {s['statuses']}") from None
+                f"{s['cells'][index]}, kernel {s['kernel']}, statuses {s['statuses']}\n"
+                f"{self.stack.report()}") from None
         return self.idle(timeout)["cells"][index]  # type: ignore[no-any-return]
 
     def command(self, command_id: str) -> None:
@@ -270,7 +273,7 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
     lab = Lab(tmp_path, redis_stack.url)
     try:
         lab.write_notebook("nb.ipynb")
-        page = Page(browser, lab)
+        page = Page(browser, lab, redis_stack)
         state = page.open("nb.ipynb")
         kid = state["kernel"]["id"]
         assert state["kernel"]["name"] == "python3"
@@ -380,7 +383,7 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
     lab = Lab(tmp_path, redis_stack.url)
     try:
         lab.write_notebook("crash.ipynb")
-        page = Page(browser, lab)
+        page = Page(browser, lab, redis_stack)
         kid = page.open("crash.ipynb")["kernel"]["id"]
         assert text_of(page.run(0)) == "out 42\n"
         browser.evaluate("pg.panel().content.widgets[2].model.sharedModel.setSource("
@@ -395,8 +398,7 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
             raise AssertionError(
                 f"no 'died' dialog within 20 s: kernel {s['kernel']}, statuses "
                 f"{s['statuses']}, connections {s['connections']}, dialogs {s['dialogs']}, "
-                f"gateway's view {redis_stack.gw.kernels()}\n--- jupyter lab log:\n"
-                f"{lab.log()}") from None
+                f"--- jupyter lab log:\n{lab.log()}\n{redis_stack.report()}") from None
         state = page.idle(30, "the kernel restarted after its death")
         assert state["kernel"]["id"] == kid
         assert "restarting" in state["statuses"]
@@ -441,7 +443,7 @@ def test_jupyterlab_subshell_while_a_cell_runs(redis_stack: Stack, browser: Brow
     lab = Lab(tmp_path, redis_stack.url)
     try:
         lab.write_notebook("sub.ipynb")
-        page = Page(browser, lab)
+        page = Page(browser, lab, redis_stack)
         page.open("sub.ipynb")
         sources = ["print(get_ipython().kernel.shell_channel_thread.forwarding)",
                    "import time\ntime.sleep(8)\nprint('main done')"]
@@ -569,7 +571,7 @@ def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
     lab = Lab(tmp_path, f"http://127.0.0.1:{proxy.port}")
     try:
         lab.write_notebook("nb.ipynb")
-        page = Page(browser, lab)
+        page = Page(browser, lab, fresh_stack)
         kid = page.open("nb.ipynb")["kernel"]["id"]
         assert text_of(page.run(0)) == "out 42\n"
 
