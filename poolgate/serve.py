@@ -218,6 +218,19 @@ def serve(args: argparse.Namespace) -> int:
             pools.append(pool.name)
         unit.spawn("worker maintenance", [*py, "maintenance", "--config", str(cfg_path),
                                           "--log-level", "warning"], env)
+        # The gateway starts once every pool's worker is live: a gateway that answered first
+        # refused a launch with "no worker serves pool" and left its specs out of
+        # /api/kernelspecs (a lab started beside serve saw no kernel to pick).
+        registry = Registry(url)
+        while not stopping and not set(pools) <= {
+                p for w in registry.workers() for p in w.get("pools", ())}:
+            problem = unit.dead()
+            if problem:
+                say(f"poolgate: {problem}; stopping", err=True)
+                return 1
+            time.sleep(0.1)
+        if stopping:
+            return 0
         gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
               "--log-level", args.log_level]
         gw_env = dict(env)
@@ -229,7 +242,6 @@ def serve(args: argparse.Namespace) -> int:
         if args.threads:
             gw += ["--threads", str(args.threads)]
         unit.spawn("gateway", gw, gw_env)
-        registry = Registry(url)
         base = "/" + (args.base_url or config.gateway.base_url).strip("/")
         scheme = "https" if (args.certfile or config.gateway.certfile) else "http"
         api = f"{scheme}://{args.ip}:{args.port}{base.rstrip('/')}/api"
@@ -239,13 +251,11 @@ def serve(args: argparse.Namespace) -> int:
             if problem:
                 say(f"poolgate: {problem}; stopping", err=True)
                 return 1
-            if not ready:
-                live = {p for w in registry.workers() for p in w.get("pools", ())}
-                if set(pools) <= live and _answers(api, args.auth_token):
-                    ready = True
-                    say(f"poolgate is ready at {scheme}://{args.ip}:{args.port}{base.rstrip('/')}/ "
-                        f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
-                        f"Press Ctrl-C to stop.")
+            if not ready and _answers(api, args.auth_token):
+                ready = True
+                say(f"poolgate is ready at {scheme}://{args.ip}:{args.port}{base.rstrip('/')}/ "
+                    f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "
+                    f"Press Ctrl-C to stop.")
             time.sleep(0.1 if not ready else 0.5)
         return 0
     finally:

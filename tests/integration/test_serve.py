@@ -163,3 +163,45 @@ def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path,
     said = [r["message"] for r in records if r["logger"] == "poolgate.serve"]
     assert any(m.startswith("poolgate is ready at") for m in said), said
     assert said[-1] == "poolgate: stopped", said
+
+
+def test_serve_answers_once_a_kernel_can_start(tmp_path: Path,
+                                               serves: list[subprocess.Popen[str]]) -> None:
+    """A client that waits for serve's gateway to answer (a script, a lab started beside it)
+    and then asks at once gets the packaged spec offered and its kernel started, never a 503
+    "no worker serves pool" from a gateway that came up before its worker. The worker is
+    made slow to start (as on a loaded machine), so that a gateway not waiting for it would
+    answer first."""
+    port = free_port()
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\nif sys.argv[1:2] == ['worker']:\n    time.sleep(3)\n")
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID,
+               PYTHONPATH=os.pathsep.join([str(slow), *filter(None, [os.environ.get(
+                   "PYTHONPATH")])]))
+    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
+        env.pop(key, None)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir",
+             str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=out,
+            stderr=subprocess.STDOUT, text=True)
+    serves.append(proc)
+    gw = Gateway(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            specs = gw.get("/api/kernelspecs", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+    assert specs.status_code == 200 and "python3" in specs.json()["kernelspecs"], specs.text
+    r = gw.post("/api/kernels", json={"name": "python3"})
+    assert r.status_code == 201, (r.text, log.read_text())
+    gw.shutdown(r.json()["id"])
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    assert proc.returncode == 0, log.read_text()
