@@ -25,7 +25,13 @@ import yaml
 
 from tests.client import Gateway
 
-RUN_ID = uuid.uuid4().hex[:8]
+# Under pytest-xdist (setup.cfg's addopts) each worker process is a test run of its own: its
+# RUN_ID (in queue names, worker names, docker labels, its kernels' environment) and its own
+# Redis. The controller names the base every worker's RUN_ID starts with, so that its check at
+# the end (pytest_sessionfinish) finds a kernel any worker left behind.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1"; "" outside xdist
+RUN_BASE = (os.environ.get("POOLGATE_TEST_RUN_BASE", "") if _WORKER else "") or uuid.uuid4().hex[:8]
+RUN_ID = RUN_BASE + _WORKER.removeprefix("gw")
 # Redis DBs: redis_stack uses BASE+1, rabbit_stack BASE+2, fresh_stack BASE+3, on a redis-server
 # of this test run's own (pytest_configure), so that two runs on one machine never empty each
 # other's databases. POOLGATE_TEST_REDIS names a server to use instead (its DBs get emptied).
@@ -282,13 +288,15 @@ def no_kernel_left() -> Iterator[None]:
         assert not left, f"the test left kernels running: {left}"
 
 
-def kernel_processes() -> list[psutil.Process]:
-    """The kernel processes started by this run (their environment carries RUN_ID)."""
+def kernel_processes(every_worker: bool = False) -> list[psutil.Process]:
+    """The kernel processes started by this run (their environment carries RUN_ID), or by
+    any worker of this xdist run (``every_worker``)."""
     found = []
     for p in psutil.process_iter(["cmdline", "environ"]):
         try:
-            env = p.info.get("environ") or {}
-            if env.get("POOLGATE_TEST_RUN") == RUN_ID and "ipykernel_launcher" in " ".join(
+            run = (p.info.get("environ") or {}).get("POOLGATE_TEST_RUN", "")
+            ours = run.startswith(RUN_BASE) if every_worker else run == RUN_ID
+            if ours and "ipykernel_launcher" in " ".join(
                     p.info.get("cmdline") or []):
                 found.append(p)
         except psutil.Error:
@@ -296,9 +304,17 @@ def kernel_processes() -> list[psutil.Process]:
     return found
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process hands the tests to xdist workers (and runs none itself)."""
+    return not _WORKER and bool(getattr(config.option, "numprocesses", None))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The test run's own Redis (the machine's redis-server binary, on a free port)."""
     global REDIS
+    if _xdist_controller(config):
+        os.environ["POOLGATE_TEST_RUN_BASE"] = RUN_BASE  # the workers start after this
+        return
     if REDIS:
         return
     import tempfile
@@ -320,9 +336,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """No kernel process started by these tests may outlive them."""
+    """No kernel process started by these tests may outlive them. Under xdist the controller
+    checks, once every worker is done: a worker's own exit status does not reach it."""
+    if _WORKER:
+        return
     time.sleep(0.5)
-    left = kernel_processes()
+    left = kernel_processes(every_worker=True)
     described = []
     for p in left:
         try:
