@@ -272,7 +272,10 @@ class Pump:
         """Relay what the ``due`` channels hold; return those that still hold more."""
         conn, sess = self.conn, self.sess
         epoch, more = sess.epoch, set()
-        for peer in due:
+        # iopub first: a kernel sends a request's busy and output before its reply, and a pump
+        # that finds both channels holding messages (it was not scheduled while a cell ran)
+        # keeps that order for the client
+        for peer in sorted(due, key=lambda p: p.name != "iopub"):
             if epoch != sess.epoch:  # a reconnect replaced these channels
                 return set()
             out = Outbox(conn, sess)  # for conn: sent together once the channel is drained
