@@ -10,7 +10,7 @@ lines arrive while it runs, interrupt a sleeping cell, restart (JupyterLab must 
 console error from the kernel connection. A cell that kills its kernel: JupyterLab's "appears
 to have died" dialog, the kernel back under its id, the next cell run in it. Then the same user
 behind two gateway replicas that a round-robin TCP proxy shares out, so every reconnect lands
-on the other replica.
+on the other replica. An ipywidgets slider: rendered, moved by the kernel, typed into by the user.
 
 The lab's user settings skip the "Restart Kernel?" confirmation (the user ticked "Do not ask
 me again"), so any dialog seen while restarting is JupyterLab reacting to the kernel.
@@ -150,9 +150,10 @@ class Lab:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
-    def write_notebook(self, name: str, kernel: str = "python3") -> None:
+    def write_notebook(self, name: str, kernel: str = "python3",
+                       cells: list[str] | None = None) -> None:
         nb = nbformat.v4.new_notebook()
-        nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+        nb.cells = [nbformat.v4.new_code_cell(src) for src in cells or CELLS]
         nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel,
                                      "language": "python"}
         nbformat.write(nb, self.root / name)
@@ -405,6 +406,66 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
         assert page.run(3)["outputs"][0]["text"] == "False\n"  # x is gone: a new process
         live = [k["id"] for k in redis_stack.live_kernels()]
         assert live == [kid], live
+        assert not kernel_errors(browser.errors), browser.errors
+        page.command("notebook:shutdown-kernel")
+        browser.wait(lambda: not redis_stack.live_kernels(), 30,
+                     "poolgate to have no kernel left")
+    finally:
+        lab.stop()
+
+
+# A notebook with a widget (ipywidgets 8; its JupyterLab extension, jupyterlab_widgets, comes
+# with it): the kernel opens a comm per model, JupyterLab's widget manager answers and renders
+# the slider, and each side's changes reach the other as comm messages.
+WIDGET_CELLS = [
+    "import ipywidgets as w\nseen = []\ns = w.IntSlider(value=5, description='n')\n"
+    "s.observe(lambda change: seen.append(change['new']), 'value')\ns",
+    "s.value = 7",
+    "print(s.value, seen)",
+]
+
+# What a user does to the slider's readout: type a number, press Enter.
+TYPE_INTO_READOUT = r"""
+(function () {
+  const r = pg.panel().content.widgets[0].outputArea.node.querySelector('.widget-readout');
+  r.textContent = '9';
+  r.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 13, bubbles: true}));
+  return true;
+})()
+"""
+
+
+def test_jupyterlab_widget_round_trip(redis_stack: Stack, browser: Browser,
+                                      tmp_path: Path) -> None:
+    """An ipywidgets slider through poolgate: JupyterLab renders it (the kernel's comm_open
+    reached the page and the page's answers reached the kernel), a change made in the kernel
+    moves it, and a value typed into it reaches the kernel's observer."""
+    lab = Lab(tmp_path, redis_stack.url)
+    try:
+        lab.write_notebook("widget.ipynb", cells=WIDGET_CELLS)
+        page = Page(browser, lab, redis_stack)
+        page.open("widget.ipynb")
+
+        def readout() -> str:
+            return str(browser.evaluate(
+                "(function () { const r = pg.panel().content.widgets[0].outputArea.node"
+                ".querySelector('.widget-slider .widget-readout'); "
+                "return r ? r.textContent : ''; })()"))
+        cell = page.run(0)
+        assert [set(o["data"]) for o in cell["outputs"]] == [
+            {"application/vnd.jupyter.widget-view+json", "text/plain"}], cell
+        browser.wait(lambda: readout() == "5", 20, "JupyterLab to render the slider at 5")
+        page.run(1)
+        browser.wait(lambda: readout() == "7", 20, "the kernel's change to move the slider")
+        browser.evaluate(TYPE_INTO_READOUT)
+        browser.wait(lambda: readout() == "9", 20, "the typed value to show")
+        deadline = time.monotonic() + 20
+        while True:  # the page sends the change as it comes; the next cell may overtake it
+            out = text_of(page.run(2))
+            if out == "9 [7, 9]\n" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert out == "9 [7, 9]\n", out
         assert not kernel_errors(browser.errors), browser.errors
         page.command("notebook:shutdown-kernel")
         browser.wait(lambda: not redis_stack.live_kernels(), 30,
