@@ -109,9 +109,17 @@ true
 class Lab:
     """``jupyter lab --gateway-url=URL`` with a temporary root, config, data and settings."""
 
-    def __init__(self, tmp: Path, gateway_url: str) -> None:
+    def __init__(self, tmp: Path, gateway_url: str, widgets: bool = True) -> None:
+        """``widgets=False``: ipywidgets' JupyterLab extension turned off, as in a lab without
+        ipywidgets (with it, the lab opens a widget-control comm on every kernel it connects
+        to, and with that comm a subshell)."""
         self.root = tmp / "lab-root"
         self.root.mkdir()
+        if not widgets:
+            page_config = tmp / "lab-config" / "labconfig" / "page_config.json"
+            page_config.parent.mkdir(parents=True)
+            page_config.write_text(json.dumps(
+                {"disabledExtensions": {"@jupyter-widgets/jupyterlab-manager": True}}))
         for name, value in SETTINGS.items():
             path = tmp / "lab-settings" / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,7 +509,7 @@ def test_jupyterlab_subshell_while_a_cell_runs(redis_stack: Stack, browser: Brow
     in C until then (README, "Forked kernels", Subshells), gives one at once, the subshell's
     cell runs and answers while the notebook's cell still runs, that cell then ends with its
     output, and the notebook's next cells run."""
-    lab = Lab(tmp_path, redis_stack.url)
+    lab = Lab(tmp_path, redis_stack.url, widgets=False)  # no comm asks for a subshell first
     try:
         lab.write_notebook("sub.ipynb")
         page = Page(browser, lab, redis_stack)
