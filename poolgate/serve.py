@@ -20,6 +20,8 @@ from pathlib import Path
 from .gateway_options import check_port, gateway_overrides
 from .workers.errors import ConfigError
 
+SLOW_WORKER = 30.0  # seconds: a pool whose worker has not started by then is named
+
 
 def say(text: str, err: bool = False) -> None:
     """Print, but never let a closed terminal or pipe stop the shutdown sequence. With
@@ -222,12 +224,19 @@ def serve(args: argparse.Namespace) -> int:
         # refused a launch with "no worker serves pool" and left its specs out of
         # /api/kernelspecs (a lab started beside serve saw no kernel to pick).
         registry = Registry(url)
-        while not stopping and not set(pools) <= {
-                p for w in registry.workers() for p in w.get("pools", ())}:
+        said_at = time.monotonic() + SLOW_WORKER
+        while not stopping:
+            missing = set(pools) - {p for w in registry.workers() for p in w.get("pools", ())}
+            if not missing:
+                break
             problem = unit.dead()
             if problem:
                 say(f"poolgate: {problem}; stopping", err=True)
                 return 1
+            if time.monotonic() > said_at:
+                say(f"poolgate: still waiting for the worker of pool(s) {', '.join(sorted(missing))}"
+                    f" to start; the gateway starts once it has (its log is above)")
+                said_at = time.monotonic() + 60
             time.sleep(0.1)
         if stopping:
             return 0

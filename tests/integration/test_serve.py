@@ -171,7 +171,7 @@ def test_serve_answers_once_a_kernel_can_start(tmp_path: Path,
     and then asks at once gets the packaged spec offered and its kernel started, never a 503
     "no worker serves pool" from a gateway that came up before its worker. The worker is
     made slow to start (as on a loaded machine), so that a gateway not waiting for it would
-    answer first."""
+    answer first; serve says what it waits for when that takes long."""
     port = free_port()
     slow = tmp_path / "slow"
     slow.mkdir()
@@ -183,9 +183,12 @@ def test_serve_answers_once_a_kernel_can_start(tmp_path: Path,
     for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
         env.pop(key, None)
     log = tmp_path / "serve.log"
+    # serve as its command runs it, but naming a worker not started within 1 s (not 30)
+    run = ("import sys; from poolgate import cli, serve; serve.SLOW_WORKER = 1.0; "
+           "sys.exit(cli.main(sys.argv[1:]))")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir",
+            [sys.executable, "-c", run, "serve", "--port", str(port), "--data-dir",
              str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=out,
             stderr=subprocess.STDOUT, text=True)
     serves.append(proc)
@@ -205,3 +208,5 @@ def test_serve_answers_once_a_kernel_can_start(tmp_path: Path,
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
     assert proc.returncode == 0, log.read_text()
+    said = log.read_text()  # the wait was told, once
+    assert said.count("poolgate: still waiting for the worker of pool(s) local to start") == 1, said
