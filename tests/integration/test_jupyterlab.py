@@ -233,6 +233,12 @@ class Page:
                 f"{self.stack.report()}") from None
         return self.idle(timeout)["cells"][index]  # type: ignore[no-any-return]
 
+    def shut_down(self) -> None:
+        """JupyterLab's "Shut Down Kernel"; poolgate is left with no kernel."""
+        self.command("notebook:shutdown-kernel")
+        self.browser.wait(lambda: not self.stack.live_kernels(), 30,
+                          "poolgate to have no kernel left")
+
     def command(self, command_id: str) -> None:
         self.browser.evaluate(f"pg.command({json.dumps(command_id)})")
 
@@ -371,9 +377,7 @@ def test_jupyterlab_notebook_on_poolgate(redis_stack: Stack, browser: Browser,
         assert live.get(new_kid) == "tiny-py", live
 
         # shut the kernel down
-        page.command("notebook:shutdown-kernel")
-        browser.wait(lambda: not redis_stack.live_kernels(), 30,
-                     "poolgate to have no kernel left")
+        page.shut_down()
         browser.wait(lambda: page.state()["kernel"] is None, 15,
                      "the notebook to show no kernel")
         page.no_dialog(0, "on shutdown")
@@ -415,9 +419,7 @@ def test_jupyterlab_after_a_cell_kills_the_kernel(redis_stack: Stack, browser: B
         live = [k["id"] for k in redis_stack.live_kernels()]
         assert live == [kid], live
         assert not kernel_errors(browser.errors), browser.errors
-        page.command("notebook:shutdown-kernel")
-        browser.wait(lambda: not redis_stack.live_kernels(), 30,
-                     "poolgate to have no kernel left")
+        page.shut_down()
     finally:
         lab.stop()
 
@@ -475,9 +477,7 @@ def test_jupyterlab_widget_round_trip(redis_stack: Stack, browser: Browser,
             time.sleep(0.5)
         assert out == "9 [7, 9]\n", out
         assert not kernel_errors(browser.errors), browser.errors
-        page.command("notebook:shutdown-kernel")
-        browser.wait(lambda: not redis_stack.live_kernels(), 30,
-                     "poolgate to have no kernel left")
+        page.shut_down()
     finally:
         lab.stop()
 
@@ -665,8 +665,7 @@ def test_jupyterlab_behind_two_gateways(fresh_stack: Stack, browser: Browser,
         assert set(proxy.channels()) == {fresh_stack.port, second}, proxy.routed
         page.no_dialog(0, "behind two gateways")
 
-        page.command("notebook:shutdown-kernel")
-        browser.wait(lambda: not fresh_stack.live_kernels(), 30, "poolgate to have no kernel")
+        page.shut_down()
         assert not kernel_errors(browser.errors), browser.errors
     finally:
         lab.stop()
