@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -153,6 +154,80 @@ def test_comms(redis_stack: Stack, kid: str) -> None:
             break
     info = ch.collect(ch.send("comm_info_request", {"target_name": "echo"}))
     assert cid in info.reply["comms"]
+    ch.close()
+
+
+class Debugger:
+    """JupyterLab's debugger panel on one channel: Debug Adapter Protocol requests in
+    ``debug_request`` messages on control; what else comes meanwhile is kept in ``seen``."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch, self.seq = ch, 0
+        self.seen: list[dict[str, Any]] = []
+
+    def request(self, command: str, **arguments: Any) -> dict[str, Any]:
+        self.seq += 1
+        mid = self.ch.send("debug_request", {"type": "request", "seq": self.seq,
+                                              "command": command, "arguments": arguments},
+                           channel="control")
+        reply = self.wait(lambda m: m["msg_type"] == "debug_reply"
+                          and m["parent_header"].get("msg_id") == mid, command)
+        assert reply["content"]["success"], reply["content"]
+        return reply["content"]  # type: ignore[no-any-return]
+
+    def wait(self, match: Any, what: str, timeout: float = 30) -> dict[str, Any]:
+        """The first message, seen or to come, that ``match``es."""
+        deadline = time.monotonic() + timeout
+        i = 0
+        while True:
+            for msg in self.seen[i:]:
+                if match(msg):
+                    return msg
+            i = len(self.seen)
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what} within {timeout} s: {[m['msg_type'] for m in self.seen]}"
+            self.seen.append(self.ch.recv(left))
+
+
+def test_the_debugger_stops_at_a_breakpoint_and_shows_the_frame(redis_stack: Stack,
+                                                                kid: str) -> None:
+    """What JupyterLab's debugger does on a poolgate kernel (forked from a template: debugpy
+    must work in the child): start it, set a breakpoint in a cell, run the cell, see it stop
+    on the line with the frame's variables, continue to the cell's end, stop debugging."""
+    ch = redis_stack.gw.channel(kid)
+    info = ch.collect(ch.send("kernel_info_request", {}))
+    assert "debugger" in info.reply["supported_features"]  # JupyterLab's cue to offer it
+    dbg = Debugger(ch)
+    dbg.request("initialize", clientID="jupyterlab", adapterID="python", pathFormat="path",
+                linesStartAt1=True, columnsStartAt1=True)
+    dbg.request("attach")
+    assert dbg.request("debugInfo")["body"]["isStarted"]
+    code = "a = 40\nb = a + 2\nprint('b is', b)\n"
+    path = dbg.request("dumpCell", code=code)["body"]["sourcePath"]
+    placed = dbg.request("setBreakpoints", source={"path": path}, breakpoints=[{"line": 2}],
+                         sourceModified=False)["body"]["breakpoints"]
+    assert [(b["verified"], b["line"]) for b in placed] == [(True, 2)]
+    dbg.request("configurationDone")
+    cell = ch.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                       "user_expressions": {}, "allow_stdin": False})
+    stopped = dbg.wait(lambda m: m["msg_type"] == "debug_event"
+                       and m["content"]["event"] == "stopped", "stopped event")
+    thread = stopped["content"]["body"]["threadId"]
+    frame = dbg.request("stackTrace", threadId=thread)["body"]["stackFrames"][0]
+    assert (frame["line"], frame["source"]["path"]) == (2, path)
+    scopes = dbg.request("scopes", frameId=frame["id"])["body"]["scopes"]
+    local = next(s for s in scopes if s["name"] == "Locals")
+    names = {v["name"]: v["value"] for v in dbg.request(
+        "variables", variablesReference=local["variablesReference"])["body"]["variables"]}
+    assert names.get("a") == "40" and "b" not in names, names  # stopped before line 2 ran
+    dbg.request("continue", threadId=thread)
+    dbg.wait(lambda m: m["msg_type"] == "status" and m["parent_header"].get("msg_id") == cell
+             and m["content"]["execution_state"] == "idle", "the cell's idle")  # after its output
+    printed = [m["content"]["text"] for m in dbg.seen if m["msg_type"] == "stream"
+               and m["parent_header"].get("msg_id") == cell]
+    assert "".join(printed) == "b is 42\n"
+    dbg.request("disconnect", restart=False, terminateDebuggee=True)
+    assert ch.execute("b * 2").result == "84"  # the kernel runs on, undebugged
     ch.close()
 
 
