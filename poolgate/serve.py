@@ -220,26 +220,6 @@ def serve(args: argparse.Namespace) -> int:
             pools.append(pool.name)
         unit.spawn("worker maintenance", [*py, "maintenance", "--config", str(cfg_path),
                                           "--log-level", "warning"], env)
-        # The gateway starts once every pool's worker is live: a gateway that answered first
-        # refused a launch with "no worker serves pool" and left its specs out of
-        # /api/kernelspecs (a lab started beside serve saw no kernel to pick).
-        registry = Registry(url)
-        said_at = time.monotonic() + SLOW_WORKER
-        while not stopping:
-            missing = set(pools) - {p for w in registry.workers() for p in w.get("pools", ())}
-            if not missing:
-                break
-            problem = unit.dead()
-            if problem:
-                say(f"poolgate: {problem}; stopping", err=True)
-                return 1
-            if time.monotonic() > said_at:
-                say(f"poolgate: still waiting for the worker of pool(s) {', '.join(sorted(missing))}"
-                    f" to start; the gateway starts once it has (its log is above)")
-                said_at = time.monotonic() + 60
-            time.sleep(0.1)
-        if stopping:
-            return 0
         gw = [*py, "gateway", "--config", str(cfg_path), "--ip", args.ip, "--port", str(args.port),
               "--log-level", args.log_level]
         gw_env = dict(env)
@@ -250,17 +230,31 @@ def serve(args: argparse.Namespace) -> int:
             gw += [f"--{key.replace('_', '-')}", value]
         if args.threads:
             gw += ["--threads", str(args.threads)]
-        unit.spawn("gateway", gw, gw_env)
         base = "/" + (args.base_url or config.gateway.base_url).strip("/")
         scheme = "https" if (args.certfile or config.gateway.certfile) else "http"
         api = f"{scheme}://{args.ip}:{args.port}{base.rstrip('/')}/api"
-        ready = False
+        registry = Registry(url)
+        said_at = time.monotonic() + SLOW_WORKER
+        gateway = ready = False
         while not stopping:
             problem = unit.dead()
             if problem:
                 say(f"poolgate: {problem}; stopping", err=True)
                 return 1
-            if not ready and _answers(api, args.auth_token):
+            if not gateway:
+                # The gateway starts once every pool's worker is live: a gateway that answered
+                # first refused a launch with "no worker serves pool" and left its specs out of
+                # /api/kernelspecs (a lab started beside serve saw no kernel to pick).
+                missing = set(pools) - {p for w in registry.workers() for p in w.get("pools", ())}
+                if not missing:
+                    unit.spawn("gateway", gw, gw_env)
+                    gateway = True
+                elif time.monotonic() > said_at:
+                    say(f"poolgate: still waiting for the worker of pool(s) "
+                        f"{', '.join(sorted(missing))} to start; the gateway starts once it has "
+                        f"(its log is above)")
+                    said_at = time.monotonic() + 60
+            elif not ready and _answers(api, args.auth_token):
                 ready = True
                 say(f"poolgate is ready at {scheme}://{args.ip}:{args.port}{base.rstrip('/')}/ "
                     f"(pools: {', '.join(pools) or 'none'}; data: {folder}). "

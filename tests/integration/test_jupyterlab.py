@@ -434,15 +434,18 @@ WIDGET_CELLS = [
     "print(s.value, seen)",
 ]
 
-# What a user does to the slider's readout: type a number, press Enter.
+# The slider's readout (its value as text) in the first cell's output.
+READOUT = ("pg.panel().content.widgets[0].outputArea.node"
+           ".querySelector('.widget-slider .widget-readout')")
+# What a user does to it: type a number, press Enter.
 TYPE_INTO_READOUT = r"""
 (function () {
-  const r = pg.panel().content.widgets[0].outputArea.node.querySelector('.widget-readout');
+  const r = %s;
   r.textContent = '9';
   r.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 13, bubbles: true}));
   return true;
 })()
-"""
+""" % READOUT
 
 
 def test_jupyterlab_widget_round_trip(redis_stack: Stack, browser: Browser,
@@ -458,9 +461,7 @@ def test_jupyterlab_widget_round_trip(redis_stack: Stack, browser: Browser,
 
         def readout() -> str:
             return str(browser.evaluate(
-                "(function () { const r = pg.panel().content.widgets[0].outputArea.node"
-                ".querySelector('.widget-slider .widget-readout'); "
-                "return r ? r.textContent : ''; })()"))
+                f"(function () {{ const r = {READOUT}; return r ? r.textContent : ''; }})()"))
         cell = page.run(0)
         assert [set(o["data"]) for o in cell["outputs"]] == [
             {"application/vnd.jupyter.widget-view+json", "text/plain"}], cell
@@ -470,7 +471,7 @@ def test_jupyterlab_widget_round_trip(redis_stack: Stack, browser: Browser,
         browser.evaluate(TYPE_INTO_READOUT)
         browser.wait(lambda: readout() == "9", 20, "the typed value to show")
         deadline = time.monotonic() + 20
-        while True:  # the page sends the change as it comes; the next cell may overtake it
+        while True:  # the change goes to the kernel's subshell: a cell may run before it
             out = text_of(page.run(2))
             if out == "9 [7, 9]\n" or time.monotonic() > deadline:
                 break

@@ -29,6 +29,15 @@ def _children_of(folder: Path) -> list[psutil.Process]:
     return out
 
 
+def serve_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``poolgate serve`` under test: its kernels carry this run's tag, and
+    no broker or registry of the machine's overrides serve's private Redis."""
+    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID, **extra)
+    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
+        env.pop(key, None)
+    return env
+
+
 @pytest.fixture
 def serves() -> Iterator[list[subprocess.Popen[str]]]:
     """The ``poolgate serve`` processes a test starts: those still running when it ends (an
@@ -51,9 +60,7 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path,
                                                         ) -> None:
     port = free_port()
     data = tmp_path / "data"
-    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
-    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
-        env.pop(key, None)
+    env = serve_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "poolgate", "serve", "--port", str(port), "--data-dir", str(data),
          "--auth-token", "s3cret", "--base-url", "/pg", "--slots", "2"],
@@ -105,7 +112,7 @@ def test_serve_runs_kernels_and_ctrl_c_stops_everything(tmp_path: Path,
 
 def test_serve_refuses_a_second_instance_on_the_same_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
+    env = serve_env()
     first = subprocess.Popen([sys.executable, "-m", "poolgate", "serve", "--port", str(free_port()),
                               "--data-dir", str(data)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -136,9 +143,7 @@ def test_serve_with_json_logs_writes_only_json_lines(tmp_path: Path,
                                                      serves: list[subprocess.Popen[str]]) -> None:
     """``poolgate serve --log-format json``: its own lines (ready, stopping) are JSON log
     objects too, as its gateway's and workers' are, from start to Ctrl-C."""
-    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID)
-    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
-        env.pop(key, None)
+    env = serve_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "poolgate", "serve", "--port", str(free_port()), "--data-dir",
          str(tmp_path / "data"), "--log-format", "json"],
@@ -177,11 +182,8 @@ def test_serve_answers_once_a_kernel_can_start(tmp_path: Path,
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(
         "import sys, time\nif sys.argv[1:2] == ['worker']:\n    time.sleep(3)\n")
-    env = dict(os.environ, POOLGATE_TEST_RUN=RUN_ID,
-               PYTHONPATH=os.pathsep.join([str(slow), *filter(None, [os.environ.get(
-                   "PYTHONPATH")])]))
-    for key in ("POOLGATE_BROKER_URL", "POOLGATE_REGISTRY_URL"):
-        env.pop(key, None)
+    env = serve_env(PYTHONPATH=os.pathsep.join(
+        [str(slow), *filter(None, [os.environ.get("PYTHONPATH")])]))
     log = tmp_path / "serve.log"
     # serve as its command runs it, but naming a worker not started within 1 s (not 30)
     run = ("import sys; from poolgate import cli, serve; serve.SLOW_WORKER = 1.0; "
